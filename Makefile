@@ -1,0 +1,28 @@
+# make test  -- create .venv, install torch + tst-megatron, run the test suite
+# make demo  -- the embedded default main job: a tiny TST run + matching baseline on CPU
+PYTHON3 ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# On a machine without an NVIDIA driver, pin the CPU wheel that ships with this environment;
+# on GPU machines keep whatever torch is there (setup.py accepts a range).
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: test demo install clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON3) -m venv $(VENV)
+	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
+	    $(PY) -m pip install -q "$(TORCH_CPU)"; fi
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+demo: $(VENV)/.installed
+	$(PY) -m tst_megatron.demo
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,215 @@
+"""CPU support for megatron-core 0.16.1: the one place where we teach it to run without CUDA.
+
+megatron-core assumes a CUDA device in four habits (see ../shared/megatron-core-on-cpu.md):
+
+A. `torch.cuda.current_device()` used as the allocation device (~100 call sites);
+B. hard-coded `device="cuda"`, `.cuda()` and CUDA type strings (`p.type() == "torch.cuda.FloatTensor"`)
+   in the pipeline schedules, the optimizers and grad clipping;
+C. unconditional `torch.cuda.synchronize()` (p2p communication, the torch_dist async writer);
+D. the model-parallel RNG tracker stores CUDA RNG states.
+
+Plus two MoE specifics: the router's gating GEMM refers to Transformer Engine's `te_general_gemm`
+(a NameError without TE), and the all-to-all token dispatcher copies split sizes to the host on a
+CUDA side stream.
+
+`enable_cpu_support()` installs the smallest fix for each, **only when CUDA is unavailable**. On a
+CUDA machine it returns immediately and megatron-core runs exactly as shipped. Everything is
+idempotent and explicit; nothing else in the package patches megatron-core.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_STATE = {"enabled": False, "mode": None}
+
+# CPU tensor type strings -> the CUDA ones megatron's optimizers compare against (habit B).
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return False
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Redirect CUDA placements to the CPU (habit B).
+
+    A TorchFunctionMode is the same mechanism as `with torch.device(...)`: it sees every factory
+    call, so `torch.zeros(..., device="cuda")`, `t.cuda()` and `t.to("cuda")` inside megatron-core
+    land on the CPU, and a no-argument `t.type()` reports the CUDA type name megatron compares
+    against. Only active on machines without CUDA.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return _CUDA_TYPE_NAMES.get(name, name)
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], torch.device("cpu")) + tuple(args[2:])
+        device = kwargs.get("device")
+        if device is not None and not isinstance(device, torch.device) and not isinstance(device, str):
+            device = None
+        if device is not None and _is_cuda_device(device):
+            kwargs["device"] = torch.device("cpu")
+        return func(*args, **kwargs)
+
+
+class CpuRNGStatesTracker:
+    """Model-parallel RNG tracker over CPU generator states (habit D).
+
+    Same contract as megatron's `CudaRNGStatesTracker` (add / fork / get_states / set_states /
+    reset), so TP-decorrelated dropout and initialisation under `fork()` work on CPU.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def is_initialized(self):
+        return self._is_initialized
+
+    def reset(self):
+        self._is_initialized = False
+        self.states_ = {}
+        self.seeds_ = set()
+
+    def get_states(self):
+        return {k: v.clone() for k, v in self.states_.items()}
+
+    def set_states(self, states):
+        self._is_initialized = True
+        self.states_ = {k: v.clone() for k, v in states.items()}
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        saved = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(saved)
+
+    @contextlib.contextmanager
+    def fork(self, name: Optional[str] = None):
+        from megatron.core.tensor_parallel import random as tp_random
+
+        name = name or tp_random._MODEL_PARALLEL_RNG_TRACKER_NAME
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        saved = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(saved)
+
+
+def _cpu_dtoh_and_synchronize(self, point, tokens_per_expert=None):
+    """All-to-all dispatcher's host copy of split sizes, without CUDA streams (MoE on CPU).
+
+    On CPU the tensors already live on the host; megatron expects the split sizes as numpy arrays
+    after this point, exactly as its CUDA path produces them.
+    """
+    if self.drop_and_pad or point != self.cuda_dtoh_point:
+        return tokens_per_expert
+    for name in ("input_splits", "output_splits", "output_splits_tp"):
+        value = getattr(self, name, None)
+        if torch.is_tensor(value):
+            setattr(self, name, value.numpy())
+    return tokens_per_expert
+
+
+def model_parallel_manual_seed(seed: int) -> None:
+    """Seed torch and megatron's model-parallel RNG tracker on any device.
+
+    On CUDA this is megatron's own `model_parallel_cuda_manual_seed`; on CPU the tracker holds CPU
+    generator states (`CpuRNGStatesTracker`).
+    """
+    from megatron.core.tensor_parallel import random as tp_random
+
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        tp_random.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+        return
+    # Install the CPU tracker; megatron then seeds it (reset + add) exactly as it would on CUDA.
+    tp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    tp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    tp_random.model_parallel_cuda_manual_seed(seed)
+
+
+def enable_cpu_support() -> bool:
+    """Make megatron-core run on CPU/Gloo. Returns True when CPU support is active.
+
+    No-op (returns False) when CUDA is available. Call once per process, before building models.
+    """
+    if torch.cuda.is_available():
+        return False
+    if _STATE["enabled"]:
+        return True
+
+    # A: allocation device.
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    # C: nothing to wait for on the host.
+    torch.cuda.synchronize = lambda device=None: None
+
+    # MoE: router GEMM falls back to torch when TE is absent; all-to-all host copies without streams.
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+    class _NoStream:
+        def wait_stream(self, other):
+            pass
+
+        def record_event(self):
+            return None
+
+    token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _NoStream()
+    token_dispatcher.MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = _cpu_dtoh_and_synchronize
+
+    # B: CUDA placements inside megatron-core -> CPU, for the whole process.
+    mode = CudaToCpuMode()
+    mode.__enter__()
+    _STATE.update(enabled=True, mode=mode)
+    return True
+
+
+def default_device() -> torch.device:
+    """The device the trainer computes on: the local CUDA device, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def distributed_backend() -> str:
+    """NCCL on CUDA machines, Gloo on CPU: chosen automatically."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+__all__ = [
+    "enable_cpu_support",
+    "model_parallel_manual_seed",
+    "default_device",
+    "distributed_backend",
+    "CudaToCpuMode",
+    "CpuRNGStatesTracker",
+]
+

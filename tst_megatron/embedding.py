@@ -1,0 +1,68 @@
+"""Bag embedding: the input side of token superposition.
+
+A bag of s contiguous tokens becomes one latent position: the mean of the s token embeddings,
+summed in fp32, divided by s and cast back to the model dtype. No new parameters.
+
+The mean is taken *before* the tensor-parallel reduction of the vocab-parallel embedding, so:
+  * the reduction (all-reduce, or reduce-scatter under sequence parallelism) moves L positions, not
+    L*s tokens: the same communication as a baseline step;
+  * the sequence-parallel scatter happens after averaging, so a bag is never split across ranks.
+Everything after the word embedding (learned position embeddings, the [s, b, h] layout, fp32
+residual, dropout under the TP RNG tracker) is megatron's `LanguageModelEmbedding`, unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
+from megatron.core.tensor_parallel.mappings import (
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
+
+
+def bag_mean(token_embeddings: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[..., s, h] -> [..., h]: fp32 sum over the bag, divided by s, cast to `dtype`."""
+    s = token_embeddings.shape[-2]
+    return (token_embeddings.float().sum(dim=-2) / s).to(dtype)
+
+
+class BagVocabParallelEmbedding(VocabParallelEmbedding):
+    """`VocabParallelEmbedding` that also accepts bags `[b, L, s]` of token ids.
+
+    `[b, L]` input takes megatron's own forward. `[b, L, s]` input looks up this rank's vocabulary
+    shard, averages each bag locally (a token belongs to exactly one shard, the others contribute
+    zeros, so the per-rank means add up to the true mean) and then reduces like megatron does.
+    """
+
+    def forward(self, input_):
+        if input_.dim() != 3:
+            return super().forward(input_)
+        tp = self.tp_group.size()
+        if tp > 1:
+            outside = (input_ < self.vocab_start_index) | (input_ >= self.vocab_end_index)
+            local_ids = (input_ - self.vocab_start_index).masked_fill(outside, 0)
+        else:
+            local_ids = input_
+        tokens = F.embedding(local_ids, self.weight)  # [b, L, s, h]
+        if tp > 1:
+            tokens = tokens.masked_fill(outside.unsqueeze(-1), 0.0)
+        output_parallel = bag_mean(tokens, self.weight.dtype)  # [b, L, h]
+        if self.reduce_scatter_embeddings:
+            output_parallel = output_parallel.transpose(0, 1).contiguous()  # [L, b, h]
+            return reduce_scatter_to_sequence_parallel_region(output_parallel, group=self.tp_group)
+        return reduce_from_tensor_model_parallel_region(output_parallel, group=self.tp_group)
+
+
+def enable_bag_inputs(embedding) -> None:
+    """Let a megatron `LanguageModelEmbedding` accept `[b, L, s]` bags.
+
+    The word-embedding module keeps its identity (same parameter, same initial values, same
+    state-dict key); only its class gains the bag path. Swapping the class, rather than building a
+    new module, keeps initialisation bit-identical to a stock GPTModel with the same seed.
+    """
+    word = embedding.word_embeddings
+    if not isinstance(word, VocabParallelEmbedding):
+        raise TypeError(f"enable_bag_inputs: expected a VocabParallelEmbedding, got {type(word)}")
+    if not isinstance(word, BagVocabParallelEmbedding):
+        word.__class__ = BagVocabParallelEmbedding
