@@ -1,0 +1,335 @@
+"""Tests of the superposition data wrapper on a synthetic on-disk corpus with known tokens.
+
+Every document holds consecutive integers and no value repeats across documents, so a token
+value names its stream position: we can check continuations and overlaps exactly.
+"""
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import (
+    GPTDataset,
+    GPTDatasetConfig,
+    _get_ltor_masks_and_position_ids,
+)
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
+from torch.utils.data import default_collate
+
+from tst_megatron.config import TSTConfig
+from tst_megatron.data import (
+    IGNORE_INDEX,
+    PretrainingSampler,
+    base_sequence_length,
+    build_data_iterator,
+    build_tst_datasets,
+    num_base_samples,
+    recovery_chunks,
+)
+
+V = 100_000
+EOD = V  # NullTokenizer(V).eod
+L, S, GBS, TRAIN_ITERS = 8, 4, 4, 10
+
+
+# ------------------------------------------------------------------------------- corpus helpers
+def make_docs(n_docs, first_value, with_eod=False):
+    docs, v = [], first_value
+    for k in range(n_docs):
+        n = 10 + (7 * k) % 41
+        docs.append(list(range(v, v + n)) + ([EOD] if with_eod else []))
+        v += n
+    return docs
+
+
+def write_corpus(prefix, docs):
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    for doc in docs:
+        builder.add_item(torch.tensor(doc, dtype=torch.int64))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+class Stream:
+    """Knows which values end a document, to tell whether a token sequence is a packed run."""
+
+    def __init__(self, docs):
+        self.last = {d[-1] for d in docs}
+        self.first = {d[0] for d in docs}
+
+    def follows(self, a, b):
+        return b in self.first if a in self.last else b == a + 1
+
+    def is_piece(self, values):
+        values = [int(x) for x in values]
+        return all(self.follows(a, b) for a, b in zip(values, values[1:]))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    plain = make_docs(200, 1)
+    eod = make_docs(120, 1, with_eod=True)
+    other = make_docs(200, 50_000)
+    return {
+        "plain": (write_corpus(str(root / "plain"), plain), Stream(plain)),
+        "eod": (write_corpus(str(root / "eod"), eod), None),
+        "other": (write_corpus(str(root / "other"), other), Stream(other)),
+    }
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    """A 1-rank gloo group: megatron's BlendedDataset cache path asks for the rank."""
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def build(tmp_path, tst, prefixes, seed=1, cache="cache", weights=None, **kw):
+    return build_tst_datasets(
+        tst, seq_length=L, train_iters=TRAIN_ITERS, global_batch_size=GBS, eval_iters=1,
+        eval_interval=5, tokenizer=NullTokenizer(V), seed=seed, blend=(list(prefixes), weights),
+        split="80,10,10", data_cache_path=str(tmp_path / cache), **kw)
+
+
+def tst_cfg(mode="full", s=S):
+    return TSTConfig(bag_size=s, superposition_ratio=0.3, mode=mode)
+
+
+def input_values(sample):
+    return [int(x) for x in sample["tokens"].flatten()]
+
+
+# ------------------------------------------------------------------------------- geometry
+def test_geometry_helpers():
+    assert base_sequence_length(L, tst_cfg("full")) == S * (L + 1) - 1
+    assert base_sequence_length(L, tst_cfg("input")) == S * (L + 1) - 1
+    assert base_sequence_length(L, tst_cfg("output")) == L + S - 1
+    assert base_sequence_length(L, TSTConfig()) == L
+    assert recovery_chunks(tst_cfg("full")) == S and recovery_chunks(tst_cfg("output")) == 1
+    assert num_base_samples(tst_cfg("full"), 12, 28) == 12 + 7
+    assert num_base_samples(tst_cfg("output"), 12, 28) == 40
+    assert num_base_samples(TSTConfig(), 0, 40) == 40
+
+
+# ------------------------------------------------------------------------------- (1) full mode
+def test_full_mode_input_bag_next_equals_label_bag_and_continues_stream(tmp_path, corpus):
+    prefix, stream = corpus["plain"]
+    ds = build(tmp_path, tst_cfg("full"), [prefix]).train
+    n_sup = ds.num_superposition_samples
+    assert n_sup == 3 * GBS  # floor(0.3 * 10) iterations
+    for i in range(n_sup):
+        x = ds[i]
+        assert ds.phase_of(i) == "superposition"
+        assert x["tokens"].shape == (L, S) and x["labels"].shape == (L, S)
+        assert x["tokens"].dtype == torch.int64 and x["labels"].dtype == torch.int64
+        assert torch.equal(x["tokens"][1:], x["labels"][:-1])  # input bag i+1 == label bag i
+        flat = torch.cat([x["tokens"].flatten(), x["labels"][-1]])
+        assert stream.is_piece(flat), f"sample {i} is not a packed run of the corpus"
+        assert torch.equal(x["labels"].flatten(), flat[S:])
+        assert (x["labels"] != IGNORE_INDEX).all()  # all s targets valid, last position included
+        assert torch.equal(x["loss_mask"], torch.ones(L))
+        assert torch.equal(x["position_ids"], torch.arange(L))
+
+
+# ------------------------------------------------------------------------------- (2) recovery
+def test_recovery_continues_base_stream_without_rereading(tmp_path, corpus):
+    prefix, stream = corpus["plain"]
+    ds = build(tmp_path, tst_cfg("full"), [prefix]).train
+    n_sup, n_train = ds.num_superposition_samples, TRAIN_ITERS * GBS
+    assert len(ds) == n_sup + S * (len(ds.base) - n_sup) >= n_train
+    docs = [int(d) for d in ds.base.document_index]
+    assert len(docs) == len(set(docs)), "test needs a single-epoch base dataset"
+
+    seen = {}
+    for i in range(n_train):
+        for v in input_values(ds[i]):
+            assert v not in seen, f"stream position {v} read by samples {seen[v]} and {i}"
+            seen[v] = i
+
+    # recovery sample (b, c) is chunk c of base window b, and its target is the next token
+    for i in range(n_sup, n_train):
+        x = ds[i]
+        assert ds.phase_of(i) == "recovery"
+        assert x["tokens"].shape == (L,) and x["labels"].shape == (L,)
+        b, c = ds.base_index_of(i)
+        assert b >= n_sup and (b, c) == (n_sup + (i - n_sup) // S, (i - n_sup) % S)
+        item = ds.base[b]
+        text = torch.cat([item["tokens"], item["labels"][-1:]])
+        assert torch.equal(torch.cat([x["tokens"], x["labels"][-1:]]),
+                           text[c * (L + 1):(c + 1) * (L + 1)])
+        assert torch.equal(x["labels"][:-1], x["tokens"][1:])
+        assert stream.is_piece(torch.cat([x["tokens"], x["labels"][-1:]]))
+        assert torch.equal(x["loss_mask"], torch.ones(L))
+
+
+# ------------------------------------------------------------------------------- (3) seeds
+def test_same_seed_same_samples_other_seed_differs(tmp_path, corpus):
+    prefix, _ = corpus["plain"]
+    a = build(tmp_path, tst_cfg("full"), [prefix], seed=7, cache="a").train
+    b = build(tmp_path, tst_cfg("full"), [prefix], seed=7, cache="b").train
+    c = build(tmp_path, tst_cfg("full"), [prefix], seed=8, cache="c").train
+    n = TRAIN_ITERS * GBS
+    for i in range(n):
+        for k in ("tokens", "labels", "loss_mask", "position_ids"):
+            assert torch.equal(a[i][k], b[i][k])
+    assert any(not torch.equal(a[i]["tokens"], c[i]["tokens"]) for i in range(n))
+
+
+# ------------------------------------------------------------------------------- (4) s == 1
+def _plain_gpt_splits(tmp_path, prefix, seed, eod_mask_loss, reset_position_ids):
+    config = GPTDatasetConfig(
+        random_seed=seed, sequence_length=L, blend=([prefix], None), split="80,10,10",
+        tokenizer=NullTokenizer(V), path_to_cache=str(tmp_path / "plain_cache"),
+        reset_position_ids=reset_position_ids, reset_attention_mask=False,
+        eod_mask_loss=eod_mask_loss, create_attention_mask=False)
+    sizes = [TRAIN_ITERS * GBS, (TRAIN_ITERS // 5 + 1) * GBS, GBS]
+    return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+
+
+def _assert_same_samples(ours, theirs):
+    assert len(ours) == len(theirs)
+    for i in range(len(theirs)):
+        x, y = ours[i], theirs[i]
+        for k in ("tokens", "labels", "loss_mask", "position_ids"):
+            assert torch.equal(x[k], y[k]), f"index {i} key {k}"
+
+
+def test_bag_size_one_is_the_plain_gpt_dataset(tmp_path, corpus):
+    prefix, _ = corpus["eod"]
+    kw = dict(eod_mask_loss=True, reset_position_ids=True)
+    ours = build(tmp_path, TSTConfig(), [prefix], seed=3, **kw)
+    train, valid, _ = _plain_gpt_splits(tmp_path, prefix, 3, **kw)
+    assert ours.num_superposition_samples == 0 and ours.valid_mce is None
+    assert all(ours.train.phase_of(i) == "recovery" for i in range(len(ours.train)))
+    _assert_same_samples(ours.train, train)
+    _assert_same_samples(ours.valid_lm, valid)
+
+
+def test_tst_lm_validation_is_the_baseline_validation(tmp_path, corpus):
+    prefix, _ = corpus["plain"]
+    tst = build(tmp_path, tst_cfg("full"), [prefix], seed=3)
+    baseline = build(tmp_path, TSTConfig(), [prefix], seed=3, cache="baseline")
+    _assert_same_samples(tst.valid_lm, baseline.valid_lm)
+    _assert_same_samples(tst.test_lm, baseline.test_lm)
+    mce = tst.valid_mce
+    assert len(mce) == len(mce.base) and all(mce.phase_of(i) == "superposition" for i in range(len(mce)))
+    assert mce[0]["tokens"].shape == (L, S)
+
+
+# ------------------------------------------------------------------------------- (5) modes
+def test_input_mode_layout(tmp_path, corpus):
+    prefix, stream = corpus["plain"]
+    ds = build(tmp_path, tst_cfg("input"), [prefix]).train
+    for i in range(ds.num_superposition_samples):
+        x = ds[i]
+        assert x["tokens"].shape == (L, S) and x["labels"].shape == (L, 1)
+        assert stream.is_piece(x["tokens"].flatten())
+        assert torch.equal(x["labels"][:-1, 0], x["tokens"][1:, 0])  # next bag's first token
+        assert stream.follows(int(x["tokens"][-1, -1]), int(x["labels"][-1, 0]))
+        assert torch.equal(x["loss_mask"], torch.ones(L))
+    assert len(ds) == ds.num_superposition_samples + S * (len(ds.base) - ds.num_superposition_samples)
+
+
+def test_output_mode_layout(tmp_path, corpus):
+    prefix, stream = corpus["plain"]
+    ds = build(tmp_path, tst_cfg("output"), [prefix]).train
+    n_sup = ds.num_superposition_samples
+    for i in range(n_sup):
+        x = ds[i]
+        assert x["tokens"].shape == (L,) and x["labels"].shape == (L, S)
+        text = torch.cat([x["tokens"], x["labels"][-1]])  # L + S tokens
+        assert stream.is_piece(text)
+        for j in range(S):
+            assert torch.equal(x["labels"][:, j], text[1 + j: 1 + j + L])
+        assert torch.equal(x["loss_mask"], torch.ones(L))
+    assert len(ds) == len(ds.base)  # one recovery sample per base window
+    r = ds[n_sup]
+    assert r["tokens"].shape == (L,) and torch.equal(r["labels"][:-1], r["tokens"][1:])
+
+
+# ------------------------------------------------------------------------------- masking
+def test_eod_masking_matches_megatron(tmp_path, corpus):
+    prefix, _ = corpus["eod"]
+    ds = build(tmp_path, tst_cfg("full"), [prefix], eod_mask_loss=True,
+               reset_position_ids=True).train
+    n_sup = ds.num_superposition_samples
+    masked_any = False
+    for i in range(n_sup):
+        x = ds[i]
+        flat = torch.cat([x["tokens"].flatten(), x["labels"][-1]])
+        invalid = torch.zeros(flat.numel(), dtype=torch.bool)
+        invalid[1:] = flat[:-1] == EOD  # megatron: no loss on the token after an EOD
+        expect = torch.where(invalid[S:], torch.full_like(flat[S:], IGNORE_INDEX), flat[S:])
+        assert torch.equal(x["labels"].flatten(), expect)
+        assert torch.equal(x["loss_mask"], (~invalid[S:].view(L, S)).any(-1).float())
+        assert torch.equal(x["position_ids"], torch.arange(L))
+        masked_any |= bool(invalid.any())
+    assert masked_any, "corpus should put EODs inside superposition samples"
+    for i in range(n_sup, n_sup + 3 * S):  # chunks 0..S-1: megatron's own masks on that window
+        x = ds[i]
+        _, loss_mask, position_ids = _get_ltor_masks_and_position_ids(
+            x["tokens"], EOD, True, False, True, False)
+        assert torch.equal(x["loss_mask"], loss_mask)
+        assert torch.equal(x["position_ids"], position_ids)
+
+
+# ------------------------------------------------------------------------------- (6) sampler
+def _indices(total, consumed, mbs, rank, dp):
+    return list(PretrainingSampler(total, consumed, mbs, rank, dp))
+
+
+def test_sampler_resume_and_data_parallel_partition():
+    total, mbs, dp = 50, 2, 3
+    full = {r: _indices(total, 0, mbs, r, dp) for r in range(dp)}
+    for k in (0, 6, 12, 18, 42):
+        for r in range(dp):
+            resumed = _indices(total, k, mbs, r, dp)
+            assert resumed == full[r][k // (mbs * dp):]
+    for step in range(len(full[0])):  # each group of mbs*dp consecutive indices is partitioned
+        got = sorted(i for r in range(dp) for i in full[r][step])
+        assert got == list(range(step * mbs * dp, (step + 1) * mbs * dp))
+    assert sum(len(b) for r in range(dp) for b in full[r]) == (total // (mbs * dp)) * mbs * dp
+    with pytest.raises(ValueError):
+        PretrainingSampler(total, total + 1, mbs, 0, dp)
+
+
+def test_data_iterator_collates_phase_pure_batches(tmp_path, corpus):
+    prefix, _ = corpus["plain"]
+    ds = build(tmp_path, tst_cfg("full"), [prefix]).train
+    mbs, dp, consumed = 2, 2, GBS  # resume after one iteration
+    it = build_data_iterator(ds, consumed, mbs, 1, dp, total_samples=TRAIN_ITERS * GBS)
+    batches = list(it)
+    assert len(batches) == (TRAIN_ITERS * GBS - consumed) // (mbs * dp)
+    for k, batch in enumerate(batches):
+        idx = [consumed + k * mbs * dp + mbs + j for j in range(mbs)]  # rank 1's slice
+        assert len({ds.phase_of(i) for i in idx}) == 1
+        want = default_collate([ds[i] for i in idx])
+        for key in want:
+            assert torch.equal(batch[key], want[key])
+    assert batches[0]["tokens"].shape == (mbs, L, S)
+    assert batches[-1]["tokens"].shape == (mbs, L)
+
+
+# ------------------------------------------------------------------------------- (7) blend
+def test_blend_of_two_corpora(tmp_path, corpus, process_group):
+    (pa, sa), (pb, sb) = corpus["plain"], corpus["other"]
+    ds = build(tmp_path, tst_cfg("full"), [pa, pb], weights=[0.3, 0.7]).train
+    assert len(ds) >= TRAIN_ITERS * GBS
+    sources = []
+    for i in range(TRAIN_ITERS * GBS):
+        x = ds[i]
+        flat = torch.cat([x["tokens"].flatten(), x["labels"].flatten()[-S:]])
+        from_a = bool((flat < 50_000).all())
+        assert from_a or bool((flat >= 50_000).all()), "a sample mixes two corpora"
+        assert (sa if from_a else sb).is_piece(x["tokens"].flatten())
+        if i < ds.num_superposition_samples:
+            assert torch.equal(x["tokens"][1:], x["labels"][:-1])
+        sources.append(from_a)
+    assert 0 < sum(sources) < len(sources), "both corpora should contribute"

@@ -1,0 +1,291 @@
+"""tools/preprocess_data.py and tst_megatron/corpus.py: exact ids through megatron-core's readers,
+worker-count invariance, and clear errors."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig  # noqa: E402
+from megatron.core.datasets.indexed_dataset import IndexedDataset  # noqa: E402
+from megatron.core.datasets.utils import Split  # noqa: E402
+
+from tools import preprocess_data, train_tokenizer  # noqa: E402
+from tst_megatron.corpus import build_default_corpus, iter_documents  # noqa: E402
+from tst_megatron.tokenizers import build_tokenizer  # noqa: E402
+
+WORDS = ("alpha beta gamma delta def return import class self print value data token loss "
+         "model train é ü 中文").split()
+
+
+def make_docs(n=40, seed=0):
+    """Varied documents: unicode, tabs, blank lines, one empty (skipped), lengths 0..~600 bytes."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 10)))
+                 for _ in range(rng.randint(1, 8))]
+        docs.append(f"doc {i}:\n" + "\n\t".join(lines) + ("\n\n" if i % 4 == 0 else ""))
+    docs[5] = ""
+    docs[7] = "emoji 😀 and nbsp\u00a0!"
+    return docs
+
+
+def write_jsonl(path, docs, key="text"):
+    with open(path, "w", encoding="utf-8") as f:
+        for i, doc in enumerate(docs):
+            f.write(json.dumps({key: doc, "id": i}, ensure_ascii=i % 2 == 0) + "\n")
+            if i == 3:
+                f.write("\n")  # blank lines are skipped
+    return str(path)
+
+
+def write_dir(path, docs):
+    os.makedirs(path, exist_ok=True)
+    for i, doc in enumerate(docs):
+        with open(os.path.join(path, f"doc_{i:03d}.txt"), "w", encoding="utf-8") as f:
+            f.write(doc)
+    with open(os.path.join(path, ".hidden"), "w") as f:  # hidden files are ignored
+        f.write("ignored")
+    return str(path)
+
+
+# ---------------------------------------------------------------- tokenizer fixtures
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sp")
+    corpus = write_jsonl(tmp / "train.jsonl", make_docs(300, seed=1))
+    train_tokenizer.main(["--input", corpus, "--output-prefix", str(tmp / "spm"),
+                          "--vocab-size", "320"])
+    return str(tmp / "spm.model")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tmp = tmp_path_factory.mktemp("hf")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=350, special_tokens=["<|endoftext|>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(make_docs(300, seed=2), trainer=trainer)
+    tok.save(str(tmp / "tokenizer.json"))
+    return str(tmp)
+
+
+@pytest.fixture
+def tokenizer_flags(sp_model, hf_dir):
+    return {"byte": ["--tokenizer-type", "ByteTokenizer"],
+            "sp": ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", sp_model],
+            "hf": ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_dir]}
+
+
+def run(input_path, prefix, flags, *extra):
+    return preprocess_data.main(["--input", str(input_path), "--output-prefix", str(prefix),
+                                 "--no-progress", *flags, *extra])
+
+
+def expected_ids(tokenizer, docs, append_eod):
+    out = []
+    for doc in docs:
+        ids = tokenizer.tokenize(doc)
+        if ids:  # empty documents are skipped
+            out.append(ids + [tokenizer.eod] if append_eod else ids)
+    return out
+
+
+def check_gpt_dataset(prefix, tokenizer, expected, tmp_path, seq_len=16):
+    """Every GPTDataset sample is a contiguous window over its documents' exact ids."""
+    config = GPTDatasetConfig(random_seed=1234, sequence_length=seq_len, blend=([prefix], None),
+                              split="100,0,0", tokenizer=tokenizer, reset_position_ids=False,
+                              reset_attention_mask=False, eod_mask_loss=False,
+                              path_to_cache=str(tmp_path / "cache"))
+    indexed = IndexedDataset(prefix)
+    dataset = GPTDataset(indexed, prefix, np.arange(len(indexed), dtype=np.int32), None,
+                         Split.train, config)
+    assert len(dataset) > 0
+    for idx in range(len(dataset)):
+        text, doc_ids = dataset._query_document_sample_shuffle_indices(idx)
+        assert len(text) == seq_len + 1
+        window = np.concatenate([expected[d] for d in doc_ids])
+        first = len(expected[doc_ids[0]])
+        assert any(np.array_equal(window[o:o + len(text)], text) for o in range(first)), idx
+        sample = dataset[idx]
+        assert sample["tokens"].tolist() == text[:-1].tolist()
+        assert sample["labels"].tolist() == text[1:].tolist()
+
+
+@pytest.mark.parametrize("kind", ["byte", "sp", "hf"])
+@pytest.mark.parametrize("form", ["jsonl", "dir"])
+def test_preprocess_exact_ids(kind, form, tokenizer_flags, tmp_path):
+    docs = make_docs()
+    source = write_jsonl(tmp_path / "in.jsonl", docs) if form == "jsonl" else \
+        write_dir(tmp_path / "in_dir", docs)
+    flags = tokenizer_flags[kind]
+    summary = run(source, tmp_path / "out" / "data", flags, "--append-eod")
+
+    tokenizer = build_tokenizer(*flags[1::2])
+    expected = expected_ids(tokenizer, docs, append_eod=True)
+    prefix = str(tmp_path / "out" / "data_text_document")
+    assert summary["prefixes"]["text"] == prefix
+    assert summary["documents"]["text"] == len(expected) == len(docs) - 1
+    assert summary["empty_skipped"]["text"] == 1
+    assert summary["tokens"]["text"] == sum(map(len, expected))
+    assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".partial")]
+
+    indexed = IndexedDataset(prefix)
+    assert len(indexed) == len(expected)
+    assert indexed.index.dtype == np.uint16  # megatron's optimal dtype for these vocabularies
+    for i, ids in enumerate(expected):
+        assert indexed[i].tolist() == ids
+        assert ids[-1] == tokenizer.eod
+    text_docs = [d for d in docs if d]
+    assert [tokenizer.detokenize(ids[:-1]) for ids in expected] == text_docs
+    check_gpt_dataset(prefix, tokenizer, [np.array(e) for e in expected], tmp_path)
+
+
+def test_preprocess_without_eod_and_multiple_keys(tmp_path):
+    path = tmp_path / "two.jsonl"
+    with open(path, "w") as f:
+        for i in range(5):
+            f.write(json.dumps({"text": f"body {i}", "title": f"t{i}"}) + "\n")
+    summary = run(path, tmp_path / "o", ["--tokenizer-type", "ByteTokenizer"],
+                  "--json-keys", "text", "title")
+    for key, make in (("text", lambda i: f"body {i}"), ("title", lambda i: f"t{i}")):
+        ds = IndexedDataset(summary["prefixes"][key])
+        assert [ds[i].tolist() for i in range(5)] == [list(make(i).encode()) for i in range(5)]
+
+
+@pytest.mark.parametrize("kind", ["byte", "sp", "hf"])
+def test_workers_byte_identical(kind, tokenizer_flags, tmp_path):
+    source = write_jsonl(tmp_path / "in.jsonl", make_docs(150, seed=3))  # > several chunks
+    outputs = []
+    for workers in (1, 2):
+        run(source, tmp_path / f"w{workers}" / "d", tokenizer_flags[kind], "--append-eod",
+            "--workers", str(workers))
+        outputs.append([open(tmp_path / f"w{workers}" / f"d_text_document.{ext}", "rb").read()
+                        for ext in ("bin", "idx")])
+    assert outputs[0] == outputs[1]
+
+
+# ---------------------------------------------------------------- errors
+BYTE = ["--tokenizer-type", "ByteTokenizer"]
+
+
+def assert_no_output(directory):
+    leftovers = [f for f in os.listdir(directory) if f.startswith("out")] \
+        if os.path.isdir(directory) else []
+    assert leftovers == []
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_error_malformed_json(workers, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "ok"}\n{"text": "broken\n{"text": "ok"}\n')
+    with pytest.raises(SystemExit) as exc:
+        run(path, tmp_path / "out", BYTE, "--workers", workers)
+    message = str(exc.value.code)
+    assert f"{path}:3" in message and "malformed JSON" in message
+    assert_no_output(tmp_path)
+
+
+def test_error_missing_key(tmp_path):
+    path = tmp_path / "nokey.jsonl"
+    path.write_text('{"text": "ok"}\n{"content": "no text key"}\n')
+    with pytest.raises(SystemExit) as exc:
+        run(path, tmp_path / "out", BYTE)
+    message = str(exc.value.code)
+    assert f"{path}:2" in message and "missing key 'text'" in message and "content" in message
+    assert_no_output(tmp_path)
+
+
+def test_error_non_string_and_non_utf8(tmp_path):
+    path = tmp_path / "num.jsonl"
+    path.write_text('{"text": 5}\n')
+    with pytest.raises(SystemExit, match=r"num.jsonl:1: key 'text' holds int"):
+        run(path, tmp_path / "out", BYTE)
+    d = tmp_path / "bin_dir"
+    d.mkdir()
+    (d / "a.txt").write_text("fine")
+    (d / "b.bin").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(SystemExit, match=r"b.bin: not valid UTF-8"):
+        run(d, tmp_path / "out", BYTE)
+    assert_no_output(tmp_path)
+
+
+def test_error_empty_inputs(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(SystemExit, match=r"empty.jsonl' has no records"):
+        run(empty, tmp_path / "out", BYTE)
+    only_empty_docs = tmp_path / "blank.jsonl"
+    only_empty_docs.write_text('{"text": ""}\n')
+    with pytest.raises(SystemExit, match="only empty documents"):
+        run(only_empty_docs, tmp_path / "out", BYTE)
+    (tmp_path / "emptydir").mkdir()
+    with pytest.raises(SystemExit, match="empty directory"):
+        run(tmp_path / "emptydir", tmp_path / "out", BYTE)
+    with pytest.raises(SystemExit, match="does not exist"):
+        run(tmp_path / "missing.jsonl", tmp_path / "out", BYTE)
+    assert_no_output(tmp_path)
+
+
+def test_error_unwritable_output(tmp_path):
+    source = write_jsonl(tmp_path / "in.jsonl", ["hello"])
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(SystemExit) as exc:
+        run(source, blocker / "sub" / "out", BYTE)
+    assert "--output-prefix" in str(exc.value.code) and "a_file" in str(exc.value.code)
+
+
+def test_error_token_out_of_range_and_bad_tokenizer(tmp_path):
+    path = tmp_path / "ids.jsonl"
+    path.write_text('{"text": "1 2 3"}\n{"text": "4 500 6"}\n')
+    with pytest.raises(SystemExit, match=r"ids.jsonl:2: token id 500 .*outside the vocabulary"):
+        run(path, tmp_path / "out", ["--tokenizer-type", "NullTokenizer", "--vocab-size", "100"])
+    with pytest.raises(SystemExit, match="unknown --tokenizer-type 'Nope'"):
+        run(path, tmp_path / "out", ["--tokenizer-type", "Nope"])
+    with pytest.raises(SystemExit, match="missing.model.*--tokenizer-model"):
+        run(path, tmp_path / "out", ["--tokenizer-type", "SentencePieceTokenizer",
+                                     "--tokenizer-model", str(tmp_path / "missing.model")])
+    assert_no_output(tmp_path)
+
+
+def test_cli_exit_code_and_message(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\nnot json\n')
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"),
+                           "--input", str(path), "--output-prefix", str(tmp_path / "out"),
+                           "--tokenizer-type", "ByteTokenizer", "--no-progress"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert f"{path}:2: malformed JSON" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- default corpus
+def test_default_corpus_deterministic_and_preprocessable(tmp_path):
+    a = build_default_corpus(str(tmp_path / "a.jsonl"), max_bytes=300_000)
+    b = build_default_corpus(str(tmp_path / "b.jsonl"), max_bytes=300_000)
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    assert 0 < a["bytes"] <= 300_000 and a["documents"] == b["documents"] > 1
+    docs = [d["text"] for d in iter_documents(str(tmp_path / "a.jsonl"))]
+    assert len(docs) == a["documents"] and sum(len(d.encode()) for d in docs) == a["bytes"]
+    sources = [json.loads(line)["source"] for line in open(tmp_path / "a.jsonl")]
+    assert sources == sorted(sources, key=lambda s: s.split("/"))
+    assert all(s.endswith(".py") for s in sources)
+
+    summary = run(tmp_path / "a.jsonl", tmp_path / "corpus", BYTE, "--append-eod")
+    assert summary["documents"]["text"] == a["documents"]
+    assert summary["tokens"]["text"] == a["bytes"] + a["documents"]

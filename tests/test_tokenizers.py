@@ -1,0 +1,197 @@
+"""Tokenizers: round trips, special ids, megatron-core compatibility, clear errors."""
+import json
+import os
+import random
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from megatron.core.tokenizers import MegatronTokenizerBase  # noqa: E402
+
+from tools import train_tokenizer  # noqa: E402
+from tst_megatron.tokenizers import (ByteTokenizer, HuggingFaceTokenizer, NullTokenizer,  # noqa: E402
+                                     SentencePieceTokenizer, build_tokenizer)
+
+TEXTS = [
+    "hello world",
+    "def f(x):\n\treturn  x + 1\n\n",
+    "  leading spaces and trailing  ",
+    "unicode: é ñ ü 中文 😀 \u00a0nbsp",
+    "",
+]
+WORDS = ("the of and to in is for that with on as it by this be are from at or an import def "
+         "return class self none true false print value data model token train loss").split()
+
+
+def generated_text(n_lines=3000, seed=0):
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n_lines):
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+        lines.append(f"    {words} = {i}" if i % 3 == 0 else words)
+    return "\n".join(lines) + "\n"
+
+
+def train_sp(tmp_dir, model_type="bpe", vocab_size=400):
+    os.makedirs(tmp_dir, exist_ok=True)
+    corpus = os.path.join(tmp_dir, "sp_train.txt")
+    with open(corpus, "w", encoding="utf-8") as f:
+        f.write(generated_text())
+    prefix = os.path.join(tmp_dir, f"spm_{model_type}")
+    train_tokenizer.main(["--input", corpus, "--output-prefix", prefix, "--model-type", model_type,
+                          "--vocab-size", str(vocab_size)])
+    return prefix + ".model"
+
+
+def make_hf_tokenizer(directory, specials=("<|endoftext|>", "<pad>"), vocab_size=400):
+    """A tiny byte-level BPE tokenizer.json, trained in-process (no hub)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(generated_text().splitlines(), trainer=trainer)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "tokenizer.json")
+    tok.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    return train_sp(str(tmp_path_factory.mktemp("sp")))
+
+
+@pytest.fixture(scope="module")
+def hf_json(tmp_path_factory):
+    return make_hf_tokenizer(str(tmp_path_factory.mktemp("hf")))
+
+
+def check_common(tok):
+    assert isinstance(tok, MegatronTokenizerBase)
+    json.dumps(tok.unique_identifiers)  # part of megatron's dataset cache key
+    assert 0 <= tok.eod < tok.vocab_size
+    assert tok.pad == -1 or (0 <= tok.pad < tok.vocab_size and tok.pad != tok.eod)
+
+
+def test_byte_tokenizer_round_trip():
+    tok = ByteTokenizer()
+    check_common(tok)
+    assert (tok.vocab_size, tok.eod, tok.pad) == (258, 256, 257)
+    for text in TEXTS:
+        ids = tok.tokenize(text)
+        assert ids == list(text.encode("utf-8"))
+        assert tok.detokenize(ids) == text
+        assert tok.detokenize(ids + [tok.eod]) == text  # specials are dropped
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.detokenize([300])
+
+
+def test_sentencepiece_round_trip_and_specials(sp_model):
+    tok = SentencePieceTokenizer(sp_model)
+    check_common(tok)
+    assert tok.vocab_size == 400
+    assert tok.inv_vocab[tok.eod] == "</s>" and tok.eod == 2
+    assert tok.inv_vocab[tok.pad] == "<pad>" and tok.pad == 3
+    for text in TEXTS:  # includes characters never seen in training: byte fallback
+        ids = tok.tokenize(text)
+        assert all(0 <= i < tok.vocab_size for i in ids)
+        assert tok.detokenize(ids) == text
+    # learned merges actually compress the training distribution
+    sample = generated_text(50, seed=1)
+    assert len(tok.tokenize(sample)) < len(sample.encode("utf-8")) / 2
+
+
+def test_train_tokenizer_is_deterministic(tmp_path):
+    a = train_sp(str(tmp_path / "a"), model_type="unigram", vocab_size=350)
+    b = train_sp(str(tmp_path / "b"), model_type="unigram", vocab_size=350)
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        assert fa.read() == fb.read()
+    tok = SentencePieceTokenizer(a)
+    assert tok.detokenize(tok.tokenize(TEXTS[3])) == TEXTS[3]
+
+
+def test_train_tokenizer_errors(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a b c\n")
+    with pytest.raises(SystemExit, match="--vocab-size 100 is too small"):
+        train_tokenizer.main(["--input", str(corpus), "--output-prefix", str(tmp_path / "m"),
+                              "--vocab-size", "100"])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(SystemExit, match="no text to train on"):
+        train_tokenizer.main(["--input", str(empty), "--output-prefix", str(tmp_path / "m")])
+
+
+def test_sentencepiece_errors(tmp_path):
+    missing = str(tmp_path / "nope.model")
+    with pytest.raises(FileNotFoundError, match="nope.model.*--tokenizer-model"):
+        SentencePieceTokenizer(missing)
+    garbage = tmp_path / "garbage.model"
+    garbage.write_bytes(b"this is not a sentencepiece model")
+    with pytest.raises(ValueError, match="garbage.model.*not a SentencePiece model"):
+        SentencePieceTokenizer(str(garbage))
+
+
+def test_huggingface_round_trip(hf_json):
+    for path in (hf_json, os.path.dirname(hf_json)):  # the file or its directory
+        tok = HuggingFaceTokenizer(path)
+        check_common(tok)
+        assert tok.inv_vocab[tok.eod] == "<|endoftext|>"
+        assert tok.inv_vocab[tok.pad] == "<pad>"
+        for text in TEXTS:
+            ids = tok.tokenize(text)
+            assert tok.eod not in ids
+            assert tok.detokenize(ids) == text
+
+
+def test_huggingface_eod_from_config_and_errors(tmp_path):
+    path = make_hf_tokenizer(str(tmp_path / "cfg"), specials=("<|endoftext|>", "<my_eos>"))
+    with open(tmp_path / "cfg" / "tokenizer_config.json", "w") as f:
+        json.dump({"eos_token": {"content": "<my_eos>"}}, f)
+    tok = HuggingFaceTokenizer(path)
+    assert tok.inv_vocab[tok.eod] == "<my_eos>"
+    assert tok.pad == -1  # no pad token: megatron's "no pad" sentinel
+
+    no_eod = make_hf_tokenizer(str(tmp_path / "noeod"), specials=("<pad>",))
+    with pytest.raises(ValueError, match="no end-of-document token"):
+        HuggingFaceTokenizer(no_eod)
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        HuggingFaceTokenizer(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="missing.json.*--tokenizer-model"):
+        HuggingFaceTokenizer(str(tmp_path / "missing.json"))
+
+
+def test_null_tokenizer_matches_megatron_semantics():
+    from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer as CoreNull
+
+    tok, core = NullTokenizer(1000), CoreNull(1000)
+    check_common(tok)
+    assert (tok.vocab_size, tok.eod) == (core.vocab_size, core.eod) == (1001, 1000)
+    assert tok.eod == tok.vocab_size - 1
+    assert tok.tokenize("1 2  999\n3") == [1, 2, 999, 3]
+    assert tok.detokenize([1, 2, 3]) == "1 2 3"
+    with pytest.raises(ValueError, match="pre-tokenized"):
+        tok.tokenize("1 two 3")
+
+
+def test_build_tokenizer(sp_model, hf_json):
+    assert isinstance(build_tokenizer("ByteTokenizer"), ByteTokenizer)
+    assert isinstance(build_tokenizer("ByteLevelTokenizer"), ByteTokenizer)
+    assert isinstance(build_tokenizer("SentencePieceTokenizer", sp_model), SentencePieceTokenizer)
+    assert isinstance(build_tokenizer("HuggingFaceTokenizer", hf_json), HuggingFaceTokenizer)
+    assert build_tokenizer("NullTokenizer", vocab_size=50).eod == 50
+    with pytest.raises(ValueError, match=r"--tokenizer-type 'GPT2BPETokenizer'.*ByteTokenizer.*"
+                                         r"SentencePieceTokenizer.*HuggingFaceTokenizer.*NullTokenizer"):
+        build_tokenizer("GPT2BPETokenizer")
+    with pytest.raises(ValueError, match="--tokenizer-model"):
+        build_tokenizer("SentencePieceTokenizer")
+    with pytest.raises(ValueError, match="--vocab-size"):
+        build_tokenizer("NullTokenizer")

@@ -1,0 +1,405 @@
+"""Command line of pretrain_tst.py: Megatron-LM flag names in, explicit config objects out.
+
+Megatron's flags are the user interface; inside the package nothing reads global arguments.
+`parse_args(argv)` returns a `RunConfig` holding one small dataclass per concern. Flags that
+Megatron-LM has but this trainer does not implement are not accepted (argparse rejects unknown
+flags, with a hint), never silently ignored.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from .config import MODES, WEIGHTINGS, TSTConfig
+
+
+@dataclass
+class ModelArgs:
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: Optional[int] = None
+    num_attention_heads: int = 4
+    group_query_attention: bool = False
+    num_query_groups: Optional[int] = None
+    kv_channels: Optional[int] = None
+    seq_length: int = 128
+    max_position_embeddings: Optional[int] = None
+    position_embedding_type: str = "rope"
+    rotary_base: int = 10000
+    normalization: str = "RMSNorm"
+    norm_epsilon: float = 1e-5
+    swiglu: bool = False
+    qk_layernorm: bool = False
+    untie_embeddings_and_output_weights: bool = False
+    disable_bias_linear: bool = False
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_method_std: float = 0.02
+    vocab_size: Optional[int] = None
+    make_vocab_size_divisible_by: int = 128
+    # MoE
+    num_experts: Optional[int] = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_aux_loss_coeff: float = 0.0
+    moe_router_load_balancing_type: str = "aux_loss"
+    moe_token_dispatcher_type: str = "allgather"
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    moe_layer_freq: int = 1
+    moe_router_pre_softmax: bool = False
+
+    def resolved_ffn_hidden_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        if self.swiglu:  # Megatron-LM's default for SwiGLU: 2/3 of 4h, rounded down to 64
+            return max(64, int((4 * self.hidden_size * 2 / 3) / 64) * 64)
+        return 4 * self.hidden_size
+
+
+@dataclass
+class ParallelArgs:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    num_layers_per_virtual_pipeline_stage: Optional[int] = None
+    expert_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+
+
+@dataclass
+class OptimArgs:
+    micro_batch_size: int = 4
+    global_batch_size: Optional[int] = None
+    train_iters: int = 100
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    lr_decay_style: str = "cosine"
+    lr_warmup_iters: int = 0
+    lr_decay_iters: Optional[int] = None
+    lr_wsd_decay_iters: Optional[int] = None
+    lr_wsd_decay_style: str = "linear"
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    bf16: bool = False
+    seed: int = 1234
+
+
+@dataclass
+class DataArgs:
+    data_path: List[str] = field(default_factory=list)
+    split: str = "969,30,1"
+    tokenizer_type: str = "NullTokenizer"
+    tokenizer_model: Optional[str] = None
+    data_cache_path: Optional[str] = None
+    mock_data: bool = False
+    num_workers: int = 0
+
+
+@dataclass
+class CheckpointArgs:
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: Optional[int] = None
+    ckpt_format: str = "torch_dist"
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+    ckpt_fallback: bool = False
+    override_checkpoint_args: bool = False
+    exit_interval: Optional[int] = None
+    exit_duration_in_mins: Optional[float] = None
+    exit_signal_handler: bool = False
+
+
+@dataclass
+class LoggingArgs:
+    log_interval: int = 10
+    eval_interval: Optional[int] = None
+    eval_iters: int = 10
+    metrics_path: Optional[str] = None
+    tensorboard_dir: Optional[str] = None
+    wandb_project: Optional[str] = None
+    wandb_exp_name: Optional[str] = None
+    run_name: Optional[str] = None
+    skip_nonfinite_steps: int = 0
+    inject_nonfinite_at: Optional[int] = None
+    print_model_size: bool = False
+
+
+@dataclass
+class RunConfig:
+    model: ModelArgs
+    parallel: ParallelArgs
+    optim: OptimArgs
+    data: DataArgs
+    ckpt: CheckpointArgs
+    logging: LoggingArgs
+    tst: TSTConfig
+
+    def to_dict(self) -> dict:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in
+                ("model", "parallel", "optim", "data", "ckpt", "logging", "tst")}
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pretrain_tst.py",
+        description="Megatron-style GPT pretraining with Token-Superposition Training (TST). "
+                    "Flags use Megatron-LM's names; TST adds the --tst-* group.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+    m = p.add_argument_group("model shape")
+    m.add_argument("--num-layers", type=int, default=2)
+    m.add_argument("--hidden-size", type=int, default=64)
+    m.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4h, or Megatron's 2/3*4h for --swiglu")
+    m.add_argument("--num-attention-heads", type=int, default=4)
+    m.add_argument("--group-query-attention", action="store_true")
+    m.add_argument("--num-query-groups", type=int, default=None)
+    m.add_argument("--kv-channels", type=int, default=None, help="head dim; default hidden/heads")
+    m.add_argument("--seq-length", type=int, default=128, help="model positions L (latent positions during superposition)")
+    m.add_argument("--max-position-embeddings", type=int, default=None)
+    m.add_argument("--position-embedding-type", choices=["rope", "learned_absolute"], default="rope")
+    m.add_argument("--rotary-base", type=int, default=10000)
+    m.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"], default="RMSNorm")
+    m.add_argument("--norm-epsilon", type=float, default=1e-5)
+    m.add_argument("--swiglu", action="store_true")
+    m.add_argument("--qk-layernorm", action="store_true")
+    m.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    m.add_argument("--disable-bias-linear", action="store_true")
+    m.add_argument("--hidden-dropout", type=float, default=0.0)
+    m.add_argument("--attention-dropout", type=float, default=0.0)
+    m.add_argument("--init-method-std", type=float, default=0.02)
+    m.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary (pre-tokenized data)")
+    m.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+
+    e = p.add_argument_group("mixture of experts")
+    e.add_argument("--num-experts", type=int, default=None)
+    e.add_argument("--moe-router-topk", type=int, default=2)
+    e.add_argument("--moe-ffn-hidden-size", type=int, default=None)
+    e.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    e.add_argument("--moe-router-load-balancing-type", choices=["aux_loss", "seq_aux_loss", "none"], default="aux_loss")
+    e.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall"], default="allgather")
+    e.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None)
+    e.add_argument("--moe-layer-freq", type=int, default=1)
+    e.add_argument("--moe-router-pre-softmax", action="store_true")
+
+    par = p.add_argument_group("parallelism")
+    par.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    par.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    par.add_argument("--expert-model-parallel-size", type=int, default=1)
+    par.add_argument("--sequence-parallel", action="store_true")
+    par.add_argument("--use-distributed-optimizer", action="store_true")
+
+    o = p.add_argument_group("batch and optimisation")
+    o.add_argument("--micro-batch-size", type=int, default=4)
+    o.add_argument("--global-batch-size", type=int, default=None, help="default micro-batch x data-parallel size")
+    o.add_argument("--train-iters", type=int, default=100)
+    o.add_argument("--lr", type=float, default=1e-3)
+    o.add_argument("--min-lr", type=float, default=0.0)
+    o.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "WSD"], default="cosine")
+    o.add_argument("--lr-warmup-iters", type=int, default=0)
+    o.add_argument("--lr-decay-iters", type=int, default=None, help="default --train-iters")
+    o.add_argument("--lr-wsd-decay-iters", type=int, default=None, help="WSD: length of the final decay")
+    o.add_argument("--lr-wsd-decay-style", choices=["linear", "cosine", "exponential", "minus_sqrt"], default="linear")
+    o.add_argument("--weight-decay", type=float, default=0.01)
+    o.add_argument("--adam-beta1", type=float, default=0.9)
+    o.add_argument("--adam-beta2", type=float, default=0.95)
+    o.add_argument("--adam-eps", type=float, default=1e-8)
+    o.add_argument("--clip-grad", type=float, default=1.0)
+    o.add_argument("--bf16", action="store_true")
+    o.add_argument("--seed", type=int, default=1234)
+
+    d = p.add_argument_group("data")
+    d.add_argument("--data-path", nargs="*", default=[], help="prefixes, optionally weighted: 0.7 a 0.3 b")
+    d.add_argument("--split", default="969,30,1")
+    d.add_argument("--tokenizer-type", default="NullTokenizer",
+                   choices=["NullTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "ByteTokenizer"])
+    d.add_argument("--tokenizer-model", default=None)
+    d.add_argument("--data-cache-path", default=None)
+    d.add_argument("--mock-data", action="store_true", help="megatron's synthetic MockGPTDataset")
+    d.add_argument("--num-workers", type=int, default=0)
+
+    c = p.add_argument_group("checkpointing")
+    c.add_argument("--save", default=None)
+    c.add_argument("--load", default=None)
+    c.add_argument("--save-interval", type=int, default=None)
+    c.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist")
+    c.add_argument("--no-load-optim", action="store_true")
+    c.add_argument("--no-load-rng", action="store_true")
+    c.add_argument("--ckpt-fallback", action="store_true",
+                   help="if the latest checkpoint is damaged, load the newest complete one")
+    c.add_argument("--override-checkpoint-args", action="store_true",
+                   help="allow resuming with a different model shape / TST bag size than the checkpoint")
+    c.add_argument("--exit-interval", type=int, default=None)
+    c.add_argument("--exit-duration-in-mins", type=float, default=None)
+    c.add_argument("--exit-signal-handler", action="store_true", help="save and exit 0 on SIGTERM/SIGINT")
+
+    lg = p.add_argument_group("logging and evaluation")
+    lg.add_argument("--log-interval", type=int, default=10)
+    lg.add_argument("--eval-interval", type=int, default=None, help="default: once at the end")
+    lg.add_argument("--eval-iters", type=int, default=10)
+    lg.add_argument("--metrics-path", default=None, help="JSONL metrics; default <save>/metrics.jsonl")
+    lg.add_argument("--tensorboard-dir", default=None)
+    lg.add_argument("--wandb-project", default=None)
+    lg.add_argument("--wandb-exp-name", default=None)
+    lg.add_argument("--run-name", default=None)
+    lg.add_argument("--skip-nonfinite-steps", type=int, default=0,
+                    help="skip up to N steps with a NaN/Inf loss or grad norm instead of stopping")
+    lg.add_argument("--inject-nonfinite-at", type=int, default=None, help=argparse.SUPPRESS)
+    lg.add_argument("--print-model-size", action="store_true",
+                    help="print total and active parameters for the config and exit")
+
+    t = p.add_argument_group("token superposition (TST)")
+    t.add_argument("--tst-bag-size", type=int, default=1, help="s; 1 = plain next-token training")
+    t.add_argument("--tst-superposition-ratio", type=float, default=0.0,
+                   help="fraction r of --train-iters in the superposition phase (paper: 0.2-0.4)")
+    t.add_argument("--tst-superposition-iters", type=int, default=None, help="explicit count; overrides the ratio")
+    t.add_argument("--tst-bag-weighting", choices=list(WEIGHTINGS), default="uniform")
+    t.add_argument("--tst-mode", choices=list(MODES), default="full")
+    return p
+
+
+
+def _split_groups(ns: argparse.Namespace) -> RunConfig:
+    d = vars(ns)
+
+    def take(cls):
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+    try:
+        tst = TSTConfig(bag_size=ns.tst_bag_size, superposition_ratio=ns.tst_superposition_ratio,
+                        superposition_iters=ns.tst_superposition_iters,
+                        bag_weighting=ns.tst_bag_weighting, mode=ns.tst_mode)
+    except ValueError as exc:
+        raise SystemExit(f"error: {str(exc).replace('TSTConfig.', '--tst-').replace('_', '-')}")
+    return RunConfig(model=take(ModelArgs), parallel=take(ParallelArgs), optim=take(OptimArgs),
+                     data=take(DataArgs), ckpt=take(CheckpointArgs), logging=take(LoggingArgs), tst=tst)
+
+
+def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
+    parser = build_parser()
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} -- this trainer does not implement "
+                     "these Megatron-LM flags; see `pretrain_tst.py --help` for the supported ones")
+    return _split_groups(ns)
+
+
+def fail(message: str) -> None:
+    """Stop before any compute with a message that names the flag or file and what to do."""
+    raise SystemExit(f"error: {message}")
+
+
+def validate(cfg: RunConfig, world_size: int) -> None:
+    """Argument checks that need no data or model: run on every rank before anything is built."""
+    m, par, o, c = cfg.model, cfg.parallel, cfg.optim, cfg.ckpt
+    for name, value in (("--num-layers", m.num_layers), ("--hidden-size", m.hidden_size),
+                        ("--num-attention-heads", m.num_attention_heads), ("--seq-length", m.seq_length),
+                        ("--micro-batch-size", o.micro_batch_size), ("--train-iters", o.train_iters),
+                        ("--log-interval", cfg.logging.log_interval), ("--eval-iters", cfg.logging.eval_iters),
+                        ("--tensor-model-parallel-size", par.tensor_model_parallel_size),
+                        ("--pipeline-model-parallel-size", par.pipeline_model_parallel_size),
+                        ("--expert-model-parallel-size", par.expert_model_parallel_size)):
+        if value is None or value < 1:
+            fail(f"{name} must be >= 1 (got {value})")
+    tp, pp, ep = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.expert_model_parallel_size
+    if world_size % (tp * pp) != 0:
+        fail(f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
+             f"--pipeline-model-parallel-size ({pp}); launch a multiple of {tp * pp} processes")
+    dp = world_size // (tp * pp)
+    if m.num_attention_heads % tp:
+        fail(f"--num-attention-heads ({m.num_attention_heads}) must be divisible by "
+             f"--tensor-model-parallel-size ({tp})")
+    if m.hidden_size % m.num_attention_heads and m.kv_channels is None:
+        fail(f"--hidden-size ({m.hidden_size}) must be divisible by --num-attention-heads "
+             f"({m.num_attention_heads}), or give --kv-channels")
+    groups = m.num_query_groups if m.group_query_attention else None
+    if m.num_query_groups is not None and not m.group_query_attention:
+        fail("--num-query-groups needs --group-query-attention")
+    if groups is not None:
+        if groups < 1 or m.num_attention_heads % groups:
+            fail(f"--num-query-groups ({groups}) must divide --num-attention-heads ({m.num_attention_heads})")
+        if groups % tp:
+            fail(f"--num-query-groups ({groups}) must be divisible by --tensor-model-parallel-size ({tp})")
+    if m.num_layers % pp:
+        fail(f"--num-layers ({m.num_layers}) must be divisible by --pipeline-model-parallel-size ({pp})")
+    if par.num_layers_per_virtual_pipeline_stage is not None:
+        v = par.num_layers_per_virtual_pipeline_stage
+        if pp < 2 or v < 1 or (m.num_layers // pp) % v:
+            fail(f"--num-layers-per-virtual-pipeline-stage ({v}) must divide the layers per pipeline "
+                 f"stage ({m.num_layers // pp}) and needs --pipeline-model-parallel-size > 1")
+    if par.sequence_parallel and tp == 1:
+        fail("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if par.sequence_parallel and m.seq_length % tp:
+        fail(f"--seq-length ({m.seq_length}) must be divisible by --tensor-model-parallel-size ({tp}) "
+             "with --sequence-parallel")
+    if m.num_experts is not None:
+        if m.num_experts < 1:
+            fail(f"--num-experts must be >= 1 (got {m.num_experts})")
+        if m.num_experts % ep:
+            fail(f"--num-experts ({m.num_experts}) must be divisible by --expert-model-parallel-size ({ep})")
+        if dp * tp % ep:
+            fail(f"--expert-model-parallel-size ({ep}) must divide data-parallel x tensor-parallel size ({dp * tp})")
+        if not (1 <= m.moe_router_topk <= m.num_experts):
+            fail(f"--moe-router-topk ({m.moe_router_topk}) must be in [1, --num-experts]")
+    elif ep > 1:
+        fail("--expert-model-parallel-size > 1 needs --num-experts")
+    gbs = o.global_batch_size if o.global_batch_size is not None else o.micro_batch_size * dp
+    if gbs % (o.micro_batch_size * dp):
+        fail(f"--global-batch-size ({gbs}) must be divisible by --micro-batch-size ({o.micro_batch_size}) x "
+             f"data-parallel size ({dp})")
+    o.global_batch_size = gbs
+    if pp > 1 and gbs // (o.micro_batch_size * dp) < pp and par.num_layers_per_virtual_pipeline_stage:
+        fail("interleaved pipelining needs at least --pipeline-model-parallel-size micro-batches per step")
+    for name, value in (("--lr", o.lr), ("--min-lr", o.min_lr), ("--weight-decay", o.weight_decay),
+                        ("--clip-grad", o.clip_grad)):
+        if not math.isfinite(value) or value < 0:
+            fail(f"{name} must be a finite number >= 0 (got {value})")
+    if o.min_lr > o.lr:
+        fail(f"--min-lr ({o.min_lr}) must not exceed --lr ({o.lr})")
+    if o.lr_warmup_iters < 0 or o.lr_warmup_iters > o.train_iters:
+        fail(f"--lr-warmup-iters ({o.lr_warmup_iters}) must be in [0, --train-iters]")
+    if o.lr_decay_style == "WSD" and o.lr_wsd_decay_iters is None:
+        o.lr_wsd_decay_iters = max(1, o.train_iters // 10)
+    for name, value in (("--hidden-dropout", m.hidden_dropout), ("--attention-dropout", m.attention_dropout)):
+        if not (0.0 <= value < 1.0):
+            fail(f"{name} must be in [0, 1) (got {value})")
+    if m.max_position_embeddings is not None and m.position_embedding_type == "learned_absolute" \
+            and m.max_position_embeddings < m.seq_length:
+        fail(f"--max-position-embeddings ({m.max_position_embeddings}) < --seq-length ({m.seq_length})")
+    try:
+        cfg.tst.num_superposition_iters(o.train_iters)
+    except ValueError as exc:
+        fail(str(exc))
+    if cfg.tst.enabled and cfg.tst.superposition_iters is None and cfg.tst.superposition_ratio == 0.0:
+        print("warning: --tst-bag-size > 1 with no superposition iterations "
+              "(--tst-superposition-ratio / --tst-superposition-iters): this is a plain run", file=sys.stderr)
+    if not cfg.data.data_path and not cfg.data.mock_data:
+        fail("give --data-path PREFIX [PREFIX ...] (from tools/preprocess_data.py) or --mock-data")
+    if cfg.data.tokenizer_type == "NullTokenizer" and m.vocab_size is None:
+        fail("--tokenizer-type NullTokenizer needs --vocab-size (the pre-tokenized data's vocabulary)")
+    if cfg.data.tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer"):
+        if not cfg.data.tokenizer_model:
+            fail(f"--tokenizer-type {cfg.data.tokenizer_type} needs --tokenizer-model PATH")
+        if not os.path.exists(cfg.data.tokenizer_model):
+            fail(f"--tokenizer-model {cfg.data.tokenizer_model}: no such file or directory")
+    if c.save_interval is not None and c.save_interval < 1:
+        fail(f"--save-interval must be >= 1 (got {c.save_interval})")
+    if c.save_interval is not None and not c.save:
+        fail("--save-interval needs --save DIR")
+    if c.load is not None and not os.path.isdir(c.load):
+        fail(f"--load {c.load}: directory does not exist")
+    if cfg.logging.eval_interval is not None and cfg.logging.eval_interval < 1:
+        fail(f"--eval-interval must be >= 1 (got {cfg.logging.eval_interval})")
+    if cfg.logging.skip_nonfinite_steps < 0:
+        fail("--skip-nonfinite-steps must be >= 0")

@@ -1,0 +1,234 @@
+"""Build the pieces of a run from explicit config objects, with megatron-core's own machinery.
+
+Each function takes the parsed `RunConfig` parts it needs and returns a megatron-core object:
+TransformerConfig, model chunks (TSTGPTModel inside megatron DDP), the megatron optimizer and
+`OptimizerParamScheduler`. Nothing here re-implements what megatron-core provides.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .arguments import ModelArgs, OptimArgs, ParallelArgs, RunConfig
+from .config import TSTConfig
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron's rule: pad the vocabulary to a multiple of divisible_by x TP."""
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def transformer_config(m: ModelArgs, par: ParallelArgs, o: OptimArgs, use_cpu_init: bool):
+    """megatron-core TransformerConfig from the model / parallel / precision flags."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = torch.bfloat16 if o.bf16 else torch.float32
+    vpp = None
+    if par.num_layers_per_virtual_pipeline_stage:
+        vpp = (m.num_layers // par.pipeline_model_parallel_size) // par.num_layers_per_virtual_pipeline_stage
+        vpp = vpp if vpp > 1 else None
+    moe = {}
+    if m.num_experts:
+        moe = dict(
+            num_moe_experts=m.num_experts,
+            moe_router_topk=m.moe_router_topk,
+            moe_ffn_hidden_size=m.moe_ffn_hidden_size or m.resolved_ffn_hidden_size(),
+            moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+            moe_router_load_balancing_type=m.moe_router_load_balancing_type,
+            moe_token_dispatcher_type=m.moe_token_dispatcher_type,
+            moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
+            moe_layer_freq=m.moe_layer_freq,
+            moe_router_pre_softmax=m.moe_router_pre_softmax,
+            moe_grouped_gemm=False,
+        )
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.resolved_ffn_hidden_size(),
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups if m.group_query_attention else None,
+        kv_channels=m.kv_channels,
+        normalization=m.normalization,
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=m.swiglu,
+        activation_func=F.silu if m.swiglu else F.gelu,
+        bias_activation_fusion=False,
+        qk_layernorm=m.qk_layernorm,
+        add_bias_linear=not m.disable_bias_linear,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=vpp,
+        expert_model_parallel_size=par.expert_model_parallel_size,
+        sequence_parallel=par.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=o.bf16,
+        use_cpu_initialization=use_cpu_init,
+        **moe,
+    )
+
+
+def build_model_chunks(cfg: RunConfig, tconfig, vocab_size: int) -> List[torch.nn.Module]:
+    """TSTGPTModel chunk(s) for this pipeline rank (several with virtual pipelining)."""
+    from megatron.core import parallel_state as ps
+
+    from .model import TSTGPTModel
+    from .specs import gpt_block_spec
+
+    m = cfg.model
+    vpp = tconfig.virtual_pipeline_model_parallel_size or 1
+    bag_weights = cfg.tst.bag_weights() if cfg.tst.enabled else None
+    chunks = []
+    for v in range(vpp):
+        vp_stage = v if vpp > 1 else None
+        pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        model = TSTGPTModel(
+            config=tconfig,
+            transformer_layer_spec=gpt_block_spec(tconfig, vp_stage=vp_stage),
+            vocab_size=vocab_size,
+            max_sequence_length=m.max_position_embeddings or m.seq_length,
+            pre_process=pre,
+            post_process=post,
+            share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
+            position_embedding_type=m.position_embedding_type,
+            rotary_base=m.rotary_base,
+            vp_stage=vp_stage,
+            bag_weights=bag_weights,
+        )
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    return chunks
+
+
+def wrap_ddp(chunks, tconfig, par: ParallelArgs):
+    """megatron DDP around each chunk (grad buffers, bucketed reduce, distributed optimizer)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=par.use_distributed_optimizer,
+    )
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        wrapped.append(DistributedDataParallel(
+            config=tconfig, ddp_config=ddp_config, module=chunk,
+            # Only the first chunk keeps its buckets' grads in step with megatron's own default.
+            disable_bucketing=i > 0,
+        ))
+    return wrapped
+
+
+def build_optimizer(chunks, o: OptimArgs, par: ParallelArgs):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        bf16=o.bf16,
+        params_dtype=torch.bfloat16 if o.bf16 else torch.float32,
+        use_distributed_optimizer=par.use_distributed_optimizer,
+    )
+    return get_megatron_optimizer(config, chunks)
+
+
+def build_scheduler(optimizer, o: OptimArgs):
+    """One LR schedule over all iterations, both TST phases (the paper: no re-warmup)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    decay_iters = o.lr_decay_iters or o.train_iters
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=o.lr_warmup_iters,
+        lr_decay_steps=max(decay_iters, o.lr_warmup_iters + 1),
+        lr_decay_style=o.lr_decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=max(decay_iters, 1),
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=False,
+        wsd_decay_steps=o.lr_wsd_decay_iters,
+        lr_wsd_decay_style=o.lr_wsd_decay_style,
+    )
+
+
+def count_parameters(m: ModelArgs, vocab_size: int) -> Tuple[int, int]:
+    """(total, active-per-token) parameters of a config, computed without building it."""
+    h = m.hidden_size
+    heads = m.num_attention_heads
+    kv = m.kv_channels or h // heads
+    groups = m.num_query_groups if m.group_query_attention else heads
+    bias = 0 if m.disable_bias_linear else 1
+    attn = h * kv * (heads + 2 * groups) + bias * kv * (heads + 2 * groups) + heads * kv * h + bias * h
+    norms = 2 * h * (2 if m.normalization == "LayerNorm" else 1)
+    if m.qk_layernorm:
+        norms += 2 * kv
+
+    def mlp(ffn: int) -> int:
+        up = h * ffn * (2 if m.swiglu else 1)
+        return up + ffn * h + bias * (ffn * (2 if m.swiglu else 1) + h)
+
+    dense_mlp = mlp(m.resolved_ffn_hidden_size())
+    total = active = 0
+    for layer in range(m.num_layers):
+        total += attn + norms
+        active += attn + norms
+        if m.num_experts and layer % m.moe_layer_freq == 0:
+            expert = mlp(m.moe_ffn_hidden_size or m.resolved_ffn_hidden_size())
+            shared = mlp(m.moe_shared_expert_intermediate_size) if m.moe_shared_expert_intermediate_size else 0
+            router = h * m.num_experts
+            total += m.num_experts * expert + shared + router
+            active += m.moe_router_topk * expert + shared + router
+        else:
+            total += dense_mlp
+            active += dense_mlp
+    emb = vocab_size * h
+    out = 0 if not m.untie_embeddings_and_output_weights else vocab_size * h
+    pos = (m.max_position_embeddings or m.seq_length) * h if m.position_embedding_type == "learned_absolute" else 0
+    final_norm = h * (2 if m.normalization == "LayerNorm" else 1)
+    total += emb + out + pos + final_norm
+    active += emb + out + pos + final_norm
+    return total, active
+
+
+def flops_per_position(m: ModelArgs, vocab_size: int) -> float:
+    """Training FLOPs per model position (forward + backward = 3x forward).
+
+    6 x active non-embedding-lookup parameters (the LM head counts: it is a matmul) plus the
+    attention score/value matmuls, 6 x 2 x layers x L x (heads x head_dim). The bag embedding's
+    mean and the s-target loss are negligible, so a TST step counts the same FLOPs as a baseline
+    step -- which is the point of the method.
+    """
+    _, active = count_parameters(m, vocab_size)
+    lookup = vocab_size * m.hidden_size  # the input embedding is a gather, not a matmul
+    head = vocab_size * m.hidden_size
+    matmul_params = active - lookup + (head if not m.untie_embeddings_and_output_weights else 0)
+    kv = m.kv_channels or m.hidden_size // m.num_attention_heads
+    attention = 12 * m.num_layers * m.seq_length * m.num_attention_heads * kv / 2  # causal half
+    return 6.0 * matmul_params + attention
+
+
+def tst_data_tokens_per_sample(tst: TSTConfig, seq_length: int, phase: str) -> int:
+    """Raw data tokens one sample consumes: L*s in superposition (full/input modes), else L."""
+    if phase == "superposition" and tst.enabled and tst.mode in ("full", "input"):
+        return seq_length * tst.bag_size
+    return seq_length

@@ -1,0 +1,297 @@
+"""Atomic, Megatron-layout checkpoints through megatron-core's dist_checkpointing (torch_dist).
+
+Layout (what Megatron-LM users know):
+    <save>/iter_0000100/                 a torch_dist checkpoint (metadata.json, common.pt, *.distcp)
+    <save>/iter_0000100/tst_meta.json    run summary for tools: iteration, phase, args (rank 0)
+    <save>/latest_checkpointed_iteration.txt
+
+Atomicity: every rank writes into `<save>/iter_XXXXXXX.tmp`; after a barrier rank 0 writes
+`tst_meta.json` (the completeness marker), renames the directory into place and only then
+rewrites `latest_checkpointed_iteration.txt` (write-to-temp + os.replace). A crash at any point
+leaves the previous checkpoint and tracker untouched. On load, a directory without the marker or
+that megatron cannot read is reported by name; `fallback=True` walks back to the newest complete
+one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+TRACKER = "latest_checkpointed_iteration.txt"
+MARKER = "tst_meta.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that cannot be used, with the reason and the path."""
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+# ------------------------------------------------------------------------------------ RNG
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded_object(state):
+    """Per model-parallel rank RNG state, replicated over data parallelism (as Megatron does)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    pp, tp = ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
+    return ShardedObject("rng_state", state, (pp, tp),
+                         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+                         replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
+
+
+# ---------------------------------------------------------------------------- state dicts
+def _model_sharded_state_dict(chunks) -> dict:
+    modules = [getattr(c, "module", c) for c in chunks]
+    if len(modules) == 1:
+        return {"model": modules[0].sharded_state_dict()}
+    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(modules)}
+
+
+def _optimizer_metadata(use_distributed_optimizer: bool) -> dict:
+    return {"distrib_optim_sharding_type": "fully_reshardable"} if use_distributed_optimizer else {}
+
+
+# ---------------------------------------------------------------------------------- save
+def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, common: dict,
+                    use_distributed_optimizer: bool) -> str:
+    """Save atomically; returns the final directory. Collective: call on every rank."""
+    from megatron.core import dist_checkpointing
+
+    final = iteration_dir(root, iteration)
+    tmp = final + ".tmp"
+    if _rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(tmp):  # leftover of a save that crashed
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    _barrier()
+
+    state = _model_sharded_state_dict(chunks)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state, metadata=_optimizer_metadata(use_distributed_optimizer))
+    state["rng_state"] = _rng_sharded_object(_rng_state())
+    state["opt_param_scheduler"] = scheduler.state_dict() if scheduler is not None else None
+    state["tst_common"] = dict(common, iteration=iteration, format_version=FORMAT_VERSION)
+    dist_checkpointing.save(state, tmp)
+    _barrier()
+
+    if _rank() == 0:
+        meta = dict(common, iteration=iteration, format_version=FORMAT_VERSION, complete=True)
+        _write_atomic(os.path.join(tmp, MARKER), json.dumps(meta, indent=1, default=str))
+        if os.path.exists(final):  # re-saving the same iteration (e.g. after a resume)
+            old = final + ".old"
+            if os.path.exists(old):
+                shutil.rmtree(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+        _write_atomic(os.path.join(root, TRACKER), str(iteration))
+    _barrier()
+    return final
+
+
+# ---------------------------------------------------------------------------------- load
+def read_meta(ckpt_dir: str) -> dict:
+    path = os.path.join(ckpt_dir, MARKER)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is incomplete: {MARKER} is missing "
+                              "(the save was interrupted)") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: {MARKER} unreadable ({exc})") from None
+    if not meta.get("complete"):
+        raise CheckpointError(f"checkpoint {ckpt_dir} is not marked complete")
+    return meta
+
+
+def verify_checkpoint_dir(ckpt_dir: str) -> dict:
+    """Cheap structural check of one iteration directory; returns its meta or raises."""
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist")
+    meta = read_meta(ckpt_dir)
+    if not os.path.isfile(os.path.join(ckpt_dir, "metadata.json")):
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: torch_dist metadata.json is missing")
+    for name in os.listdir(ckpt_dir):
+        if name.endswith(".distcp") and os.path.getsize(os.path.join(ckpt_dir, name)) == 0:
+            raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: shard {name} is empty")
+    return meta
+
+
+def list_checkpoints(root: str) -> List[Tuple[int, str]]:
+    """(iteration, dir) of every final iteration directory under root, newest first."""
+    out = []
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            if name.startswith("iter_") and name[5:].isdigit():
+                out.append((int(name[5:]), os.path.join(root, name)))
+    return sorted(out, reverse=True)
+
+
+def find_checkpoint(root: str, fallback: bool) -> Optional[Tuple[int, str, dict]]:
+    """The checkpoint `--load root` should resume from, or None if root holds none at all.
+
+    The tracker file names the latest one; if it is missing, damaged or incomplete, raise a clear
+    error, or (fallback) take the newest complete iteration directory.
+    """
+    tracker = os.path.join(root, TRACKER)
+    candidates = list_checkpoints(root)
+    if not os.path.isfile(tracker) and not candidates:
+        return None
+    problems = []
+    if os.path.isfile(tracker):
+        text = open(tracker).read().strip()
+        if not text.isdigit():
+            problems.append(f"{tracker} does not hold an iteration number ({text!r})")
+        else:
+            path = iteration_dir(root, int(text))
+            try:
+                return int(text), path, verify_checkpoint_dir(path)
+            except CheckpointError as exc:
+                problems.append(str(exc))
+    else:
+        problems.append(f"{tracker} is missing")
+    if not fallback:
+        raise CheckpointError("; ".join(problems) + ". Pass --ckpt-fallback to resume from the newest "
+                              "complete checkpoint instead, or point --load elsewhere")
+    for iteration, path in candidates:
+        try:
+            return iteration, path, verify_checkpoint_dir(path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+    raise CheckpointError("no complete checkpoint under " + root + ": " + "; ".join(problems))
+
+
+def load_checkpoint(ckpt_dir: str, chunks, optimizer, scheduler, load_optim: bool, load_rng: bool,
+                    use_distributed_optimizer: bool) -> dict:
+    """Load model (+ optimizer, scheduler, RNG) in place; returns the saved common state."""
+    from megatron.core import dist_checkpointing
+
+    state = _model_sharded_state_dict(chunks)
+    if optimizer is not None and load_optim:
+        if use_distributed_optimizer:
+            # megatron 0.16.1: a fresh distributed optimizer has no Adam state yet; create it
+            # (zeros) so its sharded state dict has the tensors the checkpoint fills in.
+            _init_distributed_optimizer_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state, is_loading=True, metadata=_optimizer_metadata(use_distributed_optimizer))
+    if load_rng:
+        state["rng_state"] = _rng_sharded_object(_rng_state())
+    try:
+        loaded = dist_checkpointing.load(state, ckpt_dir)
+    except Exception as exc:  # surface the directory, not a deep torch traceback
+        raise CheckpointError(f"checkpoint {ckpt_dir} could not be loaded: {type(exc).__name__}: {exc}") from exc
+    modules = [getattr(c, "module", c) for c in chunks]
+    if len(modules) == 1:
+        modules[0].load_state_dict(loaded["model"])
+    else:
+        for i, m in enumerate(modules):
+            m.load_state_dict(loaded[f"model{i}"])
+    if optimizer is not None and load_optim:
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+        if use_distributed_optimizer:
+            _unshare_adam_steps(optimizer)
+    if scheduler is not None and load_optim and loaded.get("opt_param_scheduler"):
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if load_rng and "rng_state" in loaded:
+        _set_rng_state(loaded["rng_state"])
+    return loaded["tst_common"]
+
+
+def _inner_optimizers(optimizer):
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
+def _init_distributed_optimizer_state(optimizer) -> None:
+    for opt in _inner_optimizers(optimizer):
+        init = getattr(opt, "_init_optimizer_states_with_dummy_values", None)
+        if init is not None:
+            init()
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """megatron 0.16.1's distributed optimizer restores one shared `step` tensor for all params;
+    torch Adam increments it in place once per param, so give every param its own copy."""
+    for opt in _inner_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for st in inner.state.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
+
+
+def read_common_only(ckpt_dir: str) -> Dict:
+    """The run summary (args, iteration, phase) of a checkpoint without loading tensors."""
+    return read_meta(ckpt_dir)

@@ -1,0 +1,412 @@
+"""Superposition data: megatron's GPTDataset, re-cut into bags, then back into plain samples.
+
+Why a wrapper and not a new dataset class: megatron's GPTDataset already does everything that
+is hard (document shuffling, packing, splits, blends, the on-disk index cache). TST only needs
+*longer* windows of the same packed stream, so we ask megatron for a base dataset whose samples
+hold exactly the tokens one TST sample needs, and re-cut each window:
+
+  L = model sequence length, s = bag size.
+  mode full / input : a base sample holds s*(L+1) tokens (megatron's sequence_length
+                      s*(L+1) - 1 plus its extra label token). As a superposition sample it is
+                      L+1 bags of s tokens: bags 0..L-1 are the input, bags 1..L the labels,
+                      so every latent position (the last included) has all s targets. As
+                      recovery data it tiles into s plain samples of L+1 tokens.
+  mode output       : a base sample holds L+s tokens: L input tokens plus s-1 extra tokens so
+                      that the last position also sees its whole next bag. Recovery uses the
+                      first L+1 tokens.
+  s == 1            : the base dataset IS the plain baseline dataset and items pass through.
+
+`TSTDataset` is indexed by the *global* consumed-sample index: indices below
+`num_superposition_samples` are superposition samples (base item i), the rest are recovery
+samples that continue through the base stream after the last superposition item. A run is thus
+a pure function of (seed, consumed samples), resumes exactly, and never trains twice on a token
+window within an epoch of the base dataset.
+
+Samples are dicts of tensors only (default collate works):
+  superposition, full  : tokens [L, s], labels [L, s]   (invalid target -> -100)
+  superposition, input : tokens [L, s], labels [L, 1]   (first token of the next bag)
+  superposition, output: tokens [L],    labels [L, s]
+  recovery / s == 1    : tokens [L],    labels [L]      (megatron style: ids kept, loss_mask 0)
+  plus loss_mask [L] float (superposition: 1 where any target of the position is valid) and
+  position_ids [L] int64.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .config import TSTConfig
+
+IGNORE_INDEX = -100
+SUPERPOSITION = "superposition"
+RECOVERY = "recovery"
+SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+Blend = Tuple[List[str], Optional[List[float]]]
+
+
+# ---------------------------------------------------------------------------------- geometry
+def recovery_chunks(tst: TSTConfig) -> int:
+    """Plain next-token samples cut from one base sample during recovery.
+
+    full/input windows hold s*(L+1) tokens = s whole samples of L+1 tokens; an output window
+    (L+s tokens) holds only one.
+    """
+    if not tst.enabled or tst.mode == "output":
+        return 1
+    return tst.bag_size
+
+
+def base_sequence_length(seq_length: int, tst: TSTConfig) -> int:
+    """megatron `sequence_length` of the base dataset (megatron adds one extra label token)."""
+    if seq_length < 1:
+        raise ValueError(f"seq_length must be >= 1 (got {seq_length})")
+    s = tst.bag_size
+    if not tst.enabled:
+        return seq_length
+    if tst.mode == "output":
+        return seq_length + s - 1
+    return s * (seq_length + 1) - 1
+
+
+def num_base_samples(tst: TSTConfig, num_superposition_samples: int,
+                     num_recovery_samples: int) -> int:
+    """Base items needed for a run: one per superposition sample, 1/chunks per recovery one."""
+    if num_superposition_samples < 0 or num_recovery_samples < 0:
+        raise ValueError("sample counts must be >= 0 (got "
+                         f"{num_superposition_samples}, {num_recovery_samples})")
+    if not tst.enabled and num_superposition_samples:
+        raise ValueError("superposition samples requested with TST disabled (bag_size == 1)")
+    return num_superposition_samples + math.ceil(num_recovery_samples / recovery_chunks(tst))
+
+
+# ---------------------------------------------------------------------------------- window ops
+def _text_and_validity(item: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Raw token window of a base item and whether each token is a valid *target*.
+
+    megatron stores tokens = text[:-1], labels = text[1:]; its loss_mask[q] says whether the
+    label at q (text position q+1) may be trained on (0 on pad, and after EOD with
+    eod_mask_loss). valid[0] is False: the first token is never a target inside this window.
+    """
+    text = torch.cat([item["tokens"], item["labels"][-1:]]).long()
+    valid = torch.zeros(text.numel(), dtype=torch.bool)
+    valid[1:] = item["loss_mask"] > 0
+    return text, valid
+
+
+def _masked(ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Target ids with invalid targets replaced by IGNORE_INDEX (what the multi-hot CE expects)."""
+    return torch.where(valid, ids, torch.full_like(ids, IGNORE_INDEX))
+
+
+def _document_position_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """Positions that restart after every EOD, as megatron's reset_position_ids computes them."""
+    length = tokens.numel()
+    pos = torch.arange(length, dtype=torch.long)
+    doc_start = torch.zeros(length, dtype=torch.long)
+    doc_start[1:] = torch.where(tokens[:-1] == eod, pos[1:], torch.zeros_like(pos[1:]))
+    return pos - torch.cummax(doc_start, dim=0).values
+
+
+def _superposition_sample(text: torch.Tensor, valid: torch.Tensor, seq_length: int,
+                          tst: TSTConfig) -> Dict[str, torch.Tensor]:
+    """Bag layout of one base window (see module docstring)."""
+    L, s = seq_length, tst.bag_size
+    if tst.mode == "output":
+        # labels[t, j] = text[t + 1 + j]: the s tokens following input token t
+        idx = torch.arange(L).unsqueeze(1) + 1 + torch.arange(s).unsqueeze(0)
+        tokens = text[:L].clone()
+        label_valid = valid[idx]
+        labels = _masked(text[idx], label_valid)
+    else:
+        tokens = text[: L * s].reshape(L, s).clone()
+        label_ids = text[s: (L + 1) * s].reshape(L, s)
+        label_valid = valid[s: (L + 1) * s].reshape(L, s)
+        if tst.mode == "input":  # next-token target of the bag = first token of the next bag
+            label_ids, label_valid = label_ids[:, :1], label_valid[:, :1]
+        labels = _masked(label_ids, label_valid)
+    return {
+        "tokens": tokens,
+        "labels": labels.contiguous(),
+        "loss_mask": label_valid.any(dim=-1).float(),
+        "position_ids": torch.arange(L, dtype=torch.long),
+    }
+
+
+def _next_token_sample(text: torch.Tensor, valid: torch.Tensor, start: int, seq_length: int,
+                       eod: Optional[int], reset_position_ids: bool) -> Dict[str, torch.Tensor]:
+    """Plain megatron-style sample from text[start : start+L+1] (ids kept, masked by loss_mask)."""
+    window = text[start: start + seq_length + 1]
+    tokens = window[:-1].clone()
+    if reset_position_ids:
+        if eod is None:
+            raise ValueError("reset_position_ids needs the EOD token id (TSTDataset eod_token=)")
+        position_ids = _document_position_ids(tokens, eod)
+    else:
+        position_ids = torch.arange(seq_length, dtype=torch.long)
+    return {
+        "tokens": tokens,
+        "labels": window[1:].clone(),
+        "loss_mask": valid[start + 1: start + seq_length + 1].float(),
+        "position_ids": position_ids,
+    }
+
+
+# ---------------------------------------------------------------------------------- dataset
+class TSTDataset(Dataset):
+    """Global-index view of a base GPTDataset/BlendedDataset: superposition, then recovery.
+
+    Args:
+        base: megatron GPTDataset or BlendedDataset built with
+            `sequence_length = base_sequence_length(seq_length, tst)`.
+        tst: the TST settings (bag size, mode).
+        seq_length: L, the model sequence length (latent positions per sample).
+        num_superposition_samples: global samples [0, n) are superposition samples; for
+            training this is `tst.num_superposition_iters(train_iters) * global_batch_size`.
+        reset_position_ids / eod_token: recovery samples cut from the middle of a base window
+            recompute megatron's per-document positions themselves, so they need both.
+            Superposition positions are always arange(L) (bags straddle documents).
+    """
+
+    def __init__(self, base: Dataset, tst: TSTConfig, seq_length: int,
+                 num_superposition_samples: int, reset_position_ids: bool = False,
+                 eod_token: Optional[int] = None):
+        if num_superposition_samples < 0:
+            raise ValueError(f"num_superposition_samples must be >= 0 (got {num_superposition_samples})")
+        if not tst.enabled and num_superposition_samples:
+            raise ValueError("TSTDataset: superposition samples need bag_size > 1")
+        if num_superposition_samples > len(base):
+            raise ValueError(f"TSTDataset: {num_superposition_samples} superposition samples need as "
+                             f"many base samples, the base dataset has {len(base)}")
+        self.base = base
+        self.tst = tst
+        self.seq_length = seq_length
+        self.num_superposition_samples = num_superposition_samples
+        self.chunks = recovery_chunks(tst)
+        self.window = base_sequence_length(seq_length, tst) + 1
+        self.reset_position_ids = reset_position_ids
+        self.eod_token = eod_token
+
+    def __len__(self) -> int:
+        n_sup = self.num_superposition_samples
+        return n_sup + self.chunks * (len(self.base) - n_sup)
+
+    def phase_of(self, index: int) -> str:
+        """'superposition' or 'recovery' for a global sample index (the sample's layout)."""
+        self._check_index(index)
+        return SUPERPOSITION if index < self.num_superposition_samples else RECOVERY
+
+    def base_index_of(self, index: int) -> Tuple[int, int]:
+        """(base item, chunk) a global sample is cut from; chunk is 0 for superposition."""
+        self._check_index(index)
+        n_sup = self.num_superposition_samples
+        if index < n_sup:
+            return index, 0
+        m = index - n_sup
+        return n_sup + m // self.chunks, m % self.chunks
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= index < len(self):
+            raise IndexError(f"TSTDataset index {index} out of range [0, {len(self)})")
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        index = int(index)
+        base_index, chunk = self.base_index_of(index)
+        item = self.base[base_index]
+        if not self.tst.enabled:
+            # the base dataset is the plain baseline dataset: hand its sample through unchanged
+            return {k: item[k] for k in SAMPLE_KEYS}
+        text, valid = _text_and_validity(item)
+        if text.numel() != self.window:
+            raise ValueError(f"TSTDataset: base samples hold {text.numel()} tokens but L = "
+                             f"{self.seq_length}, s = {self.tst.bag_size}, mode {self.tst.mode} need "
+                             f"{self.window}; build the base with base_sequence_length()")
+        if index < self.num_superposition_samples:
+            return _superposition_sample(text, valid, self.seq_length, self.tst)
+        return _next_token_sample(text, valid, chunk * (self.seq_length + 1), self.seq_length,
+                                  self.eod_token, self.reset_position_ids)
+
+
+# ---------------------------------------------------------------------------------- builder
+def train_valid_test_num_samples(train_iters: int, global_batch_size: int, eval_iters: int,
+                                 eval_interval: int) -> Tuple[int, int, int]:
+    """Samples per split, counted as megatron-LM counts them (validation runs every
+    eval_interval iterations and once at the end, eval_iters batches each time)."""
+    if eval_interval < 1:
+        raise ValueError(f"eval_interval must be >= 1 (got {eval_interval})")
+    num_evals = train_iters // eval_interval + 1
+    return (train_iters * global_batch_size,
+            num_evals * eval_iters * global_batch_size,
+            eval_iters * global_batch_size)
+
+
+@dataclass
+class TSTDatasets:
+    """What the trainer consumes.
+
+    train: TSTDataset indexed by global consumed samples (superposition first, then recovery).
+    valid_lm / test_lm: plain next-token samples of length L -- the very datasets a baseline
+        run (bag_size 1, same seed and data) validates on, so LM losses compare exactly.
+    valid_mce: superposition samples of the validation split (None when TST is disabled), to
+        monitor the bag loss during the superposition phase.
+    """
+
+    train: Optional[TSTDataset]
+    valid_lm: Optional[TSTDataset]
+    valid_mce: Optional[TSTDataset]
+    test_lm: Optional[TSTDataset]
+    num_superposition_samples: int
+    num_train_samples: int
+
+
+def _gpt_config(seq_length: int, seed: int, tokenizer, blend: Optional[Blend],
+                blend_per_split: Optional[Sequence[Optional[Blend]]], split: Optional[str],
+                data_cache_path: Optional[str], reset_position_ids: bool,
+                reset_attention_mask: bool, eod_mask_loss: bool,
+                mid_level_dataset_surplus: float, num_dataset_builder_threads: int):
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    return GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=blend,
+        blend_per_split=None if blend_per_split is None else list(blend_per_split),
+        split=split,
+        tokenizer=tokenizer,
+        path_to_cache=data_cache_path,
+        reset_position_ids=reset_position_ids,
+        reset_attention_mask=reset_attention_mask,
+        eod_mask_loss=eod_mask_loss,
+        create_attention_mask=False,  # causal masks come from the attention kernel
+        mid_level_dataset_surplus=mid_level_dataset_surplus,
+        num_dataset_builder_threads=num_dataset_builder_threads,
+    )
+
+
+def _build_splits(config, sizes: Sequence[int]) -> List[Optional[Dataset]]:
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    # every rank builds (rank 0 first, through megatron's own barrier): no pipeline/TP filter
+    return BlendedMegatronDatasetBuilder(GPTDataset, list(sizes), lambda: True, config).build()
+
+
+def build_tst_datasets(
+    tst: TSTConfig,
+    *,
+    seq_length: int,
+    train_iters: int,
+    global_batch_size: int,
+    eval_iters: int,
+    eval_interval: int,
+    tokenizer,
+    seed: int,
+    blend: Optional[Blend] = None,
+    blend_per_split: Optional[Sequence[Optional[Blend]]] = None,
+    split: Optional[str] = "969,30,1",
+    data_cache_path: Optional[str] = None,
+    reset_position_ids: bool = False,
+    reset_attention_mask: bool = False,
+    eod_mask_loss: bool = False,
+    mid_level_dataset_surplus: float = 0.005,
+    num_dataset_builder_threads: int = 1,
+) -> TSTDatasets:
+    """Build train/valid/test through megatron's BlendedMegatronDatasetBuilder and wrap them.
+
+    blend: megatron's (prefixes, weights or None); parse a `--data-path 0.3 A 0.7 B` list with
+    `megatron.core.datasets.utils.get_blend_from_list`. blend_per_split replaces blend+split.
+    tokenizer: a megatron tokenizer object (needs unique_identifiers, vocab_size, eod).
+    Must be called on every rank (it joins megatron's rank-0-first barrier when
+    torch.distributed is initialised; a BlendedDataset with a cache path needs a process group).
+    """
+    if blend_per_split is not None:
+        split = None
+    n_train, n_valid, n_test = train_valid_test_num_samples(
+        train_iters, global_batch_size, eval_iters, eval_interval)
+    n_sup = tst.num_superposition_iters(train_iters) * global_batch_size
+    n_base_train = num_base_samples(tst, n_sup, n_train - n_sup)
+
+    def config_for(length: int):
+        return _gpt_config(length, seed, tokenizer, blend, blend_per_split, split,
+                           data_cache_path, reset_position_ids, reset_attention_mask,
+                           eod_mask_loss, mid_level_dataset_surplus, num_dataset_builder_threads)
+
+    def wrap(ds, cfg: TSTConfig, n_superposition: int) -> Optional[TSTDataset]:
+        if ds is None:
+            return None
+        return TSTDataset(ds, cfg, seq_length, n_superposition,
+                          reset_position_ids=reset_position_ids, eod_token=tokenizer.eod)
+
+    train, valid, test = _build_splits(config_for(base_sequence_length(seq_length, tst)),
+                                       [n_base_train, n_valid, n_test])
+    plain = TSTConfig()  # bag_size 1: pass-through of plain next-token samples
+    if tst.enabled:
+        valid_mce = wrap(valid, tst, 0 if valid is None else len(valid))
+        # The LM view is the baseline's own validation data (same seed, length L, sizes), not
+        # recovery chunks of the TST windows, so TST and baseline LM losses use the same tokens.
+        # The train split built here only to reach valid/test costs one epoch of indices.
+        _, valid_plain, test_plain = _build_splits(config_for(seq_length), [1, n_valid, n_test])
+    else:
+        valid_mce, valid_plain, test_plain = None, valid, test
+    return TSTDatasets(
+        train=wrap(train, tst, n_sup),
+        valid_lm=wrap(valid_plain, plain, 0),
+        valid_mce=valid_mce,
+        test_lm=wrap(test_plain, plain, 0),
+        num_superposition_samples=n_sup,
+        num_train_samples=n_train,
+    )
+
+
+# ---------------------------------------------------------------------------------- sampling
+class PretrainingSampler:
+    """Micro-batches of global sample indices, in megatron's MegatronPretrainingSampler order.
+
+    Consecutive indices form groups of micro_batch_size * data_parallel_size; rank r takes the
+    r-th micro-batch slice of each group. A global batch is therefore a run of consecutive
+    indices, and resuming at `consumed_samples` continues the same sequence exactly. Partial
+    trailing groups are dropped.
+    """
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
+                 data_parallel_rank: int, data_parallel_size: int):
+        if micro_batch_size < 1 or data_parallel_size < 1:
+            raise ValueError(f"micro_batch_size ({micro_batch_size}) and data_parallel_size "
+                             f"({data_parallel_size}) must be >= 1")
+        if not 0 <= data_parallel_rank < data_parallel_size:
+            raise ValueError(f"data_parallel_rank {data_parallel_rank} not in [0, {data_parallel_size})")
+        if not 0 <= consumed_samples <= total_samples:
+            raise ValueError(f"consumed_samples {consumed_samples} not in [0, total_samples "
+                             f"{total_samples}]: no data left to train on")
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.data_parallel_rank = data_parallel_rank
+        self.group = micro_batch_size * data_parallel_size
+
+    def __len__(self) -> int:
+        return (self.total_samples - self.consumed_samples) // self.group
+
+    def __iter__(self) -> Iterator[List[int]]:
+        first = self.consumed_samples + self.data_parallel_rank * self.micro_batch_size
+        for k in range(len(self)):
+            start = first + k * self.group
+            yield list(range(start, start + self.micro_batch_size))
+
+
+def build_data_iterator(dataset: Dataset, consumed_samples: int, micro_batch_size: int,
+                        data_parallel_rank: int, data_parallel_size: int, num_workers: int = 0,
+                        total_samples: Optional[int] = None) -> Iterator[Dict[str, torch.Tensor]]:
+    """Iterator of collated micro-batches for this DP rank, starting at consumed_samples."""
+    sampler = PretrainingSampler(len(dataset) if total_samples is None else total_samples,
+                                 consumed_samples, micro_batch_size, data_parallel_rank,
+                                 data_parallel_size)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                        persistent_workers=num_workers > 0)
+    return iter(loader)

@@ -1,0 +1,160 @@
+"""The metrics JSONL format: one JSON object per line, written by the trainer, read by tools.
+
+Records, told apart by "type":
+- "run" (optional, first): `name`, `tst_bag_size`, `superposition_iters`, any other settings;
+- "train": `iteration`, `phase` ("superposition" | "recovery"), `loss`, `lr`, `grad_norm`,
+  `data_tokens`, `tokens_per_s`, `elapsed_s`;
+- "eval": `iteration`, `val_lm_loss`, optional `val_mce_loss`, `data_tokens`, `elapsed_s`.
+
+`data_tokens` counts tokens consumed so far (a TST step consumes s times more than a baseline
+step); `elapsed_s` is wall-clock seconds since training started. Records without "type" (older
+files) are classified by their fields. Having the format in one module keeps writer and readers
+(`tools/plot_runs.py`) from drifting apart.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+class MetricsWriter:
+    """Append-only JSONL writer, flushed per record so a crashed run still leaves its curve.
+
+    Call it on one rank only (e.g. the last pipeline stage's data-parallel rank 0).
+    """
+
+    def __init__(self, path: str, run: Optional[Dict[str, Any]] = None, append: bool = False):
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        self.path = path
+        self._file = open(path, "a" if append else "w", encoding="utf-8")
+        if run is not None:
+            self.write({"type": "run", **run})
+
+    def write(self, record: Dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, default=_jsonable) + "\n")
+        self._file.flush()
+
+    def train(self, **fields: Any) -> None:
+        self.write({"type": "train", **fields})
+
+    def eval(self, **fields: Any) -> None:
+        self.write({"type": "eval", **fields})
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _jsonable(value: Any) -> Any:
+    """Tensors and numpy scalars -> Python numbers (json.dumps calls this for unknown types)."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"metrics value of type {type(value).__name__} is not JSON serializable")
+
+
+@dataclass
+class RunMetrics:
+    """One run's records, split by type, in file order."""
+
+    path: str
+    meta: Dict[str, Any] = field(default_factory=dict)
+    train: List[Dict[str, Any]] = field(default_factory=list)
+    evals: List[Dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """The run record's name, else the file name, else (for the trainer's default
+        `<save>/metrics.jsonl`) the run directory's name."""
+        if self.meta.get("name"):
+            return str(self.meta["name"])
+        path = os.path.abspath(self.path)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        return os.path.basename(os.path.dirname(path)) or stem if stem == "metrics" else stem
+
+    @property
+    def uses_superposition(self) -> bool:
+        """True when the run spent any iterations in the superposition phase."""
+        if any(r.get("phase") == "superposition" for r in self.train):
+            return True
+        bag = self.meta.get("tst_bag_size") or 1
+        iters = self.meta.get("superposition_iters") or 0
+        return bag > 1 and iters > 0
+
+    def phase_switch(self) -> Optional[Dict[str, Any]]:
+        """The first recovery training record after superposition ones (None for a baseline).
+
+        Falls back to {"iteration": superposition_iters} from the run record when the logged
+        records do not show the switch (e.g. a sparse log interval skipped it).
+        """
+        seen_superposition = False
+        for record in self.train:
+            phase = record.get("phase")
+            if phase == "superposition":
+                seen_superposition = True
+            elif phase == "recovery" and seen_superposition:
+                return record
+        iters = self.meta.get("superposition_iters")
+        if self.uses_superposition and iters:
+            return {"iteration": iters}
+        return None
+
+    def final_eval(self) -> Optional[Dict[str, Any]]:
+        finite = [r for r in self.evals if _finite(r.get("val_lm_loss"))]
+        return finite[-1] if finite else None
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _record_type(record: Dict[str, Any]) -> Optional[str]:
+    kind = record.get("type")
+    if kind in ("run", "train", "eval"):
+        return kind
+    if kind is None:
+        if "val_lm_loss" in record:
+            return "eval"
+        if "loss" in record and "iteration" in record:
+            return "train"
+    return None
+
+
+def read_metrics(path: str) -> RunMetrics:
+    """Parse a metrics file. A truncated last line (run still writing) is skipped with a warning;
+    any other malformed line is an error naming the file and line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"metrics file {path!r} does not exist")
+    run = RunMetrics(path=path)
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            if i == last:
+                warnings.warn(f"{path}:{i + 1}: skipping an incomplete last line ({exc})")
+                continue
+            raise ValueError(f"{path}:{i + 1}: malformed metrics record: {exc}") from None
+        kind = _record_type(record)
+        if kind == "run":
+            run.meta.update(record)
+        elif kind == "train":
+            run.train.append(record)
+        elif kind == "eval":
+            run.evals.append(record)
+    return run

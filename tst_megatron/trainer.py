@@ -1,0 +1,636 @@
+"""The training loop: megatron-core's schedules, optimizer and checkpoints, with the TST phases.
+
+One run, one model, one optimizer, one LR schedule. Iterations below the switch are
+superposition steps, the rest recovery steps. Nothing is rebuilt at the switch: the data stream
+(`TSTDataset`, indexed by consumed samples) changes sample layout by itself and the model handles
+bag and token inputs alike, so the pipeline shapes stay [L, micro-batch, hidden] throughout.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import signal
+import socket
+import time
+from contextlib import closing
+from functools import partial
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import checkpointing as ckpt
+from .arguments import RunConfig, fail, validate
+from .builders import (build_model_chunks, build_optimizer, build_scheduler, count_parameters,
+                       flops_per_position, padded_vocab_size, transformer_config, tst_data_tokens_per_sample,
+                       wrap_ddp)
+from .cpu import default_device, distributed_backend, enable_cpu_support, model_parallel_manual_seed
+from .metrics import RunLogger, Throughput, format_duration
+
+SUPERPOSITION, RECOVERY = "superposition", "recovery"
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------ process group
+def _free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """torchrun's env:// rendezvous, or a 1-process group when started with plain `python`."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend=distributed_backend(), timeout=datetime.timedelta(minutes=30))
+
+
+# ------------------------------------------------------------------------------ step functions
+def _to_device(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _masked_mean(loss_mask: torch.Tensor, output: torch.Tensor):
+    mask = loss_mask.float()
+    loss = (output.float() * mask).sum() / mask.sum().clamp_min(1.0)
+    # clone: megatron's schedule divides the returned loss by the micro-batch count in place
+    return loss, {"loss": loss.detach().clone()}
+
+
+def make_forward_step(device):
+    def forward_step(data_iterator, model):
+        batch = _to_device(next(data_iterator), device)
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return output, partial(_masked_mean, batch["loss_mask"])
+
+    return forward_step
+
+
+# ------------------------------------------------------------------------------ the trainer
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.stop_signal = False
+
+    # ---------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        enable_cpu_support()
+        init_distributed()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        validate(cfg, self.world)
+        self.log = RunLogger(False, None)  # replaced below once paths are known
+
+        from megatron.core import parallel_state as ps
+        from megatron.core.num_microbatches_calculator import (get_num_microbatches,
+                                                               init_num_microbatches_calculator)
+
+        par = cfg.parallel
+        vpp = None
+        if par.num_layers_per_virtual_pipeline_stage:
+            vpp = (cfg.model.num_layers // par.pipeline_model_parallel_size) // par.num_layers_per_virtual_pipeline_stage
+            vpp = vpp if vpp > 1 else None
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=par.tensor_model_parallel_size,
+            pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=vpp,
+            expert_model_parallel_size=par.expert_model_parallel_size,
+        )
+        self.ps = ps
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp_size = ps.get_data_parallel_world_size()
+        model_parallel_manual_seed(cfg.optim.seed + 100 * ps.get_pipeline_model_parallel_rank())
+        init_num_microbatches_calculator(self.rank, None, cfg.optim.global_batch_size,
+                                         cfg.optim.micro_batch_size, self.dp_size)
+        self.num_microbatches = get_num_microbatches()
+        self.device = default_device()
+
+        # Tokenizer and vocabulary (checked against the data before any model is built).
+        from .tokenizers import build_tokenizer
+
+        d = cfg.data
+        try:
+            self.tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, cfg.model.vocab_size)
+        except (OSError, ValueError, RuntimeError) as exc:
+            fail(f"--tokenizer-model {d.tokenizer_model}: tokenizer does not load ({exc})")
+        self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by,
+                                            par.tensor_model_parallel_size)
+        self._check_data_files()
+
+        # Resume target, validated before building anything heavy.
+        self.resume = None
+        if cfg.ckpt.load:
+            try:
+                found = ckpt.find_checkpoint(cfg.ckpt.load, cfg.ckpt.ckpt_fallback)
+            except ckpt.CheckpointError as exc:
+                fail(str(exc))
+            if found is None:
+                if cfg.ckpt.load == cfg.ckpt.save:
+                    found = None  # first start of a requeue-friendly job: nothing yet
+                else:
+                    fail(f"--load {cfg.ckpt.load}: the directory holds no checkpoint "
+                         f"(no {ckpt.TRACKER} and no iter_* directories)")
+            if found is not None:
+                self._check_compatible(found[2], found[1])
+            self.resume = found
+
+        # Model, DDP, optimizer, LR schedule: all megatron-core.
+        self.tconfig = transformer_config(cfg.model, par, cfg.optim, use_cpu_init=self.device.type == "cpu")
+        chunks = build_model_chunks(cfg, self.tconfig, self.vocab_size)
+        self.model = wrap_ddp(chunks, self.tconfig, par)
+        self.optimizer = build_optimizer(self.model, cfg.optim, par)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim)
+        from megatron.core.distributed import finalize_model_grads
+
+        self.tconfig.no_sync_func = [m.no_sync for m in self.model]
+        if len(self.model) == 1:
+            self.tconfig.no_sync_func = self.tconfig.no_sync_func[0]
+        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        self.tconfig.grad_scale_func = self.optimizer.scale_loss
+
+        # Progress counters (restored from a checkpoint below).
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.data_tokens = 0
+        self.positions = 0
+        self.last_checkpoint: Optional[str] = None
+        if self.resume is not None:
+            self._load(self.resume[1])
+
+        self.num_sup_iters = cfg.tst.num_superposition_iters(cfg.optim.train_iters)
+        self._build_data()
+        self._setup_logger()
+
+    def _check_data_files(self) -> None:
+        from megatron.core.datasets.utils import get_blend_from_list
+
+        paths = self.cfg.data.data_path
+        try:
+            prefixes, _ = get_blend_from_list(paths)
+        except Exception as exc:
+            fail(f"--data-path {' '.join(paths)}: cannot parse ({exc}); use PREFIX ... or W1 PREFIX1 W2 PREFIX2 ...")
+        for prefix in prefixes:
+            for ext in (".bin", ".idx"):
+                if not os.path.isfile(prefix + ext):
+                    fail(f"--data-path: {prefix + ext} not found (make it with tools/preprocess_data.py)")
+            self._check_vocab(prefix)
+
+    def _check_split(self, prefix: str, num_documents: int) -> None:
+        """megatron's GPTDataset loops forever on a split that holds no tokens: refuse it here."""
+        from megatron.core.datasets.blended_megatron_dataset_config import (
+            convert_split_vector_to_split_matrix, parse_and_normalize_split)
+
+        try:
+            matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(self.cfg.data.split))
+        except (AssertionError, ValueError) as exc:
+            fail(f"--split {self.cfg.data.split}: not a valid train,valid,test split ({exc})")
+        for name, bounds in zip(("train", "validation", "test"), matrix):
+            if bounds is None:
+                continue
+            beg, end = int(round(bounds[0] * num_documents)), int(round(bounds[1] * num_documents))
+            if end <= beg:
+                fail(f"--split {self.cfg.data.split}: the {name} split of {prefix} gets no documents "
+                     f"({num_documents} documents in all); give that split more weight, set it to 0 "
+                     "(e.g. --split 98,2,0), or use more data")
+
+    def _check_vocab(self, prefix: str) -> None:
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        try:
+            ds = IndexedDataset(prefix)
+        except Exception as exc:
+            fail(f"--data-path {prefix}: .bin/.idx do not match or are damaged ({type(exc).__name__}: {exc})")
+        self._check_split(prefix, len(ds.document_indices) - 1)
+        expected = int(ds.sequence_lengths.sum()) * ds.index.dtype_size
+        actual = os.path.getsize(prefix + ".bin")
+        if actual != expected:
+            fail(f"--data-path {prefix}: {prefix}.bin holds {actual} bytes but {prefix}.idx describes "
+                 f"{expected}; the pair does not match (re-run tools/preprocess_data.py)")
+        # Scan the token ids (memory-mapped) up to a bound; large corpora are checked on a prefix.
+        limit = 64 * 1024 * 1024
+        tokens = ds.bin_reader.read(ds.index.dtype, count=min(limit, expected // ds.index.dtype_size), offset=0) \
+            if hasattr(ds, "bin_reader") else None
+        if tokens is None:
+            return
+        max_id = int(tokens.max()) if len(tokens) else -1
+        if max_id >= self.tokenizer.vocab_size:
+            fail(f"--data-path {prefix}: token id {max_id} >= vocabulary size {self.tokenizer.vocab_size} "
+                 f"of --tokenizer-type {self.cfg.data.tokenizer_type}; use the tokenizer the data was made "
+                 "with, or a larger --vocab-size")
+
+    def _check_compatible(self, meta: dict, path: str) -> None:
+        """Refuse to resume with another model shape or bag size, unless explicitly overridden."""
+        saved = meta.get("args", {})
+        now = self.cfg.to_dict()
+        keys = [("model", k) for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                                       "group_query_attention", "num_query_groups", "kv_channels",
+                                       "normalization", "swiglu", "qk_layernorm", "num_experts",
+                                       "untie_embeddings_and_output_weights", "disable_bias_linear",
+                                       "position_embedding_type", "moe_ffn_hidden_size", "moe_router_topk")]
+        keys += [("tst", "bag_size"), ("tst", "mode")]
+        diffs = []
+        for group, key in keys:
+            a, b = saved.get(group, {}).get(key), now[group].get(key)
+            if group in saved and a != b:
+                flag = "--tst-" + key.replace("_", "-") if group == "tst" else "--" + key.replace("_", "-")
+                diffs.append(f"{flag} {b} (checkpoint: {a})")
+        if diffs and not self.cfg.ckpt.override_checkpoint_args:
+            fail(f"--load {path}: the checkpoint was trained with a different configuration: "
+                 + "; ".join(diffs) + ". Use the checkpoint's values, or pass --override-checkpoint-args")
+
+    def _build_data(self) -> None:
+        from megatron.core.datasets.utils import get_blend_from_list
+
+        from .data import build_data_iterator, build_tst_datasets
+
+        cfg = self.cfg
+        eval_interval = cfg.logging.eval_interval or cfg.optim.train_iters
+        self.datasets = build_tst_datasets(
+            cfg.tst, seq_length=cfg.model.seq_length, train_iters=cfg.optim.train_iters,
+            global_batch_size=cfg.optim.global_batch_size, eval_iters=cfg.logging.eval_iters,
+            eval_interval=eval_interval, tokenizer=self.tokenizer, seed=cfg.optim.seed,
+            blend=get_blend_from_list(cfg.data.data_path), split=cfg.data.split,
+            data_cache_path=cfg.data.data_cache_path)
+        if self.datasets.train is None:
+            fail(f"--split {cfg.data.split}: the training split is empty")
+        self._build_iterator = build_data_iterator
+        vpp = len(self.model)
+        self.train_iters_data = [
+            build_data_iterator(self.datasets.train, self.consumed_samples, cfg.optim.micro_batch_size,
+                                self.dp_rank, self.dp_size, num_workers=cfg.data.num_workers,
+                                total_samples=self.datasets.num_train_samples)
+            for _ in range(vpp)]
+
+    def _setup_logger(self) -> None:
+        cfg = self.cfg
+        path = cfg.logging.metrics_path
+        if path is None:
+            path = os.path.join(cfg.ckpt.save, "metrics.jsonl") if cfg.ckpt.save else "metrics.jsonl"
+        self.metrics_path = path
+        resuming = self.iteration > 0
+        if self.rank == 0 and resuming and os.path.exists(path):
+            _truncate_metrics(path, self.iteration)
+        self.log = RunLogger(self.rank == 0, path, cfg.logging.tensorboard_dir, cfg.logging.wandb_project,
+                             cfg.logging.wandb_exp_name or cfg.logging.run_name, resume=resuming)
+        total, active = count_parameters(cfg.model, self.vocab_size)
+        self.flops_per_position = flops_per_position(cfg.model, self.vocab_size)
+        if not resuming:
+            self.log.record({"type": "run", "name": cfg.logging.run_name, "tst_bag_size": cfg.tst.bag_size,
+                             "tst_mode": cfg.tst.mode, "superposition_iters": self.num_sup_iters,
+                             "train_iters": cfg.optim.train_iters, "global_batch_size": cfg.optim.global_batch_size,
+                             "seq_length": cfg.model.seq_length, "parameters": total, "active_parameters": active,
+                             "world_size": self.world})
+        par = cfg.parallel
+        self.log.print(
+            f"> tst-megatron: world {self.world} (TP={par.tensor_model_parallel_size} "
+            f"PP={par.pipeline_model_parallel_size} EP={par.expert_model_parallel_size} DP={self.dp_size}) "
+            f"backend {distributed_backend()} device {self.device.type}; params {total / 1e6:.2f}M "
+            f"(active {active / 1e6:.2f}M), vocab {self.vocab_size}; micro-batches/step {self.num_microbatches}")
+        if cfg.tst.enabled:
+            self.log.print(
+                f"> TST: bag size s={cfg.tst.bag_size}, mode {cfg.tst.mode}, weighting {cfg.tst.bag_weighting}; "
+                f"superposition iterations [0, {self.num_sup_iters}) of {cfg.optim.train_iters}")
+        self.log.print(f"> metrics: {self.metrics_path}")
+
+    # ---------------------------------------------------------------- checkpoints
+    def _common_state(self) -> dict:
+        return {"consumed_samples": self.consumed_samples, "data_tokens": self.data_tokens,
+                "positions": self.positions, "phase": self.phase(self.iteration),
+                "superposition_checkpoint": self.iteration < self.num_sup_iters,
+                "superposition_iters": self.num_sup_iters, "vocab_size": self.vocab_size,
+                "tokenizer_vocab_size": self.tokenizer.vocab_size, "args": self.cfg.to_dict()}
+
+    def save(self) -> None:
+        c = self.cfg.ckpt
+        if not c.save:
+            return
+        t0 = time.time()
+        path = ckpt.save_checkpoint(c.save, self.iteration, self.model, self.optimizer, self.scheduler,
+                                    self._common_state(), self.cfg.parallel.use_distributed_optimizer)
+        self.last_checkpoint = path
+        phase = self.phase(self.iteration)
+        note = " (superposition phase: not a usable next-token model yet)" if self.iteration < self.num_sup_iters else ""
+        self.log.print(f"  saved checkpoint at iteration {self.iteration} to {path} in {time.time() - t0:.1f}s{note}")
+
+    def _load(self, path: str) -> None:
+        c = self.cfg.ckpt
+        meta = ckpt.read_meta(path)
+        saved_par = meta.get("args", {}).get("parallel", {})
+        same_layout = (saved_par.get("tensor_model_parallel_size") == self.cfg.parallel.tensor_model_parallel_size
+                       and saved_par.get("pipeline_model_parallel_size") == self.cfg.parallel.pipeline_model_parallel_size)
+        load_rng = not c.no_load_rng and same_layout
+        try:
+            common = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler,
+                                          load_optim=not c.no_load_optim, load_rng=load_rng,
+                                          use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer)
+        except ckpt.CheckpointError as exc:
+            fail(str(exc))
+        self.iteration = int(common["iteration"])
+        self.consumed_samples = int(common["consumed_samples"])
+        self.data_tokens = int(common["data_tokens"])
+        self.positions = int(common["positions"])
+        self.last_checkpoint = path
+        if c.no_load_optim:  # fresh optimizer: continue the LR schedule where the run was
+            self.scheduler.step(self.iteration) if self.iteration else None
+        if self.rank == 0:
+            print(f"> resumed from {path} at iteration {self.iteration} "
+                  f"({common['phase']} phase, {self.consumed_samples} samples consumed)"
+                  + ("" if load_rng or c.no_load_rng else "; RNG state not restored (parallel layout changed)"),
+                  flush=True)
+
+    # ---------------------------------------------------------------- steps
+    def phase(self, iteration: int) -> str:
+        return SUPERPOSITION if iteration < self.num_sup_iters else RECOVERY
+
+    def _forward_backward(self, data_iterators, forward_only: bool, num_microbatches: int) -> Optional[float]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        fb = get_forward_backward_func()
+        cfg = self.cfg
+        losses = fb(forward_step_func=make_forward_step(self.device),
+                    data_iterator=data_iterators if len(self.model) > 1 else data_iterators[0],
+                    model=self.model if len(self.model) > 1 else self.model[0],
+                    num_microbatches=num_microbatches, seq_length=cfg.model.seq_length,
+                    micro_batch_size=cfg.optim.micro_batch_size, forward_only=forward_only)
+        return self._reduce_loss(losses)
+
+    def _reduce_loss(self, losses: List[dict]) -> float:
+        """Mean micro-batch loss of the last pipeline stage, averaged over data parallelism and
+        made known to every rank (rank 0 logs it)."""
+        ps = self.ps
+        contribute = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+        value = torch.zeros(1, dtype=torch.float64)
+        if contribute and losses:
+            value[0] = torch.stack([x["loss"].double().cpu() for x in losses]).mean()
+        value = value.to(self.device)
+        dist.all_reduce(value)
+        return float(value.item()) / self.dp_size
+
+    def _grads_finite(self) -> bool:
+        ok = torch.ones(1, device=self.device)
+        for chunk in self.model:
+            for buf in list(chunk.buffers) + list(chunk.expert_parallel_buffers):
+                if not bool(torch.isfinite(buf.grad_data).all()):
+                    ok.zero_()
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item() > 0)
+
+    def train_step(self) -> Dict[str, float]:
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss = self._forward_backward(self.train_iters_data, False, self.num_microbatches)
+        if self.cfg.logging.inject_nonfinite_at is not None and self.iteration == self.cfg.logging.inject_nonfinite_at:
+            loss = float("nan")  # test hook: behave as if the data produced a NaN
+            for chunk in self.model:
+                for buf in chunk.buffers:
+                    buf.grad_data.fill_(float("nan"))
+        finite = math.isfinite(loss) and self._grads_finite()
+        if not finite:
+            return {"loss": loss, "grad_norm": float("nan"), "skipped": True, "nonfinite": True}
+        ok, grad_norm, _ = self.optimizer.step()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        if not math.isfinite(grad_norm):
+            raise NonFiniteError(f"grad norm {grad_norm}")
+        self.scheduler.step(increment=1)
+        return {"loss": loss, "grad_norm": grad_norm, "skipped": not ok, "nonfinite": False}
+
+    def evaluate(self, dataset, iters: int) -> Optional[float]:
+        if dataset is None:
+            return None
+        cfg = self.cfg
+        gbs = cfg.optim.global_batch_size
+        total = min(len(dataset), iters * gbs)
+        steps = total // gbs
+        if steps == 0:
+            return None
+        for chunk in self.model:
+            chunk.eval()
+        values = []
+        with torch.no_grad():
+            iterators = [self._build_iterator(dataset, 0, cfg.optim.micro_batch_size, self.dp_rank, self.dp_size,
+                                              total_samples=steps * gbs) for _ in self.model]
+            for _ in range(steps):
+                values.append(self._forward_backward(iterators, True, self.num_microbatches))
+        for chunk in self.model:
+            chunk.train()
+        return sum(values) / len(values)
+
+    def run_evaluation(self) -> None:
+        cfg = self.cfg
+        phase = self.phase(self.iteration)
+        lm = self.evaluate(self.datasets.valid_lm, cfg.logging.eval_iters)
+        mce = self.evaluate(self.datasets.valid_mce, cfg.logging.eval_iters) if phase == SUPERPOSITION else None
+        if lm is None:
+            return
+        record = {"type": "eval", "iteration": self.iteration, "phase": phase, "val_lm_loss": lm,
+                  "val_lm_ppl": math.exp(min(lm, 50.0)), "data_tokens": self.data_tokens,
+                  "elapsed_s": self.timer.elapsed() + self.elapsed_before}
+        text = f" validation at iteration {self.iteration} | lm loss: {lm:.6E} | lm PPL: {record['val_lm_ppl']:.4E}"
+        if mce is not None:
+            record["val_mce_loss"] = mce
+            text += f" | mce loss: {mce:.6E}"
+        self.log.record(record)
+        bar = "-" * (len(text) + 1)
+        self.log.print(f"{bar}\n{text}\n{bar}")
+
+    # ---------------------------------------------------------------- the loop
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self.stop_signal = True
+
+        signal.signal(signal.SIGTERM, handler)
+        if self.cfg.ckpt.exit_signal_handler:
+            signal.signal(signal.SIGINT, handler)
+
+    def _should_exit(self) -> Optional[str]:
+        c = self.cfg.ckpt
+        flag = torch.zeros(1, device=self.device)
+        if self.stop_signal:
+            flag[0] = 1
+        if c.exit_duration_in_mins is not None and self.timer.elapsed() / 60 > c.exit_duration_in_mins:
+            flag[0] = max(flag[0].item(), 2)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() == 1:
+            return "signal"
+        if flag.item() == 2:
+            return "--exit-duration-in-mins"
+        if c.exit_interval and self.iteration % c.exit_interval == 0:
+            return "--exit-interval"
+        return None
+
+    def train(self) -> int:
+        cfg = self.cfg
+        o, lg = cfg.optim, cfg.logging
+        gbs, L = o.global_batch_size, cfg.model.seq_length
+        self.timer = Throughput()
+        self._train_time = 0.0
+        self.elapsed_before = 0.0
+        self._install_signal_handlers()
+        eval_interval = lg.eval_interval
+        if self.iteration == 0:
+            self.run_evaluation()
+        skipped_nonfinite = 0
+        interval = {"loss": 0.0, "n": 0, "tokens": 0, "positions": 0, "grad_norm": 0.0, "time": 0.0}
+        start_iteration = self.iteration
+        while self.iteration < o.train_iters:
+            phase = self.phase(self.iteration)
+            if phase == RECOVERY and self.iteration == self.num_sup_iters and self.num_sup_iters > 0:
+                self.log.print(f"[TST] phase switch at iteration {self.iteration}: superposition -> recovery "
+                               f"(next-token training of the same model, optimizer state and LR schedule; "
+                               f"{self.data_tokens} data tokens consumed so far)")
+            step_start = time.time()
+            try:
+                out = self.train_step()
+            except NonFiniteError as exc:
+                self._stop_nonfinite(str(exc), phase)
+                return 1
+            if out["nonfinite"]:
+                skipped_nonfinite += 1
+                if skipped_nonfinite > lg.skip_nonfinite_steps:
+                    self._stop_nonfinite(f"loss {out['loss']}", phase)
+                    return 1
+                self.log.print(f" WARNING: skipped iteration {self.iteration + 1} ({phase}): non-finite loss "
+                               f"or gradient ({skipped_nonfinite}/{lg.skip_nonfinite_steps} allowed)")
+            interval["time"] += time.time() - step_start  # training only: no eval / checkpoint time
+            tokens_per_sample = tst_data_tokens_per_sample(cfg.tst, L, phase)
+            self.iteration += 1
+            self.consumed_samples += gbs
+            self.data_tokens += gbs * tokens_per_sample
+            self.positions += gbs * L
+            if math.isfinite(out["loss"]):
+                interval["loss"] += out["loss"]
+                interval["grad_norm"] += out["grad_norm"]
+                interval["n"] += 1
+            interval["tokens"] += gbs * tokens_per_sample
+            interval["positions"] += gbs * L
+
+            if self.iteration % lg.log_interval == 0 or self.iteration == o.train_iters:
+                self._log_train(phase, interval, start_iteration)
+                interval = {"loss": 0.0, "n": 0, "tokens": 0, "positions": 0, "grad_norm": 0.0, "time": 0.0}
+            if eval_interval and self.iteration % eval_interval == 0 and self.iteration < o.train_iters:
+                self.run_evaluation()
+            if cfg.ckpt.save_interval and self.iteration % cfg.ckpt.save_interval == 0:
+                self.save()
+            reason = self._should_exit()
+            if reason and self.iteration < o.train_iters:
+                if not (cfg.ckpt.save_interval and self.iteration % cfg.ckpt.save_interval == 0):
+                    self.save()
+                self.log.print(f"> exiting at iteration {self.iteration} ({reason}); checkpoint: "
+                               f"{self.last_checkpoint or 'none (no --save)'}")
+                self.log.close()
+                return 0
+        self.run_evaluation()
+        if cfg.ckpt.save and not (cfg.ckpt.save_interval and self.iteration % cfg.ckpt.save_interval == 0):
+            self.save()
+        self.log.print(f"> training done: {self.iteration} iterations, {self.data_tokens} data tokens, "
+                       f"elapsed {format_duration(self.timer.elapsed())}")
+        self.log.close()
+        return 0
+
+    def _stop_nonfinite(self, what: str, phase: str) -> None:
+        msg = (f"error: non-finite value ({what}) at iteration {self.iteration + 1} in the {phase} phase; "
+               f"stopping without saving. Last good checkpoint: {self.last_checkpoint or 'none'}. "
+               "Lower --lr, check the data, or allow skips with --skip-nonfinite-steps N")
+        if self.rank == 0:
+            print(msg, flush=True)
+        self.log.record({"type": "error", "iteration": self.iteration + 1, "phase": phase, "message": msg})
+        self.log.close()
+
+    def _log_train(self, phase: str, interval: dict, start_iteration: int) -> None:
+        o = self.cfg.optim
+        dt = max(interval["time"], 1e-9)
+        self._train_time += dt
+        n = max(interval["n"], 1)
+        loss = interval["loss"] / n if interval["n"] else float("nan")
+        grad_norm = interval["grad_norm"] / n if interval["n"] else float("nan")
+        lr = self.optimizer.param_groups[0]["lr"]
+        tok_s = interval["tokens"] / dt
+        pos_s = interval["positions"] / dt
+        tflops = pos_s * self.flops_per_position / self.world / 1e12
+        elapsed = self.timer.elapsed()
+        done = self.iteration - start_iteration
+        eta = self._train_time / max(done, 1) * (o.train_iters - self.iteration)
+        label = "mce loss" if phase == SUPERPOSITION and self.cfg.tst.mode != "input" else "lm loss"
+        iters_in_interval = max(1, interval["positions"] // (o.global_batch_size * self.cfg.model.seq_length))
+        self.log.print(
+            f" [{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] iteration {self.iteration:8d}/{o.train_iters:8d} |"
+            f" phase: {phase} | consumed samples: {self.consumed_samples:10d} |"
+            f" elapsed time per iteration (ms): {1000 * dt / iters_in_interval:.1f} |"
+            f" learning rate: {lr:.6E} | global batch size: {o.global_batch_size:5d} |"
+            f" {label}: {loss:.6E} | grad norm: {grad_norm:.3f} |"
+            f" data tokens: {self.data_tokens} | positions: {self.positions} |"
+            f" tokens/s: {tok_s:.0f} (positions/s: {pos_s:.0f}) | TFLOP/s/device: {tflops:.4f} |"
+            f" elapsed: {format_duration(elapsed)} | ETA: {format_duration(eta)}")
+        self.log.record({"type": "train", "iteration": self.iteration, "phase": phase, "loss": loss,
+                         "loss_kind": "mce" if label == "mce loss" else "lm", "lr": lr, "grad_norm": grad_norm,
+                         "data_tokens": self.data_tokens, "positions": self.positions,
+                         "tokens_per_s": tok_s, "positions_per_s": pos_s, "tflops_per_device": tflops,
+                         "elapsed_s": elapsed, "consumed_samples": self.consumed_samples})
+
+    def close(self) -> None:
+        from megatron.core import parallel_state as ps
+        from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+
+        ps.destroy_model_parallel()
+        destroy_num_microbatches_calculator()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _truncate_metrics(path: str, iteration: int) -> None:
+    """On resume, drop records logged after the checkpoint: the resumed run re-logs them."""
+    import json
+
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("type") == "run" or rec.get("iteration", 0) <= iteration:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def print_model_size(cfg: RunConfig) -> None:
+    from .tokenizers import build_tokenizer
+
+    vocab = cfg.model.vocab_size
+    if vocab is None:
+        vocab = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model, None).vocab_size
+    vocab = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_model_parallel_size)
+    total, active = count_parameters(cfg.model, vocab)
+    print(f"parameters: total {total:,} ({total / 1e9:.3f}B), active per token {active:,} ({active / 1e9:.3f}B); "
+          f"vocab {vocab}; training FLOPs per position {flops_per_position(cfg.model, vocab):.4e}")
+
+
+def main(argv=None) -> int:
+    from .arguments import parse_args
+
+    cfg = parse_args(argv)
+    if cfg.logging.print_model_size:
+        print_model_size(cfg)
+        return 0
+    trainer = Trainer(cfg)
+    trainer.setup()
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
