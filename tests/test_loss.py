@@ -5,13 +5,11 @@ launches `tests/workers/model_worker.py loss_tp2`.
 """
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dist_utils  # noqa: E402
@@ -107,6 +105,21 @@ def test_extreme_logits_are_stable():
     # |z| ~ 600: fp32 rounding of z - logsumexp is ~1e-5 in either implementation
     torch.testing.assert_close(loss, ref, atol=1e-4, rtol=1e-6)
     torch.testing.assert_close(grad, ref_grad, atol=2e-5, rtol=1e-5)
+
+
+def test_masked_minus_inf_logits():
+    """Vocabulary entries masked with -inf (e.g. padding of the vocabulary) are legal logits: the
+    loss stays finite, including at ignored slots whose placeholder index hits a -inf column."""
+    logits, labels = make_case((4, 3), V=40, s=4, seed=8)
+    logits[..., 0] = float("-inf")
+    logits[..., 17] = float("-inf")
+    labels[(labels == 0) | (labels == 17)] = 5
+    assert (labels == IGNORE).any()
+    loss, grad, ref, ref_grad = run_both(logits, labels, [0.4, 0.3, 0.2, 0.1])
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-5)
+    assert (grad[..., 0] == 0).all()
 
 
 def test_custom_ignore_index_int32_labels_and_non_contiguous_logits():
@@ -221,5 +234,6 @@ def test_tensor_parallel_2_equals_tp1(tmp_path):
     results = dist_utils.launch("loss_tp2", tmp_path, nproc=2)
     names = dist_utils.check_records(results, expected_prefixes=[
         "loss_tp2/s16/", "loss_tp2/s4/fitted", "loss_tp2/bf16", "loss_tp2/default_group",
-        "loss_tp2/label_in_other_shard_ok", "loss_tp2/out_of_vocab_raises"])
+        "loss_tp2/label_in_other_shard_ok", "loss_tp2/out_of_vocab_raises",
+        "loss_tp2/minus_inf_logits/finite", "loss_tp2/minus_inf_logits/loss_vs_loop"])
     assert len(names) >= 20, sorted(names)

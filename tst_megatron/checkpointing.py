@@ -116,6 +116,21 @@ def _optimizer_metadata(use_distributed_optimizer: bool) -> dict:
     return {"distrib_optim_sharding_type": "fully_reshardable"} if use_distributed_optimizer else {}
 
 
+# ------------------------------------------------------------------------- TEST HOOK (tests)
+# tests/test_reliability.py sets TST_TEST_KILL_IN_SAVE=<iteration> to `kill -9` every rank in the
+# middle of that iteration's save: after all shards are written, before the completeness marker,
+# the rename and the tracker update -- the worst moment for a crash. Never set it in real runs.
+KILL_IN_SAVE_ENV = "TST_TEST_KILL_IN_SAVE"
+
+
+def _test_kill_in_save_hook(iteration: int) -> None:
+    value = os.environ.get(KILL_IN_SAVE_ENV)
+    if value and int(value) == iteration:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 # ---------------------------------------------------------------------------------- save
 def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, common: dict,
                     use_distributed_optimizer: bool) -> str:
@@ -140,6 +155,7 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, com
     state["tst_common"] = dict(common, iteration=iteration, format_version=FORMAT_VERSION)
     dist_checkpointing.save(state, tmp)
     _barrier()
+    _test_kill_in_save_hook(iteration)
 
     if _rank() == 0:
         meta = dict(common, iteration=iteration, format_version=FORMAT_VERSION, complete=True)
@@ -180,12 +196,46 @@ def verify_checkpoint_dir(ckpt_dir: str) -> dict:
     if not os.path.isdir(ckpt_dir):
         raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist")
     meta = read_meta(ckpt_dir)
-    if not os.path.isfile(os.path.join(ckpt_dir, "metadata.json")):
-        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: torch_dist metadata.json is missing")
-    for name in os.listdir(ckpt_dir):
-        if name.endswith(".distcp") and os.path.getsize(os.path.join(ckpt_dir, name)) == 0:
-            raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: shard {name} is empty")
+    try:
+        with open(os.path.join(ckpt_dir, "metadata.json")) as f:
+            json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: torch_dist metadata.json is missing") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: metadata.json unreadable ({exc})") from None
+    if not os.path.isfile(os.path.join(ckpt_dir, "common.pt")):
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: common.pt is missing")
+    _verify_shards(ckpt_dir)
     return meta
+
+
+def _verify_shards(ckpt_dir: str) -> None:
+    """Every shard file the torch_dist index (`.metadata`) refers to exists and is long enough.
+
+    Reads only the index (no tensors), so a deleted or truncated `.distcp` file, or a damaged
+    index, is found before anything is built -- and `--ckpt-fallback` can skip that checkpoint.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        index = FileSystemReader(ckpt_dir).read_metadata()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: torch_dist index .metadata is missing") from None
+    except Exception as exc:  # truncated / corrupt pickle
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: torch_dist index .metadata unreadable "
+                              f"({type(exc).__name__}: {exc})") from None
+    needed: Dict[str, int] = {}
+    for info in (index.storage_data or {}).values():
+        end = int(info.offset) + int(info.length)
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, end in sorted(needed.items()):
+        path = os.path.join(ckpt_dir, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: shard {name} is missing")
+        size = os.path.getsize(path)
+        if size < end:
+            raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: shard {name} is truncated "
+                                  f"({size} bytes, the index needs {end})")
 
 
 def list_checkpoints(root: str) -> List[Tuple[int, str]]:

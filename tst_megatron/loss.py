@@ -76,7 +76,8 @@ class _MultiHotCrossEntropy(torch.autograd.Function):
         local = labels - start
         in_shard = valid & (local >= 0) & (local < vocab_local)
         idx = torch.where(in_shard, local, torch.zeros_like(local))
-        target = torch.gather(z, -1, idx) * in_shard
+        # where, not `* in_shard`: a -inf logit at the placeholder index would give -inf * 0 = NaN
+        target = torch.where(in_shard, torch.gather(z, -1, idx), torch.zeros((), dtype=z.dtype))
         if group is not None:
             dist.all_reduce(target, group=group)
 

@@ -205,6 +205,31 @@ class Trainer:
                      f"({num_documents} documents in all); give that split more weight, set it to 0 "
                      "(e.g. --split 98,2,0), or use more data")
 
+    def _check_sample_fits(self, prefix: str, ds) -> None:
+        """One training sample must fit in the train split's tokens: a superposition sample reads
+        s*(L+1) tokens (L+s in output mode), a plain one L+1. Otherwise megatron would silently
+        repeat the split inside a single sample."""
+        from megatron.core.datasets.blended_megatron_dataset_config import (
+            convert_split_vector_to_split_matrix, parse_and_normalize_split)
+
+        from .data import base_sequence_length
+
+        cfg = self.cfg
+        bounds = convert_split_vector_to_split_matrix(parse_and_normalize_split(cfg.data.split))[0]
+        if bounds is None:
+            return
+        num_documents = len(ds.document_indices) - 1
+        beg, end = int(round(bounds[0] * num_documents)), int(round(bounds[1] * num_documents))
+        first, last = int(ds.document_indices[beg]), int(ds.document_indices[end])
+        have = int(ds.sequence_lengths[first:last].sum())
+        L, s = cfg.model.seq_length, cfg.tst.bag_size
+        need = base_sequence_length(L, cfg.tst) + 1
+        if need > have:
+            what = (f"--tst-bag-size {s} with --seq-length {L}: one superposition sample reads {need} tokens"
+                    if cfg.tst.enabled else f"--seq-length {L}: one sample reads {need} tokens")
+            fail(f"{what}, but the train split of --data-path {prefix} holds only {have} tokens; "
+                 "use a smaller --tst-bag-size / --seq-length or more data")
+
     def _check_vocab(self, prefix: str) -> None:
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -213,6 +238,7 @@ class Trainer:
         except Exception as exc:
             fail(f"--data-path {prefix}: .bin/.idx do not match or are damaged ({type(exc).__name__}: {exc})")
         self._check_split(prefix, len(ds.document_indices) - 1)
+        self._check_sample_fits(prefix, ds)
         expected = int(ds.sequence_lengths.sum()) * ds.index.dtype_size
         actual = os.path.getsize(prefix + ".bin")
         if actual != expected:
@@ -629,8 +655,8 @@ def main(argv=None) -> int:
         print_model_size(cfg)
         return 0
     trainer = Trainer(cfg)
-    trainer.setup()
     try:
+        trainer.setup()  # inside the try: a refused input still tears down the process group
         return trainer.train()
     finally:
         trainer.close()

@@ -114,6 +114,17 @@ def scenario_loss_tp2(outdir):
         for w in names:
             seed += 10
             one(f"loss_tp2/s{s}/{w}", s, TSTConfig(bag_size=s, bag_weighting=w).bag_weights(), seed)
+    # -inf logits at each shard's local index 0 (the placeholder index for labels another shard owns)
+    logits, labels = dist_utils.make_bag_case(lead, V, 4, 555)
+    logits[..., 0] = logits[..., shard] = float("-inf")
+    labels[(labels == 0) | (labels == shard)] = 1
+    part = logits[..., lo:hi].clone().requires_grad_(True)
+    l2 = mce(part, labels, [0.4, 0.3, 0.2, 0.1], tp_group=dist.group.WORLD)
+    l2.sum().backward()
+    flag("loss_tp2/minus_inf_logits/finite", bool(torch.isfinite(l2).all() and torch.isfinite(part.grad).all()),
+         f"loss {l2.tolist()}")
+    rec("loss_tp2/minus_inf_logits/loss_vs_loop", l2, dist_utils.reference_mce(logits, labels, [0.4, 0.3, 0.2, 0.1]),
+        1e-5)
     one("loss_tp2/bf16/s4", 4, TSTConfig(bag_size=4, bag_weighting="power").bag_weights(), 999,
         dtype=torch.bfloat16, gatol=1e-5, grtol=1.6e-2)
 

@@ -1,0 +1,356 @@
+#!/usr/bin/env python
+"""MCE loss benchmark: fused multi-hot cross-entropy vs the paper's loop vs one cross-entropy.
+
+Three forward+backward computations over the same logits [N, V] (a leaf that requires grad):
+
+  fused : tst_megatron.multi_hot_cross_entropy(logits, labels [N, s], weights)
+  loop  : the paper's form, sum_j w_j * F.cross_entropy(logits, labels[:, j], reduction='none')
+          / sum_j w_j  (one softmax per bag slot)
+  ce    : one ordinary F.cross_entropy(logits, labels[:, 0], reduction='none')  -- the floor
+
+Each is reduced with .mean() and back-propagated into logits.grad. Per configuration
+(N, V, s, dtype) all variants run in ONE process, interleaved (fused, loop, ce, then
+loop, ce, fused, ... -- the starting variant rotates every repetition), after one warm-up
+each; the median over repetitions is reported, and ratios are taken against `ce` per
+repetition (same round) and then the median.
+
+Memory, measured (not estimated), in a separate un-timed pass per variant:
+  saved  : bytes saved for backward, counted with torch.autograd.graph.saved_tensors_hooks
+           over unique storages, excluding the logits' own storage (every variant keeps it).
+  peak   : peak allocator bytes above the level before the forward, over forward+backward
+           (the logits' .grad included, same for all). CUDA: torch.cuda.max_memory_allocated.
+           CPU: torch.profiler(profile_memory=True) -- every allocation/free the c10 CPU
+           allocator reports ([memory] events, with sizes) is summed in time order; the peak
+           of that running sum is the value.
+
+Targets (every s): fused time <= 1.25 x ce; fused saved and peak bytes <= 1.1 x ce. The
+exit status is 1 when a fused ratio misses its target by more than the measured noise: for
+time, the relative half inter-quartile range of the `ce` repetitions of that configuration
+(a miss counts when ratio > 1.25 * (1 + noise)); memory is deterministic (noise 0).
+
+Defaults: CUDA -> N = 8192, dtypes fp32 and bf16; CPU -> N = 2048 (8192 x 151936 fp32 is
+5 GB per [N, V] tensor and the loop at s = 16 keeps 16 of them), dtype fp32. The loop is
+skipped (marked so) when its estimated peak exceeds --mem-budget-gb.
+
+  python bench/bench_mce.py                       # full run on this machine's default device
+  python bench/bench_mce.py --quick               # CI-sized: N=512, V in {4096, 32000}, s in {1, 4, 16}
+  python bench/bench_mce.py --dtype bf16 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from tst_megatron.loss import multi_hot_cross_entropy
+
+TIME_TARGET = 1.25
+MEM_TARGET = 1.10
+VARIANTS = ("fused", "loop", "ce")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ------------------------------------------------------------------------------ variants
+def make_variants(labels: torch.Tensor, weights: List[float]) -> Dict[str, Callable]:
+    w_sum = sum(weights)
+    w_tensor = torch.tensor(weights, dtype=torch.float32, device=labels.device)
+    columns = [labels[:, j].contiguous() for j in range(labels.shape[1])]
+    first = columns[0]
+
+    def fused(x):
+        return multi_hot_cross_entropy(x, labels, w_tensor)
+
+    def loop(x):
+        total = None
+        for j, y in enumerate(columns):
+            term = weights[j] * F.cross_entropy(x, y, reduction="none")
+            total = term if total is None else total + term
+        return total / w_sum
+
+    def ce(x):
+        return F.cross_entropy(x, first, reduction="none")
+
+    return {"fused": fused, "loop": loop, "ce": ce}
+
+
+# ------------------------------------------------------------------------------ measurement
+class Timer:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], None]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1000.0
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+def fwd_bwd(x: torch.Tensor, variant: Callable) -> torch.Tensor:
+    x.grad = None
+    loss = variant(x)
+    loss.float().mean().backward()
+    return loss.detach()
+
+
+def saved_bytes(x: torch.Tensor, variant: Callable) -> int:
+    """Bytes saved for backward over unique storages, the logits' storage excluded."""
+    seen: Dict[int, int] = {}
+    own = x.untyped_storage().data_ptr()
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() != own:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    x.grad = None
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = variant(x)
+    loss.float().mean().backward()
+    x.grad = None
+    return sum(seen.values())
+
+
+def _cpu_peak_from_profiler(prof) -> int:
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+              and e.device_type() == torch.autograd.DeviceType.CPU]
+    events.sort(key=lambda e: e.start_ns())  # stable: ties keep record order
+    level = peak = 0
+    for e in events:
+        level += e.nbytes()
+        peak = max(peak, level)
+    return peak
+
+
+def peak_bytes(x: torch.Tensor, variant: Callable, device: torch.device) -> int:
+    """Peak allocated bytes above the pre-forward level during forward + backward."""
+    x.grad = None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fwd_bwd(x, variant)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fwd_bwd(x, variant)
+        peak = _cpu_peak_from_profiler(prof)
+    x.grad = None
+    return peak
+
+
+def quantile(values: List[float], q: float) -> float:
+    v = sorted(values)
+    if len(v) == 1:
+        return v[0]
+    pos = q * (len(v) - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+def rel_half_iqr(values: List[float]) -> float:
+    med = statistics.median(values)
+    return 0.5 * (quantile(values, 0.75) - quantile(values, 0.25)) / med if med > 0 else 0.0
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+# ------------------------------------------------------------------------------ one configuration
+def run_config(N: int, V: int, s: int, dtype: torch.dtype, device: torch.device, reps: int,
+               mem_budget: float, seed: int = 0) -> dict:
+    g = torch.Generator(device="cpu").manual_seed(seed + 1000 * s + V)
+    logits = (2.0 * torch.randn(N, V, generator=g)).to(device=device, dtype=dtype).requires_grad_(True)
+    labels = torch.randint(0, V, (N, s), generator=g).to(device)
+    weights = [1.0 / s] * s
+    variants = make_variants(labels, weights)
+
+    elt = torch.finfo(dtype).bits // 8
+    nv = N * V * elt
+    # The loop keeps s log-softmax outputs plus ~3 [N, V] temporaries (and fp32 upcasts in bf16).
+    loop_estimate = (s + 3) * nv * (1 if dtype == torch.float32 else 2) + nv
+    names = [v for v in VARIANTS if v != "loop" or loop_estimate <= mem_budget]
+    skipped = [v for v in VARIANTS if v not in names]
+
+    timer = Timer(device)
+    # correctness cross-check and warm-up in one go
+    values = {}
+    for name in names:
+        values[name] = fwd_bwd(logits, variants[name]).float()
+    logits.grad = None
+    check = None
+    if "loop" in values:
+        check = float((values["fused"] - values["loop"]).abs().max())
+
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    for r in range(reps):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            times[name].append(timer(lambda: fwd_bwd(logits, variants[name])))
+            logits.grad = None
+
+    saved = {n: saved_bytes(logits, variants[n]) for n in names}
+    peak = {n: peak_bytes(logits, variants[n], device) for n in names}
+
+    med = {n: statistics.median(times[n]) for n in names}
+    ratio_time = {n: statistics.median([a / b for a, b in zip(times[n], times["ce"])]) for n in names}
+    noise = rel_half_iqr(times["ce"])
+    ratio_saved = {n: (saved[n] / saved["ce"]) if saved["ce"] else float("nan") for n in names}
+    ratio_peak = {n: (peak[n] / peak["ce"]) if peak["ce"] else float("nan") for n in names}
+
+    failures = []
+    if ratio_time["fused"] > TIME_TARGET * (1.0 + noise):
+        failures.append(f"time {ratio_time['fused']:.3f} > {TIME_TARGET} (noise {noise:.1%})")
+    if ratio_saved["fused"] > MEM_TARGET:
+        failures.append(f"saved bytes {ratio_saved['fused']:.3f} > {MEM_TARGET}")
+    if ratio_peak["fused"] > MEM_TARGET:
+        failures.append(f"peak bytes {ratio_peak['fused']:.3f} > {MEM_TARGET}")
+    del logits
+    return {"N": N, "V": V, "s": s, "dtype": str(dtype).replace("torch.", ""), "reps": reps,
+            "times_s": times, "median_s": med, "time_ratio": ratio_time, "ce_noise_rel": noise,
+            "saved_bytes": saved, "saved_ratio": ratio_saved, "peak_bytes": peak, "peak_ratio": ratio_peak,
+            "skipped": skipped, "loop_estimate_bytes": loop_estimate, "max_abs_diff_fused_vs_loop": check,
+            "failures": failures}
+
+
+# ------------------------------------------------------------------------------ report
+def _mb(b: Optional[float]) -> str:
+    return "-" if b is None else f"{b / 2**20:.1f}"
+
+
+def _r(x: Optional[float]) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+
+def format_table(results: List[dict]) -> str:
+    head = ("| dtype | N | V | s | time fused/ce | time loop/ce | saved fused/ce | saved loop/ce | "
+            "peak fused/ce | peak loop/ce | ce noise | ms fused | ms loop | ms ce | "
+            "saved MB fused / loop / ce | peak MB fused / loop / ce | pass |")
+    lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    for r in results:
+        has_loop = "loop" not in r["skipped"]
+        get = dict.get
+        loop_ms = f"{1000 * r['median_s']['loop']:.1f}" if has_loop else "-"
+        lines.append(
+            f"| {r['dtype']} | {r['N']} | {r['V']} | {r['s']} | {_r(r['time_ratio']['fused'])} | "
+            f"{_r(get(r['time_ratio'], 'loop')) if has_loop else 'skipped'} | "
+            f"{r['saved_ratio']['fused']:.3f} | {_r(get(r['saved_ratio'], 'loop'))} | "
+            f"{r['peak_ratio']['fused']:.2f} | {_r(get(r['peak_ratio'], 'loop'))} | {r['ce_noise_rel']:.1%} | "
+            f"{1000 * r['median_s']['fused']:.1f} | "
+            f"{loop_ms} | {1000 * r['median_s']['ce']:.1f} | "
+            f"{_mb(r['saved_bytes']['fused'])} / {_mb(get(r['saved_bytes'], 'loop'))} / {_mb(r['saved_bytes']['ce'])} | "
+            f"{_mb(r['peak_bytes']['fused'])} / {_mb(get(r['peak_bytes'], 'loop'))} / {_mb(r['peak_bytes']['ce'])} | "
+            f"{'yes' if not r['failures'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (f"CPU {cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} intra-op threads)")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=None,
+                   help="default: fp32 on CPU, fp32 bf16 on CUDA")
+    p.add_argument("--N", type=int, default=None, help="positions (default 8192 on CUDA, 2048 on CPU)")
+    p.add_argument("--V", type=int, nargs="+", default=None, help="vocabulary sizes (default 32000 151936)")
+    p.add_argument("--s", type=int, nargs="+", default=None, help="bag sizes (default 1 4 8 16)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per variant (default 7; quick 5)")
+    p.add_argument("--quick", action="store_true", help="CI size: N=512, V 4096 32000, s 1 4 16")
+    p.add_argument("--mem-budget-gb", type=float, default=None,
+                   help="skip the loop when its estimated peak exceeds this (default 60%% of free memory)")
+    p.add_argument("--json", default=None, help="write all measurements here")
+    p.add_argument("--no-fail", action="store_true", help="always exit 0 (report only)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    cuda = device.type == "cuda"
+    N = a.N or (512 if a.quick else (8192 if cuda else 2048))
+    Vs = a.V or ([4096, 32000] if a.quick else [32000, 151936])
+    ss = a.s or ([1, 4, 16] if a.quick else [1, 4, 8, 16])
+    reps = a.reps or (5 if a.quick else 7)
+    dtypes = a.dtype or (["fp32", "bf16"] if cuda else ["fp32"])
+    budget = (a.mem_budget_gb * 2**30) if a.mem_budget_gb else 0.6 * available_memory_bytes(device)
+    print(f"# MCE benchmark on {machine_description(device)}", flush=True)
+    print(f"# N={N} V={Vs} s={ss} dtypes={dtypes} reps={reps} loop memory budget {budget / 2**30:.1f} GiB",
+          flush=True)
+
+    results = []
+    t_start = time.time()
+    for dt in dtypes:
+        for V in Vs:
+            for s in ss:
+                r = run_config(N, V, s, DTYPES[dt], device, reps, budget)
+                results.append(r)
+                print(f"  {dt} V={V} s={s}: fused/ce time {r['time_ratio']['fused']:.2f} "
+                      f"(noise {r['ce_noise_rel']:.1%}), loop/ce "
+                      f"{_r(r['time_ratio'].get('loop'))}, peak fused/ce {r['peak_ratio']['fused']:.2f}, "
+                      f"max|fused-loop| {r['max_abs_diff_fused_vs_loop']}"
+                      + (f"  FAIL: {'; '.join(r['failures'])}" if r["failures"] else ""), flush=True)
+                if cuda:
+                    torch.cuda.empty_cache()
+    print()
+    print(format_table(results))
+    failed = [r for r in results if r["failures"]]
+    print(f"\n{len(results) - len(failed)}/{len(results)} configurations meet the fused targets "
+          f"(time <= {TIME_TARGET} x ce beyond noise, saved/peak bytes <= {MEM_TARGET} x ce); "
+          f"{time.time() - t_start:.0f} s")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"machine": machine_description(device), "device": str(device), "argv": sys.argv[1:],
+                       "targets": {"time": TIME_TARGET, "memory": MEM_TARGET}, "results": results}, f, indent=1)
+    return 1 if failed and not a.no_fail else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Equal-FLOPs evidence on one GPU: a ~125M-parameter Llama-style baseline and a TST run
+# (s = 4, r = 0.3) with identical model, batch, LR schedule and iteration count, in bf16, on the
+# tokenized embedded corpus that travels with the repo (experiments/data/, built by
+# experiments/build_carried_data.sh with our own tools). Writes both metrics files, the plot and
+# a summary under $OUT_DIR.
+#
+#   bash experiments/gpu_equal_flops.sh                # on an H200-class GPU (~4 min per run)
+#   TINY=1 bash experiments/gpu_equal_flops.sh         # the same pipeline at a toy size on CPU
+#
+# Needs only PyTorch on the machine: if megatron-core (or the other small dependencies) are not
+# importable, they are installed from $WHEELS_DIR (offline) or PyPI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT_DIR=${OUT_DIR:-outputs/gpu_equal_flops}
+DATA=${DATA:-experiments/data/stdlib_spm2k_text_document}
+TOKENIZER=${TOKENIZER:-experiments/data/stdlib_spm2k.model}
+mkdir -p "$OUT_DIR"
+
+if ! $PY -c "import megatron.core, sentencepiece, tst_megatron" 2>/dev/null; then
+  if [ -n "${WHEELS_DIR:-}" ]; then
+    $PY -m pip install -q --no-index --find-links "$WHEELS_DIR" megatron-core sentencepiece psutil tqdm pyyaml matplotlib
+  else
+    $PY -m pip install -q "megatron-core>=0.16.1,<0.17" sentencepiece psutil tqdm pyyaml matplotlib
+  fi
+  $PY -m pip install -q --no-deps --no-build-isolation -e .
+fi
+if [ ! -f "$DATA.bin" ]; then bash experiments/build_carried_data.sh; fi
+
+if [ "${TINY:-0}" = "1" ]; then
+  MODEL=(--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64)
+  BATCH=(--micro-batch-size 8 --global-batch-size 8)
+  ITERS=${ITERS:-40}; PREC=(); EVAL=(--eval-interval 10 --eval-iters 2)
+else
+  # ~125M parameters (12 x 768, SwiGLU 3072, 2k vocab): Llama-style, untied embeddings.
+  MODEL=(--num-layers 12 --hidden-size 768 --num-attention-heads 12 --seq-length 512 --ffn-hidden-size 3072)
+  BATCH=(--micro-batch-size 32 --global-batch-size 32)
+  ITERS=${ITERS:-1000}; PREC=(--bf16); EVAL=(--eval-interval 100 --eval-iters 10)
+fi
+COMMON=(pretrain_tst.py --data-path "$DATA" --split 98,2,0 --tokenizer-type SentencePieceTokenizer
+  --tokenizer-model "$TOKENIZER" --make-vocab-size-divisible-by 64 "${MODEL[@]}" "${BATCH[@]}" "${PREC[@]}"
+  --swiglu --normalization RMSNorm --disable-bias-linear --untie-embeddings-and-output-weights
+  --train-iters "$ITERS" --lr 1e-3 --min-lr 1e-4 --lr-decay-style WSD --lr-warmup-iters $((ITERS / 20))
+  --lr-wsd-decay-iters $((ITERS / 10)) --weight-decay 0.1 --clip-grad 1.0 --seed 1234
+  --log-interval $((ITERS / 20 > 0 ? ITERS / 20 : 1)) "${EVAL[@]}")
+
+$PY "${COMMON[@]}" --metrics-path "$OUT_DIR/baseline.jsonl" --run-name baseline 2>&1 | tee "$OUT_DIR/baseline.log"
+$PY "${COMMON[@]}" --tst-bag-size 4 --tst-superposition-ratio 0.3 \
+  --metrics-path "$OUT_DIR/tst.jsonl" --run-name "tst_s4_r0.3" 2>&1 | tee "$OUT_DIR/tst.log"
+$PY tools/plot_runs.py "$OUT_DIR/tst.jsonl" "$OUT_DIR/baseline.jsonl" --labels "TST s=4 r=0.3" baseline \
+  --baseline 1 --output "$OUT_DIR/gpu_equal_flops.png" | tee "$OUT_DIR/summary.txt"
+$PY - "$OUT_DIR" <<'PYEOF' | tee -a "$OUT_DIR/summary.txt"
+import json, sys, torch
+out = sys.argv[1]
+for name in ("baseline", "tst"):
+    recs = [json.loads(l) for l in open(f"{out}/{name}.jsonl")]
+    ev = [r for r in recs if r.get("type") == "eval"][-1]
+    tr = [r for r in recs if r.get("type") == "train"]
+    print(f"{name}: final val LM loss {ev['val_lm_loss']:.4f} at iteration {ev['iteration']}; "
+          f"median tokens/s {sorted(r['tokens_per_s'] for r in tr)[len(tr) // 2]:.0f}; "
+          f"median TFLOP/s/device {sorted(r['tflops_per_device'] for r in tr)[len(tr) // 2]:.2f}")
+print("device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
+PYEOF
