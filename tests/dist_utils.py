@@ -85,10 +85,12 @@ def init_single_process() -> None:
     from tst_megatron.cpu import enable_cpu_support
 
     enable_cpu_support()
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     from megatron.core import parallel_state as ps
 
+    if not dist.is_initialized():
+        if ps.model_parallel_is_initialized():  # groups of a process group destroyed meanwhile
+            ps.destroy_model_parallel()
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() != 1:
         ps.destroy_model_parallel()
     if not ps.model_parallel_is_initialized():

@@ -91,7 +91,8 @@ class Run:
         return rc
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         text = self.log_path.read_text()
         return text if len(text) < 6000 else "...\n" + text[-6000:]
 

@@ -295,6 +295,10 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
     return _split_groups(ns)
 
 
+def same_dir(a: Optional[str], b: Optional[str]) -> bool:
+    return a is not None and b is not None and os.path.abspath(a) == os.path.abspath(b)
+
+
 def fail(message: str) -> None:
     """Stop before any compute with a message that names the flag or file and what to do."""
     raise SystemExit(f"error: {message}")
@@ -397,7 +401,8 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         fail(f"--save-interval must be >= 1 (got {c.save_interval})")
     if c.save_interval is not None and not c.save:
         fail("--save-interval needs --save DIR")
-    if c.load is not None and not os.path.isdir(c.load):
+    # --load == --save with no directory yet is the first start of a requeued job: start fresh
+    if c.load is not None and not os.path.isdir(c.load) and not same_dir(c.load, c.save):
         fail(f"--load {c.load}: directory does not exist")
     if cfg.logging.eval_interval is not None and cfg.logging.eval_interval < 1:
         fail(f"--eval-interval must be >= 1 (got {cfg.logging.eval_interval})")

@@ -180,8 +180,8 @@ def count_parameters(m: ModelArgs, vocab_size: int) -> Tuple[int, int]:
     bias = 0 if m.disable_bias_linear else 1
     attn = h * kv * (heads + 2 * groups) + bias * kv * (heads + 2 * groups) + heads * kv * h + bias * h
     norms = 2 * h * (2 if m.normalization == "LayerNorm" else 1)
-    if m.qk_layernorm:
-        norms += 2 * kv
+    if m.qk_layernorm:  # q and k norms over the head dim (LayerNorm: weight and bias)
+        norms += 2 * kv * (2 if m.normalization == "LayerNorm" else 1)
 
     def mlp(ffn: int) -> int:
         up = h * ffn * (2 if m.swiglu else 1)

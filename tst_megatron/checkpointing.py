@@ -14,6 +14,7 @@ one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -308,7 +309,7 @@ def load_checkpoint(ckpt_dir: str, chunks, optimizer, scheduler, load_optim: boo
         for i, m in enumerate(modules):
             m.load_state_dict(loaded[f"model{i}"])
     if optimizer is not None and load_optim:
-        with torch.no_grad():
+        with torch.no_grad(), _distributed_optimizer_loads_without_step(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
         if use_distributed_optimizer:
             _unshare_adam_steps(optimizer)
@@ -328,6 +329,41 @@ def _init_distributed_optimizer_state(optimizer) -> None:
         init = getattr(opt, "_init_optimizer_states_with_dummy_values", None)
         if init is not None:
             init()
+
+
+@contextlib.contextmanager
+def _distributed_optimizer_loads_without_step(optimizer):
+    """megatron 0.16.1 + torch Adam: loading a `fully_reshardable` distributed-optimizer state
+    copies every key of the live Adam state from the checkpoint tensors, `step` included, but the
+    checkpoint holds no per-param `step` (it is restored from the param groups by
+    `load_state_dict`) -> KeyError 'step'. For the duration of the load, each distributed
+    optimizer copies only the checkpoint's tensors (param, exp_avg, exp_avg_sq) and leaves `step`
+    as `load_state_dict` set it. Instance-level, undone on exit; other optimizers untouched."""
+    patched = []
+    for opt in _inner_optimizers(optimizer):
+        if not hasattr(opt, "_set_main_param_and_optimizer_states") or not hasattr(opt, "model_param_group_index_map"):
+            continue
+        if getattr(opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
+            continue  # that path writes through set_scaled_state key by key: no `step` issue
+
+        def set_states(model_param, tensors, opt=opt):
+            group_index, group_order = opt.model_param_group_index_map[model_param]
+            main_param = opt.optimizer.param_groups[group_index]["params"][group_order]
+            dst = {"param": main_param, **opt.optimizer.state[main_param]}
+            missing = sorted(k for k in dst if k != "step" and k not in tensors)
+            if missing:
+                raise KeyError(f"distributed optimizer checkpoint lacks {missing} for a parameter")
+            for key, value in tensors.items():
+                if key in dst:
+                    dst[key].copy_(value)
+
+        opt._set_main_param_and_optimizer_states = set_states
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
 
 
 def _unshare_adam_steps(optimizer) -> None:

@@ -33,6 +33,10 @@ class TSTGPTModel(GPTModel):
 
     def __init__(self, *args, bag_weights: Optional[Sequence[float]] = None, **kwargs):
         super().__init__(*args, **kwargs)
+        if getattr(self.config, "mtp_num_layers", None) and bag_weights is not None:
+            # megatron's MTP rolls labels along their last dim, which for [b, L, s] bags is the bag.
+            raise ValueError("TSTGPTModel: multi-token prediction (mtp_num_layers) cannot be combined "
+                             "with token superposition; disable one of them")
         self.bag_weights = None if bag_weights is None else [float(w) for w in bag_weights]
         if self.pre_process:
             enable_bag_inputs(self.embedding)

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpointing as ckpt
-from .arguments import RunConfig, fail, validate
+from .arguments import RunConfig, fail, same_dir, validate
 from .builders import (build_model_chunks, build_optimizer, build_scheduler, count_parameters,
                        flops_per_position, padded_vocab_size, transformer_config, tst_data_tokens_per_sample,
                        wrap_ddp)
@@ -137,13 +137,14 @@ class Trainer:
             except ckpt.CheckpointError as exc:
                 fail(str(exc))
             if found is None:
-                if cfg.ckpt.load == cfg.ckpt.save:
+                if same_dir(cfg.ckpt.load, cfg.ckpt.save):
                     found = None  # first start of a requeue-friendly job: nothing yet
                 else:
                     fail(f"--load {cfg.ckpt.load}: the directory holds no checkpoint "
                          f"(no {ckpt.TRACKER} and no iter_* directories)")
             if found is not None:
                 self._check_compatible(found[2], found[1])
+                self._keep_checkpoint_vocab(found[2], found[1])
             self.resume = found
 
         # Model, DDP, optimizer, LR schedule: all megatron-core.
@@ -256,6 +257,24 @@ class Trainer:
                  f"of --tokenizer-type {self.cfg.data.tokenizer_type}; use the tokenizer the data was made "
                  "with, or a larger --vocab-size")
 
+    def _keep_checkpoint_vocab(self, meta: dict, path: str) -> None:
+        """Keep the checkpoint's padded vocabulary when the new tensor-parallel size divides it.
+
+        The padding rule (multiple of --make-vocab-size-divisible-by x TP) gives another padded
+        size at another TP (e.g. 512 at TP=2, 384 at TP=1). The padded rows' logits take part in
+        the softmax, so re-padding would change the loss of the very same weights; keeping the
+        saved size resumes the same function."""
+        saved = meta.get("vocab_size")
+        tp = self.cfg.parallel.tensor_model_parallel_size
+        if not isinstance(saved, int) or saved == self.vocab_size or saved < self.tokenizer.vocab_size:
+            return
+        if saved % tp == 0:
+            self.vocab_size = saved
+        elif self.rank == 0:
+            print(f"> note: {path} was saved with a padded vocabulary of {saved}, which does not divide "
+                  f"among {tp} tensor-parallel ranks; using {self.vocab_size} (the padding rows change the "
+                  "softmax normaliser, so losses differ slightly from the saved run)", flush=True)
+
     def _check_compatible(self, meta: dict, path: str) -> None:
         """Refuse to resume with another model shape or bag size, unless explicitly overridden."""
         saved = meta.get("args", {})
@@ -266,12 +285,22 @@ class Trainer:
                                        "untie_embeddings_and_output_weights", "disable_bias_linear",
                                        "position_embedding_type", "moe_ffn_hidden_size", "moe_router_topk")]
         keys += [("tst", "bag_size"), ("tst", "mode")]
+        # the LR schedule (megatron's scheduler refuses other values with a bare assertion) and
+        # the superposition length (it maps consumed samples to data positions)
+        keys += [("optim", k) for k in ("train_iters", "lr", "min_lr", "lr_decay_style", "lr_warmup_iters",
+                                        "lr_decay_iters", "lr_wsd_decay_iters", "lr_wsd_decay_style",
+                                        "weight_decay")]
         diffs = []
         for group, key in keys:
             a, b = saved.get(group, {}).get(key), now[group].get(key)
             if group in saved and a != b:
                 flag = "--tst-" + key.replace("_", "-") if group == "tst" else "--" + key.replace("_", "-")
                 diffs.append(f"{flag} {b} (checkpoint: {a})")
+        sup_saved = meta.get("superposition_iters")
+        sup_now = self.cfg.tst.num_superposition_iters(self.cfg.optim.train_iters)
+        if sup_saved is not None and sup_saved != sup_now:
+            diffs.append(f"{sup_now} superposition iterations from --tst-superposition-iters/-ratio "
+                         f"(checkpoint: {sup_saved})")
         if diffs and not self.cfg.ckpt.override_checkpoint_args:
             fail(f"--load {path}: the checkpoint was trained with a different configuration: "
                  + "; ".join(diffs) + ". Use the checkpoint's values, or pass --override-checkpoint-args")
@@ -357,6 +386,8 @@ class Trainer:
         same_layout = (saved_par.get("tensor_model_parallel_size") == self.cfg.parallel.tensor_model_parallel_size
                        and saved_par.get("pipeline_model_parallel_size") == self.cfg.parallel.pipeline_model_parallel_size)
         load_rng = not c.no_load_rng and same_layout
+        if c.override_checkpoint_args:  # the LR schedule of the new flags, from the saved step on
+            self.scheduler.override_opt_param_scheduler = True
         try:
             common = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler,
                                           load_optim=not c.no_load_optim, load_rng=load_rng,
@@ -638,9 +669,11 @@ def _truncate_metrics(path: str, iteration: int) -> None:
 def print_model_size(cfg: RunConfig) -> None:
     from .tokenizers import build_tokenizer
 
-    vocab = cfg.model.vocab_size
-    if vocab is None:
-        vocab = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model, None).vocab_size
+    # The tokenizer's vocabulary, exactly as the trainer builds it (NullTokenizer adds EOD).
+    try:
+        vocab = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model, cfg.model.vocab_size).vocab_size
+    except (OSError, ValueError, RuntimeError, TypeError) as exc:
+        fail(f"--print-model-size needs the vocabulary of --tokenizer-type {cfg.data.tokenizer_type} ({exc})")
     vocab = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_model_parallel_size)
     total, active = count_parameters(cfg.model, vocab)
     print(f"parameters: total {total:,} ({total / 1e9:.3f}B), active per token {active:,} ({active / 1e9:.3f}B); "

@@ -103,6 +103,8 @@ ClusterName=tstlocal
 SlurmctldHost=localhost
 AuthType=auth/munge
 CryptoType=crypto/munge
+# step credentials live 30 s (default 120); this is also how long a requeued job waits to restart
+AuthInfo=cred_expire=30
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort=6817

@@ -1,0 +1,166 @@
+# shellcheck shell=bash
+# Shared by the launch scripts in examples/ (sourced, never run). One function does the work:
+#
+#     tst_launch ARG...      # torchrun pretrain_tst.py ARG... (plus the env-driven args below)
+#
+# Environment (all optional):
+#   topology     NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500),
+#                NPROC_PER_NODE or GPUS_PER_NODE (default: the GPUs nvidia-smi lists, else 1),
+#                RDZV_BACKEND: static (default; NODE_RANK picks the rank) or c10d (rendezvous at
+#                MASTER_ADDR:MASTER_PORT, node ranks assigned by torchrun; RDZV_ID names the job),
+#                TORCHRUN_ARGS: extra torchrun flags (word-split).
+#   paths        DATA_ROOT (<repo>/data), DATA_PATH, TOKENIZER_TYPE, TOKENIZER_MODEL (per script),
+#                SAVE (<repo>/runs/<run name>; also used as --load, so a restart resumes),
+#                DATA_CACHE_PATH (megatron's index cache; default beside the data).
+#   python       PYTHON (<repo>/.venv/bin/python if it exists, else python3).
+#   modes        PRINT_MODEL_SIZE=1: print total/active parameters (`--print-model-size`, no
+#                torchrun, no data, no GPU) and exit.  DRY_RUN=1: print the torchrun command line
+#                and the model size, launch nothing.
+#   signals      SIGTERM to torchrun is passed on to the trainer, which finishes its iteration,
+#                saves and exits 0. torchrun waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (set
+#                here to 600 unless given) before it SIGKILLs workers that are still saving.
+# Arguments after the script name ("$@") are appended last, so they override the script's flags
+# and the env-driven ones (argparse keeps the last value of a repeated flag). Change the run length
+# with TRAIN_ITERS=N rather than --train-iters N: the WSD decay length is derived from it.
+
+set -euo pipefail
+
+EXAMPLES_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+REPO_ROOT=$(cd "$EXAMPLES_DIR/.." && pwd)
+
+if [[ -z ${PYTHON:-} ]]; then
+    if [[ -x $REPO_ROOT/.venv/bin/python ]]; then PYTHON=$REPO_ROOT/.venv/bin/python; else PYTHON=python3; fi
+fi
+DATA_ROOT=${DATA_ROOT:-$REPO_ROOT/data}
+
+# Processes per node: explicit NPROC_PER_NODE, else GPUS_PER_NODE, else the visible GPUs, else 1.
+tst_nproc_per_node() {
+    if [[ -n ${NPROC_PER_NODE:-} ]]; then echo "$NPROC_PER_NODE"; return; fi
+    if [[ -n ${GPUS_PER_NODE:-} ]]; then echo "$GPUS_PER_NODE"; return; fi
+    local n=0
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    fi
+    if [[ ${n:-0} -gt 0 ]]; then echo "$n"; else echo 1; fi
+}
+
+# Warmup-Stable-Decay as in the paper: linear warmup of $2 iterations, constant LR, linear decay
+# to --min-lr over the last 10% of all iterations. Usage: tst_wsd_args TRAIN_ITERS WARMUP
+tst_wsd_args() {
+    local iters=$1 warmup=$2
+    local decay=$(( iters / 10 > 0 ? iters / 10 : 1 ))
+    if (( warmup >= iters )); then warmup=$(( iters / 10 )); fi
+    echo --lr-decay-style WSD --lr-warmup-iters "$warmup" --lr-wsd-decay-iters "$decay" \
+         --lr-wsd-decay-style linear --train-iters "$iters"
+}
+
+# TST flags: TST_BAG_SIZE=1 (or 0) gives the plain next-token baseline of the same config.
+# Usage: tst_tst_args BAG_SIZE RATIO WEIGHTING [SUPERPOSITION_ITERS]
+tst_tst_args() {
+    local s=$1 r=$2 w=$3 iters=${4:-}
+    if [[ $s -le 1 ]]; then
+        echo --tst-bag-size 1
+    elif [[ -n $iters ]]; then
+        echo --tst-bag-size "$s" --tst-superposition-iters "$iters" --tst-bag-weighting "$w"
+    else
+        echo --tst-bag-size "$s" --tst-superposition-ratio "$r" --tst-bag-weighting "$w"
+    fi
+}
+
+# Print a command line, shell-quoted, on one line.
+tst_print_cmd() {
+    local out="" a
+    for a in "$@"; do out+="$(printf '%q' "$a") "; done
+    echo "${out% }"
+}
+
+tst_launch() {
+    local train_args=("$@")
+    local nproc nnodes
+    nproc=$(tst_nproc_per_node)
+    nnodes=${NNODES:-1}
+    if [[ $nnodes -gt 1 && ${RDZV_BACKEND:-static} == static && -z ${NODE_RANK:-} ]]; then
+        echo "error: NNODES=$nnodes needs NODE_RANK (0..$((nnodes - 1))) on each node, or RDZV_BACKEND=c10d" >&2
+        return 2
+    fi
+
+    # The data/tokenizer/checkpoint flags come from the environment (set by the calling script).
+    local io_args=()
+    if [[ -n ${DATA_PATH:-} ]]; then
+        # DATA_PATH may be a blend: "0.5 /a/fineweb_text_document 0.5 /b/dclm_text_document".
+        # shellcheck disable=SC2206
+        local data=($DATA_PATH)
+        io_args+=(--data-path "${data[@]}")
+    fi
+    io_args+=(--tokenizer-type "${TOKENIZER_TYPE:-HuggingFaceTokenizer}")
+    if [[ -n ${TOKENIZER_MODEL:-} ]]; then io_args+=(--tokenizer-model "$TOKENIZER_MODEL"); fi
+    if [[ -n ${VOCAB_SIZE:-} && ${TOKENIZER_TYPE:-} == NullTokenizer ]]; then io_args+=(--vocab-size "$VOCAB_SIZE"); fi
+    if [[ -n ${DATA_CACHE_PATH:-} ]]; then io_args+=(--data-cache-path "$DATA_CACHE_PATH"); fi
+    if [[ -n ${SAVE:-} ]]; then
+        # One directory for --save and --load: the first start finds it empty and starts fresh,
+        # every later start (requeue, preemption, a crash) resumes from its latest checkpoint.
+        io_args+=(--save "$SAVE" --load "$SAVE")
+    fi
+
+    if [[ ${PRINT_MODEL_SIZE:-0} == 1 || ${DRY_RUN:-0} == 1 ]]; then
+        local size_args=(--print-model-size)
+        # No tokenizer file needed to print sizes: use the vocabulary the config is meant for.
+        if [[ -n ${VOCAB_SIZE:-} && ( ${TOKENIZER_TYPE:-HuggingFaceTokenizer} == NullTokenizer || \
+              -z ${TOKENIZER_MODEL:-} || ! -e ${TOKENIZER_MODEL:-/nonexistent} ) ]]; then
+            size_args+=(--vocab-size "$VOCAB_SIZE")
+        fi
+        if [[ ${DRY_RUN:-0} == 1 ]]; then
+            echo "# DRY_RUN=1: would run on each of $nnodes node(s) (NODE_RANK=${NODE_RANK:-0} here):"
+            tst_print_cmd "$PYTHON" -m torch.distributed.run "${TSTRUN_TORCHRUN_ARGS[@]}" \
+                "$REPO_ROOT/pretrain_tst.py" "${io_args[@]}" "${train_args[@]}"
+        fi
+        local filtered=() skip=0 a
+        # --load must name an existing directory; size printing needs neither --save nor --load.
+        for a in "${io_args[@]}"; do
+            if (( skip )); then skip=0; continue; fi
+            if [[ $a == --save || $a == --load ]]; then skip=1; continue; fi
+            filtered+=("$a")
+        done
+        "$PYTHON" "$REPO_ROOT/pretrain_tst.py" "${filtered[@]}" "${size_args[@]}" "${train_args[@]}"
+        return $?
+    fi
+
+    if [[ -n ${SAVE:-} ]]; then mkdir -p "$SAVE"; fi
+    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
+    # Threads per process on CPU: torchrun would set 1; keep the user's choice if given.
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+    local cmd=("$PYTHON" -m torch.distributed.run "${TSTRUN_TORCHRUN_ARGS[@]}"
+               "$REPO_ROOT/pretrain_tst.py" "${io_args[@]}" "${train_args[@]}")
+    echo "[tst_launch] node ${NODE_RANK:-${SLURM_NODEID:-0}}/$nnodes, $nproc process(es) per node: $(tst_print_cmd "${cmd[@]}")" >&2
+    # exec: SIGTERM/SIGINT sent to this script reach torchrun, which passes them to the trainer.
+    exec "${cmd[@]}"
+}
+
+# torchrun's own flags, from the topology variables. Filled when this file is sourced so that
+# DRY_RUN can print them.
+tst_torchrun_args() {
+    local nproc nnodes
+    nproc=$(tst_nproc_per_node)
+    nnodes=${NNODES:-1}
+    TSTRUN_TORCHRUN_ARGS=(--nproc-per-node "$nproc" --nnodes "$nnodes")
+    case ${RDZV_BACKEND:-static} in
+        static)
+            TSTRUN_TORCHRUN_ARGS+=(--node-rank "${NODE_RANK:-0}" --master-addr "${MASTER_ADDR:-127.0.0.1}"
+                                   --master-port "${MASTER_PORT:-29500}")
+            ;;
+        c10d)
+            TSTRUN_TORCHRUN_ARGS+=(--rdzv-backend c10d --rdzv-endpoint "${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}"
+                                   --rdzv-id "${RDZV_ID:-tst}")
+            ;;
+        *)
+            echo "error: RDZV_BACKEND must be static or c10d (got ${RDZV_BACKEND})" >&2
+            return 2
+            ;;
+    esac
+    if [[ -n ${TORCHRUN_ARGS:-} ]]; then
+        # shellcheck disable=SC2206
+        TSTRUN_TORCHRUN_ARGS+=($TORCHRUN_ARGS)
+    fi
+}
+TSTRUN_TORCHRUN_ARGS=()
+tst_torchrun_args

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Dense "600M" of the TST paper (Peng et al. 2026, Table: 600M, 20k steps, s = 6, r = 0.3).
+#
+# Shape: SmolLM2-360M's (32 layers, hidden 960, FFN 2560, 15 heads, 5 KV groups, head dim 64) in
+# Llama-3 form, as the paper trained it: Llama-3 tokenizer (vocab 128256), untied input/output
+# embeddings, RoPE (base 500000, Llama-3's), SwiGLU, RMSNorm, GQA, no biases.
+#   --print-model-size: total 560,886,720 (0.561B), active 0.561B.  (The paper calls it 600M.)
+#
+# Layout (default): 1 node x 8 GPUs, TP=1 PP=1, DP=8 (DP grows with NNODES), distributed optimizer.
+#   15 heads / 5 KV groups: TP may only be 1 or 5; plain DP is the right call at this size.
+# Batch: seq 4096 x global batch 512 = 2,097,152 positions per step (the paper's 2M tokens/step);
+#   micro-batch 4 -> 16 micro-batches per GPU per step on 8 GPUs. During the superposition phase
+#   each step consumes s x 2M = 12.6M data tokens at the same FLOPs.
+# Optimisation: AdamW (0.9, 0.95), weight decay 0.1, clip 1.0, LR 1e-3, WSD: 2000 warmup steps,
+#   constant, linear decay to 0 over the last 10% of the steps; bf16.
+# TST: s = 6, r = 0.3 (6k of 20k steps), uniform bag weighting. TST_BAG_SIZE=1 = baseline.
+#
+# Launch (each node):   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 bash examples/pretrain_tst_600m.sh
+# Size only:            PRINT_MODEL_SIZE=1 bash examples/pretrain_tst_600m.sh
+# Longer run (WSD decay follows):  TRAIN_ITERS=100000 bash examples/pretrain_tst_600m.sh
+# Baseline (no TST):    TST_BAG_SIZE=1 bash examples/pretrain_tst_600m.sh
+# Extra Megatron flags go last and win:  bash examples/pretrain_tst_600m.sh --eval-interval 500
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+
+RUN_NAME=${RUN_NAME:-tst-600m}
+DATA_PATH=${DATA_PATH:-$DATA_ROOT/dclm/dclm_llama3_text_document}
+TOKENIZER_TYPE=${TOKENIZER_TYPE:-HuggingFaceTokenizer}
+TOKENIZER_MODEL=${TOKENIZER_MODEL:-$DATA_ROOT/tokenizers/llama3}  # dir with Llama-3's tokenizer.json
+VOCAB_SIZE=${VOCAB_SIZE:-128256}
+SAVE=${SAVE:-$REPO_ROOT/runs/$RUN_NAME}
+
+SEQ_LENGTH=${SEQ_LENGTH:-4096}
+GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-512}
+MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-4}
+TP=${TP:-1}
+PP=${PP:-1}
+TRAIN_ITERS=${TRAIN_ITERS:-20000}
+WARMUP_ITERS=${WARMUP_ITERS:-2000}
+LR=${LR:-1e-3}
+MIN_LR=${MIN_LR:-0}
+TST_BAG_SIZE=${TST_BAG_SIZE:-6}
+TST_RATIO=${TST_RATIO:-0.3}
+TST_WEIGHTING=${TST_WEIGHTING:-uniform}
+
+MODEL_ARGS=(
+    --num-layers 32 --hidden-size 960 --ffn-hidden-size 2560
+    --num-attention-heads 15 --group-query-attention --num-query-groups 5
+    --seq-length "$SEQ_LENGTH" --max-position-embeddings "$SEQ_LENGTH"
+    --position-embedding-type rope --rotary-base 500000
+    --normalization RMSNorm --norm-epsilon 1e-5 --swiglu --disable-bias-linear
+    --untie-embeddings-and-output-weights --init-method-std 0.02
+)
+PARALLEL_ARGS=(
+    --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --use-distributed-optimizer
+)
+TRAIN_ARGS=(
+    --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE"
+    --lr "$LR" --min-lr "$MIN_LR" $(tst_wsd_args "$TRAIN_ITERS" "$WARMUP_ITERS")
+    --adam-beta1 0.9 --adam-beta2 0.95 --adam-eps 1e-8 --weight-decay 0.1 --clip-grad 1.0
+    --bf16 --seed "${SEED:-1234}"
+)
+TST_ARGS=($(tst_tst_args "$TST_BAG_SIZE" "$TST_RATIO" "$TST_WEIGHTING"))
+LOG_ARGS=(
+    --log-interval "${LOG_INTERVAL:-10}" --eval-interval "${EVAL_INTERVAL:-1000}" --eval-iters "${EVAL_ITERS:-10}"
+    --save-interval "${SAVE_INTERVAL:-1000}" --split "${SPLIT:-998,2,0}" --run-name "$RUN_NAME"
+)
+
+tst_launch "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${TRAIN_ARGS[@]}" "${TST_ARGS[@]}" "${LOG_ARGS[@]}" "$@"

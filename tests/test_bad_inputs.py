@@ -1,0 +1,366 @@
+"""Every bad input pretrain_tst.py is known to get: each is refused before any compute with a
+message that names the flag or file, and nothing is written (no --save directory, no metrics, no
+checkpoint touched).
+
+The trainer runs in this process (`tst_megatron.trainer.main(argv)`), which raises SystemExit
+with the message; a refused setup tears its process group down again (main's try/finally), so
+cases run back to back. Divisibility checks that need a world size > 1 call
+`arguments.validate(cfg, world_size)` -- the same function every rank runs first.
+docs/reliability.md lists these messages; `pytest -rP tests/test_bad_inputs.py` prints them.
+"""
+import contextlib
+import json
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from tst_megatron import checkpointing as ckpt
+from tst_megatron.arguments import parse_args, validate
+from tst_megatron.trainer import main
+
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextlib.contextmanager
+def isolated():
+    """A clean slate for an in-process run: no process group or megatron state from other tests,
+    and the environment and signal handlers main() changes are put back afterwards."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+
+    def teardown():
+        ps.destroy_model_parallel()
+        destroy_num_microbatches_calculator()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    teardown()
+    env = {k: os.environ.pop(k) for k in ENV_KEYS if k in os.environ}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        teardown()
+        for k in ENV_KEYS:
+            os.environ.pop(k, None)
+        os.environ.update(env)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def write_corpus(prefix, n_docs, seed=0, high=256):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(seed)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for k in range(n_docs):
+        doc = rng.integers(0, high, int(rng.integers(20, 80)))
+        if k == 0:
+            doc[0] = high - 1  # the largest id is certainly present
+        builder.add_item(torch.from_numpy(doc.astype(np.int64)))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """20 documents, ~1000 tokens, ids up to 255."""
+    return write_corpus(str(tmp_path_factory.mktemp("corpus") / "tiny"), 20)
+
+
+def base(corpus, save=None, **over):
+    args = {"--data-path": corpus, "--tokenizer-type": "NullTokenizer", "--vocab-size": "256",
+            "--num-layers": "2", "--hidden-size": "64", "--num-attention-heads": "4", "--seq-length": "16",
+            "--micro-batch-size": "2", "--global-batch-size": "4", "--train-iters": "4", "--lr": "1e-3",
+            "--log-interval": "1", "--eval-iters": "1", "--tst-bag-size": "4",
+            "--tst-superposition-iters": "2", "--split": "90,10,0"}
+    if save is not None:
+        args["--save"] = str(save)
+    for k, v in over.items():  # None drops a flag
+        if v is None:
+            args.pop(k, None)
+        else:
+            args[k] = str(v)
+    argv = []
+    for k, v in args.items():
+        argv += [k] if v == "" else [k, v]
+    return argv
+
+
+def tree(*roots):
+    """Every file and directory under roots, with size and mtime: to show nothing was written."""
+    out = set()
+    for root in roots:
+        for dirpath, dirs, files in os.walk(root):
+            for name in dirs + files:
+                p = os.path.join(dirpath, name)
+                st = os.stat(p)
+                out.add((p, st.st_size if name in files else -1, st.st_mtime_ns))
+    return out
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, corpus):
+    """cwd = an empty directory: a default ./metrics.jsonl would land there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def refuse(argv, capsys, watch=(), world_size=None):
+    """Run main(argv) (or parse_args+validate for a given world size); it must exit non-zero
+    before writing anything under `watch`. Returns the message the user sees."""
+    before = tree(*watch)
+    with isolated(), pytest.raises(SystemExit) as exc:
+        if world_size is None:
+            main(argv)
+        else:
+            validate(parse_args(argv), world_size)
+    code = exc.value.code
+    assert code not in (0, None)
+    message = code if isinstance(code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+    assert tree(*watch) == before, "a refused run wrote or changed files"
+    print("MESSAGE:", message)
+    return message
+
+
+@pytest.fixture
+def save(workdir):
+    return workdir / "save"  # never created by a refused run
+
+
+def assert_clean(workdir, save):
+    assert not save.exists(), f"--save {save} was created"
+    assert not list(workdir.rglob("metrics.jsonl")), "metrics were written"
+
+
+# ------------------------------------------------------------------------------ TST flags
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--tst-bag-size", "0", "error: --tst-bag-size must be an integer >= 1 (got 0); 1 disables token superposition"),
+    ("--tst-bag-size", "-3", "error: --tst-bag-size must be an integer >= 1 (got -3)"),
+    ("--tst-superposition-ratio", "1.0", "error: --tst-superposition-ratio must be in [0, 1) (got 1.0)"),
+    ("--tst-superposition-ratio", "-0.1", "error: --tst-superposition-ratio must be in [0, 1) (got -0.1)"),
+    ("--tst-superposition-ratio", "nan", "error: --tst-superposition-ratio must be in [0, 1) (got nan)"),
+    ("--tst-superposition-iters", "-1", "error: --tst-superposition-iters must be an integer >= 0 (got -1)"),
+])
+def test_tst_flag_out_of_range(corpus, workdir, save, capsys, flag, value, expected):
+    over = {flag: value}
+    if flag == "--tst-superposition-ratio":
+        over["--tst-superposition-iters"] = None  # the explicit count would override the ratio
+    msg = refuse(base(corpus, save, **over), capsys, watch=[workdir, os.path.dirname(corpus)])
+    assert msg.startswith(expected), msg
+    assert_clean(workdir, save)
+
+
+@pytest.mark.parametrize("flag", ["--tst-bag-weighting", "--tst-mode"])
+def test_tst_choice_invalid(corpus, workdir, save, capsys, flag):
+    msg = refuse(base(corpus, save, **{flag: "sideways"}), capsys, watch=[workdir])
+    assert f"argument {flag}: invalid choice: 'sideways' (choose from" in msg, msg
+    assert_clean(workdir, save)
+
+
+@pytest.mark.parametrize("over,expected", [
+    ({"--tst-superposition-iters": 4}, "error: TST superposition iterations (4) must be < train iterations (4)"),
+    ({"--tst-superposition-iters": 9}, "error: TST superposition iterations (9) must be < train iterations (4)"),
+])
+def test_superposition_iters_not_below_train_iters(corpus, workdir, save, capsys, over, expected):
+    msg = refuse(base(corpus, save, **over), capsys, watch=[workdir])
+    assert msg.startswith(expected) and "--tst-superposition-iters" in msg, msg
+    assert_clean(workdir, save)
+
+
+def test_bag_too_large_for_the_data(corpus, workdir, save, capsys):
+    # 20 documents, the 18 of the train split hold ~900 tokens; s=64, L=16: 64*17 = 1088 per sample
+    msg = refuse(base(corpus, save, **{"--tst-bag-size": 64}), capsys, watch=[workdir, os.path.dirname(corpus)])
+    assert msg.startswith("error: --tst-bag-size 64 with --seq-length 16: one superposition sample reads "
+                          f"1088 tokens, but the train split of --data-path {corpus} holds only "), msg
+    assert "use a smaller --tst-bag-size / --seq-length or more data" in msg
+    assert_clean(workdir, save)
+
+
+def test_sequence_too_long_for_the_data_without_tst(corpus, workdir, save, capsys):
+    msg = refuse(base(corpus, save, **{"--tst-bag-size": 1, "--tst-superposition-iters": None,
+                                       "--seq-length": 4096}), capsys, watch=[workdir])
+    assert msg.startswith("error: --seq-length 4096: one sample reads 4097 tokens, but the train split of "
+                          f"--data-path {corpus} holds only "), msg
+    assert_clean(workdir, save)
+
+
+# ------------------------------------------------------------------------------ parallel layout
+def test_world_size_not_divisible_by_model_parallel_size(corpus, workdir, save, capsys):
+    msg = refuse(base(corpus, save, **{"--tensor-model-parallel-size": 2}), capsys, watch=[workdir])
+    assert msg == ("error: world size 1 is not divisible by --tensor-model-parallel-size (2) x "
+                   "--pipeline-model-parallel-size (1); launch a multiple of 2 processes"), msg
+    assert_clean(workdir, save)
+
+
+@pytest.mark.parametrize("over,world,expected", [
+    ({"--pipeline-model-parallel-size": 2, "--tensor-model-parallel-size": 2}, 6,
+     "error: world size 6 is not divisible by --tensor-model-parallel-size (2) x --pipeline-model-parallel-size (2)"),
+    ({"--num-attention-heads": 3, "--hidden-size": 48, "--tensor-model-parallel-size": 2}, 2,
+     "error: --num-attention-heads (3) must be divisible by --tensor-model-parallel-size (2)"),
+    ({"--group-query-attention": "", "--num-query-groups": 3}, 1,
+     "error: --num-query-groups (3) must divide --num-attention-heads (4)"),
+    ({"--group-query-attention": "", "--num-query-groups": 1, "--tensor-model-parallel-size": 2}, 2,
+     "error: --num-query-groups (1) must be divisible by --tensor-model-parallel-size (2)"),
+    ({"--num-layers": 3, "--pipeline-model-parallel-size": 2}, 2,
+     "error: --num-layers (3) must be divisible by --pipeline-model-parallel-size (2)"),
+    ({"--num-experts": 3, "--expert-model-parallel-size": 2}, 2,
+     "error: --num-experts (3) must be divisible by --expert-model-parallel-size (2)"),
+    ({"--num-experts": 4, "--expert-model-parallel-size": 4}, 2,
+     "error: --expert-model-parallel-size (4) must divide data-parallel x tensor-parallel size (2)"),
+    ({"--expert-model-parallel-size": 2}, 2, "error: --expert-model-parallel-size > 1 needs --num-experts"),
+    ({"--global-batch-size": 6, "--micro-batch-size": 2}, 2,
+     "error: --global-batch-size (6) must be divisible by --micro-batch-size (2) x data-parallel size (2)"),
+])
+def test_parallel_sizes_that_do_not_divide(corpus, workdir, save, capsys, over, world, expected):
+    msg = refuse(base(corpus, save, **over), capsys, watch=[workdir], world_size=world)
+    assert msg.startswith(expected), msg
+    assert_clean(workdir, save)
+
+
+def test_global_batch_not_divisible_by_micro_batch(corpus, workdir, save, capsys):
+    msg = refuse(base(corpus, save, **{"--global-batch-size": 6, "--micro-batch-size": 4}), capsys, watch=[workdir])
+    assert msg == ("error: --global-batch-size (6) must be divisible by --micro-batch-size (4) x "
+                   "data-parallel size (1)"), msg
+    assert_clean(workdir, save)
+
+
+# ------------------------------------------------------------------------------ data and vocabulary
+def test_vocabulary_smaller_than_token_ids(corpus, workdir, save, capsys):
+    msg = refuse(base(corpus, save, **{"--vocab-size": 100}), capsys, watch=[workdir, os.path.dirname(corpus)])
+    assert msg.startswith(f"error: --data-path {corpus}: token id 255 >= vocabulary size 101 of "
+                          "--tokenizer-type NullTokenizer"), msg
+    assert_clean(workdir, save)
+
+
+@pytest.mark.parametrize("missing", [".bin", ".idx"])
+def test_missing_bin_or_idx(corpus, workdir, save, capsys, missing):
+    prefix = str(workdir / "data" / "half")
+    os.makedirs(os.path.dirname(prefix))
+    for ext in (".bin", ".idx"):
+        if ext != missing:
+            shutil.copy(corpus + ext, prefix + ext)
+    msg = refuse(base(corpus, save, **{"--data-path": prefix}), capsys, watch=[workdir])
+    assert msg == (f"error: --data-path: {prefix}{missing} not found (make it with tools/preprocess_data.py)"), msg
+    assert_clean(workdir, save)
+
+
+@pytest.mark.parametrize("damage", ["truncated_bin", "other_corpus_bin"])
+def test_bin_and_idx_do_not_match(corpus, workdir, save, capsys, damage):
+    prefix = str(workdir / "data" / "pair")
+    os.makedirs(os.path.dirname(prefix))
+    shutil.copy(corpus + ".idx", prefix + ".idx")
+    if damage == "truncated_bin":
+        shutil.copy(corpus + ".bin", prefix + ".bin")
+        os.truncate(prefix + ".bin", os.path.getsize(prefix + ".bin") - 10)
+    else:
+        other = write_corpus(str(workdir / "data" / "other"), 30, seed=1)
+        shutil.copy(other + ".bin", prefix + ".bin")
+    expected = os.path.getsize(corpus + ".bin")
+    actual = os.path.getsize(prefix + ".bin")
+    msg = refuse(base(corpus, save, **{"--data-path": prefix}), capsys, watch=[workdir])
+    assert msg.startswith(f"error: --data-path {prefix}: {prefix}.bin holds {actual} bytes but {prefix}.idx "
+                          f"describes {expected}; the pair does not match"), msg
+    assert_clean(workdir, save)
+
+
+def test_garbage_sentencepiece_model(corpus, workdir, save, capsys):
+    model = workdir / "spm.model"
+    model.write_bytes(np.random.default_rng(0).bytes(400))
+    msg = refuse(base(corpus, save, **{"--tokenizer-type": "SentencePieceTokenizer", "--vocab-size": None,
+                                       "--tokenizer-model": model}), capsys, watch=[workdir])
+    assert msg.startswith(f"error: --tokenizer-model {model}: tokenizer does not load"), msg
+    assert "not a SentencePiece model" in msg
+    assert_clean(workdir, save)
+
+
+def test_missing_tokenizer_model(corpus, workdir, save, capsys):
+    msg = refuse(base(corpus, save, **{"--tokenizer-type": "SentencePieceTokenizer", "--vocab-size": None,
+                                       "--tokenizer-model": workdir / "nope.model"}), capsys, watch=[workdir])
+    assert msg == f"error: --tokenizer-model {workdir / 'nope.model'}: no such file or directory", msg
+    assert_clean(workdir, save)
+
+
+# ------------------------------------------------------------------------------ --load
+def test_load_dir_without_checkpoint(corpus, workdir, save, capsys):
+    empty = workdir / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a checkpoint")
+    msg = refuse(base(corpus, save, **{"--load": empty}), capsys, watch=[workdir])
+    assert msg == (f"error: --load {empty}: the directory holds no checkpoint (no "
+                   "latest_checkpointed_iteration.txt and no iter_* directories)"), msg
+    assert_clean(workdir, save)
+
+
+def test_load_dir_that_does_not_exist(corpus, workdir, save, capsys):
+    msg = refuse(base(corpus, save, **{"--load": workdir / "nowhere"}), capsys, watch=[workdir])
+    assert msg == f"error: --load {workdir / 'nowhere'}: directory does not exist", msg
+    assert_clean(workdir, save)
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    """A run of --train-iters 4 (s=4) stopped by --exit-interval 2 with its checkpoint at 2."""
+    root = tmp_path_factory.mktemp("trained")
+    save = root / "run"
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        with isolated():
+            assert main(base(corpus, save, **{"--exit-interval": 2})) == 0
+    finally:
+        os.chdir(cwd)
+    assert ckpt.find_checkpoint(str(save), fallback=False)[0] == 2
+    return save
+
+
+@pytest.mark.parametrize("over,diff", [
+    ({"--tst-bag-size": 2}, "--tst-bag-size 2 (checkpoint: 4)"),
+    ({"--tst-mode": "output"}, "--tst-mode output (checkpoint: full)"),
+    ({"--hidden-size": 32}, "--hidden-size 32 (checkpoint: 64)"),
+    ({"--num-layers": 4}, "--num-layers 4 (checkpoint: 2)"),
+    ({"--train-iters": 6}, "--train-iters 6 (checkpoint: 4)"),
+    ({"--lr": 0.01}, "--lr 0.01 (checkpoint: 0.001)"),
+    ({"--tst-superposition-iters": 3}, "3 superposition iterations from --tst-superposition-iters/-ratio "
+                                       "(checkpoint: 2)"),
+])
+def test_resume_with_other_configuration_refused(corpus, trained, workdir, capsys, over, diff):
+    over = dict({"--load": trained}, **over)
+    msg = refuse(base(corpus, trained, **over), capsys, watch=[trained, workdir])
+    assert msg == (f"error: --load {trained}/iter_0000002: the checkpoint was trained with a different "
+                   f"configuration: {diff}. Use the checkpoint's values, or pass --override-checkpoint-args"), msg
+    assert not list(workdir.rglob("metrics.jsonl"))
+
+
+def test_resume_with_other_bag_size_and_schedule_allowed_with_override(corpus, trained, tmp_path, monkeypatch,
+                                                                      capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    monkeypatch.chdir(tmp_path)
+    argv = base(corpus, run, **{"--train-iters": 5, "--tst-bag-size": 2, "--load": run,
+                                "--override-checkpoint-args": ""})
+    with isolated():
+        assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"resumed from {run}/iter_0000002 at iteration 2" in out
+    assert ckpt.find_checkpoint(str(run), fallback=False)[0] == 5
+    assert ckpt.read_meta(str(run / "iter_0000005"))["args"]["tst"]["bag_size"] == 2
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r.get("type") == "train"]
+    assert [r["iteration"] for r in train] == [1, 2, 3, 4, 5]
+    assert train[-1]["lr"] == 0.0  # the new cosine schedule over 5 iterations, from the saved step
+
+
+def test_override_cannot_load_a_different_model_shape(corpus, trained, workdir, capsys):
+    """--override-checkpoint-args lets the shape check pass, but tensors of another shape cannot
+    be loaded: a clear error naming the checkpoint, still before any step or write."""
+    over = {"--hidden-size": 32, "--load": trained, "--override-checkpoint-args": ""}
+    msg = refuse(base(corpus, trained, **over), capsys, watch=[trained, workdir])
+    assert msg.startswith(f"error: checkpoint {trained}/iter_0000002 could not be loaded: "), msg
+    assert not list(workdir.rglob("metrics.jsonl"))

@@ -1,0 +1,230 @@
+"""End-to-end runs of pretrain_tst.py in fresh processes (1 or 2 Gloo ranks, tiny model, CPU).
+
+Every run trains 12 iterations with a TST switch at iteration 4 (s=4) unless said otherwise, logs
+every iteration to the metrics JSONL, and is judged from that file and the console:
+both phases present, finite losses, s times more data tokens per superposition step, and a final
+next-token validation loss below the one of the untrained model. Runs shared with
+test_trainer_flags.py live in trainer_utils (one launch per session).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+
+from trainer_utils import (BAG, GBS, SEQ, SUP_ITERS, TRAIN_ITERS, assert_ok, base_args, chain_args,
+                           chain_first_leg, checkpoint_model_tensors, copy_checkpoint, eval_records, moe_run,
+                           reference_runs, rel_diff, run_record, tail, train_records, workspace)
+
+
+@pytest.fixture(scope="session")
+def ws(tmp_path_factory):
+    return workspace(tmp_path_factory)
+
+
+# ------------------------------------------------------------------------------ shared checks
+def check_tst_run(res, layout: str = None, train_iters: int = TRAIN_ITERS, sup_iters: int = SUP_ITERS,
+                  first: int = 1, switch_logged: bool = None):
+    """The behaviour every TST run must show; returns (train records, eval records).
+    `first`: the first iteration this process trained (a resumed run); `switch_logged`: whether
+    this process crossed the switch (default: it started before it)."""
+    assert_ok(res)
+    out = res.stdout
+    if layout:
+        assert layout in out, f"layout {layout!r} not in the run's banner:\n{tail(out)}"
+    if switch_logged is None:
+        switch_logged = first <= sup_iters
+    assert (f"[TST] phase switch at iteration {sup_iters}:" in out) == switch_logged, tail(out)
+    tr, ev = train_records(res.records), eval_records(res.records)
+    assert sorted(tr) == list(range(first, train_iters + 1)), f"train records for {sorted(tr)}"
+    for it, r in tr.items():
+        sup = it <= sup_iters  # the record of iteration `it` describes step `it` (0-based it-1)
+        assert r["phase"] == ("superposition" if sup else "recovery"), (it, r["phase"])
+        assert r["loss_kind"] == ("mce" if sup else "lm"), (it, r["loss_kind"])
+        assert math.isfinite(r["loss"]) and 0.0 < r["loss"] < 20.0, (it, r["loss"])
+        assert math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0.0, (it, r["grad_norm"])
+        assert r["consumed_samples"] == it * GBS
+        # data tokens: s*L per sample in superposition, L in recovery; positions: always L
+        expected_tokens = GBS * SEQ * (BAG * min(it, sup_iters) + max(0, it - sup_iters))
+        assert r["data_tokens"] == expected_tokens, (it, r["data_tokens"], expected_tokens)
+        assert r["positions"] == it * GBS * SEQ
+    # per-step data consumption from the file: s times more in superposition than in recovery
+    steps = [tr[i]["data_tokens"] - (tr[i - 1]["data_tokens"] if i > first else
+                                     GBS * SEQ * (BAG * min(first - 1, sup_iters) + max(0, first - 1 - sup_iters)))
+             for i in range(first, train_iters + 1)]
+    sup_steps = [d for i, d in zip(range(first, train_iters + 1), steps) if i <= sup_iters]
+    rec_steps = [d for i, d in zip(range(first, train_iters + 1), steps) if i > sup_iters]
+    assert rec_steps and set(rec_steps) == {GBS * SEQ}
+    if sup_steps:
+        assert set(sup_steps) == {BAG * GBS * SEQ}
+    for it, e in ev.items():
+        assert math.isfinite(e["val_lm_loss"]), e
+        # the multi-hot (next-bag) validation loss exists only while the run is in superposition
+        assert ("val_mce_loss" in e) == (it < sup_iters), (it, e)
+    return tr, ev
+
+
+def check_learned(ev):
+    """Validation next-token loss at the end below that of the untrained model (iteration 0)."""
+    assert 0 in ev and TRAIN_ITERS in ev, f"evaluations at {sorted(ev)}"
+    start, end = ev[0]["val_lm_loss"], ev[TRAIN_ITERS]["val_lm_loss"]
+    assert end < start - 0.05, f"validation lm loss {start:.4f} -> {end:.4f}: did not learn"
+
+
+# ------------------------------------------------------------------------------ 2-rank layouts
+def test_tp2_through_switch_then_resume_at_tp1(ws):
+    """TP=2 on 2 ranks through the switch; its iteration-6 checkpoint resumes at TP=1 with the
+    same next-iteration loss (fp32 tolerance) and the same continuation."""
+    tp2 = ws.run("tp2", base_args(ws.data, tensor_model_parallel_size=2, save=ws.path("tp2"), save_interval=6),
+                 nproc=2)
+    tr, ev = check_tst_run(tp2, layout="TP=2 PP=1 EP=1 DP=1")
+    check_learned(ev)
+    # checkpoints: Megatron layout, atomic (no leftovers), tracker on the last one
+    names = sorted(os.listdir(ws.path("tp2")))
+    assert "iter_0000006" in names and "iter_0000012" in names, names
+    assert not [n for n in names if n.endswith(".tmp") or n.endswith(".old")], names
+    assert open(os.path.join(ws.path("tp2"), "latest_checkpointed_iteration.txt")).read().strip() == "12"
+    for it in (6, 12):
+        assert os.path.isfile(os.path.join(ws.path("tp2"), f"iter_{it:07d}", "tst_meta.json"))
+    # the embedding is sharded over the 2 TP ranks as one global tensor
+    shapes = checkpoint_model_tensors(os.path.join(ws.path("tp2"), "iter_0000006"))
+    assert shapes["embedding.word_embeddings.weight"][1] == 64
+
+    load = copy_checkpoint(ws.path("tp2"), 6, ws.path("tp2_at6"))
+    tp1 = ws.run("tp1_resumed", base_args(ws.data, load=load, metrics_path=ws.path("tp1_resumed.jsonl")))
+    assert_ok(tp1, "TP=1 resume of a TP=2 checkpoint")
+    assert "resumed from" in tp1.stdout and "at iteration 6" in tp1.stdout, tail(tp1.stdout)
+    assert "TP=1 PP=1 EP=1 DP=1" in tp1.stdout
+    tr1, ev1 = check_tst_run(tp1, first=7)
+    assert rel_diff(tr1[7]["loss"], tr[7]["loss"]) <= 1e-5, (tr1[7]["loss"], tr[7]["loss"])
+    for it in range(7, TRAIN_ITERS + 1):
+        assert rel_diff(tr1[it]["loss"], tr[it]["loss"]) <= 1e-4, (it, tr1[it]["loss"], tr[it]["loss"])
+        assert tr1[it]["lr"] == tr[it]["lr"], (it, tr1[it]["lr"], tr[it]["lr"])
+    assert rel_diff(ev1[TRAIN_ITERS]["val_lm_loss"], ev[TRAIN_ITERS]["val_lm_loss"]) <= 1e-4
+
+
+LAYOUTS = {
+    "pp2": (dict(pipeline_model_parallel_size=2), "TP=1 PP=2 EP=1 DP=1"),
+    "pp2_interleaved": (dict(pipeline_model_parallel_size=2, num_layers=4, num_layers_per_virtual_pipeline_stage=1),
+                        "TP=1 PP=2 EP=1 DP=1"),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_pipeline_parallel_through_switch(ws, name):
+    flags, layout = LAYOUTS[name]
+    res = ws.run(name, base_args(ws.data, metrics_path=ws.path(f"{name}.jsonl"), **flags), nproc=2)
+    _, ev = check_tst_run(res, layout=layout)
+    check_learned(ev)
+
+
+@pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
+def test_moe_expert_parallel_through_switch(ws, dispatcher):
+    res = moe_run(ws, dispatcher)
+    tr, ev = check_tst_run(res, layout="TP=1 PP=1 EP=2 DP=2")
+    check_learned(ev)
+    if dispatcher == "alltoall":
+        # the two token dispatchers route the same tokens to the same experts: same losses
+        other, _ = check_tst_run(moe_run(ws, "allgather"))
+        for it in tr:
+            assert rel_diff(tr[it]["loss"], other[it]["loss"]) <= 1e-5, (it, tr[it]["loss"], other[it]["loss"])
+
+
+# ------------------------------------------------------------------------------ determinism and resume
+def _same_trajectory(got: dict, ref: dict, iterations, keys=("loss", "grad_norm", "lr", "data_tokens", "phase")):
+    for it in iterations:
+        for k in keys:
+            assert got[it][k] == ref[it][k], f"iteration {it} {k}: {got[it][k]!r} != {ref[it][k]!r}"
+
+
+def test_same_seed_same_losses(ws):
+    a, b = reference_runs(ws)
+    tra, eva = check_tst_run(a)
+    trb, evb = check_tst_run(b)
+    check_learned(eva)
+    _same_trajectory(trb, tra, range(1, TRAIN_ITERS + 1))
+    assert {k: v["val_lm_loss"] for k, v in evb.items()} == {k: v["val_lm_loss"] for k, v in eva.items()}
+
+
+def test_resume_before_and_after_switch_matches_uninterrupted(ws):
+    """Stop at 3 (superposition) and at 9 (recovery) with --exit-interval, resume each time in a
+    fresh process with --load: every logged iteration equals the uninterrupted run."""
+    ref, _ = reference_runs(ws)
+    ref_tr, ref_ev = check_tst_run(ref)
+    chain = ws.path("chain")
+
+    leg1 = assert_ok(chain_first_leg(ws), "leg 1")
+    assert "exiting at iteration 3 (--exit-interval)" in leg1.stdout, tail(leg1.stdout)
+    assert sorted(train_records(leg1.records)) == [1, 2, 3]
+
+    leg2 = assert_ok(ws.run("chain_2", chain_args(ws, save=chain, load=chain, exit_interval=9)), "leg 2")
+    assert "iter_0000003 at iteration 3 (superposition phase" in leg2.stdout, tail(leg2.stdout)
+    assert "exiting at iteration 9 (--exit-interval)" in leg2.stdout, tail(leg2.stdout)
+    assert f"[TST] phase switch at iteration {SUP_ITERS}:" in leg2.stdout
+
+    leg3 = assert_ok(ws.run("chain_3", chain_args(ws, save=chain, load=chain)), "leg 3")
+    assert "iter_0000009 at iteration 9 (recovery phase" in leg3.stdout, tail(leg3.stdout)
+    assert "training done: 12 iterations" in leg3.stdout
+
+    # the default metrics file <save>/metrics.jsonl now holds the whole run, each iteration once
+    tr, ev = check_tst_run(leg3, switch_logged=False)
+    run_record(leg3.records)
+    _same_trajectory(tr, ref_tr, range(1, TRAIN_ITERS + 1))
+    assert sorted(ev) == sorted(ref_ev)
+    for it in ev:
+        assert ev[it]["val_lm_loss"] == ref_ev[it]["val_lm_loss"], it
+    with open(os.path.join(chain, "latest_checkpointed_iteration.txt")) as f:
+        assert f.read().strip() == "12"
+
+
+# ------------------------------------------------------------------------------ TST off
+def test_tst_off_is_a_plain_run(ws):
+    """No TST flags and --tst-bag-size 1 (even with superposition iterations asked for) are the
+    same plain next-token run: one phase, L data tokens per sample, no multi-hot loss."""
+    common = dict(train_iters=6, tst=False)
+    plain, bag1 = ws.run_pair(["plain", "bag1"], [
+        base_args(ws.data, metrics_path=ws.path("plain.jsonl"), **common),
+        base_args(ws.data, metrics_path=ws.path("bag1.jsonl"), tst_bag_size=1, tst_superposition_iters=4, **common)])
+    results = {}
+    for res in (plain, bag1):
+        assert_ok(res)
+        assert "phase switch" not in res.stdout and "> TST:" not in res.stdout
+        tr, ev = train_records(res.records), eval_records(res.records)
+        assert sorted(tr) == list(range(1, 7))
+        for it, r in tr.items():
+            assert r["phase"] == "recovery" and r["loss_kind"] == "lm"
+            assert r["data_tokens"] == r["positions"] == it * GBS * SEQ
+            assert math.isfinite(r["loss"])
+        assert all("val_mce_loss" not in e for e in ev.values())
+        rr = run_record(res.records)
+        assert rr["superposition_iters"] == 0 and rr["tst_bag_size"] == 1
+        results[id(res)] = tr
+    tp, tb = results[id(plain)], results[id(bag1)]
+    _same_trajectory(tb, tp, range(1, 7), keys=("loss", "grad_norm", "lr", "data_tokens"))
+
+
+# ------------------------------------------------------------------------------ distributed optimizer
+def test_distributed_optimizer_dp2_save_and_resume(ws):
+    """--use-distributed-optimizer over DP=2: trains through the switch, saves (iteration 6, in
+    the recovery phase) and a fresh 2-rank process resumes with identical losses."""
+    flags = dict(use_distributed_optimizer=True, lr_decay_style="WSD", lr_warmup_iters=2, lr_wsd_decay_iters=4)
+    full = ws.run("distopt", base_args(ws.data, save=ws.path("distopt"), save_interval=6, **flags), nproc=2)
+    tr, ev = check_tst_run(full, layout="TP=1 PP=1 EP=1 DP=2")
+    check_learned(ev)
+    shapes = checkpoint_model_tensors(os.path.join(ws.path("distopt"), "iter_0000006"))
+    assert "decoder.final_layernorm.weight" in shapes
+
+    load = copy_checkpoint(ws.path("distopt"), 6, ws.path("distopt_at6"))
+    resumed = ws.run("distopt_resumed", base_args(ws.data, load=load, save=ws.path("distopt_resumed"),
+                                                  save_interval=6, metrics_path=ws.path("distopt_resumed.jsonl"),
+                                                  **flags), nproc=2)
+    assert_ok(resumed, "distributed-optimizer resume")
+    assert "at iteration 6 (recovery phase" in resumed.stdout, tail(resumed.stdout)
+    tr2, ev2 = check_tst_run(resumed, first=7)
+    _same_trajectory(tr2, tr, range(7, TRAIN_ITERS + 1))
+    assert ev2[TRAIN_ITERS]["val_lm_loss"] == ev[TRAIN_ITERS]["val_lm_loss"]
+    # the resumed optimizer saves again (its Adam step counts agree across parameters)
+    assert os.path.isfile(os.path.join(ws.path("distopt_resumed"), "iter_0000012", "tst_meta.json"))
