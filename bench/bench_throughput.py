@@ -21,7 +21,7 @@ How (one process per bag size s, so megatron's global state is fresh each time):
 
 Reported per s: median step time per phase (wall and process CPU time; the CPU clock decides on
 CPU, where the 2 shared cores make wall time noisy; the data-fetch part of the step is shown
-separately), raw data tokens/s per phase (superposition gbs*L*s per step, recovery gbs*L), and
+separately; 1 intra-op thread by default on CPU), raw data tokens/s per phase (superposition gbs*L*s per step, recovery gbs*L), and
     R = (superposition tokens/s) / (s * recovery tokens/s) = t_recovery / t_superposition,
 the median over block pairs. Target R >= 0.95; the exit status is 1 when R < 0.95 * (1 - noise)
 for some s, noise = relative half inter-quartile range of the recovery-phase step times.
@@ -119,8 +119,7 @@ def trainer_argv(a, s: int, train_iters: int, sup_iters: int, workdir: str) -> L
 def run_worker(a) -> dict:
     import torch
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    torch.set_num_threads(a.threads)
     from tst_megatron.arguments import parse_args
     from tst_megatron.builders import tst_data_tokens_per_sample
     from tst_megatron.data import build_data_iterator
@@ -244,7 +243,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="steps of each phase before timing (default 3)")
     p.add_argument("--blocks", type=int, default=None, help="timed blocks per phase (default 8)")
     p.add_argument("--block", type=int, default=None, help="steps per block (default 2)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: 1 on CPU)")
     p.add_argument("--clock", choices=["wall", "cpu"], default=None,
                    help="clock the target is judged on (default: wall on CUDA, cpu on CPU)")
     p.add_argument("--quick", action="store_true", help="smoke size: s 2 4, 1 layer, hidden 32, L 32, few steps")
@@ -280,7 +279,10 @@ def main(argv=None) -> int:
     import torch
 
     clock = a.clock or ("wall" if torch.cuda.is_available() else "cpu")
-    threads = a.threads or torch.get_num_threads()
+    # CPU default 1 thread: on shared cores OpenMP siblings spin while one is descheduled, which
+    # inflates wall and CPU time alike; with one thread the process CPU time measures the work.
+    threads = a.threads or (torch.get_num_threads() if torch.cuda.is_available() else 1)
+    a.threads = threads
     tmp = None
     if a.keep:
         os.makedirs(a.keep, exist_ok=True)

@@ -89,7 +89,7 @@ def test_plot_runs_writes_png_and_prints_speedup(tmp_path, capsys):
     assert expected is not None and 0 < expected < 1  # this synthetic TST run is worse
     assert f"equal-loss speedup {expected:.2f}x" in printed
     assert result["speedups"]["great"] is None and "not reached" in printed
-    assert "switch at iteration 160" in printed  # first logged recovery record
+    assert "switch at iteration 150" in printed  # exact, from the run record
 
 
 def test_plot_runs_baseline_flag_and_errors(tmp_path, capsys):

@@ -298,10 +298,13 @@ def load_checkpoint(ckpt_dir: str, chunks, optimizer, scheduler, load_optim: boo
             state, is_loading=True, metadata=_optimizer_metadata(use_distributed_optimizer))
     if load_rng:
         state["rng_state"] = _rng_sharded_object(_rng_state())
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
     try:
         loaded = dist_checkpointing.load(state, ckpt_dir)
-    except Exception as exc:  # surface the directory, not a deep torch traceback
-        raise CheckpointError(f"checkpoint {ckpt_dir} could not be loaded: {type(exc).__name__}: {exc}") from exc
+    except (Exception, CheckpointException) as exc:  # surface the directory, not a deep torch traceback
+        raise CheckpointError(f"checkpoint {ckpt_dir} could not be loaded: {type(exc).__name__}: "
+                              f"{_short(exc)}") from exc
     modules = [getattr(c, "module", c) for c in chunks]
     if len(modules) == 1:
         modules[0].load_state_dict(loaded["model"])
@@ -318,6 +321,12 @@ def load_checkpoint(ckpt_dir: str, chunks, optimizer, scheduler, load_optim: boo
     if load_rng and "rng_state" in loaded:
         _set_rng_state(loaded["rng_state"])
     return loaded["tst_common"]
+
+
+def _short(exc: BaseException) -> str:
+    """The last line of a (possibly multi-rank, traceback-laden) checkpoint exception."""
+    lines = [x.strip() for x in str(exc).strip().splitlines() if x.strip()]
+    return lines[-1] if lines else repr(exc)
 
 
 def _inner_optimizers(optimizer):

@@ -62,6 +62,11 @@ _NON_SHAPE_MODEL_FIELDS = ("seq_length", "hidden_dropout", "attention_dropout", 
                            "make_vocab_size_divisible_by")
 
 
+# OptimArgs fields of the LR schedule (pretrain_tst.py compares them with the checkpoint's).
+_SCHEDULE_FIELDS = ("train_iters", "lr", "min_lr", "lr_decay_style", "lr_warmup_iters", "lr_decay_iters",
+                    "lr_wsd_decay_iters", "lr_wsd_decay_style", "weight_decay")
+
+
 class ConversionError(Exception):
     """A conversion that cannot be done, with what to do about it."""
 
@@ -110,7 +115,7 @@ class _Stages:
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, desc=desc, unit="step", disable=not enabled, file=sys.stderr,
-                        bar_format="{desc}: {n_fmt}/{total_fmt} |{bar:20}| {elapsed} {postfix}",
+                        bar_format="{desc} {n_fmt}/{total_fmt} |{bar:20}| {elapsed}{postfix}",
                         dynamic_ncols=True)
 
     @contextlib.contextmanager
@@ -340,6 +345,15 @@ def _copy_tokenizer(tok, json_path: str, output: str, model_max_length: int) -> 
     return written
 
 
+def _readable(output: str, files: Sequence[str]) -> None:
+    """safetensors writes its files 0600; give them the permissions of any new file (umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in files:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.join(output, name), 0o666 & ~umask)
+
+
 def _resolve_dtype(dtype: Optional[str], cfg) -> str:
     if dtype in (None, "auto"):
         return "bfloat16" if cfg.optim.bf16 else "float32"
@@ -396,18 +410,16 @@ def export_checkpoint(load: str, output: str, *, iteration: Optional[int] = None
               f"TP={par.tensor_model_parallel_size} PP={par.pipeline_model_parallel_size} "
               f"EP={par.expert_model_parallel_size}) as {arch} -> {output}")
 
-    stages = _Stages("export", 5 if tok_json else 4, progress)
+    stages = _Stages("export", 4 if tok_json else 3, progress)
     try:
-        with megatron_session(cfg.optim.seed):
-            with stages.step("building the model (TP=PP=EP=1)"):
-                pass  # built and loaded together below; the step marks megatron's import + setup
-            with stages.step("reading the torch_dist checkpoint"):
+        with contextlib.ExitStack() as session:
+            with stages.step("reading the torch_dist checkpoint into a TP=PP=EP=1 model"):
+                session.enter_context(megatron_session(cfg.optim.seed))
                 model, _ = load_megatron_model(path, meta)
             with stages.step("converting the weights"):
                 with torch.no_grad():
-                    state = {k: v for k, v in model.state_dict().items()}
-                    hf_sd = hc.megatron_to_hf(state, hf_cfg)
-                del model, state
+                    hf_sd = hc.megatron_to_hf(model.state_dict(), hf_cfg)
+                del model
         target = getattr(torch, out_dtype)
         hf_sd = {k: (v if v.dtype == target else v.to(target)) for k, v in hf_sd.items()}
         total = sum(v.numel() * v.element_size() for v in hf_sd.values())
@@ -416,6 +428,7 @@ def export_checkpoint(load: str, output: str, *, iteration: Optional[int] = None
         if tok_json:
             with stages.step("copying the tokenizer"):
                 files += _copy_tokenizer(tok, tok_json, output, max_pos)
+        _readable(output, files)
     finally:
         stages.close()
     if tok_note:
@@ -569,28 +582,17 @@ def _apply_hf_model(m, mc: Mapping[str, Any], given: Set[str]) -> None:
         m.moe_aux_loss_coeff = float(mc.get("moe_aux_loss_coeff") or 0.0)
 
 
-def _vocab_divisor(tokenizer_vocab: int, hf_vocab: int, tp: int, divisor: int, divisor_given: bool) -> int:
-    """--make-vocab-size-divisible-by that makes the trainer pad `tokenizer_vocab` to exactly
-    `hf_vocab` at TP=tp (the embedding must keep its row count: padded rows take part in the
-    softmax)."""
-    from .builders import padded_vocab_size
-
+def _check_vocab(tokenizer_vocab: int, hf_vocab: int, tp: int) -> None:
+    """The continued run must keep the model's embedding rows (padded rows take part in the
+    softmax): the trainer keeps a checkpoint's padded vocabulary when it covers the tokenizer and
+    divides among the tensor-parallel ranks."""
     if tokenizer_vocab > hf_vocab:
         raise ConversionError(f"the tokenizer has {tokenizer_vocab} tokens but the model's embedding "
                               f"only {hf_vocab} rows (vocab_size); use the model's tokenizer")
-    if padded_vocab_size(tokenizer_vocab, divisor, tp) == hf_vocab:
-        return divisor
-    if divisor_given:
-        raise ConversionError(
-            f"--make-vocab-size-divisible-by {divisor} pads the tokenizer's {tokenizer_vocab} tokens to "
-            f"{padded_vocab_size(tokenizer_vocab, divisor, tp)} at --tensor-model-parallel-size {tp}, but "
-            f"the model has {hf_vocab} embedding rows; drop the flag to have one chosen")
     if hf_vocab % tp:
-        raise ConversionError(f"vocab_size {hf_vocab} is not divisible by --tensor-model-parallel-size {tp}")
-    for d in range(1, hf_vocab // tp + 1):
-        if (hf_vocab // tp) % d == 0 and padded_vocab_size(tokenizer_vocab, d, tp) == hf_vocab:
-            return d
-    return hf_vocab // tp  # unreachable: d = hf_vocab / tp always pads to hf_vocab
+        raise ConversionError(f"vocab_size {hf_vocab} does not divide among --tensor-model-parallel-size "
+                              f"{tp} ranks: the trainer would re-pad the embedding (and change the "
+                              "model); continue at a tensor-parallel size that divides it")
 
 
 def _choose_tokenizer(cfg, given: Set[str], hf_dir: str):
@@ -616,11 +618,12 @@ def _format_value(v: Any) -> str:
     return repr(v) if isinstance(v, float) else str(v)
 
 
-def _flags_for(obj, defaults, names: Sequence[str]) -> List[str]:
+def _flags_for(obj, defaults, names: Sequence[str], always: Sequence[str] = ()) -> List[str]:
+    """Flags for the fields of obj that differ from defaults (and those in `always`, when set)."""
     out: List[str] = []
     for name in names:
         value, default = getattr(obj, name), getattr(defaults, name)
-        if value == default or value is None:
+        if value is None or (value == default and name not in always):
             continue
         if isinstance(value, bool):
             if value:
@@ -632,16 +635,20 @@ def _flags_for(obj, defaults, names: Sequence[str]) -> List[str]:
 
 def trainer_flags(cfg) -> List[str]:
     """The pretrain_tst.py flags that reproduce cfg's model, tokenizer and TST settings."""
-    from .arguments import DataArgs, ModelArgs
+    from .arguments import DataArgs, ModelArgs, OptimArgs
     from .config import TSTConfig
 
     m = cfg.model
     model_names = [f.name for f in dataclasses.fields(ModelArgs)
                    if f.name not in _NON_SHAPE_MODEL_FIELDS]
-    flags = _flags_for(m, ModelArgs(), model_names)
+    always = ["num_layers", "hidden_size", "num_attention_heads", "normalization", "norm_epsilon",
+              "rotary_base", "swiglu"] + (["moe_router_topk"] if m.num_experts else [])
+    flags = _flags_for(m, ModelArgs(), model_names, always)
     flags += ["--tokenizer-type", cfg.data.tokenizer_type]
     flags += _flags_for(cfg.data, DataArgs(), ["tokenizer_model"])
     flags += _flags_for(m, ModelArgs(), ["vocab_size", "make_vocab_size_divisible_by"])
+    # the LR schedule: the trainer refuses to resume with other values
+    flags += _flags_for(cfg.optim, OptimArgs(), list(_SCHEDULE_FIELDS), always=("train_iters", "lr"))
     tst_map = {"bag_size": "tst_bag_size", "superposition_ratio": "tst_superposition_ratio",
                "superposition_iters": "tst_superposition_iters", "bag_weighting": "tst_bag_weighting",
                "mode": "tst_mode"}
@@ -693,12 +700,12 @@ def import_checkpoint(hf_dir: str, save: str, run_argv: Sequence[str] = (), *, i
             _apply_hf_model(cfg.model, mc, given)
             tok = _choose_tokenizer(cfg, given, hf_dir)
             hf_vocab = int(mc["vocab_size"])
-            target_tp = cfg.parallel.tensor_model_parallel_size
-            cfg.model.make_vocab_size_divisible_by = _vocab_divisor(
-                tok.vocab_size, hf_vocab, target_tp, cfg.model.make_vocab_size_divisible_by,
-                "make_vocab_size_divisible_by" in given)
+            _check_vocab(tok.vocab_size, hf_vocab, cfg.parallel.tensor_model_parallel_size)
             cfg = _single_rank(cfg)  # the layout this checkpoint is written in
             cfg.ckpt.save, cfg.ckpt.load = save, None
+            if cfg.optim.lr_decay_style == "WSD" and cfg.optim.lr_wsd_decay_iters is None:
+                # the default pretrain_tst.py's argument check fills in (and stores)
+                cfg.optim.lr_wsd_decay_iters = max(1, cfg.optim.train_iters // 10)
             try:
                 num_sup = cfg.tst.num_superposition_iters(cfg.optim.train_iters)
             except ValueError as exc:
@@ -750,7 +757,7 @@ def import_checkpoint(hf_dir: str, save: str, run_argv: Sequence[str] = (), *, i
         stages.close()
 
     flags = trainer_flags(cfg)
-    tps = [t for t in (1, 2, 4, 8, 16) if hf_vocab % t == 0 and _pads_to(tok.vocab_size, cfg, t, hf_vocab)]
+    tps = [t for t in (1, 2, 4, 8, 16) if hf_vocab % t == 0]
     _say(log, f"> imported {arch} from {hf_dir} -> {path} (iteration {iteration}, {consumed_samples} "
               f"samples consumed, {phase} phase; vocab {hf_vocab}, tokenizer {tokenizer_vocab} tokens)")
     if phase == "superposition":
@@ -760,17 +767,11 @@ def import_checkpoint(hf_dir: str, save: str, run_argv: Sequence[str] = (), *, i
                   "larger --train-iters to train on")
     _say(log, "> continue with (plus your data / batch / optimizer flags):")
     _say(log, "  pretrain_tst.py --load " + save + " --no-load-optim " + " ".join(flags))
-    _say(log, f"  (the optimizer is fresh: --no-load-optim; the vocabulary pads to {hf_vocab} at "
+    _say(log, f"  (the optimizer is fresh: --no-load-optim; the {hf_vocab}-row vocabulary is kept at "
               f"--tensor-model-parallel-size {'/'.join(map(str, tps))})")
     return {"path": path, "architecture": arch, "flags": flags, "iteration": iteration,
             "consumed_samples": int(consumed_samples), "vocab_size": hf_vocab, "phase": phase,
             "tensor_parallel_sizes": tps, "run_config": cfg}
-
-
-def _pads_to(tokenizer_vocab: int, cfg, tp: int, hf_vocab: int) -> bool:
-    from .builders import padded_vocab_size
-
-    return padded_vocab_size(tokenizer_vocab, cfg.model.make_vocab_size_divisible_by, tp) == hf_vocab
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,16 +14,16 @@ are gathered from the shard that owns them. Backward is the closed form
 recomputed from the saved logits, so the extra memory does not grow with s: no [..., V] multi-hot
 tensor, no s softmaxes. With s = 1 this is exactly megatron's `vocab_parallel_cross_entropy`.
 
-Two code paths compute the same formula:
-  * fp32 logits, no tensor parallelism: one fused `log_softmax` pass in the forward (the loss is
-    -sum_j coef_j log_softmax(z)[y_j], coef = w v / W) and one fused `softmax` pass in the
-    backward. Each is a single row-wise kernel, where the general path makes four passes over
-    [..., V] (max, subtract, exp, sum): measured 0.7x the time of one F.cross_entropy
-    forward+backward on CPU (bench/bench_mce.py) instead of 1.3x.
-  * otherwise (vocabulary split over a TP group, or bf16/fp16 logits): max and sum-exp, all-reduced
-    over the group. Mixed-dtype arithmetic (`logits - lse` with fp32 lse) yields fp32 without
-    first materialising an fp32 copy of the logits, so bf16 logits need one fp32 [..., V]
-    temporary in the forward and one in the backward (the gradient, computed in place).
+How it is computed (same formula everywhere):
+  * no tensor parallelism: the loss is -sum_j coef_j log_softmax(z)[y_j] (coef = w v / W, which
+    sums to 1) and the gradient starts from softmax(z) -- each one fused row-wise kernel, where
+    max / subtract / exp / sum would be four passes over [..., V]. fp32 logits are processed in
+    one piece (the softmax output becomes the gradient buffer); bf16/fp16 logits in row chunks,
+    so the fp32 copies stay small (CHUNK_BYTES_*) and the only full-size buffer is the gradient
+    in the logits' dtype.
+  * vocabulary split over a TP group: max and sum-exp per position, all-reduced over the group,
+    with the fp32 exp temporaries in row chunks; the gradient is exp(z - lse), chunk by chunk.
+bench/bench_mce.py measures time and memory against one F.cross_entropy and the paper's loop.
 """
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ import torch.distributed as dist
 
 # A label check costs one host sync per call; it catches silent garbage from bad data early.
 CHECK_LABEL_RANGE = True
+# Rows per chunk where the loss works in row chunks (bf16/fp16 logits, TP): the fp32 temporaries
+# stay near this size -- cache-sized on CPU, large on CUDA where every chunk costs kernel launches.
+CHUNK_BYTES_CPU = 8 << 20
+CHUNK_BYTES_CUDA = 1 << 30
 
 
 def _tp_group_and_rank(group):
@@ -73,73 +77,91 @@ def _as_weights(weights, s: int, device) -> torch.Tensor:
     return w if w is not None else torch.tensor(values, dtype=torch.float32, device=device)
 
 
+def _row_chunks(rows: int, vocab: int, device) -> list:
+    """Row ranges whose fp32 [rows, V] temporaries stay near CHUNK_BYTES (one range if small)."""
+    budget = CHUNK_BYTES_CUDA if device.type == "cuda" else CHUNK_BYTES_CPU
+    step = max(1, budget // max(1, 4 * vocab))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
 class _MultiHotCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, weights, ignore_index, group, rank, world):
         vocab_local = logits.shape[-1]
         start = rank * vocab_local
-        # Row-wise fused kernels when nothing is all-reduced and no dtype conversion is needed.
-        fused_rows = group is None and logits.dtype == torch.float32
+        z = logits.reshape(-1, vocab_local)  # a view for contiguous logits
+        y = labels.reshape(-1, labels.shape[-1])
 
         # Target slots owned by this shard (all of them without TP).
-        valid = labels != ignore_index
-        local = labels - start
+        valid = y != ignore_index
+        local = y - start
         in_shard = valid & (local >= 0) & (local < vocab_local)
         idx = torch.where(in_shard, local, torch.zeros_like(local))
 
-        wv = weights * valid  # [..., s]
+        wv = weights * valid  # [rows, s]
         total = wv.sum(dim=-1)  # W per position
         coef = wv / total.clamp_min(1e-30).unsqueeze(-1)  # w_j v_j / W
+        zero = torch.zeros((), dtype=torch.float32, device=z.device)
 
-        if fused_rows:
-            # lse - sum_j coef_j z[y_j] = -sum_j coef_j log_softmax(z)[y_j]   (sum_j coef_j = 1)
-            log_probs = torch.log_softmax(logits, dim=-1)  # the only [..., V] temporary
-            # where, not `* in_shard`: a -inf logit at the placeholder index would give -inf * 0 = NaN
-            target = torch.where(in_shard, torch.gather(log_probs, -1, idx),
-                                 torch.zeros((), dtype=log_probs.dtype))
+        if group is None:
+            # lse - sum_j coef_j z[y_j] = -sum_j coef_j log_softmax(z)[y_j]   (sum_j coef_j = 1):
+            # one fused row-wise kernel. fp32 logits: one pass over all rows (the [rows, V]
+            # log-probabilities are the only temporary); other dtypes: in row chunks, so the fp32
+            # copies stay small.
+            chunks = [(0, z.shape[0])] if z.dtype == torch.float32 else _row_chunks(*z.shape, z.device)
+            target = torch.empty(idx.shape, dtype=torch.float32, device=z.device)
+            for a, b in chunks:
+                log_probs = torch.log_softmax(z[a:b].float(), dim=-1)
+                # where, not `* in_shard`: a -inf logit at the placeholder index would give -inf * 0 = NaN
+                target[a:b] = torch.where(in_shard[a:b], torch.gather(log_probs, -1, idx[a:b]), zero)
+                del log_probs
             loss = -(coef * target).sum(dim=-1)
-            del log_probs
             lse = None
         else:
-            # logsumexp over the whole (sharded) vocabulary, computed once per position. max is
-            # exact in any dtype; `logits - zmax` (fp32 zmax) computes in fp32 without an fp32 copy.
-            zmax = logits.max(dim=-1).values.float()
-            if group is not None:
-                dist.all_reduce(zmax, op=dist.ReduceOp.MAX, group=group)
-            shifted = logits - zmax.unsqueeze(-1)  # the only [..., V] temporary of the forward
-            sumexp = shifted.exp_().sum(dim=-1)
-            del shifted
-            if group is not None:
-                dist.all_reduce(sumexp, group=group)
+            # logsumexp over the whole (sharded) vocabulary, computed once per position: max and
+            # sum-exp all-reduced over the group; the fp32 exp temporaries are made in row chunks.
+            zmax = z.max(dim=-1).values.float()  # exact in any dtype
+            dist.all_reduce(zmax, op=dist.ReduceOp.MAX, group=group)
+            sumexp = torch.empty_like(zmax)
+            for a, b in _row_chunks(*z.shape, z.device):
+                sumexp[a:b] = (z[a:b].float() - zmax[a:b].unsqueeze(-1)).exp_().sum(dim=-1)
+            dist.all_reduce(sumexp, group=group)
             lse = torch.log(sumexp) + zmax
 
             # Target logits from the owning shard; the others contribute 0 to the all-reduce.
             # where, not `* in_shard`: a -inf logit at the placeholder index would give -inf * 0 = NaN
-            target = torch.where(in_shard, torch.gather(logits, -1, idx).float(),
-                                 torch.zeros((), dtype=torch.float32))
-            if group is not None:
-                dist.all_reduce(target, group=group)
+            target = torch.where(in_shard, torch.gather(z, -1, idx).float(), zero)
+            dist.all_reduce(target, group=group)
             loss = lse - (coef * target).sum(dim=-1)
         loss = torch.where(total > 0, loss, torch.zeros_like(loss))
 
-        if lse is None:
-            ctx.save_for_backward(logits, idx, (coef * in_shard), total > 0)
-        else:
-            ctx.save_for_backward(logits, idx, (coef * in_shard), total > 0, lse)
-        return loss
+        saved = (logits, idx, coef * in_shard, total > 0)  # the input itself: no copy is kept
+        ctx.save_for_backward(*(saved if lse is None else saved + (lse,)))
+        return loss.reshape(labels.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_loss):
         logits, idx, coef_local, any_valid, *rest = ctx.saved_tensors
-        g = (grad_loss.float() * any_valid).unsqueeze(-1)
-        if rest:  # softmax from the saved global logsumexp, in place in one fp32 buffer
-            grad = logits - rest[0].unsqueeze(-1)
-            grad.exp_()
-        else:
-            grad = torch.softmax(logits, dim=-1)
-        grad.mul_(g)
-        grad.scatter_add_(-1, idx, -(coef_local * g))
-        return grad.to(logits.dtype), None, None, None, None, None, None
+        z = logits.reshape(-1, logits.shape[-1])
+        g = (grad_loss.reshape(-1).float() * any_valid).unsqueeze(-1)
+        if not rest and z.dtype == torch.float32:
+            # softmax in one fused row-wise pass; its output is the gradient buffer
+            grad = torch.softmax(z, dim=-1)
+            grad.mul_(g)
+            grad.scatter_add_(-1, idx, -(coef_local * g))
+            return grad.view(logits.shape), None, None, None, None, None, None
+        # Row chunks: fp32 math on small temporaries, written into a gradient of the logits' dtype.
+        grad = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+        for a, b in _row_chunks(*z.shape, z.device):
+            if rest:  # softmax from the saved global logsumexp
+                part = (z[a:b].float() - rest[0][a:b].unsqueeze(-1)).exp_()
+            else:
+                part = torch.softmax(z[a:b].float(), dim=-1)
+            ga = g[a:b]
+            part.mul_(ga)
+            part.scatter_add_(-1, idx[a:b], -(coef_local[a:b] * ga))
+            grad[a:b] = part
+        return grad.view(logits.shape), None, None, None, None, None, None
 
 
 def multi_hot_cross_entropy(

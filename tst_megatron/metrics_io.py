@@ -91,11 +91,26 @@ class RunMetrics:
         return bag > 1 and iters > 0
 
     def phase_switch(self) -> Optional[Dict[str, Any]]:
-        """The first recovery training record after superposition ones (None for a baseline).
+        """Where the run switched to recovery (None for a baseline): iteration, data tokens, time.
 
-        Falls back to {"iteration": superposition_iters} from the run record when the logged
-        records do not show the switch (e.g. a sparse log interval skipped it).
+        The run record's superposition_iters is exact; data tokens follow from it (s*L tokens per
+        superposition sample) and the time is interpolated between the neighbouring train records.
+        Without a run record, the first recovery training record after superposition ones.
         """
+        iters = self.meta.get("superposition_iters")
+        if self.uses_superposition and iters:
+            point: Dict[str, Any] = {"iteration": iters}
+            gbs, seq, s = (self.meta.get(k) for k in ("global_batch_size", "seq_length", "tst_bag_size"))
+            if gbs and seq and s:
+                per_sample = seq * s if self.meta.get("tst_mode", "full") in ("full", "input") else seq
+                point["data_tokens"] = iters * gbs * per_sample
+            before = [r for r in self.train if r.get("iteration", 0) <= iters and "elapsed_s" in r]
+            after = [r for r in self.train if r.get("iteration", 0) > iters and "elapsed_s" in r]
+            if before and after:
+                a, b = before[-1], after[0]
+                frac = (iters - a["iteration"]) / max(b["iteration"] - a["iteration"], 1)
+                point["elapsed_s"] = a["elapsed_s"] + frac * (b["elapsed_s"] - a["elapsed_s"])
+            return point
         seen_superposition = False
         for record in self.train:
             phase = record.get("phase")
@@ -103,9 +118,6 @@ class RunMetrics:
                 seen_superposition = True
             elif phase == "recovery" and seen_superposition:
                 return record
-        iters = self.meta.get("superposition_iters")
-        if self.uses_superposition and iters:
-            return {"iteration": iters}
         return None
 
     def final_eval(self) -> Optional[Dict[str, Any]]:

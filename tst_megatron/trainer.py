@@ -171,7 +171,12 @@ class Trainer:
             self._load(self.resume[1])
 
         self.num_sup_iters = cfg.tst.num_superposition_iters(cfg.optim.train_iters)
+        # Creating a DataLoader iterator draws its base seed from the global torch RNG. Keep that
+        # draw out of the training stream (dropout), so that a resumed run continues from exactly
+        # the RNG state its checkpoint restored.
+        rng_state = torch.get_rng_state()
         self._build_data()
+        torch.set_rng_state(rng_state)
         self._setup_logger()
 
     def _check_data_files(self) -> None:

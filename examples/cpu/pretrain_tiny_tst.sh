@@ -22,7 +22,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
 
 export CUDA_VISIBLE_DEVICES=""
 if [[ -z ${NPROC_PER_NODE:-} && -z ${GPUS_PER_NODE:-} ]]; then NPROC_PER_NODE=2; fi
-tst_torchrun_args   # recompute torchrun's flags with the CPU default above
 
 RUN_NAME=${RUN_NAME:-tiny-tst}
 TOKENIZER_TYPE=${TOKENIZER_TYPE:-ByteTokenizer}

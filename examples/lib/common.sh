@@ -13,12 +13,13 @@
 #                SAVE (<repo>/runs/<run name>; also used as --load, so a restart resumes),
 #                DATA_CACHE_PATH (megatron's index cache; default beside the data).
 #   python       PYTHON (<repo>/.venv/bin/python if it exists, else python3).
-#   modes        PRINT_MODEL_SIZE=1: print total/active parameters (`--print-model-size`, no
-#                torchrun, no data, no GPU) and exit.  DRY_RUN=1: print the torchrun command line
-#                and the model size, launch nothing.
+#   modes        PRINT_MODEL_SIZE=1: print total/active parameters (`--print-model-size`: no
+#                torchrun, no data, no GPU, no model built) and exit.
+#                DRY_RUN=1: print the torchrun command line this node would run, run nothing.
 #   signals      SIGTERM to torchrun is passed on to the trainer, which finishes its iteration,
 #                saves and exits 0. torchrun waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (set
-#                here to 600 unless given) before it SIGKILLs workers that are still saving.
+#                here to 300 unless given) before it SIGKILLs workers that are still saving;
+#                torchrun itself then exits 1 ("SignalException: ... got signal: 15") -- expected.
 # Arguments after the script name ("$@") are appended last, so they override the script's flags
 # and the env-driven ones (argparse keeps the last value of a repeated flag). Change the run length
 # with TRAIN_ITERS=N rather than --train-iters N: the WSD decay length is derived from it.
@@ -79,10 +80,7 @@ tst_launch() {
     local nproc nnodes
     nproc=$(tst_nproc_per_node)
     nnodes=${NNODES:-1}
-    if [[ $nnodes -gt 1 && ${RDZV_BACKEND:-static} == static && -z ${NODE_RANK:-} ]]; then
-        echo "error: NNODES=$nnodes needs NODE_RANK (0..$((nnodes - 1))) on each node, or RDZV_BACKEND=c10d" >&2
-        return 2
-    fi
+    tst_torchrun_args || return
 
     # The data/tokenizer/checkpoint flags come from the environment (set by the calling script).
     local io_args=()
@@ -102,31 +100,40 @@ tst_launch() {
         io_args+=(--save "$SAVE" --load "$SAVE")
     fi
 
-    if [[ ${PRINT_MODEL_SIZE:-0} == 1 || ${DRY_RUN:-0} == 1 ]]; then
-        local size_args=(--print-model-size)
-        # No tokenizer file needed to print sizes: use the vocabulary the config is meant for.
-        if [[ -n ${VOCAB_SIZE:-} && ( ${TOKENIZER_TYPE:-HuggingFaceTokenizer} == NullTokenizer || \
-              -z ${TOKENIZER_MODEL:-} || ! -e ${TOKENIZER_MODEL:-/nonexistent} ) ]]; then
-            size_args+=(--vocab-size "$VOCAB_SIZE")
+    if [[ ${DRY_RUN:-0} == 1 ]]; then
+        echo "# DRY_RUN=1: on each of $nnodes node(s) (this is NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}), $nproc process(es) per node:"
+        tst_print_cmd "$PYTHON" -m torch.distributed.run "${TSTRUN_TORCHRUN_ARGS[@]}" \
+            "$REPO_ROOT/pretrain_tst.py" "${io_args[@]}" "${train_args[@]}"
+        return 0
+    fi
+
+    if [[ ${PRINT_MODEL_SIZE:-0} == 1 ]]; then
+        local size_args=(--print-model-size) filtered=() skip=0 a drop="--save --load"
+        # Sizes need the vocabulary, not the tokenizer: without the tokenizer file, print them for
+        # a VOCAB_SIZE-id vocabulary (NullTokenizer with VOCAB_SIZE-1 data ids + EOD = VOCAB_SIZE).
+        if [[ ${TOKENIZER_TYPE:-HuggingFaceTokenizer} != NullTokenizer && -n ${VOCAB_SIZE:-} && \
+              ( -z ${TOKENIZER_MODEL:-} || ! -e ${TOKENIZER_MODEL:-/nonexistent} ) && \
+              ${TOKENIZER_TYPE:-HuggingFaceTokenizer} != ByteTokenizer ]]; then
+            echo "[tst_launch] no tokenizer at '${TOKENIZER_MODEL:-}': sizes for a $VOCAB_SIZE-token vocabulary" >&2
+            size_args+=(--tokenizer-type NullTokenizer --vocab-size $(( VOCAB_SIZE - 1 )))
+            drop+=" --tokenizer-type --tokenizer-model"
         fi
-        if [[ ${DRY_RUN:-0} == 1 ]]; then
-            echo "# DRY_RUN=1: would run on each of $nnodes node(s) (NODE_RANK=${NODE_RANK:-0} here):"
-            tst_print_cmd "$PYTHON" -m torch.distributed.run "${TSTRUN_TORCHRUN_ARGS[@]}" \
-                "$REPO_ROOT/pretrain_tst.py" "${io_args[@]}" "${train_args[@]}"
-        fi
-        local filtered=() skip=0 a
-        # --load must name an existing directory; size printing needs neither --save nor --load.
+        # Size printing needs neither --save nor --load (and --load must name an existing dir).
         for a in "${io_args[@]}"; do
             if (( skip )); then skip=0; continue; fi
-            if [[ $a == --save || $a == --load ]]; then skip=1; continue; fi
+            if [[ " $drop " == *" $a "* ]]; then skip=1; continue; fi
             filtered+=("$a")
         done
         "$PYTHON" "$REPO_ROOT/pretrain_tst.py" "${filtered[@]}" "${size_args[@]}" "${train_args[@]}"
         return $?
     fi
 
+    if [[ $nnodes -gt 1 && ${RDZV_BACKEND:-static} == static && -z ${NODE_RANK:-} ]]; then
+        echo "error: NNODES=$nnodes needs NODE_RANK (0..$((nnodes - 1))) on each node, or RDZV_BACKEND=c10d" >&2
+        return 2
+    fi
     if [[ -n ${SAVE:-} ]]; then mkdir -p "$SAVE"; fi
-    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
+    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
     # Threads per process on CPU: torchrun would set 1; keep the user's choice if given.
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     local cmd=("$PYTHON" -m torch.distributed.run "${TSTRUN_TORCHRUN_ARGS[@]}"
@@ -136,8 +143,7 @@ tst_launch() {
     exec "${cmd[@]}"
 }
 
-# torchrun's own flags, from the topology variables. Filled when this file is sourced so that
-# DRY_RUN can print them.
+# torchrun's own flags, from the topology variables, into TSTRUN_TORCHRUN_ARGS.
 tst_torchrun_args() {
     local nproc nnodes
     nproc=$(tst_nproc_per_node)
@@ -163,4 +169,3 @@ tst_torchrun_args() {
     fi
 }
 TSTRUN_TORCHRUN_ARGS=()
-tst_torchrun_args

@@ -27,18 +27,19 @@ log() { echo "[setup_slurm] $*"; }
 die() { echo "[setup_slurm] error: $*" >&2; exit 1; }
 
 stop_daemons() {
-    # Only the daemons this script started, found by their pid files.
-    local f pid
-    for f in /run/slurmd.pid /run/slurmctld.pid /run/munge/munged.pid; do
-        if [[ -f $f ]]; then
-            pid=$(cat "$f" 2>/dev/null || true)
-            if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
-                log "stopping pid $pid ($f)"
-                kill "$pid" 2>/dev/null || true
-                for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-            fi
-            rm -f "$f"
+    # Only the daemons this script started: found by their pid files, and only if the pid still
+    # belongs to that daemon (a stale pid file may name an unrelated process by now).
+    local f name pid
+    for f in /run/slurmd.pid:slurmd /run/slurmctld.pid:slurmctld /run/munge/munged.pid:munged; do
+        name=${f#*:}; f=${f%%:*}
+        [[ -f $f ]] || continue
+        pid=$(cat "$f" 2>/dev/null || true)
+        if [[ $pid =~ ^[0-9]+$ ]] && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$name" ]]; then
+            log "stopping $name (pid $pid)"
+            kill "$pid" 2>/dev/null || true
+            for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
         fi
+        rm -f "$f"
     done
 }
 
@@ -138,7 +139,7 @@ EOF
 
 # ---------------------------------------------------------------- 4. daemons
 log "starting slurmctld"
-slurmctld -i   # -i: ignore state from a previous run of this script
+slurmctld -c   # -c: a clean controller, no jobs or state from a previous run
 log "starting slurmd"
 slurmd -N localhost
 

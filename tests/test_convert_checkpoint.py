@@ -1,0 +1,436 @@
+"""tools/convert_checkpoint.py end to end: trainer checkpoints <-> Hugging Face `transformers`.
+
+Three tiny models are trained by the trainer (`tst_megatron.trainer.main`, i.e. pretrain_tst.py)
+on 2 Gloo ranks through the TST switch (superposition iterations [0, 4) of 6, checkpoints at 3
+(superposition) and 6 (recovery)):
+
+    llama  GQA, no QK-norm, untied                                   TP=2  -> LlamaForCausalLM
+    qwen3  QK-norm, MHA, tied, head_dim 24 != h/heads, ffn 96,
+           rms eps 1e-6, rope base 1e6                               TP=2  -> Qwen3ForCausalLM
+    moe    QK-norm, GQA, 4 experts top-2 (pre-softmax routing),
+           MoE in layer 0 only (--moe-layer-freq 2)                   EP=2  -> Qwen3MoeForCausalLM
+
+Export (single process, resharded to TP=PP=EP=1) is checked against transformers: logits of the
+HF model equal the megatron model's (the same checkpoint loaded at TP=1 in-process) within 1e-4
+and 20 greedy tokens agree. Import of the export, continued for one iteration by the trainer,
+gives the loss that continuing the original checkpoint gives (both with --no-load-optim: the loss
+of a step is computed before its update, so it depends on the weights and the data only).
+
+Launches cost 5-15 s each on 2 CPU cores, so they are grouped: ONE torchrun trains the three
+models and continues each original for one iteration (the runs go one after another in the same
+two processes); ONE torchrun continues the three imports.
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from tst_megatron import convert as cv  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TOOL = REPO / "tools" / "convert_checkpoint.py"
+K, SUP, SAVE_EVERY = 6, 4, 3  # iterations trained, superposition iterations, save interval
+PROMPT_LEN, NEW_TOKENS = 8, 20
+
+# Batch / data / TST flags shared by every run (model flags per model below).
+RUN = ["--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size", "8", "--lr", "1e-2",
+       "--log-interval", "1", "--eval-iters", "1", "--split", "90,10,0", "--seed", "1234",
+       "--tokenizer-type", "NullTokenizer", "--vocab-size", "256",
+       "--tst-bag-size", "4", "--tst-superposition-iters", str(SUP)]
+SHAPE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--swiglu",
+         "--normalization", "RMSNorm", "--disable-bias-linear"]
+
+# name -> (model flags, layout trained in, layout the import continues in, HF architecture)
+MODELS = {
+    "llama": (["--untie-embeddings-and-output-weights", "--group-query-attention", "--num-query-groups", "2"],
+              ["--tensor-model-parallel-size", "2"], ["--tensor-model-parallel-size", "2"],
+              "LlamaForCausalLM"),
+    "qwen3": (["--qk-layernorm", "--kv-channels", "24", "--ffn-hidden-size", "96", "--norm-epsilon", "1e-6",
+               "--rotary-base", "1000000"],
+              ["--tensor-model-parallel-size", "2"], ["--tensor-model-parallel-size", "1"],  # TP=1 DP=2
+              "Qwen3ForCausalLM"),
+    "moe": (["--untie-embeddings-and-output-weights", "--qk-layernorm", "--group-query-attention",
+             "--num-query-groups", "2", "--num-experts", "4", "--moe-router-topk", "2",
+             "--moe-ffn-hidden-size", "32", "--moe-layer-freq", "2", "--moe-router-pre-softmax"],
+            ["--expert-model-parallel-size", "2"], ["--expert-model-parallel-size", "2"],
+            "Qwen3MoeForCausalLM"),
+}
+
+# Runs several trainer invocations one after another in the same torchrun processes. The first
+# initialises the process group itself (env://, as pretrain_tst.py does); later ones get a fresh
+# group on the launcher's store under their own key prefix (re-running env:// init in a process
+# would reuse the first group's rendezvous keys).
+LAUNCHER = '''
+import json, os, sys
+if __name__ == "__main__":  # guard: torch_dist's writer spawns a helper that imports __main__
+    import torch.distributed as dist
+    from tst_megatron.trainer import main
+    runs = json.load(open(sys.argv[1]))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = None
+    for i, argv in enumerate(runs):
+        if i:
+            if store is None:
+                store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                      is_master=False)
+            dist.init_process_group("gloo", store=dist.PrefixStore(f"run{i}", store), rank=rank,
+                                    world_size=world)
+        rc = main(argv)
+        if rc:
+            sys.exit(rc)
+'''
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+def _env():
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(text: str, n: int = 6000) -> str:
+    return text if len(text) <= n else "...\n" + text[-n:]
+
+
+def _run(cmd, timeout: float):
+    """Run a command in its own session; on timeout end that session (only what we started)."""
+    proc = subprocess.Popen(cmd, cwd=str(REPO), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{' '.join(map(str, cmd[:6]))} ... timed out after {timeout:.0f}s\n{_tail(out)}")
+    return proc.returncode, out
+
+
+def _torchrun(runs, workdir: Path, timeout: float = 300.0) -> str:
+    """All `runs` (pretrain_tst.py argv lists) on 2 Gloo ranks in one launch; returns the output."""
+    script, spec = workdir / "launch_runs.py", workdir / f"runs_{time.time_ns()}.json"
+    script.write_text(LAUNCHER)
+    spec.write_text(json.dumps(runs))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script), str(spec)]
+    rc, out = _run(cmd, timeout)
+    assert rc == 0, f"trainer runs failed (rc={rc})\n{_tail(out)}"
+    return out
+
+
+def _tool(*args, timeout: float = 240.0):
+    return _run([sys.executable, str(TOOL), *map(str, args)], timeout)
+
+
+def _train_loss(metrics_path: Path, iteration: int) -> float:
+    for line in metrics_path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("type") == "train" and rec.get("iteration") == iteration:
+            return rec["loss"]
+    raise AssertionError(f"{metrics_path}: no train record for iteration {iteration}")
+
+
+def _make_data(prefix: str, num_docs: int = 300) -> str:
+    """A learnable pre-tokenized corpus: x[t+1] = (7 x[t] + noise) % 200, uint16 tokens < 256."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(0)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for _ in range(num_docs):
+        n = int(rng.integers(40, 200))
+        x = np.empty(n, dtype=np.int64)
+        x[0] = rng.integers(0, 200)
+        noise = rng.integers(0, 3, size=n)
+        for t in range(n - 1):
+            x[t + 1] = (7 * x[t] + noise[t]) % 200
+        builder.add_document(torch.from_numpy(x.astype(np.uint16)), [n])
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+def _prompt():
+    return torch.randint(0, 200, (2, PROMPT_LEN), generator=torch.Generator().manual_seed(7))
+
+
+@torch.no_grad()
+def _megatron_logits(model, ids):
+    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+    return model(ids, pos, None)
+
+
+@torch.no_grad()
+def _megatron_greedy(model, ids, n):
+    margins = []
+    for _ in range(n):
+        last = _megatron_logits(model, ids)[:, -1]
+        top2 = last.topk(2, dim=-1).values
+        margins.append(float((top2[:, 0] - top2[:, 1]).min()))
+        ids = torch.cat([ids, last.argmax(-1, keepdim=True)], dim=1)
+    return ids, min(margins)
+
+
+def _load_hf(path, dtype=torch.float32):
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    model.generation_config.eos_token_id = None  # compare the plain greedy chains
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# fixtures
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Train the three models (TP=2 / EP=2) and continue each original for one iteration."""
+    root = tmp_path_factory.mktemp("convert")
+    data = _make_data(str(root / "data"))
+    runs = []
+    for name, (model_flags, layout, _, _) in MODELS.items():
+        base = ["--data-path", data] + RUN + SHAPE + model_flags + layout
+        # a K+1-iteration run stopped after K (the trainer refuses to resume another --train-iters)
+        runs.append(base + ["--train-iters", str(K + 1), "--exit-interval", str(K), "--save", str(root / name),
+                            "--save-interval", str(SAVE_EVERY), "--metrics-path", str(root / f"{name}.jsonl")])
+        runs.append(base + ["--train-iters", str(K + 1), "--load", str(root / name), "--no-load-optim",
+                            "--metrics-path", str(root / f"{name}_continued.jsonl")])
+    out = _torchrun(runs, root)
+    for name in MODELS:
+        assert (root / name / "iter_0000003").is_dir() and (root / name / "iter_0000006").is_dir(), _tail(out)
+    return {"root": root, "data": data}
+
+
+@pytest.fixture(scope="module")
+def exports(trained):
+    """name -> export summary; llama through the command line (with its progress bar)."""
+    root, done = trained["root"], {}
+
+    def get(name):
+        if name not in done:
+            out_dir = root / f"hf_{name}"
+            if name == "llama":
+                rc, out = _tool("export", "--load", root / name, "--output", out_dir)
+                assert rc == 0, out
+                assert "export 3/3" in out and "LlamaForCausalLM" in out, out  # tqdm stages + summary
+                done[name] = {"output": str(out_dir), "architecture": "LlamaForCausalLM"}
+            else:
+                done[name] = cv.export_checkpoint(str(root / name), str(out_dir), progress=False, log=None)
+        return done[name]
+
+    return get
+
+
+# ----------------------------------------------------------------------------------------------
+# tests
+# ----------------------------------------------------------------------------------------------
+
+def test_superposition_checkpoint_refused(trained, tmp_path):
+    root = trained["root"]
+    out_dir = tmp_path / "hf"
+    rc, out = _tool("export", "--load", root / "llama", "--iteration", 3, "--output", out_dir)
+    assert rc == 2, out
+    assert "superposition phase" in out and "--allow-superposition-checkpoint" in out, out
+    assert not out_dir.exists()
+    # the iteration directory itself is refused the same way; the flag lets it through
+    with pytest.raises(cv.ConversionError, match="superposition phase"):
+        cv.export_checkpoint(str(root / "llama" / "iter_0000003"), str(out_dir), progress=False, log=None)
+    res = cv.export_checkpoint(str(root / "llama" / "iter_0000003"), str(out_dir),
+                               allow_superposition=True, progress=False, log=None)
+    assert res["iteration"] == 3 and res["phase"] == "superposition"
+    assert (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_export_matches_transformers(trained, exports, name):
+    root = trained["root"]
+    res = exports(name)
+    cfg = json.loads(Path(res["output"], "config.json").read_text())
+    assert cfg["architectures"] == [MODELS[name][3]]
+    meta = json.loads((root / name / "iter_0000006" / "tst_meta.json").read_text())
+    assert cfg["vocab_size"] == meta["vocab_size"] and cfg["eos_token_id"] == 256  # NullTokenizer EOD
+    assert oct(os.stat(Path(res["output"], "model.safetensors")).st_mode & 0o777) != "0o600"
+
+    ids = _prompt()
+    with cv.megatron_session():
+        it, path, meta = cv.resolve_checkpoint(str(root / name))
+        assert it == K
+        model, _ = cv.load_megatron_model(path, meta)
+        ref = _megatron_logits(model, ids)
+        want, margin = _megatron_greedy(model, ids, NEW_TOKENS)
+    hf = _load_hf(res["output"])
+    with torch.no_grad():
+        got = hf(ids).logits
+        gen = hf.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got[:, -1], ref[:, -1], rtol=0, atol=1e-4)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+    assert torch.equal(gen, want), (gen, want, f"smallest greedy top-2 margin {margin:.2e}")
+
+
+def test_sharded_bfloat16_export(trained, exports, tmp_path):
+    ref = exports("moe")
+    res = cv.export_checkpoint(str(trained["root"] / "moe"), str(tmp_path), max_shard_size="60KB",
+                               dtype="bfloat16", progress=False, log=None)
+    shards = [f for f in res["files"] if f.startswith("model-")]
+    assert len(shards) > 2 and "model.safetensors.index.json" in res["files"]
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    hf = _load_hf(tmp_path, dtype=torch.bfloat16)
+    full = _load_hf(ref["output"])
+    a, b = hf.state_dict(), full.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k].to(torch.bfloat16)), k
+
+
+def test_import_then_continue_matches_original(trained, exports):
+    """export -> import -> one more iteration == one more iteration of the original checkpoint."""
+    root, data = trained["root"], trained["data"]
+    runs, results = [], {}
+    for name, (_, _, layout, arch) in MODELS.items():
+        meta = json.loads((root / name / "iter_0000006" / "tst_meta.json").read_text())
+        save = root / f"imported_{name}"
+        run_flags = RUN + layout + ["--train-iters", str(K + 1)]
+        if name == "llama":  # through the command line
+            rc, out = _tool("import", "--hf", exports(name)["output"], "--save", save, "--iteration", K,
+                            "--consumed-samples", meta["consumed_samples"], "--no-progress", *run_flags)
+            assert rc == 0, out
+            line = next(x for x in out.splitlines() if "pretrain_tst.py --load" in x)
+            flags = line.split("--no-load-optim", 1)[1].split()
+        else:
+            res = cv.import_checkpoint(exports(name)["output"], str(save), run_flags, iteration=K,
+                                       consumed_samples=meta["consumed_samples"], progress=False, log=None)
+            flags = res["flags"]
+            assert res["architecture"] == arch
+        imported = json.loads((save / "iter_0000006" / "tst_meta.json").read_text())
+        assert imported["iteration"] == K and imported["consumed_samples"] == meta["consumed_samples"]
+        assert imported["vocab_size"] == meta["vocab_size"] and imported["phase"] == "recovery"
+        assert not imported["superposition_checkpoint"] and imported["superposition_iters"] == SUP
+        results[name] = imported
+        # only the printed model / tokenizer / TST flags: no model flag of the original command
+        runs.append(["--data-path", data] + RUN + layout + flags +
+                    ["--train-iters", str(K + 1), "--load", str(save), "--no-load-optim",
+                     "--metrics-path", str(root / f"{name}_imported.jsonl")])
+
+    # shape args are stored in the form the trainer compares (defaults stay None)
+    assert results["qwen3"]["args"]["model"]["kv_channels"] == 24
+    assert results["llama"]["args"]["model"]["ffn_hidden_size"] is None
+    assert results["moe"]["args"]["model"]["moe_layer_freq"] == 2
+
+    out = _torchrun(runs, root)
+    for name in MODELS:
+        want = _train_loss(root / f"{name}_continued.jsonl", K + 1)
+        got = _train_loss(root / f"{name}_imported.jsonl", K + 1)
+        # llama / moe continue in the original layout (bitwise in practice); qwen3 at TP=1 DP=2
+        # versus TP=2: only the reduction order differs
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6), (name, got, want, _tail(out, 2000))
+
+
+def _copy_ckpt(src: Path, dst: Path, edit) -> Path:
+    """A copy of one iteration directory with its tst_meta.json args edited (no tensors change)."""
+    shutil.copytree(src, dst)
+    meta_path = dst / "tst_meta.json"
+    meta = json.loads(meta_path.read_text())
+    edit(meta["args"])
+    meta_path.write_text(json.dumps(meta))
+    return dst
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda a: a["model"].update(normalization="LayerNorm"), "normalization"),
+    (lambda a: a["model"].update(swiglu=False), "gated_linear_unit"),
+    (lambda a: a["model"].update(position_embedding_type="learned_absolute"), "position_embedding_type"),
+    (lambda a: a["model"].update(disable_bias_linear=False, qk_layernorm=True), "add_bias_linear"),
+])
+def test_unrepresentable_config_refused(trained, tmp_path, edit, field):
+    src = trained["root"] / "llama" / "iter_0000006"
+    ckpt = _copy_ckpt(src, tmp_path / "iter_0000006", edit)
+    with pytest.raises(cv.ConversionError, match=f"cannot represent {field}"):
+        cv.export_checkpoint(str(ckpt), str(tmp_path / "hf"), progress=False, log=None)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_huggingface_tokenizer_travels(trained, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {str(i): i for i in range(256)}
+    vocab["<|endoftext|>"] = 256
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    tok.save(str(tok_dir / "tokenizer.json"))
+
+    def use_hf_tokenizer(args):
+        args["data"].update(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tok_dir / "tokenizer.json"))
+
+    ckpt = _copy_ckpt(trained["root"] / "llama" / "iter_0000006", tmp_path / "iter_0000006", use_hf_tokenizer)
+    out = tmp_path / "hf"
+    res = cv.export_checkpoint(str(ckpt), str(out), progress=False, log=None)
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(res["files"])
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == 256
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert hf_tok.eos_token == "<|endoftext|>" and hf_tok.eos_token_id == 256
+    assert hf_tok("3 5 7", add_special_tokens=False)["input_ids"] == [3, 5, 7]
+
+    # the tokenizer moved: a clear refusal, and --tokenizer-model finds it again
+    moved = tmp_path / "moved"
+    shutil.move(str(tok_dir), str(moved))
+    with pytest.raises(cv.ConversionError, match="--tokenizer-model"):
+        cv.export_checkpoint(str(ckpt), str(tmp_path / "hf2"), progress=False, log=None)
+    res = cv.export_checkpoint(str(ckpt), str(tmp_path / "hf2"), tokenizer_model=str(moved),
+                               progress=False, log=None)
+    assert "tokenizer.json" in res["files"]
+
+
+def test_import_refusals(exports, tmp_path):
+    hf = exports("llama")["output"]
+    base = ["--tokenizer-type", "NullTokenizer", "--vocab-size", "256"]
+    cases = [
+        (base + ["--hidden-size", "128"], r"--hidden-size 128 contradicts .*hidden_size"),
+        (base + ["--qk-layernorm"], r"--qk-layernorm True contradicts"),
+        (["--vocab-size", "1000"], r"1001 tokens but the model's embedding only 512"),
+        (base + ["--tensor-model-parallel-size", "3"], r"vocab_size 512 does not divide among"),
+        ([], r"no tokenizer.json"),
+        (base + ["--tst-bag-size", "4", "--tst-superposition-iters", "200"], r"must be < train iterations"),
+    ]
+    for i, (argv, message) in enumerate(cases):
+        with pytest.raises(cv.ConversionError, match=message):
+            cv.import_checkpoint(hf, str(tmp_path / f"c{i}"), argv, progress=False, log=None)
+    # an existing checkpoint directory is never written into
+    res = cv.import_checkpoint(hf, str(tmp_path / "ok"), base, progress=False, log=None)
+    assert res["iteration"] == 0 and res["tensor_parallel_sizes"] == [1, 2, 4, 8, 16]
+    with pytest.raises(cv.ConversionError, match="already holds checkpoints"):
+        cv.import_checkpoint(hf, str(tmp_path / "ok"), base, progress=False, log=None)
+    with pytest.raises(cv.ConversionError, match="--consumed-samples"):
+        cv.import_checkpoint(hf, str(tmp_path / "c9"), base, iteration=5, progress=False, log=None)
+
+
+def test_helpers():
+    assert cv.parse_size("5GB") == 5 * 10 ** 9 and cv.parse_size("2GiB") == 2 * 2 ** 30
+    assert cv.parse_size("100KB") == 100_000 and cv.parse_size(123) == 123
+    with pytest.raises(cv.ConversionError, match="--max-shard-size"):
+        cv.parse_size("lots")
+    assert cv._moe_freq_as_int([1, 0, 1, 0], 4) == 2 and cv._moe_freq_as_int(1, 3) == 1
+    with pytest.raises(cv.ConversionError, match="--moe-layer-freq"):
+        cv._moe_freq_as_int([0, 1], 2)

@@ -1,0 +1,276 @@
+"""The launch scripts in examples/: paper configs, multi-node torchrun, SLURM.
+
+* Every paper config script prints (PRINT_MODEL_SIZE=1) a size within +-15% of its nominal one and
+  launches (DRY_RUN=1) with the paper's batch, LR, schedule and TST settings.
+* The CPU example runs as two torchrun "nodes" on this machine (NNODES=2, NODE_RANK=0/1, one
+  process each, Gloo): both finish and the checkpoint is written once.
+* `slurm`-marked: the sbatch script on a real one-node SLURM (tests/slurm/setup_slurm.sh): a tiny
+  CPU job gets the time-limit notice (SIGTERM to the batch shell), saves, requeues itself, resumes
+  from its checkpoint and finishes. Runs only when selected (`pytest -m slurm`) and skips when
+  `sbatch` is missing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+CPU_EXAMPLE = EXAMPLES / "cpu" / "pretrain_tiny_tst.sh"
+SBATCH = EXAMPLES / "slurm" / "pretrain_tst.sbatch"
+
+# script -> (nominal total, nominal active, what the paper used)
+PAPER = {
+    "pretrain_tst_270m.sh": dict(total=270e6, active=270e6, lr=2e-3, tokens=2 ** 21, s=6, ratio=0.3),
+    "pretrain_tst_600m.sh": dict(total=600e6, active=600e6, lr=1e-3, tokens=2 ** 21, s=6, ratio=0.3),
+    "pretrain_tst_3b.sh": dict(total=3e9, active=3e9, lr=2e-4, tokens=2 ** 21, s=6, ratio=0.3),
+    "pretrain_tst_moe_10b_a1b.sh": dict(total=10e9, active=1e9, lr=3e-4, tokens=2 ** 23, s=16, ratio=None),
+}
+TOLERANCE = 0.15
+SIZE_RE = re.compile(r"parameters: total ([\d,]+) .*active per token ([\d,]+)")
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC_PER_NODE", "GPUS_PER_NODE",
+                        "RDZV_BACKEND", "DATA_PATH", "SAVE", "TRAIN_ITERS", "PRINT_MODEL_SIZE", "DRY_RUN",
+                        "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHON"] = sys.executable
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _flags(argv):
+    """{flag: [values]} of a pretrain_tst.py command line (last occurrence wins, as in argparse)."""
+    out, key = {}, None
+    for a in argv:
+        if a.startswith("--"):
+            key = a
+            out[key] = []
+        elif key is not None:
+            out[key].append(a)
+    return out
+
+
+# ----------------------------------------------------------------------------- paper configs
+@pytest.fixture(scope="module")
+def printed_sizes():
+    """PRINT_MODEL_SIZE=1 output of every config script, run concurrently (each imports megatron)."""
+    procs = {name: subprocess.Popen(["bash", str(EXAMPLES / name)], cwd=REPO, env=_env(PRINT_MODEL_SIZE=1),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name in PAPER}
+    out = {}
+    for name, p in procs.items():
+        stdout, stderr = p.communicate(timeout=600)
+        out[name] = (p.returncode, stdout, stderr)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_config_model_size(name, printed_sizes):
+    rc, stdout, stderr = printed_sizes[name]
+    assert rc == 0, f"{name}: PRINT_MODEL_SIZE=1 failed\n{stdout}\n{stderr[-3000:]}"
+    m = SIZE_RE.search(stdout)
+    assert m, f"{name}: no size line in\n{stdout}"
+    total, active = (int(x.replace(",", "")) for x in m.groups())
+    nominal = PAPER[name]
+    for what, got, want in (("total", total, nominal["total"]), ("active", active, nominal["active"])):
+        assert abs(got - want) <= TOLERANCE * want, \
+            f"{name}: {what} parameters {got:,} not within +-15% of the nominal {want:,.0f}"
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_config_launch_line(name):
+    """DRY_RUN=1: the torchrun line a node would run carries the paper's recipe."""
+    paper = PAPER[name]
+    p = subprocess.run(["bash", str(EXAMPLES / name), "--eval-interval", "77"], cwd=REPO,
+                       env=_env(DRY_RUN=1, NNODES=4, NODE_RANK=3, MASTER_ADDR="node0", MASTER_PORT=12345,
+                                GPUS_PER_NODE=8, SAVE="/ckpt/x"),
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    argv = shlex.split(p.stdout.strip().splitlines()[-1])
+    i = argv.index("torch.distributed.run")
+    torchrun = _flags(argv[i + 1:argv.index(str(REPO / "pretrain_tst.py"))])
+    assert torchrun["--nnodes"] == ["4"] and torchrun["--node-rank"] == ["3"]
+    assert torchrun["--nproc-per-node"] == ["8"]
+    assert torchrun["--master-addr"] == ["node0"] and torchrun["--master-port"] == ["12345"]
+    f = _flags(argv[argv.index(str(REPO / "pretrain_tst.py")) + 1:])
+    one = lambda k: f[k][-1]  # noqa: E731
+    assert int(one("--seq-length")) * int(one("--global-batch-size")) == paper["tokens"]
+    assert float(one("--lr")) == paper["lr"]
+    assert one("--lr-decay-style") == "WSD" and one("--lr-warmup-iters") == "2000"
+    assert int(one("--lr-wsd-decay-iters")) == int(one("--train-iters")) // 10
+    assert (one("--adam-beta1"), one("--adam-beta2")) == ("0.9", "0.95")
+    assert "--bf16" in f and "--untie-embeddings-and-output-weights" in f and "--swiglu" in f
+    assert one("--normalization") == "RMSNorm" and one("--position-embedding-type") == "rope"
+    assert "--group-query-attention" in f
+    assert int(one("--tst-bag-size")) == paper["s"]
+    if paper["ratio"] is not None:
+        assert float(one("--tst-superposition-ratio")) == paper["ratio"]
+    else:  # the MoE: the paper's 12,483 superposition steps of 49,983
+        assert (one("--tst-superposition-iters"), one("--train-iters")) == ("12483", "49983")
+        assert "--qk-layernorm" in f and one("--moe-router-topk") == "8"
+    assert f["--save"] == ["/ckpt/x"] and f["--load"] == ["/ckpt/x"]  # requeue-friendly: same dir
+    assert one("--eval-interval") == "77"  # "$@" passes through, last
+
+
+def test_baseline_switch():
+    """TST_BAG_SIZE=1 gives the plain next-token run of the same config."""
+    p = subprocess.run(["bash", str(EXAMPLES / "pretrain_tst_270m.sh")], cwd=REPO,
+                       env=_env(DRY_RUN=1, TST_BAG_SIZE=1), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    f = _flags(shlex.split(p.stdout.strip().splitlines()[-1]))
+    assert f["--tst-bag-size"] == ["1"] and "--tst-superposition-ratio" not in f
+
+
+def test_multinode_needs_node_rank():
+    p = subprocess.run(["bash", str(EXAMPLES / "pretrain_tst_270m.sh")], cwd=REPO,
+                       env=_env(NNODES=2, DATA_PATH="/nonexistent"), capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "NODE_RANK" in p.stderr
+
+
+# ----------------------------------------------------------------------------- two torchrun "nodes"
+def test_two_node_torchrun_cpu(tmp_path):
+    """Two torchrun processes as nodes 0 and 1 of a static rendezvous, one Gloo rank each."""
+    save, data_root = tmp_path / "ckpt", tmp_path / "data"
+    common = dict(NNODES=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=_free_port(), NPROC_PER_NODE=1,
+                  SAVE=save, DATA_ROOT=data_root, TRAIN_ITERS=6, LOG_INTERVAL=2, OMP_NUM_THREADS=1)
+    procs, logs = [], []
+    for rank in (0, 1):
+        log = open(tmp_path / f"node{rank}.log", "w")
+        logs.append(log)
+        # Both nodes start at once: the tiny corpus is built once under the script's lock.
+        procs.append(subprocess.Popen(["bash", str(CPU_EXAMPLE)], cwd=REPO, env=_env(NODE_RANK=rank, **common),
+                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    try:
+        rcs = [p.wait(timeout=480) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        for log in logs:
+            log.close()
+    texts = [(tmp_path / f"node{r}.log").read_text() for r in (0, 1)]
+    assert rcs == [0, 0], "\n\n".join(f"node {r} rc {rc}:\n{t[-4000:]}" for r, (rc, t) in enumerate(zip(rcs, texts)))
+    assert "world 2 " in texts[0] and "training done: 6 iterations" in texts[0]
+    assert "--node-rank 1" in texts[1]
+    # The checkpoint is written once: one iteration directory, the tracker names it, no leftovers.
+    entries = sorted(p.name for p in save.iterdir())
+    assert entries == ["iter_0000006", "latest_checkpointed_iteration.txt", "metrics.jsonl"], entries
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+    ckpt_files = sorted(p.name for p in (save / "iter_0000006").iterdir())
+    assert "metadata.json" in ckpt_files and "common.pt" in ckpt_files, ckpt_files
+    assert sum(f.endswith(".distcp") for f in ckpt_files) >= 2, ckpt_files  # both ranks wrote shards
+    records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    runs = [r for r in records if r.get("type") == "run"]
+    assert len(runs) == 1 and runs[0]["world_size"] == 2, runs
+    assert [r["iteration"] for r in records if r.get("type") == "train"] == [2, 4, 6]
+
+
+# ----------------------------------------------------------------------------- SLURM
+def _slurm_selected(config) -> bool:
+    return "slurm" in (config.getoption("markexpr") or "") or os.environ.get("TST_SLURM_TEST") == "1"
+
+
+def _job_field(job: str, field: str):
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
+    m = re.search(rf"\b{field}=(\S+)", out)
+    return m.group(1) if m else None
+
+
+def _wait_for(predicate, timeout: float, what: str, log: Path, interval: float = 1.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    text = log.read_text() if log.exists() else "(no log)"
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; job log tail:\n{text[-5000:]}\n"
+                f"{_slurm_logs()}")
+
+
+def _slurm_logs() -> str:
+    parts = []
+    for f in ("/var/log/slurm/slurmctld.log", "/var/log/slurm/slurmd.log"):
+        try:
+            parts.append(f"--- {f}\n" + "\n".join(Path(f).read_text().splitlines()[-15:]))
+        except OSError:
+            pass
+    return "\n".join(parts)
+
+
+@pytest.mark.slurm
+def test_slurm_requeue_resume(tmp_path, request):
+    if shutil.which("sbatch") is None:
+        pytest.skip("sbatch not found: `bash tests/slurm/setup_slurm.sh` (Debian, root) starts a one-node SLURM")
+    if not _slurm_selected(request.config):
+        pytest.skip("the SLURM test runs only when selected: pytest -m slurm (or TST_SLURM_TEST=1)")
+    info = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    assert info.returncode == 0 and info.stdout.strip(), \
+        f"SLURM does not answer (sinfo: {info.stderr.strip()}); run tests/slurm/setup_slurm.sh\n{_slurm_logs()}"
+
+    # The script as shipped, with only the GPU request dropped (a CPU-only node has no gres).
+    test_only = subprocess.run(["sbatch", "--test-only", "--gpus-per-node=0", str(SBATCH)], cwd=REPO,
+                               capture_output=True, text=True, timeout=60)
+    assert test_only.returncode == 0 and "to start at" in test_only.stderr, test_only.stderr
+
+    save, data_root = tmp_path / "ckpt", tmp_path / "data"
+    train_iters = 200
+    env = _env(LAUNCH_SCRIPT="examples/cpu/pretrain_tiny_tst.sh", NPROC_PER_NODE=2, SAVE=save, DATA_ROOT=data_root,
+               TRAIN_ITERS=train_iters, LOG_INTERVAL=10, OMP_NUM_THREADS=1)
+    sub = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--time=20", "--job-name=tst-slurm-test",
+                          f"--output={tmp_path}/slurm-%j.out", str(SBATCH)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert sub.returncode == 0, sub.stderr
+    job = sub.stdout.strip().split(";")[0]
+    log = tmp_path / f"slurm-{job}.out"
+    try:
+        # 1. Training runs; then the time-limit notice: SIGTERM to the batch shell, exactly what
+        #    `#SBATCH --signal=B:TERM@120` delivers 120 s before the limit.
+        _wait_for(lambda: log.exists() and re.search(r"iteration +20/", log.read_text()), 420,
+                  "iteration 20 in the job log", log, 0.5)
+        subprocess.run(["scancel", "--signal=TERM", "--batch", job], check=True, timeout=30)
+        # 2. The trainer saves and exits, the script requeues the job, the job restarts, resumes, ends.
+        _wait_for(lambda: _job_field(job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
+                                                            "NODE_FAIL", "OUT_OF_MEMORY")
+                  and _job_field(job, "Restarts") not in (None, "0"), 720, "the requeued job to end", log, 2.0)
+    finally:
+        if _job_field(job, "JobState") in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING"):
+            subprocess.run(["scancel", job], timeout=30)
+    text = log.read_text()
+    state, restarts = _job_field(job, "JobState"), _job_field(job, "Restarts")
+    assert state == "COMPLETED" and restarts == "1", f"job {job}: {state}, restarts {restarts}\n{text[-5000:]}"
+    stopped = re.search(r"> exiting at iteration (\d+) \(signal\)", text)
+    assert stopped, text[-5000:]
+    stop_iter = int(stopped.group(1))
+    assert 20 <= stop_iter < train_iters
+    assert f"requeueing job {job}" in text
+    assert "restart 1 on" in text
+    assert f"resumed from {save}/iter_{stop_iter:07d} at iteration {stop_iter}" in text, text[-5000:]
+    assert f"training done: {train_iters} iterations" in text
+    assert re.search(r"\[sbatch\] finished .* with rc 0", text)
+    # Checkpoints: the one written on SIGTERM and the final one; the tracker names the final one.
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(train_iters)
+    iter_dirs = sorted(p.name for p in save.iterdir() if p.name.startswith("iter_"))
+    assert iter_dirs == [f"iter_{stop_iter:07d}", f"iter_{train_iters:07d}"], iter_dirs
+    # One metrics history across the restart: every logged iteration once, in order.
+    iters = [json.loads(line)["iteration"] for line in (save / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line).get("type") == "train"]
+    assert iters == list(range(10, train_iters + 1, 10)), iters

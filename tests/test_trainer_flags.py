@@ -1,0 +1,337 @@
+"""pretrain_tst.py's flags, one test per group, judged by what the run does (checkpoint contents,
+metrics records, console) against values computed here independently of the trainer.
+
+Groups: model shape, MoE, parallel layout, LR schedule, checkpoint loading (--no-load-optim,
+--no-load-rng); plus --help, --print-model-size and the refusal of unsupported flags.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import pytest
+
+from trainer_utils import (TRAIN_ITERS, assert_ok, base_args, chain_args, checkpoint_at_3,
+                           checkpoint_model_tensors, eval_records, moe_run, numel, reference_runs, run_record,
+                           run_trainer, tail, train_records, workspace)
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+
+
+@pytest.fixture(scope="session")
+def ws(tmp_path_factory):
+    return workspace(tmp_path_factory)
+
+
+# ------------------------------------------------------------------------------ independent counts
+def expected_tensors(h=64, layers=2, heads=4, vocab=256, tp=1, ffn=None, swiglu=False, groups=None, kv=None,
+                     bias=True, norm="RMSNorm", qk_norm=False, untie=False, learned_pos=None,
+                     experts=None, topk=2, moe_ffn=None, shared=None):
+    """Parameter tensors of a GPT with these settings: name -> (numel, active numel per token).
+
+    Written from the architecture, not from the trainer: NullTokenizer's vocabulary is
+    `--vocab-size` + 1 (EOD), padded to a multiple of 128 x TP; SwiGLU's default FFN width is
+    Megatron-LM's int(4h*2/3 / 64) * 64; fc1 of a gated MLP holds the gate and the up projection.
+    """
+    padded = math.ceil((vocab + 1) / (128 * tp)) * 128 * tp
+    kv = kv or h // heads
+    groups = groups or heads
+    ffn = ffn or (int(4 * h * 2 / 3 / 64) * 64 if swiglu else 4 * h)
+    nb = 2 if norm == "LayerNorm" else 1  # weight (+ bias)
+    b = 1 if bias else 0
+    gate = 2 if swiglu else 1
+
+    def mlp(width):
+        return gate * width * h + b * gate * width + width * h + b * h
+
+    t = {"word_embeddings": (padded * h,) * 2}
+    if learned_pos:
+        t["position_embeddings"] = (learned_pos * h,) * 2
+    for i in range(layers):
+        t[f"{i}.input_norm"] = (nb * h,) * 2
+        t[f"{i}.qkv"] = ((heads + 2 * groups) * kv * h + b * (heads + 2 * groups) * kv,) * 2
+        t[f"{i}.proj"] = (heads * kv * h + b * h,) * 2
+        if qk_norm:
+            t[f"{i}.qk_norms"] = (2 * nb * kv,) * 2
+        t[f"{i}.mlp_norm"] = (nb * h,) * 2
+        if experts:
+            t[f"{i}.router"] = (experts * h,) * 2
+            one = mlp(moe_ffn or ffn)
+            t[f"{i}.experts"] = (experts * one, topk * one)
+            if shared:
+                t[f"{i}.shared_expert"] = (mlp(shared),) * 2
+        else:
+            t[f"{i}.mlp"] = (mlp(ffn),) * 2
+    t["final_norm"] = (nb * h,) * 2
+    if untie:
+        t["output_layer"] = (padded * h,) * 2
+    return t
+
+
+def expected_counts(**kw):
+    t = expected_tensors(**kw)
+    return sum(v[0] for v in t.values()), sum(v[1] for v in t.values())
+
+
+def model_size_flags(kw) -> list:
+    """The command-line flags of an `expected_tensors` configuration."""
+    f = ["--num-layers", str(kw.get("layers", 2)), "--hidden-size", str(kw.get("h", 64)),
+         "--num-attention-heads", str(kw.get("heads", 4)), "--vocab-size", str(kw.get("vocab", 256)),
+         "--tensor-model-parallel-size", str(kw.get("tp", 1))]
+    opt = {"ffn": "--ffn-hidden-size", "kv": "--kv-channels", "norm": "--normalization",
+           "learned_pos": "--max-position-embeddings", "experts": "--num-experts", "topk": "--moe-router-topk",
+           "moe_ffn": "--moe-ffn-hidden-size", "shared": "--moe-shared-expert-intermediate-size"}
+    for k, flag in opt.items():
+        if kw.get(k) is not None:
+            f += [flag, str(kw[k])]
+    if kw.get("groups"):
+        f += ["--group-query-attention", "--num-query-groups", str(kw["groups"])]
+    for k, flag in (("swiglu", "--swiglu"), ("qk_norm", "--qk-layernorm"),
+                    ("untie", "--untie-embeddings-and-output-weights")):
+        if kw.get(k):
+            f.append(flag)
+    if kw.get("bias") is False:
+        f.append("--disable-bias-linear")
+    if kw.get("learned_pos"):
+        f += ["--position-embedding-type", "learned_absolute"]
+    return f
+
+
+def parse_model_size(text: str):
+    m = re.search(r"total ([\d,]+) .*active per token ([\d,]+)", text)
+    assert m, f"no parameter counts printed:\n{text}"
+    return int(m.group(1).replace(",", "")), int(m.group(2).replace(",", ""))
+
+
+SHAPES = {
+    "default": {},
+    "swiglu": dict(swiglu=True),
+    "swiglu_ffn_gqa_nobias": dict(swiglu=True, ffn=96, groups=2, bias=False),
+    "untied_layernorm_qknorm_kv_learnedpos": dict(untie=True, norm="LayerNorm", qk_norm=True, kv=32, learned_pos=64),
+    "deeper_wider": dict(layers=3, h=128, heads=8),
+    "tp2_vocab_padding": dict(tp=2),
+    "moe": dict(experts=4, topk=2, bias=False),
+    "moe_ffn_shared_top1": dict(experts=8, topk=1, moe_ffn=48, shared=32, swiglu=True),
+}
+
+
+# ------------------------------------------------------------------------------ CLI basics
+def test_help_lists_flag_groups():
+    res = run_trainer(["--help"])
+    assert res.returncode == 0, tail(res.stdout)
+    for text in ("usage: pretrain_tst.py", "model shape", "mixture of experts", "parallelism", "checkpointing",
+                 "--tst-bag-size", "--tst-superposition-ratio", "--tensor-model-parallel-size",
+                 "--lr-decay-style", "--no-load-optim", "--print-model-size"):
+        assert text in res.stdout, f"--help lacks {text!r}"
+
+
+@pytest.mark.parametrize("flag", [["--fp16"], ["--foo", "1"]])
+def test_unsupported_flags_rejected(ws, flag):
+    res = run_trainer(base_args(ws.data, metrics_path=os.path.join(str(ws.root), "never.jsonl")) + flag)
+    assert res.returncode != 0
+    assert "unrecognized arguments" in res.stdout and flag[0] in res.stdout, tail(res.stdout)
+    assert "does not implement" in res.stdout and "--help" in res.stdout
+    assert "Traceback" not in res.stdout and "iteration" not in res.stdout
+    assert not os.path.exists(os.path.join(str(ws.root), "never.jsonl"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr-decay-style", "bogus"], "invalid choice: 'bogus'"),
+    (["--tst-bag-size", "0"], "--tst-bag-size must be an integer >= 1"),
+    (["--tst-superposition-ratio", "1.0"], "--tst-superposition-ratio must be in [0, 1)"),
+    (["--ckpt-format", "torch"], "invalid choice: 'torch'"),
+])
+def test_bad_values_rejected(argv, message, capsys):
+    from tst_megatron.arguments import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--vocab-size", "256"] + argv)
+    text = str(exc.value.code) + capsys.readouterr().err
+    assert exc.value.code != 0 and message in text, text
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_print_model_size_matches_independent_count(name, capsys):
+    from tst_megatron.trainer import main
+
+    assert main(model_size_flags(SHAPES[name]) + ["--print-model-size"]) == 0
+    total, active = parse_model_size(capsys.readouterr().out)
+    assert (total, active) == expected_counts(**SHAPES[name])
+    if SHAPES[name].get("experts"):
+        assert active < total
+    else:
+        assert active == total
+
+
+def test_print_model_size_command_line():
+    """As a command: total and active parameters printed, nothing trained, exit 0."""
+    kw = SHAPES["moe_ffn_shared_top1"]
+    res = run_trainer(model_size_flags(kw) + ["--print-model-size"])
+    assert res.returncode == 0, tail(res.stdout)
+    assert parse_model_size(res.stdout) == expected_counts(**kw)
+    assert "iteration" not in res.stdout
+    # the shape flags do change the printed count
+    assert len({expected_counts(**k) for k in SHAPES.values()}) == len(SHAPES)
+
+
+# ------------------------------------------------------------------------------ model shape
+def test_model_shape_flags_reach_the_model(ws):
+    """A run with shape flags saves a checkpoint whose tensors have exactly the expected shapes;
+    the parameter count the run reports equals the checkpoint's."""
+    kw = dict(swiglu=True, ffn=96, groups=2, bias=False, untie=True, norm="LayerNorm", qk_norm=True, kv=32,
+              learned_pos=64)
+    args = base_args(ws.data, tst=False, train_iters=2, eval_interval=None, eval_iters=1, save=ws.path("shape"))
+    res = ws.run("shape", args + model_size_flags(kw)[2:])  # keep base layers/hidden/heads/vocab
+    assert_ok(res)
+    shapes = checkpoint_model_tensors(os.path.join(ws.path("shape"), "iter_0000002"))
+    h, L, v = 64, 2, 384
+    want = {
+        "embedding.word_embeddings.weight": (v, h),
+        "embedding.position_embeddings.weight": (64, h),
+        "decoder.layers.self_attention.linear_qkv.weight": (L, (4 + 2 * 2) * 32, h),  # GQA, kv-channels
+        "decoder.layers.self_attention.linear_proj.weight": (L, h, 4 * 32),
+        "decoder.layers.self_attention.q_layernorm.weight": (L, 32),
+        "decoder.layers.self_attention.k_layernorm.bias": (L, 32),
+        "decoder.layers.mlp.linear_fc1.weight": (L, 2 * 96, h),  # SwiGLU: gate + up
+        "decoder.layers.mlp.linear_fc2.weight": (L, h, 96),
+        "decoder.final_layernorm.bias": (h,),  # LayerNorm
+        "output_layer.weight": (v, h),  # untied
+    }
+    for key, shape in want.items():
+        assert shapes.get(key) == shape, f"{key}: {shapes.get(key)} != {shape}\n{shapes}"
+    assert not [k for k in shapes if k.endswith(("linear_qkv.bias", "linear_proj.bias", "fc1.bias", "fc2.bias"))]
+    total, _ = expected_counts(**kw)
+    assert sum(numel(s) for s in shapes.values()) == total
+    assert run_record(res.records)["parameters"] == total
+
+
+# ------------------------------------------------------------------------------ MoE
+def test_moe_flags_reach_the_model(ws):
+    res = moe_run(ws, "allgather")
+    assert_ok(res)
+    shapes = checkpoint_model_tensors(os.path.join(ws.path("moe_allgather"), "iter_0000012"))
+    assert shapes["decoder.layers.mlp.router.weight"] == (2, 4, 64)
+    assert shapes["decoder.layers.mlp.experts.experts.linear_fc1.weight"] == (2, 4, 256, 64)  # 4 experts, 4h
+    assert shapes["decoder.layers.mlp.experts.experts.linear_fc2.weight"] == (2, 4, 64, 256)
+    assert not [k for k in shapes if k.endswith("bias")]  # --disable-bias-linear
+    total, active = expected_counts(experts=4, topk=2, bias=False)
+    assert sum(numel(s) for s in shapes.values()) == total
+    rr = run_record(res.records)
+    assert (rr["parameters"], rr["active_parameters"]) == (total, active)
+    assert "EP=2 DP=2" in res.stdout
+
+
+# ------------------------------------------------------------------------------ parallel layout
+@pytest.mark.parametrize("world, argv, message", [
+    (1, ["--tensor-model-parallel-size", "2"], "not divisible by --tensor-model-parallel-size (2)"),
+    (2, ["--tensor-model-parallel-size", "2", "--num-attention-heads", "3", "--hidden-size", "63"],
+     "--num-attention-heads (3) must be divisible by --tensor-model-parallel-size (2)"),
+    (2, ["--pipeline-model-parallel-size", "2", "--num-layers", "3"],
+     "--num-layers (3) must be divisible by --pipeline-model-parallel-size (2)"),
+    (2, ["--pipeline-model-parallel-size", "2", "--num-layers", "4", "--num-layers-per-virtual-pipeline-stage", "3"],
+     "--num-layers-per-virtual-pipeline-stage (3) must divide"),
+    (1, ["--num-layers-per-virtual-pipeline-stage", "1"], "needs --pipeline-model-parallel-size > 1"),
+    (2, ["--expert-model-parallel-size", "2"], "--expert-model-parallel-size > 1 needs --num-experts"),
+    (2, ["--expert-model-parallel-size", "2", "--num-experts", "3"],
+     "--num-experts (3) must be divisible by --expert-model-parallel-size (2)"),
+    (1, ["--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+    (2, ["--global-batch-size", "4"], "--global-batch-size (4) must be divisible by --micro-batch-size (4) x "
+                                      "data-parallel size (2)"),
+])
+def test_parallel_layout_checked(world, argv, message):
+    from tst_megatron.arguments import parse_args, validate
+
+    cfg = parse_args(["--data-path", "x", "--vocab-size", "256", "--micro-batch-size", "4"] + argv)
+    with pytest.raises(SystemExit) as exc:
+        validate(cfg, world)
+    assert message in str(exc.value.code), exc.value.code
+
+
+def test_parallel_layout_defaults():
+    """Global batch defaults to micro-batch x DP; a valid layout passes."""
+    from tst_megatron.arguments import parse_args, validate
+
+    cfg = parse_args(["--data-path", "x", "--vocab-size", "256", "--micro-batch-size", "3",
+                      "--tensor-model-parallel-size", "2"])
+    validate(cfg, 4)  # TP=2 x DP=2
+    assert cfg.optim.global_batch_size == 3 * 2
+
+
+# ------------------------------------------------------------------------------ LR schedules
+def expected_lr(n, style, lr, min_lr, warmup, decay_iters, wsd_iters=None):
+    """LR after n optimizer steps (what a record of iteration n holds, as Megatron-LM logs it):
+    linear warmup from 0 over `warmup` steps, then the decay over [warmup, decay_iters]."""
+    if warmup and n <= warmup:
+        return lr * n / warmup
+    if style == "constant":
+        return lr
+    if n > decay_iters:
+        return min_lr
+    if style == "WSD":  # stable at lr, then linear to min_lr over the last wsd_iters steps
+        start = decay_iters - wsd_iters
+        return lr if n <= start else min_lr + (lr - min_lr) * (1 - (n - start) / wsd_iters)
+    frac = (n - warmup) / (decay_iters - warmup)
+    if style == "linear":
+        return min_lr + (lr - min_lr) * (1 - frac)
+    assert style == "cosine"
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+LR_CASES = {
+    "cosine": dict(lr_decay_style="cosine"),
+    "linear_decay_iters_8": dict(lr_decay_style="linear", lr_decay_iters=8),
+    "constant": dict(lr_decay_style="constant"),
+    "WSD_last_4": dict(lr_decay_style="WSD", lr_wsd_decay_iters=4),
+}
+
+
+def test_lr_schedules_follow_the_formulas(ws):
+    """One schedule over both TST phases (switch at 3, no re-warmup): the lr of every record
+    equals the schedule computed here."""
+    iters, lr, min_lr, warmup = 10, 3e-3, 3e-4, 3
+    jobs = [base_args(ws.data, train_iters=iters, tst_superposition_iters=3, eval_interval=None, eval_iters=1,
+                      lr=lr, min_lr=min_lr, lr_warmup_iters=warmup, metrics_path=ws.path(f"lr_{name}.jsonl"), **kw)
+            for name, kw in LR_CASES.items()]
+    results = ws.run_pair([f"lr_{n}" for n in LR_CASES], jobs)
+    seen = {}
+    for (name, kw), res in zip(LR_CASES.items(), results):
+        assert_ok(res, name)
+        tr = train_records(res.records)
+        assert sorted(tr) == list(range(1, iters + 1))
+        got = [tr[n]["lr"] for n in range(1, iters + 1)]
+        want = [expected_lr(n, kw["lr_decay_style"], lr, min_lr, warmup, kw.get("lr_decay_iters", iters),
+                            kw.get("lr_wsd_decay_iters")) for n in range(1, iters + 1)]
+        for n, (g, w) in enumerate(zip(got, want), start=1):
+            assert abs(g - w) <= 1e-9 * lr, f"{name}: lr at iteration {n}: {g!r}, expected {w!r}"
+        assert all(math.isfinite(tr[n]["loss"]) for n in tr)
+        seen[name] = tuple(got)
+    assert len(set(seen.values())) == len(LR_CASES)  # the styles really differ
+
+
+# ------------------------------------------------------------------------------ checkpoint loading flags
+def test_no_load_optim_and_no_load_rng(ws):
+    """From the iteration-3 checkpoint (dropout on): --no-load-optim keeps weights, RNG and the LR
+    schedule but starts Adam afresh (same loss at 4, other losses after); --no-load-rng keeps
+    weights and optimizer but draws other dropout masks (another loss already at 4)."""
+    ref = train_records(reference_runs(ws)[0].records)
+    load = checkpoint_at_3(ws)
+    no_optim, no_rng = ws.run_pair(["no_load_optim", "no_load_rng"], [
+        chain_args(ws, load=load, no_load_optim=True, metrics_path=ws.path("no_load_optim.jsonl")),
+        chain_args(ws, load=load, no_load_rng=True, metrics_path=ws.path("no_load_rng.jsonl"))])
+    for res in (no_optim, no_rng):
+        assert_ok(res)
+        assert "at iteration 3 (superposition phase" in res.stdout, tail(res.stdout)
+        tr = train_records(res.records)
+        assert sorted(tr) == list(range(4, TRAIN_ITERS + 1))
+        for it in tr:  # progress counters and the LR schedule continue where the checkpoint was
+            assert tr[it]["lr"] == ref[it]["lr"], (it, tr[it]["lr"], ref[it]["lr"])
+            assert tr[it]["data_tokens"] == ref[it]["data_tokens"] and tr[it]["phase"] == ref[it]["phase"]
+            assert math.isfinite(tr[it]["loss"])
+    a = train_records(no_optim.records)
+    assert a[4]["loss"] == ref[4]["loss"]  # weights + RNG restored: the same first loss
+    assert a[5]["loss"] != ref[5]["loss"]  # ... but the update used fresh Adam moments
+    b = train_records(no_rng.records)
+    assert b[4]["loss"] != ref[4]["loss"]  # other dropout masks
+    assert abs(b[4]["loss"] - ref[4]["loss"]) < 0.05  # on the same restored weights
+    assert math.isfinite(eval_records(no_rng.records)[TRAIN_ITERS]["val_lm_loss"])
