@@ -393,6 +393,14 @@ def test_huggingface_tokenizer_travels(trained, tmp_path):
     assert hf_tok.eos_token == "<|endoftext|>" and hf_tok.eos_token_id == 256
     assert hf_tok("3 5 7", add_special_tokens=False)["input_ids"] == [3, 5, 7]
 
+    # import without tokenizer flags takes the directory's tokenizer.json and says so
+    res = cv.import_checkpoint(str(out), str(tmp_path / "imported"), ["--train-iters", "10"],
+                               progress=False, log=None)
+    i = res["flags"].index("--tokenizer-type")
+    assert res["flags"][i:i + 4] == ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(out)]
+    meta = json.loads((tmp_path / "imported" / "iter_0000000" / "tst_meta.json").read_text())
+    assert meta["tokenizer_vocab_size"] == 257 and meta["vocab_size"] == 512
+
     # the tokenizer moved: a clear refusal, and --tokenizer-model finds it again
     moved = tmp_path / "moved"
     shutil.move(str(tok_dir), str(moved))
@@ -424,6 +432,30 @@ def test_import_refusals(exports, tmp_path):
         cv.import_checkpoint(hf, str(tmp_path / "ok"), base, progress=False, log=None)
     with pytest.raises(cv.ConversionError, match="--consumed-samples"):
         cv.import_checkpoint(hf, str(tmp_path / "c9"), base, iteration=5, progress=False, log=None)
+
+
+def test_transformers_saved_model_round_trip(tmp_path):
+    """A directory written by transformers' own save_pretrained (v5 names the expert count
+    `num_local_experts`) -> import -> export: the same function."""
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=False, max_position_embeddings=128, rope_theta=1e6, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, mlp_only_layers=[1])
+    torch.manual_seed(0)
+    src = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in src.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
+    src.save_pretrained(str(tmp_path / "src"))
+    res = cv.import_checkpoint(str(tmp_path / "src"), str(tmp_path / "ckpt"), ["--vocab-size", "290"],
+                               progress=False, log=None)
+    assert {"--moe-layer-freq", "--moe-router-pre-softmax", "--kv-channels"} - set(res["flags"]) == {"--kv-channels"}
+    cv.export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "back"), progress=False, log=None)
+    back = _load_hf(tmp_path / "back")
+    ids = torch.randint(0, 290, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, src(ids).logits, rtol=0, atol=1e-5)
 
 
 def test_helpers():

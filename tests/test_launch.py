@@ -3,7 +3,8 @@
 * Every paper config script prints (PRINT_MODEL_SIZE=1) a size within +-15% of its nominal one and
   launches (DRY_RUN=1) with the paper's batch, LR, schedule and TST settings.
 * The CPU example runs as two torchrun "nodes" on this machine (NNODES=2, NODE_RANK=0/1, one
-  process each, Gloo): both finish and the checkpoint is written once.
+  process each, Gloo; and with the c10d rendezvous the sbatch script uses): both finish and the
+  checkpoint is written once.
 * `slurm`-marked: the sbatch script on a real one-node SLURM (tests/slurm/setup_slurm.sh): a tiny
   CPU job gets the time-limit notice (SIGTERM to the batch shell), saves, requeues itself, resumes
   from its checkpoint and finishes. Runs only when selected (`pytest -m slurm`) and skips when
@@ -147,17 +148,22 @@ def test_multinode_needs_node_rank():
 
 
 # ----------------------------------------------------------------------------- two torchrun "nodes"
-def test_two_node_torchrun_cpu(tmp_path):
-    """Two torchrun processes as nodes 0 and 1 of a static rendezvous, one Gloo rank each."""
+@pytest.mark.parametrize("rdzv", ["static", "c10d"])
+def test_two_node_torchrun_cpu(tmp_path, rdzv):
+    """Two torchrun processes as two nodes, one Gloo rank each: static rendezvous with
+    NODE_RANK=0/1, or c10d (what the sbatch script uses) where torchrun assigns the node ranks."""
     save, data_root = tmp_path / "ckpt", tmp_path / "data"
     common = dict(NNODES=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=_free_port(), NPROC_PER_NODE=1,
                   SAVE=save, DATA_ROOT=data_root, TRAIN_ITERS=6, LOG_INTERVAL=2, OMP_NUM_THREADS=1)
+    if rdzv == "c10d":
+        common.update(RDZV_BACKEND="c10d", RDZV_ID=f"test-{os.getpid()}")
     procs, logs = [], []
     for rank in (0, 1):
         log = open(tmp_path / f"node{rank}.log", "w")
         logs.append(log)
+        env = _env(**common) if rdzv == "c10d" else _env(NODE_RANK=rank, **common)
         # Both nodes start at once: the tiny corpus is built once under the script's lock.
-        procs.append(subprocess.Popen(["bash", str(CPU_EXAMPLE)], cwd=REPO, env=_env(NODE_RANK=rank, **common),
+        procs.append(subprocess.Popen(["bash", str(CPU_EXAMPLE)], cwd=REPO, env=env,
                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     try:
         rcs = [p.wait(timeout=480) for p in procs]
@@ -169,8 +175,12 @@ def test_two_node_torchrun_cpu(tmp_path):
             log.close()
     texts = [(tmp_path / f"node{r}.log").read_text() for r in (0, 1)]
     assert rcs == [0, 0], "\n\n".join(f"node {r} rc {rc}:\n{t[-4000:]}" for r, (rc, t) in enumerate(zip(rcs, texts)))
-    assert "world 2 " in texts[0] and "training done: 6 iterations" in texts[0]
-    assert "--node-rank 1" in texts[1]
+    both = "\n".join(texts)
+    assert "world 2 " in both and "training done: 6 iterations" in both
+    if rdzv == "static":
+        assert "--node-rank 1" in texts[1] and "training done" in texts[0]
+    else:
+        assert both.count("--rdzv-backend c10d") == 2
     # The checkpoint is written once: one iteration directory, the tracker names it, no leftovers.
     entries = sorted(p.name for p in save.iterdir())
     assert entries == ["iter_0000006", "latest_checkpointed_iteration.txt", "metrics.jsonl"], entries

@@ -15,9 +15,10 @@ import pytest
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
-from trainer_utils import (BAG, GBS, SEQ, SUP_ITERS, TRAIN_ITERS, assert_ok, base_args, chain_args,
-                           chain_first_leg, checkpoint_model_tensors, copy_checkpoint, eval_records, moe_run,
-                           reference_runs, rel_diff, run_record, tail, train_records, workspace)
+from trainer_utils import (BAG, DISTOPT_FLAGS, GBS, SEQ, SUP_ITERS, TRAIN_ITERS, assert_ok, base_args,
+                           chain_args, chain_first_leg, checkpoint_model_tensors, copy_checkpoint, distopt_run,
+                           eval_records, moe_run, reference_runs, rel_diff, run_record, tail, train_records,
+                           workspace)
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +36,9 @@ def check_tst_run(res, layout: str = None, train_iters: int = TRAIN_ITERS, sup_i
     out = res.stdout
     if layout:
         assert layout in out, f"layout {layout!r} not in the run's banner:\n{tail(out)}"
+    if first <= sup_iters:
+        assert "phase: superposition" in out and "mce loss:" in out, tail(out)
+    assert "phase: recovery" in out and "lm loss:" in out, tail(out)
     if switch_logged is None:
         switch_logged = first <= sup_iters
     assert (f"[TST] phase switch at iteration {sup_iters}:" in out) == switch_logged, tail(out)
@@ -210,8 +214,7 @@ def test_tst_off_is_a_plain_run(ws):
 def test_distributed_optimizer_dp2_save_and_resume(ws):
     """--use-distributed-optimizer over DP=2: trains through the switch, saves (iteration 6, in
     the recovery phase) and a fresh 2-rank process resumes with identical losses."""
-    flags = dict(use_distributed_optimizer=True, lr_decay_style="WSD", lr_warmup_iters=2, lr_wsd_decay_iters=4)
-    full = ws.run("distopt", base_args(ws.data, save=ws.path("distopt"), save_interval=6, **flags), nproc=2)
+    full = distopt_run(ws)
     tr, ev = check_tst_run(full, layout="TP=1 PP=1 EP=1 DP=2")
     check_learned(ev)
     shapes = checkpoint_model_tensors(os.path.join(ws.path("distopt"), "iter_0000006"))
@@ -220,7 +223,7 @@ def test_distributed_optimizer_dp2_save_and_resume(ws):
     load = copy_checkpoint(ws.path("distopt"), 6, ws.path("distopt_at6"))
     resumed = ws.run("distopt_resumed", base_args(ws.data, load=load, save=ws.path("distopt_resumed"),
                                                   save_interval=6, metrics_path=ws.path("distopt_resumed.jsonl"),
-                                                  **flags), nproc=2)
+                                                  **DISTOPT_FLAGS), nproc=2)
     assert_ok(resumed, "distributed-optimizer resume")
     assert "at iteration 6 (recovery phase" in resumed.stdout, tail(resumed.stdout)
     tr2, ev2 = check_tst_run(resumed, first=7)

@@ -12,9 +12,9 @@ import re
 
 import pytest
 
-from trainer_utils import (TRAIN_ITERS, assert_ok, base_args, chain_args, checkpoint_at_3,
-                           checkpoint_model_tensors, eval_records, moe_run, numel, reference_runs, run_record,
-                           run_trainer, tail, train_records, workspace)
+from trainer_utils import (DISTOPT_FLAGS, TRAIN_ITERS, assert_ok, base_args, chain_args, checkpoint_at_3,
+                           checkpoint_model_tensors, distopt_run, eval_records, moe_run, numel,
+                           reference_runs, run_record, run_trainer, tail, train_records, workspace)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
@@ -278,32 +278,39 @@ def expected_lr(n, style, lr, min_lr, warmup, decay_iters, wsd_iters=None):
     return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
-LR_CASES = {
-    "cosine": dict(lr_decay_style="cosine"),
-    "linear_decay_iters_8": dict(lr_decay_style="linear", lr_decay_iters=8),
-    "constant": dict(lr_decay_style="constant"),
-    "WSD_last_4": dict(lr_decay_style="WSD", lr_wsd_decay_iters=4),
+LR_OWN = dict(train_iters=10, tst_superposition_iters=3, eval_interval=None, eval_iters=1, lr=3e-3, min_lr=3e-4,
+              lr_warmup_iters=3)
+LR_CASES = {  # name: (schedule settings as flags; None = a shared run that already has them)
+    "linear_decay_iters_8": dict(LR_OWN, lr_decay_style="linear", lr_decay_iters=8),
+    "constant": dict(LR_OWN, lr_decay_style="constant"),
+    # shared runs: the reference chain run (cosine, warmup 2, min-lr 3e-4, 12 iterations, switch
+    # at 4) and the distributed-optimizer run (WSD, warmup 2, decay over the last 4 of 12, min-lr 0)
+    "cosine": dict(train_iters=TRAIN_ITERS, lr=3e-3, min_lr=3e-4, lr_warmup_iters=2, lr_decay_style="cosine"),
+    "WSD_last_4": dict(train_iters=TRAIN_ITERS, lr=3e-3, min_lr=0.0, **DISTOPT_FLAGS),
 }
 
 
 def test_lr_schedules_follow_the_formulas(ws):
-    """One schedule over both TST phases (switch at 3, no re-warmup): the lr of every record
-    equals the schedule computed here."""
-    iters, lr, min_lr, warmup = 10, 3e-3, 3e-4, 3
-    jobs = [base_args(ws.data, train_iters=iters, tst_superposition_iters=3, eval_interval=None, eval_iters=1,
-                      lr=lr, min_lr=min_lr, lr_warmup_iters=warmup, metrics_path=ws.path(f"lr_{name}.jsonl"), **kw)
-            for name, kw in LR_CASES.items()]
-    results = ws.run_pair([f"lr_{n}" for n in LR_CASES], jobs)
+    """One schedule over both TST phases (no re-warmup at the switch): the lr of every record
+    equals the schedule computed here, for each --lr-decay-style with warmup."""
+    own = [n for n in LR_CASES if n in ("linear_decay_iters_8", "constant")]
+    results = dict(zip(own, ws.run_pair([f"lr_{n}" for n in own], [
+        base_args(ws.data, metrics_path=ws.path(f"lr_{n}.jsonl"), **LR_CASES[n]) for n in own])))
+    results["cosine"] = reference_runs(ws)[0]
+    results["WSD_last_4"] = distopt_run(ws)
     seen = {}
-    for (name, kw), res in zip(LR_CASES.items(), results):
+    for name, kw in LR_CASES.items():
+        res = results[name]
         assert_ok(res, name)
+        iters = kw["train_iters"]
         tr = train_records(res.records)
         assert sorted(tr) == list(range(1, iters + 1))
         got = [tr[n]["lr"] for n in range(1, iters + 1)]
-        want = [expected_lr(n, kw["lr_decay_style"], lr, min_lr, warmup, kw.get("lr_decay_iters", iters),
-                            kw.get("lr_wsd_decay_iters")) for n in range(1, iters + 1)]
+        want = [expected_lr(n, kw["lr_decay_style"], kw["lr"], kw["min_lr"], kw["lr_warmup_iters"],
+                            kw.get("lr_decay_iters", iters), kw.get("lr_wsd_decay_iters"))
+                for n in range(1, iters + 1)]
         for n, (g, w) in enumerate(zip(got, want), start=1):
-            assert abs(g - w) <= 1e-9 * lr, f"{name}: lr at iteration {n}: {g!r}, expected {w!r}"
+            assert abs(g - w) <= 1e-9 * kw["lr"], f"{name}: lr at iteration {n}: {g!r}, expected {w!r}"
         assert all(math.isfinite(tr[n]["loss"]) for n in tr)
         seen[name] = tuple(got)
     assert len(set(seen.values())) == len(LR_CASES)  # the styles really differ

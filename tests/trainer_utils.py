@@ -308,3 +308,11 @@ def moe_run(ws: Workspace, dispatcher: str) -> RunResult:
         {"metrics_path": ws.path(f"moe_{dispatcher}.jsonl")}
     return ws.run(f"moe_{dispatcher}", base_args(ws.data, moe_token_dispatcher_type=dispatcher, **MOE_FLAGS, **extra),
                   nproc=2)
+
+
+DISTOPT_FLAGS = dict(use_distributed_optimizer=True, lr_decay_style="WSD", lr_warmup_iters=2, lr_wsd_decay_iters=4)
+
+
+def distopt_run(ws: Workspace) -> RunResult:
+    """DP=2 with the distributed optimizer and a WSD schedule; saves at 6 and 12 to `distopt/`."""
+    return ws.run("distopt", base_args(ws.data, save=ws.path("distopt"), save_interval=6, **DISTOPT_FLAGS), nproc=2)

@@ -99,7 +99,6 @@ class DataArgs:
     tokenizer_type: str = "NullTokenizer"
     tokenizer_model: Optional[str] = None
     data_cache_path: Optional[str] = None
-    mock_data: bool = False
     num_workers: int = 0
 
 
@@ -226,7 +225,6 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["NullTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "ByteTokenizer"])
     d.add_argument("--tokenizer-model", default=None)
     d.add_argument("--data-cache-path", default=None)
-    d.add_argument("--mock-data", action="store_true", help="megatron's synthetic MockGPTDataset")
     d.add_argument("--num-workers", type=int, default=0)
 
     c = p.add_argument_group("checkpointing")
@@ -388,8 +386,8 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     if cfg.tst.enabled and cfg.tst.superposition_iters is None and cfg.tst.superposition_ratio == 0.0:
         print("warning: --tst-bag-size > 1 with no superposition iterations "
               "(--tst-superposition-ratio / --tst-superposition-iters): this is a plain run", file=sys.stderr)
-    if not cfg.data.data_path and not cfg.data.mock_data:
-        fail("give --data-path PREFIX [PREFIX ...] (from tools/preprocess_data.py) or --mock-data")
+    if not cfg.data.data_path:
+        fail("give --data-path PREFIX [PREFIX ...] (from tools/preprocess_data.py)")
     if cfg.data.tokenizer_type == "NullTokenizer" and m.vocab_size is None:
         fail("--tokenizer-type NullTokenizer needs --vocab-size (the pre-tokenized data's vocabulary)")
     if cfg.data.tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer"):

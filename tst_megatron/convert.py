@@ -22,6 +22,10 @@ Import writes into `tst_meta.json` a RunConfig built from the flags given to the
 the user will continue) with the model fields taken from the HF config, so the trainer's
 checkpoint-compatibility check passes when the printed flags are used. The optimizer is fresh
 (no Adam moments): continue with `--no-load-optim`.
+
+Library use: call from a script with an `if __name__ == "__main__":` guard (or from pytest):
+torch_dist's checkpoint writer starts a helper process with the "spawn" method, which imports the
+main module again.
 """
 from __future__ import annotations
 
@@ -34,7 +38,6 @@ import os
 import re
 import shutil
 import sys
-import time
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 __all__ = [
@@ -124,9 +127,20 @@ class _Stages:
         yield
         self.bar.update(1)
 
-    def close(self) -> None:
-        self.bar.set_postfix_str("done", refresh=True)
+    def close(self, status: str) -> None:
+        self.bar.set_postfix_str(status, refresh=True)
         self.bar.close()
+
+
+@contextlib.contextmanager
+def _stages(desc: str, total: int, enabled: bool) -> Iterator[_Stages]:
+    stages = _Stages(desc, total, enabled)
+    try:
+        yield stages
+    except BaseException:
+        stages.close("failed")
+        raise
+    stages.close("done")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,8 +424,7 @@ def export_checkpoint(load: str, output: str, *, iteration: Optional[int] = None
               f"TP={par.tensor_model_parallel_size} PP={par.pipeline_model_parallel_size} "
               f"EP={par.expert_model_parallel_size}) as {arch} -> {output}")
 
-    stages = _Stages("export", 4 if tok_json else 3, progress)
-    try:
+    with _stages("export", 4 if tok_json else 3, progress) as stages:
         with contextlib.ExitStack() as session:
             with stages.step("reading the torch_dist checkpoint into a TP=PP=EP=1 model"):
                 session.enter_context(megatron_session(cfg.optim.seed))
@@ -429,8 +442,6 @@ def export_checkpoint(load: str, output: str, *, iteration: Optional[int] = None
             with stages.step("copying the tokenizer"):
                 files += _copy_tokenizer(tok, tok_json, output, max_pos)
         _readable(output, files)
-    finally:
-        stages.close()
     if tok_note:
         _say(log, f"  note: {tok_note}")
     n_params = sum(v.numel() for v in hf_sd.values())
@@ -466,8 +477,8 @@ def _parse_run_flags(argv: Sequence[str]):
     parser.prog = "convert_checkpoint.py import"
     _, unknown = parser.parse_known_args(list(argv))
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)} (import takes --hf, --save, "
-                     "--iteration, --consumed-samples, --no-progress and pretrain_tst.py's flags)")
+        raise ConversionError(f"unrecognized arguments: {' '.join(unknown)} (import takes --hf, --save, "
+                              "--iteration, --consumed-samples, --no-progress and pretrain_tst.py's flags)")
     return parse_args(list(argv)), _given_dests(parser, argv)
 
 
@@ -683,8 +694,7 @@ def import_checkpoint(hf_dir: str, save: str, run_argv: Sequence[str] = (), *, i
         raise ConversionError(f"--consumed-samples {consumed_samples}: must be >= 0")
     if os.path.isdir(save) and (os.path.exists(os.path.join(save, ckpt.TRACKER)) or ckpt.list_checkpoints(save)):
         raise ConversionError(f"--save {save} already holds checkpoints; import into a new directory")
-    stages = _Stages("import", 5, progress)
-    try:
+    with _stages("import", 5, progress) as stages:
         with stages.step("reading the Hugging Face directory"):
             try:
                 hf_cfg, hf_sd = hc.load_hf_directory(hf_dir)
@@ -753,8 +763,6 @@ def import_checkpoint(hf_dir: str, save: str, run_argv: Sequence[str] = (), *, i
                           "tokenizer_vocab_size": tokenizer_vocab, "args": cfg.to_dict(),
                           "imported_from": os.path.abspath(hf_dir), "optimizer_state": False}
                 path = ckpt.save_checkpoint(save, iteration, model, optimizer, scheduler, common, False)
-    finally:
-        stages.close()
 
     flags = trainer_flags(cfg)
     tps = [t for t in (1, 2, 4, 8, 16) if hf_vocab % t == 0]

@@ -457,7 +457,9 @@ class _Shape:
             raise ValueError(f"num_key_value_heads: {self.groups} must divide {self.heads}")
         self.moe = [False] * self.layers
         if self.arch == "Qwen3MoeForCausalLM":
-            self.experts = int(c["num_experts"])
+            # transformers v5 writes the expert count as `num_local_experts` (its attribute_map
+            # alias of num_experts); earlier versions and the hub's Qwen3-MoE configs `num_experts`
+            self.experts = int(c["num_experts"] if "num_experts" in c else c["num_local_experts"])
             self.moe_ffn = int(c["moe_intermediate_size"])
             step = int(c.get("decoder_sparse_step") or 1)
             only = set(c.get("mlp_only_layers") or ())

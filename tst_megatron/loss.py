@@ -36,8 +36,9 @@ import torch.distributed as dist
 # A label check costs one host sync per call; it catches silent garbage from bad data early.
 CHECK_LABEL_RANGE = True
 # Rows per chunk where the loss works in row chunks (bf16/fp16 logits, TP): the fp32 temporaries
-# stay near this size -- cache-sized on CPU, large on CUDA where every chunk costs kernel launches.
-CHUNK_BYTES_CPU = 8 << 20
+# stay near this size. CPU: measured at N=2048, bf16, 1 thread, 1-4 MiB chunks run at 0.7-0.9x the
+# time of one F.cross_entropy, 8 MiB and more at 2.2-2.7x. CUDA: large, every chunk costs launches.
+CHUNK_BYTES_CPU = 2 << 20
 CHUNK_BYTES_CUDA = 1 << 30
 
 

@@ -87,6 +87,7 @@ class Trainer:
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
+        self._install_signal_handlers()  # a preemption during setup stops at the first iteration
         enable_cpu_support()
         init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -540,7 +541,6 @@ class Trainer:
         self.timer = Throughput()
         self._train_time = 0.0
         self.elapsed_before = 0.0
-        self._install_signal_handlers()
         eval_interval = lg.eval_interval
         if self.iteration == 0:
             self.run_evaluation()
