@@ -32,7 +32,7 @@ IGNORE = -100
 def _fail(msg: str):
     import pytest
 
-    _fail(msg)
+    pytest.fail(msg)
 
 
 # --------------------------------------------------------------------------- MCE reference

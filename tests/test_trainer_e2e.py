@@ -15,9 +15,9 @@ import pytest
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
-from trainer_utils import (BAG, DISTOPT_FLAGS, GBS, SEQ, SUP_ITERS, TRAIN_ITERS, assert_ok, base_args,
+from trainer_utils import (BAG, DISTOPT_FLAGS, GBS, PLAIN_FLAGS, SEQ, SUP_ITERS, TRAIN_ITERS, assert_ok, base_args,
                            chain_args, chain_first_leg, checkpoint_model_tensors, copy_checkpoint, distopt_run,
-                           eval_records, moe_run, reference_runs, rel_diff, run_record, tail, train_records,
+                           eval_records, moe_run, plain_args, reference_runs, rel_diff, run_record, tail, train_records,
                            workspace)
 
 
@@ -28,20 +28,19 @@ def ws(tmp_path_factory):
 
 # ------------------------------------------------------------------------------ shared checks
 def check_tst_run(res, layout: str = None, train_iters: int = TRAIN_ITERS, sup_iters: int = SUP_ITERS,
-                  first: int = 1, switch_logged: bool = None):
+                  first: int = 1, console_first: int = None):
     """The behaviour every TST run must show; returns (train records, eval records).
-    `first`: the first iteration this process trained (a resumed run); `switch_logged`: whether
-    this process crossed the switch (default: it started before it)."""
+    `first`: the first iteration in the metrics records (later for a resumed run with its own
+    metrics file); `console_first`: the first iteration this process trained (default `first`)."""
     assert_ok(res)
     out = res.stdout
     if layout:
         assert layout in out, f"layout {layout!r} not in the run's banner:\n{tail(out)}"
-    if first <= sup_iters:
-        assert "phase: superposition" in out and "mce loss:" in out, tail(out)
+    console_first = first if console_first is None else console_first
+    crossed = console_first <= sup_iters  # this process trained superposition steps and the switch
+    assert ("phase: superposition" in out and "mce loss:" in out) == crossed, tail(out)
     assert "phase: recovery" in out and "lm loss:" in out, tail(out)
-    if switch_logged is None:
-        switch_logged = first <= sup_iters
-    assert (f"[TST] phase switch at iteration {sup_iters}:" in out) == switch_logged, tail(out)
+    assert (f"[TST] phase switch at iteration {sup_iters}:" in out) == crossed, tail(out)
     tr, ev = train_records(res.records), eval_records(res.records)
     assert sorted(tr) == list(range(first, train_iters + 1)), f"train records for {sorted(tr)}"
     for it, r in tr.items():
@@ -174,7 +173,7 @@ def test_resume_before_and_after_switch_matches_uninterrupted(ws):
     assert "training done: 12 iterations" in leg3.stdout
 
     # the default metrics file <save>/metrics.jsonl now holds the whole run, each iteration once
-    tr, ev = check_tst_run(leg3, switch_logged=False)
+    tr, ev = check_tst_run(leg3, console_first=10)
     run_record(leg3.records)
     _same_trajectory(tr, ref_tr, range(1, TRAIN_ITERS + 1))
     assert sorted(ev) == sorted(ref_ev)
@@ -188,26 +187,26 @@ def test_resume_before_and_after_switch_matches_uninterrupted(ws):
 def test_tst_off_is_a_plain_run(ws):
     """No TST flags and --tst-bag-size 1 (even with superposition iterations asked for) are the
     same plain next-token run: one phase, L data tokens per sample, no multi-hot loss."""
-    common = dict(train_iters=6, tst=False)
+    iters = PLAIN_FLAGS["train_iters"]
     plain, bag1 = ws.run_pair(["plain", "bag1"], [
-        base_args(ws.data, metrics_path=ws.path("plain.jsonl"), **common),
-        base_args(ws.data, metrics_path=ws.path("bag1.jsonl"), tst_bag_size=1, tst_superposition_iters=4, **common)])
-    results = {}
+        plain_args(ws, "plain"), plain_args(ws, "bag1", tst_bag_size=1, tst_superposition_iters=3)])
+    trs = []
     for res in (plain, bag1):
         assert_ok(res)
         assert "phase switch" not in res.stdout and "> TST:" not in res.stdout
+        assert "phase: superposition" not in res.stdout and "mce loss" not in res.stdout
         tr, ev = train_records(res.records), eval_records(res.records)
-        assert sorted(tr) == list(range(1, 7))
+        assert sorted(tr) == list(range(1, iters + 1))
         for it, r in tr.items():
             assert r["phase"] == "recovery" and r["loss_kind"] == "lm"
             assert r["data_tokens"] == r["positions"] == it * GBS * SEQ
             assert math.isfinite(r["loss"])
-        assert all("val_mce_loss" not in e for e in ev.values())
+        assert sorted(ev) == [0, iters] and all("val_mce_loss" not in e for e in ev.values())
+        assert ev[iters]["val_lm_loss"] < ev[0]["val_lm_loss"]
         rr = run_record(res.records)
         assert rr["superposition_iters"] == 0 and rr["tst_bag_size"] == 1
-        results[id(res)] = tr
-    tp, tb = results[id(plain)], results[id(bag1)]
-    _same_trajectory(tb, tp, range(1, 7), keys=("loss", "grad_norm", "lr", "data_tokens"))
+        trs.append(tr)
+    _same_trajectory(trs[1], trs[0], range(1, iters + 1), keys=("loss", "grad_norm", "lr", "data_tokens"))
 
 
 # ------------------------------------------------------------------------------ distributed optimizer

@@ -12,8 +12,8 @@ import re
 
 import pytest
 
-from trainer_utils import (DISTOPT_FLAGS, TRAIN_ITERS, assert_ok, base_args, chain_args, checkpoint_at_3,
-                           checkpoint_model_tensors, distopt_run, eval_records, moe_run, numel,
+from trainer_utils import (DISTOPT_FLAGS, PLAIN_FLAGS, TRAIN_ITERS, assert_ok, base_args, chain_args, checkpoint_at_3,
+                           checkpoint_model_tensors, distopt_run, eval_records, moe_run, numel, plain_args,
                            reference_runs, run_record, run_trainer, tail, train_records, workspace)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
@@ -278,13 +278,13 @@ def expected_lr(n, style, lr, min_lr, warmup, decay_iters, wsd_iters=None):
     return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
-LR_OWN = dict(train_iters=10, tst_superposition_iters=3, eval_interval=None, eval_iters=1, lr=3e-3, min_lr=3e-4,
-              lr_warmup_iters=3)
-LR_CASES = {  # name: (schedule settings as flags; None = a shared run that already has them)
-    "linear_decay_iters_8": dict(LR_OWN, lr_decay_style="linear", lr_decay_iters=8),
-    "constant": dict(LR_OWN, lr_decay_style="constant"),
-    # shared runs: the reference chain run (cosine, warmup 2, min-lr 3e-4, 12 iterations, switch
-    # at 4) and the distributed-optimizer run (WSD, warmup 2, decay over the last 4 of 12, min-lr 0)
+LR_CASES = {  # the schedule flags of each run checked
+    # own run: linear decay ending before the run does (--lr-decay-iters 8 of 10), TST switch at 3
+    "linear_decay_iters_8": dict(train_iters=10, tst_superposition_iters=3, eval_interval=None, eval_iters=1,
+                                 lr=3e-3, min_lr=3e-4, lr_warmup_iters=3, lr_decay_style="linear", lr_decay_iters=8),
+    # shared runs: the plain (TST-off) run, the reference chain run (cosine, warmup 2, min-lr 3e-4,
+    # 12 iterations, switch at 4) and the distributed-optimizer run (WSD: decay over the last 4 of 12)
+    "constant": dict(PLAIN_FLAGS),
     "cosine": dict(train_iters=TRAIN_ITERS, lr=3e-3, min_lr=3e-4, lr_warmup_iters=2, lr_decay_style="cosine"),
     "WSD_last_4": dict(train_iters=TRAIN_ITERS, lr=3e-3, min_lr=0.0, **DISTOPT_FLAGS),
 }
@@ -293,9 +293,10 @@ LR_CASES = {  # name: (schedule settings as flags; None = a shared run that alre
 def test_lr_schedules_follow_the_formulas(ws):
     """One schedule over both TST phases (no re-warmup at the switch): the lr of every record
     equals the schedule computed here, for each --lr-decay-style with warmup."""
-    own = [n for n in LR_CASES if n in ("linear_decay_iters_8", "constant")]
-    results = dict(zip(own, ws.run_pair([f"lr_{n}" for n in own], [
-        base_args(ws.data, metrics_path=ws.path(f"lr_{n}.jsonl"), **LR_CASES[n]) for n in own])))
+    linear, plain = ws.run_pair(["lr_linear", "plain"], [
+        base_args(ws.data, metrics_path=ws.path("lr_linear.jsonl"), **LR_CASES["linear_decay_iters_8"]),
+        plain_args(ws, "plain")])
+    results = {"linear_decay_iters_8": linear, "constant": plain}
     results["cosine"] = reference_runs(ws)[0]
     results["WSD_last_4"] = distopt_run(ws)
     seen = {}

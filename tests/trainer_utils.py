@@ -316,3 +316,13 @@ DISTOPT_FLAGS = dict(use_distributed_optimizer=True, lr_decay_style="WSD", lr_wa
 def distopt_run(ws: Workspace) -> RunResult:
     """DP=2 with the distributed optimizer and a WSD schedule; saves at 6 and 12 to `distopt/`."""
     return ws.run("distopt", base_args(ws.data, save=ws.path("distopt"), save_interval=6, **DISTOPT_FLAGS), nproc=2)
+
+
+# A plain run (no TST flags) with a constant LR after warmup: the TST-off test compares it with
+# --tst-bag-size 1, the LR test checks its schedule.
+PLAIN_FLAGS = dict(train_iters=10, eval_interval=None, eval_iters=1, lr=3e-3, min_lr=3e-4, lr_warmup_iters=3,
+                   lr_decay_style="constant")
+
+
+def plain_args(ws: Workspace, name: str, **extra) -> List[str]:
+    return base_args(ws.data, tst=False, metrics_path=ws.path(f"{name}.jsonl"), **PLAIN_FLAGS, **extra)

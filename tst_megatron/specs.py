@@ -48,9 +48,9 @@ class TorchNorm:
         if config.layernorm_zero_centered_gamma:
             raise ValueError("TorchNorm: layernorm_zero_centered_gamma needs Transformer Engine")
         if config.normalization == "RMSNorm":
-            norm = torch.nn.RMSNorm(hidden_size, eps=eps)
+            norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
         elif config.normalization == "LayerNorm":
-            norm = torch.nn.LayerNorm(hidden_size, eps=eps)
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps, dtype=config.params_dtype)
         else:
             raise ValueError(f"TorchNorm: unsupported normalization {config.normalization!r}")
         for p in norm.parameters():

@@ -369,7 +369,8 @@ class Trainer:
     def _common_state(self) -> dict:
         return {"consumed_samples": self.consumed_samples, "data_tokens": self.data_tokens,
                 "positions": self.positions, "phase": self.phase(self.iteration),
-                "superposition_checkpoint": self.iteration < self.num_sup_iters,
+                # at the switch itself the model has had no next-token step yet
+                "superposition_checkpoint": 0 < self.num_sup_iters and self.iteration <= self.num_sup_iters,
                 "superposition_iters": self.num_sup_iters, "vocab_size": self.vocab_size,
                 "tokenizer_vocab_size": self.tokenizer.vocab_size, "args": self.cfg.to_dict()}
 
@@ -382,7 +383,8 @@ class Trainer:
                                     self._common_state(), self.cfg.parallel.use_distributed_optimizer)
         self.last_checkpoint = path
         phase = self.phase(self.iteration)
-        note = " (superposition phase: not a usable next-token model yet)" if self.iteration < self.num_sup_iters else ""
+        note = (" (superposition phase: not a usable next-token model yet)"
+                if 0 < self.num_sup_iters and self.iteration <= self.num_sup_iters else "")
         self.log.print(f"  saved checkpoint at iteration {self.iteration} to {path} in {time.time() - t0:.1f}s{note}")
 
     def _load(self, path: str) -> None:
@@ -394,9 +396,15 @@ class Trainer:
         load_rng = not c.no_load_rng and same_layout
         if c.override_checkpoint_args:  # the LR schedule of the new flags, from the saved step on
             self.scheduler.override_opt_param_scheduler = True
+        load_optim = not c.no_load_optim
+        if load_optim and meta.get("optimizer_state") is False:
+            # e.g. a checkpoint imported from Hugging Face: weights only, fresh optimizer
+            load_optim = False
+            if self.rank == 0:
+                print(f"> {path} carries no optimizer state (imported); starting a fresh optimizer", flush=True)
         try:
             common = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler,
-                                          load_optim=not c.no_load_optim, load_rng=load_rng,
+                                          load_optim=load_optim, load_rng=load_rng,
                                           use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer)
         except ckpt.CheckpointError as exc:
             fail(str(exc))
@@ -405,8 +413,12 @@ class Trainer:
         self.data_tokens = int(common["data_tokens"])
         self.positions = int(common["positions"])
         self.last_checkpoint = path
-        if c.no_load_optim:  # fresh optimizer: continue the LR schedule where the run was
-            self.scheduler.step(self.iteration) if self.iteration else None
+        if not load_optim:
+            # Mixed precision keeps fp32 master copies made from the *initial* weights: refresh
+            # them from the loaded model, or the first step would write the init back.
+            self.optimizer.reload_model_params()
+            if self.iteration:  # fresh optimizer: continue the LR schedule where the run was
+                self.scheduler.step(self.iteration)
         if self.rank == 0:
             print(f"> resumed from {path} at iteration {self.iteration} "
                   f"({common['phase']} phase, {self.consumed_samples} samples consumed)"
