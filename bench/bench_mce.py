@@ -342,7 +342,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    a = parse_args(argv)
+    threads_before = torch.get_num_threads()
+    try:
+        return _main(parse_args(argv))
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _main(a) -> int:
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     if cuda:

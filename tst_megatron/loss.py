@@ -14,15 +14,13 @@ are gathered from the shard that owns them. Backward is the closed form
 recomputed from the saved logits, so the extra memory does not grow with s: no [..., V] multi-hot
 tensor, no s softmaxes. With s = 1 this is exactly megatron's `vocab_parallel_cross_entropy`.
 
-How it is computed (same formula everywhere):
+How it is computed (same formula everywhere), in chunks of rows whose fp32 temporaries stay near
+CHUNK_BYTES_* (the only full-size buffer is the gradient, in the logits' dtype):
   * no tensor parallelism: the loss is -sum_j coef_j log_softmax(z)[y_j] (coef = w v / W, which
     sums to 1) and the gradient starts from softmax(z) -- each one fused row-wise kernel, where
-    max / subtract / exp / sum would be four passes over [..., V]. fp32 logits are processed in
-    one piece (the softmax output becomes the gradient buffer); bf16/fp16 logits in row chunks,
-    so the fp32 copies stay small (CHUNK_BYTES_*) and the only full-size buffer is the gradient
-    in the logits' dtype.
-  * vocabulary split over a TP group: max and sum-exp per position, all-reduced over the group,
-    with the fp32 exp temporaries in row chunks; the gradient is exp(z - lse), chunk by chunk.
+    max / subtract / exp / sum would be four passes over [..., V];
+  * vocabulary split over a TP group: max and sum-exp per position, all-reduced over the group;
+    the gradient is exp(z - lse).
 bench/bench_mce.py measures time and memory against one F.cross_entropy and the paper's loop.
 """
 from __future__ import annotations
@@ -106,12 +104,9 @@ class _MultiHotCrossEntropy(torch.autograd.Function):
 
         if group is None:
             # lse - sum_j coef_j z[y_j] = -sum_j coef_j log_softmax(z)[y_j]   (sum_j coef_j = 1):
-            # one fused row-wise kernel. fp32 logits: one pass over all rows (the [rows, V]
-            # log-probabilities are the only temporary); other dtypes: in row chunks, so the fp32
-            # copies stay small.
-            chunks = [(0, z.shape[0])] if z.dtype == torch.float32 else _row_chunks(*z.shape, z.device)
+            # one fused row-wise kernel per chunk of rows; the fp32 temporaries stay chunk-sized.
             target = torch.empty(idx.shape, dtype=torch.float32, device=z.device)
-            for a, b in chunks:
+            for a, b in _row_chunks(*z.shape, z.device):
                 log_probs = torch.log_softmax(z[a:b].float(), dim=-1)
                 # where, not `* in_shard`: a -inf logit at the placeholder index would give -inf * 0 = NaN
                 target[a:b] = torch.where(in_shard[a:b], torch.gather(log_probs, -1, idx[a:b]), zero)
@@ -145,7 +140,8 @@ class _MultiHotCrossEntropy(torch.autograd.Function):
         logits, idx, coef_local, any_valid, *rest = ctx.saved_tensors
         z = logits.reshape(-1, logits.shape[-1])
         g = (grad_loss.reshape(-1).float() * any_valid).unsqueeze(-1)
-        if not rest and z.dtype == torch.float32:
+        chunks = _row_chunks(*z.shape, z.device)
+        if not rest and z.dtype == torch.float32 and len(chunks) == 1:
             # softmax in one fused row-wise pass; its output is the gradient buffer
             grad = torch.softmax(z, dim=-1)
             grad.mul_(g)
@@ -153,7 +149,7 @@ class _MultiHotCrossEntropy(torch.autograd.Function):
             return grad.view(logits.shape), None, None, None, None, None, None
         # Row chunks: fp32 math on small temporaries, written into a gradient of the logits' dtype.
         grad = torch.empty(z.shape, dtype=z.dtype, device=z.device)
-        for a, b in _row_chunks(*z.shape, z.device):
+        for a, b in chunks:
             if rest:  # softmax from the saved global logsumexp
                 part = (z[a:b].float() - rest[0][a:b].unsqueeze(-1)).exp_()
             else:
