@@ -204,9 +204,9 @@ def _ratio_stats(times: Dict[str, List[float]], names: List[str]) -> dict:
 
 def run_config(N: int, V: int, s: int, dtype: torch.dtype, device: torch.device, reps: int,
                mem_budget: float, clock: str, seed: int = 0) -> dict:
-    g = torch.Generator(device="cpu").manual_seed(seed + 1000 * s + V)
-    logits = (2.0 * torch.randn(N, V, generator=g)).to(device=device, dtype=dtype).requires_grad_(True)
-    labels = torch.randint(0, V, (N, s), generator=g).to(device)
+    g = torch.Generator(device=device).manual_seed(seed + 1000 * s + V)
+    logits = torch.randn(N, V, generator=g, device=device).mul_(2.0).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, V, (N, s), generator=g, device=device)
     weights = [1.0 / s] * s
     variants = make_variants(labels, weights)
 

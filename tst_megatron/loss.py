@@ -83,6 +83,28 @@ def _row_chunks(rows: int, vocab: int, device) -> list:
     return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
+class _Scratch:
+    """Reusable fp32 chunk buffers: one allocation per call instead of one per chunk (on CPU a
+    fresh allocation of a few MiB usually comes back as fresh pages, and page faults then cost
+    more than the math)."""
+
+    def __init__(self, z: torch.Tensor, chunks: list):
+        self.z = z
+        self.rows = max((b - a for a, b in chunks), default=0)
+        self.bufs = {}
+
+    def buffer(self, name: str, n: int) -> torch.Tensor:
+        if name not in self.bufs:
+            self.bufs[name] = torch.empty((self.rows, self.z.shape[-1]), dtype=torch.float32, device=self.z.device)
+        return self.bufs[name][:n]
+
+    def fp32_rows(self, a: int, b: int) -> torch.Tensor:
+        """z[a:b] in fp32: the rows themselves for fp32 logits, else converted into a buffer."""
+        if self.z.dtype == torch.float32:
+            return self.z[a:b]
+        return self.buffer("convert", b - a).copy_(self.z[a:b])
+
+
 class _MultiHotCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, weights, ignore_index, group, rank, world):
@@ -101,16 +123,17 @@ class _MultiHotCrossEntropy(torch.autograd.Function):
         total = wv.sum(dim=-1)  # W per position
         coef = wv / total.clamp_min(1e-30).unsqueeze(-1)  # w_j v_j / W
         zero = torch.zeros((), dtype=torch.float32, device=z.device)
+        chunks = _row_chunks(*z.shape, z.device)
+        scratch = _Scratch(z, chunks)
 
         if group is None:
             # lse - sum_j coef_j z[y_j] = -sum_j coef_j log_softmax(z)[y_j]   (sum_j coef_j = 1):
             # one fused row-wise kernel per chunk of rows; the fp32 temporaries stay chunk-sized.
             target = torch.empty(idx.shape, dtype=torch.float32, device=z.device)
-            for a, b in _row_chunks(*z.shape, z.device):
-                log_probs = torch.log_softmax(z[a:b].float(), dim=-1)
+            for a, b in chunks:
+                log_probs = torch.log_softmax(scratch.fp32_rows(a, b), dim=-1, out=scratch.buffer("out", b - a))
                 # where, not `* in_shard`: a -inf logit at the placeholder index would give -inf * 0 = NaN
                 target[a:b] = torch.where(in_shard[a:b], torch.gather(log_probs, -1, idx[a:b]), zero)
-                del log_probs
             loss = -(coef * target).sum(dim=-1)
             lse = None
         else:
@@ -119,8 +142,9 @@ class _MultiHotCrossEntropy(torch.autograd.Function):
             zmax = z.max(dim=-1).values.float()  # exact in any dtype
             dist.all_reduce(zmax, op=dist.ReduceOp.MAX, group=group)
             sumexp = torch.empty_like(zmax)
-            for a, b in _row_chunks(*z.shape, z.device):
-                sumexp[a:b] = (z[a:b].float() - zmax[a:b].unsqueeze(-1)).exp_().sum(dim=-1)
+            for a, b in chunks:
+                shifted = torch.sub(scratch.fp32_rows(a, b), zmax[a:b].unsqueeze(-1), out=scratch.buffer("out", b - a))
+                torch.sum(shifted.exp_(), dim=-1, out=sumexp[a:b])
             dist.all_reduce(sumexp, group=group)
             lse = torch.log(sumexp) + zmax
 
@@ -141,23 +165,21 @@ class _MultiHotCrossEntropy(torch.autograd.Function):
         z = logits.reshape(-1, logits.shape[-1])
         g = (grad_loss.reshape(-1).float() * any_valid).unsqueeze(-1)
         chunks = _row_chunks(*z.shape, z.device)
-        if not rest and z.dtype == torch.float32 and len(chunks) == 1:
-            # softmax in one fused row-wise pass; its output is the gradient buffer
-            grad = torch.softmax(z, dim=-1)
-            grad.mul_(g)
-            grad.scatter_add_(-1, idx, -(coef_local * g))
-            return grad.view(logits.shape), None, None, None, None, None, None
-        # Row chunks: fp32 math on small temporaries, written into a gradient of the logits' dtype.
+        scratch = _Scratch(z, chunks)
         grad = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+        fp32 = z.dtype == torch.float32
         for a, b in chunks:
+            # fp32 logits: computed in place in the gradient rows; else in a buffer, then cast.
+            part = grad[a:b] if fp32 else scratch.buffer("out", b - a)
             if rest:  # softmax from the saved global logsumexp
-                part = (z[a:b].float() - rest[0][a:b].unsqueeze(-1)).exp_()
+                torch.sub(scratch.fp32_rows(a, b), rest[0][a:b].unsqueeze(-1), out=part).exp_()
             else:
-                part = torch.softmax(z[a:b].float(), dim=-1)
+                torch.softmax(scratch.fp32_rows(a, b), dim=-1, out=part)
             ga = g[a:b]
             part.mul_(ga)
             part.scatter_add_(-1, idx[a:b], -(coef_local[a:b] * ga))
-            grad[a:b] = part
+            if not fp32:
+                grad[a:b].copy_(part)
         return grad.view(logits.shape), None, None, None, None, None, None
 
 
