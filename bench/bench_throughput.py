@@ -20,8 +20,9 @@ How (one process per bag size s, so megatron's global state is fresh each time):
     --warmup steps of each phase; each block pair gives one ratio.
 
 Reported per s: median step time per phase (wall and process CPU time; the CPU clock decides on
-CPU, where the 2 shared cores make wall time noisy; the data-fetch part of the step is shown
-separately; 1 intra-op thread by default on CPU), raw data tokens/s per phase (superposition gbs*L*s per step, recovery gbs*L), and
+CPU, where the 2 shared cores make wall time noisy, with 1 intra-op thread by default; the
+data-fetch part of the step is shown separately), raw data tokens/s per phase (superposition
+gbs*L*s per step, recovery gbs*L), and
     R = (superposition tokens/s) / (s * recovery tokens/s) = t_recovery / t_superposition,
 the median over block pairs. Target R >= 0.95; the exit status is 1 when R < 0.95 * (1 - noise)
 for some s, noise = relative half inter-quartile range of the recovery-phase step times.
@@ -42,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List
+from typing import List
 
 TARGET = 0.95
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -214,7 +215,7 @@ def machine_description(threads) -> str:
 def format_table(results: List[dict], clock: str) -> str:
     other = "cpu" if clock == "wall" else "wall"
     head = ["s", f"step ms sup / rec ({clock})", "data-fetch ms sup / rec", "raw tokens/s sup / rec",
-            f"R = sup/(s*rec) ({clock})", "noise", f"R compute-only", f"R ({other})", "pass"]
+            f"R = sup/(s*rec) ({clock})", "noise", "R compute-only", f"R ({other})", "pass"]
     rows = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for r in results:
         d, o = r[clock], r[other]
