@@ -52,10 +52,10 @@ def _final_val(metrics_path: str) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(REPO, "outputs", "demo"))
-    p.add_argument("--train-iters", type=int, default=200)
+    p.add_argument("--train-iters", type=int, default=400)
     p.add_argument("--tst-bag-size", type=int, default=4)
     p.add_argument("--tst-superposition-ratio", type=float, default=0.3)
-    p.add_argument("--corpus-bytes", type=int, default=4_000_000)
+    p.add_argument("--corpus-bytes", type=int, default=6_000_000)
     p.add_argument("--vocab-size", type=int, default=2048)
     args = p.parse_args(argv)
 
