@@ -132,6 +132,38 @@ def test_custom_ignore_index_int32_labels_and_non_contiguous_logits():
     torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_inplace_backward_writes_the_same_gradient_into_the_logits(dtype, contiguous, monkeypatch):
+    """The model's form (inplace_backward=True): the gradient is bit-identical to the out-of-place
+    one and, for contiguous logits, lives in the logits' own storage (no [N, V] allocation).
+    Small chunks so that several row chunks are exercised."""
+    import tst_megatron.loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "CHUNK_BYTES_CPU", 4 * 300 * 5)  # 5 rows of V = 300 per chunk
+    weights = TSTConfig(bag_size=4, bag_weighting="power").bag_weights()
+    logits, labels = make_case((8, 3), V=300, s=4, seed=31, dtype=dtype)
+    if not contiguous:
+        logits = logits.transpose(0, 1).contiguous().transpose(0, 1)
+    upstream = torch.randn(labels.shape[:-1], generator=torch.Generator().manual_seed(3))
+
+    a = logits.clone().requires_grad_(True)
+    (multi_hot_cross_entropy(a, labels, weights) * upstream).sum().backward()
+
+    b = logits.clone().requires_grad_(True)
+    seen = {}
+    z = b * 1  # a non-leaf, like the output layer's logits
+    z.register_hook(lambda g: seen.setdefault("grad", g))
+    loss = multi_hot_cross_entropy(z, labels, weights, inplace_backward=True)
+    assert torch.equal(loss, multi_hot_cross_entropy(logits, labels, weights))
+    (loss * upstream).sum().backward()
+    assert torch.equal(b.grad, a.grad)
+    # the logits are dead after the loss: their storage now holds the gradient
+    assert (seen["grad"].data_ptr() == z.data_ptr()) == contiguous
+    if contiguous:
+        assert torch.equal(z.detach(), a.grad)
+
+
 @pytest.mark.parametrize("s", [1, 6])
 def test_bf16_logits(s):
     weights = TSTConfig(bag_size=s, bag_weighting="power").bag_weights()

@@ -108,7 +108,8 @@ class _Scratch:
 
 class _MultiHotCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, weights, ignore_index, group, rank, world):
+    def forward(ctx, logits, labels, weights, ignore_index, group, rank, world, inplace_backward):
+        ctx.inplace_backward = inplace_backward
         vocab_local = logits.shape[-1]
         start = rank * vocab_local
         z = logits.reshape(-1, vocab_local)  # a view for contiguous logits
@@ -167,10 +168,13 @@ class _MultiHotCrossEntropy(torch.autograd.Function):
         g = (grad_loss.reshape(-1).float() * any_valid).unsqueeze(-1)
         chunks = _row_chunks(*z.shape, z.device)
         scratch = _Scratch(z, chunks)
-        grad = torch.empty(z.shape, dtype=z.dtype, device=z.device)
-        fp32 = z.dtype == torch.float32
+        # In place: the gradient overwrites the logits chunk by chunk (each chunk is read into the
+        # fp32 scratch first), so the backward allocates nothing of size [N, V].
+        inplace = ctx.inplace_backward
+        grad = z if inplace else torch.empty(z.shape, dtype=z.dtype, device=z.device)
+        fp32 = z.dtype == torch.float32 and not inplace
         for a, b in chunks:
-            # fp32 logits: computed in place in the gradient rows; else in a buffer, then cast.
+            # fp32 logits: computed in the gradient rows; else in a buffer, then copied / cast.
             part = grad[a:b] if fp32 else scratch.buffer("out", b - a)
             if rest:  # softmax from the saved global logsumexp
                 torch.sub(scratch.fp32_rows(a, b), rest[0][a:b].unsqueeze(-1), out=part).exp_()
@@ -181,7 +185,7 @@ class _MultiHotCrossEntropy(torch.autograd.Function):
             part.scatter_add_(-1, idx[a:b], -(coef_local[a:b] * ga))
             if not fp32:
                 grad[a:b].copy_(part)
-        return grad.view(logits.shape), None, None, None, None, None, None
+        return grad.view(logits.shape), None, None, None, None, None, None, None
 
 
 def multi_hot_cross_entropy(
@@ -190,6 +194,7 @@ def multi_hot_cross_entropy(
     weights: Optional[Union[torch.Tensor, Sequence[float]]] = None,
     ignore_index: int = -100,
     tp_group=None,
+    inplace_backward: bool = False,
 ) -> torch.Tensor:
     """Per-position fp32 multi-hot cross-entropy.
 
@@ -199,6 +204,10 @@ def multi_hot_cross_entropy(
         weights: [s] non-negative slot weights (default uniform); normalisation is per position
             over the valid slots, so they need not sum to 1.
         tp_group: the tensor-parallel group the vocabulary is split over (default: megatron's).
+        inplace_backward: write the gradient into the logits' own storage (the logits are dead after
+            the loss, as in megatron's vocab-parallel CE, which overwrites them in its forward).
+            Saves one [N, V] allocation per backward -- on CPU that is fresh pages, i.e. page
+            faults, every step. Only for logits nothing else reads after the backward.
     Returns:
         [...] fp32 loss, 0 where no target is valid.
     """
@@ -218,4 +227,4 @@ def multi_hot_cross_entropy(
             example = int(labels[bad].flatten()[0])
             raise ValueError(f"multi_hot_cross_entropy: label id {example} is outside the vocabulary "
                              f"[0, {vocab}); check --vocab-size / the tokenizer against the data")
-    return _MultiHotCrossEntropy.apply(logits, labels, w, ignore_index, group, rank, world)
+    return _MultiHotCrossEntropy.apply(logits, labels, w, ignore_index, group, rank, world, inplace_backward)

@@ -56,5 +56,5 @@ class TSTGPTModel(GPTModel):
         # logits [L, b, V/tp]; labels [b, L, s] -> [L, b, s]
         bag_labels = labels.transpose(0, 1).contiguous()
         loss = multi_hot_cross_entropy(logits, bag_labels, self._weights_for(labels.shape[-1]),
-                                       tp_group=self.pg_collection.tp)
+                                       tp_group=self.pg_collection.tp, inplace_backward=True)
         return loss.transpose(0, 1).contiguous()

@@ -102,6 +102,12 @@ def scenario_loss_tp2(outdir):
         grad2 = all_gather_cat(part.grad, dim=-1)
         rec(f"{tag}/loss_vs_tp1", l2, l1, atol)
         rec(f"{tag}/grad_vs_tp1", grad2.float(), full.grad.float(), gatol, grtol)
+        # the model's form: gradient written into the (non-leaf) logits shard itself
+        leaf = logits[..., lo:hi].clone().requires_grad_(True)
+        shard_logits = leaf * 1.0
+        l3 = mce(shard_logits, labels, weights, tp_group=group, inplace_backward=True)
+        (l3 * up).sum().backward()
+        rec(f"{tag}/inplace_grad_vs_out_of_place", leaf.grad.float(), part.grad.float(), 0.0, 0.0)
         ref = dist_utils.reference_mce(logits.float(), labels, weights)
         rec(f"{tag}/loss_vs_loop", l2, ref, atol)
         # the labels of this case do reach both shards
