@@ -50,19 +50,4 @@ MODEL_ARGS=(
     --normalization RMSNorm --norm-epsilon 1e-5 --swiglu --disable-bias-linear
     --untie-embeddings-and-output-weights --init-method-std 0.02
 )
-PARALLEL_ARGS=(
-    --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --use-distributed-optimizer
-)
-TRAIN_ARGS=(
-    --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE"
-    --lr "$LR" --min-lr "$MIN_LR" $(tst_wsd_args "$TRAIN_ITERS" "$WARMUP_ITERS")
-    --adam-beta1 0.9 --adam-beta2 0.95 --adam-eps 1e-8 --weight-decay 0.1 --clip-grad 1.0
-    --bf16 --seed "${SEED:-1234}"
-)
-TST_ARGS=($(tst_tst_args "$TST_BAG_SIZE" "$TST_RATIO" "$TST_WEIGHTING"))
-LOG_ARGS=(
-    --log-interval "${LOG_INTERVAL:-10}" --eval-interval "${EVAL_INTERVAL:-1000}" --eval-iters "${EVAL_ITERS:-10}"
-    --save-interval "${SAVE_INTERVAL:-1000}" --split "${SPLIT:-998,2,0}" --run-name "$RUN_NAME"
-)
-
-tst_launch "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${TRAIN_ARGS[@]}" "${TST_ARGS[@]}" "${LOG_ARGS[@]}" "$@"
+tst_paper_launch "${MODEL_ARGS[@]}" -- "$@"

@@ -42,7 +42,7 @@ GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-2048}
 MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-4}
 TP=${TP:-1}
 PP=${PP:-1}
-EP=${EP:-8}
+EXPERT_PARALLEL=${EP:-8}
 TRAIN_ITERS=${TRAIN_ITERS:-49983}
 WARMUP_ITERS=${WARMUP_ITERS:-2000}
 LR=${LR:-3e-4}
@@ -68,20 +68,4 @@ MODEL_ARGS=(
     --moe-router-load-balancing-type aux_loss --moe-aux-loss-coeff 1e-3
     --moe-token-dispatcher-type alltoall
 )
-PARALLEL_ARGS=(
-    --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
-    --expert-model-parallel-size "$EP" --use-distributed-optimizer
-)
-TRAIN_ARGS=(
-    --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE"
-    --lr "$LR" --min-lr "$MIN_LR" $(tst_wsd_args "$TRAIN_ITERS" "$WARMUP_ITERS")
-    --adam-beta1 0.9 --adam-beta2 0.95 --adam-eps 1e-8 --weight-decay 0.1 --clip-grad 1.0
-    --bf16 --seed "${SEED:-1234}"
-)
-TST_ARGS=($(tst_tst_args "$TST_BAG_SIZE" "$TST_RATIO" "$TST_WEIGHTING" "$TST_ITERS"))
-LOG_ARGS=(
-    --log-interval "${LOG_INTERVAL:-10}" --eval-interval "${EVAL_INTERVAL:-1000}" --eval-iters "${EVAL_ITERS:-10}"
-    --save-interval "${SAVE_INTERVAL:-1000}" --split "${SPLIT:-998,2,0}" --run-name "$RUN_NAME"
-)
-
-tst_launch "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${TRAIN_ARGS[@]}" "${TST_ARGS[@]}" "${LOG_ARGS[@]}" "$@"
+tst_paper_launch "${MODEL_ARGS[@]}" -- "$@"

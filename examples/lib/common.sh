@@ -169,3 +169,33 @@ tst_torchrun_args() {
     fi
 }
 TSTRUN_TORCHRUN_ARGS=()
+
+# The paper's recipe around a model shape, shared by the pretrain_tst_<size>.sh scripts:
+#     tst_paper_launch MODEL_ARG... -- "$@"
+# Reads (set by the calling script, each overridable from the environment): RUN_NAME, SEQ_LENGTH,
+# MICRO_BATCH_SIZE, GLOBAL_BATCH_SIZE, TP, PP, EXPERT_PARALLEL (MoE scripts only), TRAIN_ITERS,
+# WARMUP_ITERS, LR, MIN_LR, TST_BAG_SIZE, TST_RATIO, TST_WEIGHTING, TST_ITERS (optional), SEED,
+# LOG_INTERVAL, EVAL_INTERVAL, EVAL_ITERS, SAVE_INTERVAL, SPLIT.
+# Optimiser as in the paper: AdamW (0.9, 0.95, eps 1e-8), weight decay 0.1, clip 1.0, bf16, WSD.
+tst_paper_launch() {
+    local model_args=()
+    while [[ $# -gt 0 && $1 != -- ]]; do model_args+=("$1"); shift; done
+    if [[ ${1:-} == -- ]]; then shift; fi
+    local parallel_args=(--tensor-model-parallel-size "${TP:-1}" --pipeline-model-parallel-size "${PP:-1}")
+    if [[ -n ${EXPERT_PARALLEL:-} ]]; then parallel_args+=(--expert-model-parallel-size "$EXPERT_PARALLEL"); fi
+    parallel_args+=(--use-distributed-optimizer)
+    # shellcheck disable=SC2207
+    local train_args=(
+        --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE"
+        --lr "$LR" --min-lr "${MIN_LR:-0}" $(tst_wsd_args "$TRAIN_ITERS" "${WARMUP_ITERS:-2000}")
+        --adam-beta1 0.9 --adam-beta2 0.95 --adam-eps 1e-8 --weight-decay 0.1 --clip-grad 1.0
+        --bf16 --seed "${SEED:-1234}"
+    )
+    # shellcheck disable=SC2207
+    local tst_args=($(tst_tst_args "$TST_BAG_SIZE" "$TST_RATIO" "$TST_WEIGHTING" "${TST_ITERS:-}"))
+    local log_args=(
+        --log-interval "${LOG_INTERVAL:-10}" --eval-interval "${EVAL_INTERVAL:-1000}" --eval-iters "${EVAL_ITERS:-10}"
+        --save-interval "${SAVE_INTERVAL:-1000}" --split "${SPLIT:-998,2,0}" --run-name "$RUN_NAME"
+    )
+    tst_launch "${model_args[@]}" "${parallel_args[@]}" "${train_args[@]}" "${tst_args[@]}" "${log_args[@]}" "$@"
+}
