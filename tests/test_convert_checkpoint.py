@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
+import trainer_utils  # noqa: E402
 from tst_megatron import convert as cv  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,16 +103,6 @@ def _env():
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tail(text: str, n: int = 6000) -> str:
-    return text if len(text) <= n else "...\n" + text[-n:]
-
-
 def _run(cmd, timeout: float):
     """Run a command in its own session; on timeout end that session (only what we started)."""
     proc = subprocess.Popen(cmd, cwd=str(REPO), env=_env(), stdout=subprocess.PIPE,
@@ -122,7 +112,7 @@ def _run(cmd, timeout: float):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        pytest.fail(f"{' '.join(map(str, cmd[:6]))} ... timed out after {timeout:.0f}s\n{_tail(out)}")
+        pytest.fail(f"{' '.join(map(str, cmd[:6]))} ... timed out after {timeout:.0f}s\n{trainer_utils.tail(out)}")
     return proc.returncode, out
 
 
@@ -132,9 +122,9 @@ def _torchrun(runs, workdir: Path, timeout: float = 300.0) -> str:
     script.write_text(LAUNCHER)
     spec.write_text(json.dumps(runs))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script), str(spec)]
+           "--master-addr", "127.0.0.1", "--master-port", str(trainer_utils.free_port()), str(script), str(spec)]
     rc, out = _run(cmd, timeout)
-    assert rc == 0, f"trainer runs failed (rc={rc})\n{_tail(out)}"
+    assert rc == 0, f"trainer runs failed (rc={rc})\n{trainer_utils.tail(out)}"
     return out
 
 
@@ -148,25 +138,6 @@ def _train_loss(metrics_path: Path, iteration: int) -> float:
         if rec.get("type") == "train" and rec.get("iteration") == iteration:
             return rec["loss"]
     raise AssertionError(f"{metrics_path}: no train record for iteration {iteration}")
-
-
-def _make_data(prefix: str, num_docs: int = 300) -> str:
-    """A learnable pre-tokenized corpus: x[t+1] = (7 x[t] + noise) % 200, uint16 tokens < 256."""
-    import numpy as np
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    rng = np.random.default_rng(0)
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
-    for _ in range(num_docs):
-        n = int(rng.integers(40, 200))
-        x = np.empty(n, dtype=np.int64)
-        x[0] = rng.integers(0, 200)
-        noise = rng.integers(0, 3, size=n)
-        for t in range(n - 1):
-            x[t + 1] = (7 * x[t] + noise[t]) % 200
-        builder.add_document(torch.from_numpy(x.astype(np.uint16)), [n])
-    builder.finalize(prefix + ".idx")
-    return prefix
 
 
 def _prompt():
@@ -206,7 +177,7 @@ def _load_hf(path, dtype=torch.float32):
 def trained(tmp_path_factory):
     """Train the three models (TP=2 / EP=2) and continue each original for one iteration."""
     root = tmp_path_factory.mktemp("convert")
-    data = _make_data(str(root / "data"))
+    data = trainer_utils.make_data(str(root / "data"), num_docs=300, doc_lengths=(40, 200))
     runs = []
     for name, (model_flags, layout, _, _) in MODELS.items():
         base = ["--data-path", data] + RUN + SHAPE + model_flags + layout
@@ -217,7 +188,7 @@ def trained(tmp_path_factory):
                             "--metrics-path", str(root / f"{name}_continued.jsonl")])
     out = _torchrun(runs, root)
     for name in MODELS:
-        assert (root / name / "iter_0000003").is_dir() and (root / name / "iter_0000006").is_dir(), _tail(out)
+        assert (root / name / "iter_0000003").is_dir() and (root / name / "iter_0000006").is_dir(), trainer_utils.tail(out)
     return {"root": root, "data": data}
 
 
@@ -343,7 +314,7 @@ def test_import_then_continue_matches_original(trained, exports):
         got = _train_loss(root / f"{name}_imported.jsonl", K + 1)
         # llama / moe continue in the original layout (bitwise in practice); qwen3 at TP=1 DP=2
         # versus TP=2: only the reduction order differs
-        assert got == pytest.approx(want, rel=1e-5, abs=1e-6), (name, got, want, _tail(out, 2000))
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6), (name, got, want, trainer_utils.tail(out, 2000))
 
 
 def _copy_ckpt(src: Path, dst: Path, edit) -> Path:

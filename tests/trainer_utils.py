@@ -44,8 +44,9 @@ class RunResult(NamedTuple):
 
 
 # --------------------------------------------------------------------------- data
-def make_data(prefix: str, num_docs: int = 400, seed: int = 0) -> str:
-    """Write `<prefix>.bin/.idx` with megatron's IndexedDatasetBuilder; returns the prefix."""
+def make_data(prefix: str, num_docs: int = 400, seed: int = 0, doc_lengths=(50, 401)) -> str:
+    """Write `<prefix>.bin/.idx` with megatron's IndexedDatasetBuilder; returns the prefix.
+    A learnable corpus: x[t+1] = (7 x[t] + noise) % 200; document lengths in [lo, hi)."""
     import numpy as np
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -53,7 +54,7 @@ def make_data(prefix: str, num_docs: int = 400, seed: int = 0) -> str:
     rng = np.random.default_rng(seed)
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
     for _ in range(num_docs):
-        n = int(rng.integers(50, 401))
+        n = int(rng.integers(*doc_lengths))
         x = np.empty(n, dtype=np.int64)
         x[0] = rng.integers(0, 200)
         noise = rng.integers(0, 3, size=n)
