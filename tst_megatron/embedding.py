@@ -5,7 +5,8 @@ summed in fp32, divided by s and cast back to the model dtype. No new parameters
 
 The mean is taken *before* the tensor-parallel reduction of the vocab-parallel embedding, so:
   * the reduction (all-reduce, or reduce-scatter under sequence parallelism) moves L positions, not
-    L*s tokens: the same communication as a baseline step;
+    L*s tokens (in fp32, so that TP > 1 rounds the mean once, exactly as TP = 1 does: twice the
+    bytes of a bf16 baseline step for this one of the step's 2 * layers + 1 TP reductions);
   * the sequence-parallel scatter happens after averaging, so a bag is never split across ranks.
 Everything after the word embedding (learned position embeddings, the [s, b, h] layout, fp32
 residual, dropout under the TP RNG tracker) is megatron's `LanguageModelEmbedding`, unchanged.
@@ -45,13 +46,20 @@ class BagVocabParallelEmbedding(VocabParallelEmbedding):
         else:
             local_ids = input_
         tokens = F.embedding(local_ids, self.weight)  # [b, L, s, h]
-        if tp > 1:
-            tokens = tokens.masked_fill(outside.unsqueeze(-1), 0.0)
-        output_parallel = bag_mean(tokens, self.weight.dtype)  # [b, L, h]
+        if tp == 1:
+            output = bag_mean(tokens, self.weight.dtype)  # [b, L, h]
+            return output.transpose(0, 1).contiguous() if self.reduce_scatter_embeddings else output
+        tokens = tokens.masked_fill(outside.unsqueeze(-1), 0.0)
+        # This rank's share of the bag mean, kept in fp32 through the reduction and rounded once
+        # afterwards: the result is the TP = 1 mean (one rounding of an fp32 sum), not a sum of
+        # per-rank bf16-rounded parts. Costs one fp32 instead of bf16 [L, b, h] reduction per step.
+        output_parallel = tokens.float().sum(dim=-2) / tokens.shape[-2]  # [b, L, h] fp32
         if self.reduce_scatter_embeddings:
             output_parallel = output_parallel.transpose(0, 1).contiguous()  # [L, b, h]
-            return reduce_scatter_to_sequence_parallel_region(output_parallel, group=self.tp_group)
-        return reduce_from_tensor_model_parallel_region(output_parallel, group=self.tp_group)
+            output = reduce_scatter_to_sequence_parallel_region(output_parallel, group=self.tp_group)
+        else:
+            output = reduce_from_tensor_model_parallel_region(output_parallel, group=self.tp_group)
+        return output.to(self.weight.dtype)
 
 
 def enable_bag_inputs(embedding) -> None:

@@ -204,7 +204,8 @@ def main(argv=None) -> int:
                                 "width": width, "layers": a.layers, "gbs": gbs, "tokens_per_step": gbs * a.seq_length,
                                 "iters": iters, "lr": lr, "seed": seed, "s": s, "r": r,
                                 "val_lm_tst": final_tst, "val_lm_base": final_base, "delta": final_tst - final_base,
-                                "speedup": speed, "bag_loss_at_switch": _last_mce(tst),
+                                "speedup": speed, "transfer": _transfer(speed, iters, sup),
+                                "bag_loss_at_switch": _last_mce(tst),
                                 "val_lm_after_switch": _post_switch(tst, sup),
                                 "base_at_same_iter": _at(bx, by, _first_eval_after(tst, sup)),
                                 "unigram_entropy": refs["unigram_entropy"],
@@ -219,6 +220,21 @@ def main(argv=None) -> int:
     print(table)
     _plot(rows, a.out)
     return 0
+
+
+def _transfer(speed: Optional[float], iters: int, sup: int) -> Optional[float]:
+    """What one superposition step was worth, in baseline steps.
+
+    The baseline needs `speed * iters` steps to reach the TST run's final loss; the TST run spent
+    `iters - sup` of its steps as ordinary next-token steps. The rest of that distance is what the
+    `sup` superposition steps bought: (speed * iters - (iters - sup)) / sup. 1 means break-even
+    (TST = baseline), above 1 TST wins, 0 means the superposition phase was worthless (the run is
+    a baseline that started late), below 0 it left the model worse than a fresh initialisation.
+    Generous to TST: the TST run's final loss includes the LR decay, the baseline's curve before
+    its own decay does not. None when TST ended below the baseline (transfer > 1)."""
+    if speed is None or sup <= 0:
+        return None
+    return (speed * iters - (iters - sup)) / sup
 
 
 def _first_eval_after(path: str, sup: int) -> Optional[int]:
@@ -246,12 +262,14 @@ def _markdown(rows: List[dict], refs: dict) -> str:
              "(predict the next bag from the last token): "
              + ", ".join(f"s={s}: {v:.3f}" for s, v in refs["count_model_mce"].items()) + ".", "",
              "| width | tokens/step | iters | LR | seed | s | r | val LM TST | val LM base | TST − base | "
-             "equal-loss speedup | bag loss at switch | LM after switch (base same iter) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "equal-loss speedup | superposition step worth (baseline steps) | bag loss at switch | "
+             "LM after switch (base same iter) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         speed = "not reached (TST better)" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+        worth = "> 1" if r.get("transfer") is None else f"{r['transfer']:+.2f}"
         lines.append(f"| {r['width']} | {r['tokens_per_step']} | {r['iters']} | {r['lr']:g} | {r['seed']} | {r['s']} | "
-                     f"{r['r']:g} | {_fmt(r['val_lm_tst'])} | {_fmt(r['val_lm_base'])} | {r['delta']:+.3f} | {speed} | "
+                     f"{r['r']:g} | {_fmt(r['val_lm_tst'])} | {_fmt(r['val_lm_base'])} | {r['delta']:+.3f} | {speed} | {worth} | "
                      f"{_fmt(r['bag_loss_at_switch'])} | {_fmt(r['val_lm_after_switch'])} ({_fmt(r['base_at_same_iter'])}) |")
     return "\n".join(lines) + "\n"
 
