@@ -4,7 +4,7 @@ Records, told apart by "type":
 - "run" (optional, first): `name`, `tst_bag_size`, `superposition_iters`, any other settings;
 - "train": `iteration`, `phase` ("superposition" | "recovery"), `loss`, `lr`, `grad_norm`,
   `data_tokens`, `tokens_per_s`, `elapsed_s`;
-- "eval": `iteration`, `val_lm_loss`, optional `val_mce_loss`, `data_tokens`, `elapsed_s`.
+- "eval": `iteration`, `val_lm_loss`, `val_mce_loss` (evaluations up to and at the switch), `data_tokens`, `elapsed_s`.
 
 `data_tokens` counts tokens consumed so far (a TST step consumes s times more than a baseline
 step); `elapsed_s` is wall-clock seconds since training started. Records without "type" (older

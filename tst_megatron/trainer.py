@@ -507,7 +507,10 @@ class Trainer:
         cfg = self.cfg
         phase = self.phase(self.iteration)
         lm = self.evaluate(self.datasets.valid_lm, cfg.logging.eval_iters)
-        mce = self.evaluate(self.datasets.valid_mce, cfg.logging.eval_iters) if phase == SUPERPOSITION else None
+        # The bag loss while the model is a superposition model: during the phase and at the switch
+        # itself (the evaluation after the last superposition step reports where that phase ended).
+        at_or_before_switch = 0 < self.num_sup_iters and self.iteration <= self.num_sup_iters
+        mce = self.evaluate(self.datasets.valid_mce, cfg.logging.eval_iters) if at_or_before_switch else None
         if lm is None:
             return
         record = {"type": "eval", "iteration": self.iteration, "phase": phase, "val_lm_loss": lm,
