@@ -78,6 +78,20 @@ def markdown(rows: List[dict], refs: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_gap_vs_width(ax, rows: List[dict], xlabel: str) -> None:
+    """Final validation loss gap TST - baseline against width, one line per (s, r)."""
+    for s in sorted({r["s"] for r in rows}):
+        for ratio in sorted({r["r"] for r in rows}):
+            pts = sorted((r["width"], r["delta"]) for r in rows if r["s"] == s and r["r"] == ratio)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"s={s}, r={ratio:g}")
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("final val LM loss: TST − baseline (nats)")
+    ax.set_title("Equal-FLOPs gap (below 0 = TST wins)")
+    ax.legend(fontsize=7)
+
+
 def figure(rows: List[dict], path: str) -> None:
     import matplotlib
 
@@ -86,17 +100,7 @@ def figure(rows: List[dict], path: str) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     std = [r for r in rows if r["gbs"] == 16 and r["iters"] == 400 and r["seed"] == 1234]
-    ax = axes[0]
-    for s in sorted({r["s"] for r in std}):
-        for ratio in sorted({r["r"] for r in std}):
-            pts = sorted((r["width"], r["delta"]) for r in std if r["s"] == s and r["r"] == ratio)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"s={s}, r={ratio:g}")
-    ax.axhline(0.0, color="k", lw=0.8)
-    ax.set_xlabel("hidden size (4 layers, 2,048 tokens/step, 400 steps)")
-    ax.set_ylabel("final val LM loss: TST − baseline (nats)")
-    ax.set_title("Equal-FLOPs gap (below 0 = TST wins)")
-    ax.legend(fontsize=7)
+    plot_gap_vs_width(axes[0], std, "hidden size (4 layers, 2,048 tokens/step, 400 steps)")
 
     ax = axes[1]
     labels = []
@@ -117,17 +121,19 @@ def figure(rows: List[dict], path: str) -> None:
 
     ax = axes[2]
     seen = set()
-    for r in [r for r in std if r["width"] == 128 and r["r"] in (0.05, 0.3)]:
+    for r in [r for r in std if r["width"] == 128 and r["r"] in (0.05, 0.3) and r["s"] in (2, 4)]:
+        bx, by = regime._curve(r["base_metrics"])
         if r["base_metrics"] not in seen:
-            bx, by = regime._curve(r["base_metrics"])
             ax.plot(bx, by, color="k", lw=1.5, label="baseline")
             seen.add(r["base_metrics"])
         tx, ty = regime._curve(r["tst_metrics"])
-        line, = ax.plot(tx, ty, marker=".", label=f"TST s={r['s']} r={r['r']:g}")
+        ax.plot(tx, ty, marker=".", label=f"TST s={r['s']} r={r['r']:g}")
         sup = int(math.floor(r["r"] * r["iters"] + 1e-9))
-        bx, by = regime._curve(r["base_metrics"])
-        ax.plot([x + sup for x in bx if x + sup <= r["iters"]], by[:len([x for x in bx if x + sup <= r["iters"]])],
-                ls=":", color=line.get_color(), lw=1, label=f"baseline started at {sup}")
+        if (r["base_metrics"], sup) not in seen:  # the baseline as if it had started at the switch
+            seen.add((r["base_metrics"], sup))
+            keep = [i for i, x in enumerate(bx) if x + sup <= r["iters"]]
+            ax.plot([bx[i] + sup for i in keep], [by[i] for i in keep], ls=":", color="gray", lw=1.2,
+                    label=f"baseline started at {sup}")
     ax.set_ylim(3.6, 6.5)
     ax.set_xlabel("iteration")
     ax.set_ylabel("validation next-token loss")

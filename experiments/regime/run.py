@@ -282,17 +282,10 @@ def _plot(rows: List[dict], out: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
+    from report import plot_gap_vs_width
+
     fig, ax = plt.subplots(1, 1, figsize=(6, 4))
-    for s in sorted({r["s"] for r in rows}):
-        for ratio in sorted({r["r"] for r in rows}):
-            pts = sorted((r["width"], r["delta"]) for r in rows if r["s"] == s and r["r"] == ratio)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"s={s}, r={ratio:g}")
-    ax.axhline(0.0, color="k", lw=0.8)
-    ax.set_xlabel("hidden size")
-    ax.set_ylabel("final val LM loss: TST − baseline (nats)")
-    ax.set_title("Equal-FLOPs TST vs baseline (negative = TST wins)")
-    ax.legend()
+    plot_gap_vs_width(ax, rows, "hidden size")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "regime.png"), dpi=120)
 
