@@ -159,7 +159,7 @@ def test_recovery_continues_base_stream_without_rereading(tmp_path, corpus):
         assert ds.phase_of(i) == "recovery"
         assert x["tokens"].shape == (L,) and x["labels"].shape == (L,)
         b, c = ds.base_index_of(i)
-        assert b >= n_sup and (b, c) == (n_sup + (i - n_sup) // S, (i - n_sup) % S)
+        assert b >= n_sup and 0 <= c < S
         item = ds.base[b]
         text = torch.cat([item["tokens"], item["labels"][-1:]])
         assert torch.equal(torch.cat([x["tokens"], x["labels"][-1:]]),
@@ -167,6 +167,28 @@ def test_recovery_continues_base_stream_without_rereading(tmp_path, corpus):
         assert torch.equal(x["labels"][:-1], x["tokens"][1:])
         assert stream.is_piece(torch.cat([x["tokens"], x["labels"][-1:]]))
         assert torch.equal(x["loss_mask"], torch.ones(L))
+
+
+def test_recovery_batches_are_not_s_pieces_of_the_same_text(tmp_path, corpus, monkeypatch):
+    """Every (window, chunk) of the recovery windows is used exactly once, a block of windows at a
+    time (the last block shorter), and the s pieces of one window are dealt apart, not side by
+    side: consecutive samples almost never share a window (in order, s - 1 of every s would)."""
+    import tst_megatron.data as data_mod
+
+    monkeypatch.setattr(data_mod, "RECOVERY_SPREAD_WINDOWS", 7)
+    prefix, _ = corpus["plain"]
+    ds = build(tmp_path, tst_cfg("full"), [prefix]).train
+    n_sup, windows = ds.num_superposition_samples, len(ds.base) - ds.num_superposition_samples
+    assert windows > 2 * 7 and windows % 7, "test needs several blocks and a partial last one"
+    pairs = [ds.base_index_of(i) for i in range(n_sup, len(ds))]
+    assert sorted(pairs) == [(n_sup + w, c) for w in range(windows) for c in range(S)]
+    for j, (b, _) in enumerate(pairs):  # block j // (7 S) draws only from its own 7 windows
+        assert (b - n_sup) // 7 == j // (7 * S)
+    same = sum(a[0] == b[0] for a, b in zip(pairs, pairs[1:]))
+    assert same < 0.4 * len(pairs) * (S - 1) / S, same
+    # a pure function of the index: a fresh dataset (a resumed run, another rank) agrees
+    again = build(tmp_path, tst_cfg("full"), [prefix]).train
+    assert [again.base_index_of(i) for i in range(len(ds) - 1, n_sup - 1, -1)] == pairs[::-1]
 
 
 # ------------------------------------------------------------------------------- (3) seeds

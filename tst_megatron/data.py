@@ -18,7 +18,8 @@ hold exactly the tokens one TST sample needs, and re-cut each window:
 
 `TSTDataset` is indexed by the *global* consumed-sample index: indices below
 `num_superposition_samples` are superposition samples (base item i), the rest are recovery
-samples that continue through the base stream after the last superposition item. A run is thus
+samples that continue through the base stream after the last superposition item (the s samples
+of one window spread over the stream, not side by side in one batch: `base_index_of`). A run is thus
 a pure function of (seed, consumed samples), resumes exactly, and never trains twice on a token
 window within an epoch of the base dataset.
 
@@ -36,12 +37,16 @@ import math
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .config import TSTConfig
 
 IGNORE_INDEX = -100
+# Recovery samples are dealt from blocks of this many base windows (see TSTDataset.base_index_of).
+RECOVERY_SPREAD_WINDOWS = 4096
+RECOVERY_SPREAD_SEED = 0x7357
 SUPERPOSITION = "superposition"
 RECOVERY = "recovery"
 SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -190,6 +195,7 @@ class TSTDataset(Dataset):
         self.window = base_sequence_length(seq_length, tst) + 1
         self.reset_position_ids = reset_position_ids
         self.eod_token = eod_token
+        self._order_cache = None
 
     def __len__(self) -> int:
         n_sup = self.num_superposition_samples
@@ -201,13 +207,34 @@ class TSTDataset(Dataset):
         return SUPERPOSITION if index < self.num_superposition_samples else RECOVERY
 
     def base_index_of(self, index: int) -> Tuple[int, int]:
-        """(base item, chunk) a global sample is cut from; chunk is 0 for superposition."""
+        """(base item, chunk) a global sample is cut from; chunk is 0 for superposition.
+
+        Recovery: a base window holds `chunks` (= s) consecutive plain samples. Handing them out
+        in order would put s neighbouring pieces of the same text into one global batch -- a
+        batch of B samples from only B/s places, i.e. s times less diverse than the baseline's
+        batches for the whole recovery phase. So the (window, chunk) pairs of each block of
+        RECOVERY_SPREAD_WINDOWS windows are dealt in a fixed pseudo-random order (a pure
+        function of the index: resumes and data-parallel ranks agree); every pair is still used
+        exactly once and no recovery sample reaches back into the superposition windows.
+        """
         self._check_index(index)
         n_sup = self.num_superposition_samples
         if index < n_sup:
             return index, 0
+        if self.chunks == 1:
+            return index, 0
         m = index - n_sup
-        return n_sup + m // self.chunks, m % self.chunks
+        k = RECOVERY_SPREAD_WINDOWS
+        block, offset = divmod(m, self.chunks * k)
+        windows = min(k, len(self.base) - n_sup - block * k)  # the last block may be shorter
+        q = int(self._recovery_order(block, windows)[offset])
+        return n_sup + block * k + q // self.chunks, q % self.chunks
+
+    def _recovery_order(self, block: int, windows: int):
+        if self._order_cache is None or self._order_cache[0] != (block, windows):
+            rng = np.random.Generator(np.random.PCG64([RECOVERY_SPREAD_SEED, block]))
+            self._order_cache = ((block, windows), rng.permutation(windows * self.chunks))
+        return self._order_cache[1]
 
     def _check_index(self, index: int) -> None:
         if not 0 <= index < len(self):

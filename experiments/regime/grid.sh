@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-outputs/regime}
-SWEEPS=${SWEEPS:-"base128 seed2 ratios switchcost width256 width384 batch64 long1600"}
+SWEEPS=${SWEEPS:-"base128 seed2 width256 ratios width384 batch64 long1600 switchcost"}
 
 sweep() {  # tag, then run.py arguments
   local tag=$1; shift
@@ -39,7 +39,7 @@ for s in $SWEEPS; do
     # 4x longer run at the LR tuned for 400 iterations
     long1600) sweep long1600 --widths 128 --iters 1600 --bag-sizes 2 --ratios 0.3 --lrs 1e-3 ;;
     # diagnostic: does the cost of the switch depend on how long the superposition phase was?
-    switchcost) sweep switchcost --widths 128 --iters 400 --bag-sizes 2 4 --ratios 0.05 0.1 --lrs 1e-3 3e-3 ;;
+    switchcost) sweep switchcost --widths 128 --iters 400 --bag-sizes 2 4 --ratios 0.05 --lrs 1e-3 3e-3 ;;
     *) echo "grid.sh: unknown sweep '$s'" >&2; exit 2 ;;
   esac
 done
