@@ -57,6 +57,7 @@ def load_rows(dirs: List[str]) -> Tuple[List[dict], dict]:
     for row in out:  # derived columns from the metrics themselves (older summaries lack some)
         sup = int(math.floor(row["r"] * row["iters"] + 1e-9))
         row["transfer"] = regime._transfer(row["speedup"], row["iters"], sup)
+        row["bag_loss_at_switch"] = regime._bag_loss_at_switch(row["tst_metrics"], sup)
     return out, refs
 
 

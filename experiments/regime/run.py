@@ -123,9 +123,13 @@ def _curve(path: str):
     return [r["iteration"] for r in evals], [r["val_lm_loss"] for r in evals]
 
 
-def _last_mce(path: str) -> Optional[float]:
-    vals = [r["val_mce_loss"] for r in _records(path) if r.get("type") == "eval" and "val_mce_loss" in r]
-    return vals[-1] if vals else None
+def _bag_loss_at_switch(path: str, sup_iters: int) -> Optional[float]:
+    """Validation multi-hot loss of the evaluation right after the last superposition step
+    (None when no evaluation fell on the switch, e.g. r * iters not a multiple of the interval)."""
+    for r in _records(path):
+        if r.get("type") == "eval" and r["iteration"] == sup_iters and "val_mce_loss" in r:
+            return r["val_mce_loss"]
+    return None
 
 
 def _post_switch(path: str, sup_iters: int) -> Optional[float]:
@@ -205,7 +209,7 @@ def main(argv=None) -> int:
                                 "iters": iters, "lr": lr, "seed": seed, "s": s, "r": r,
                                 "val_lm_tst": final_tst, "val_lm_base": final_base, "delta": final_tst - final_base,
                                 "speedup": speed, "transfer": _transfer(speed, iters, sup),
-                                "bag_loss_at_switch": _last_mce(tst),
+                                "bag_loss_at_switch": _bag_loss_at_switch(tst, sup),
                                 "val_lm_after_switch": _post_switch(tst, sup),
                                 "base_at_same_iter": _at(bx, by, _first_eval_after(tst, sup)),
                                 "unigram_entropy": refs["unigram_entropy"],
