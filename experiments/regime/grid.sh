@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-outputs/regime}
-SWEEPS=${SWEEPS:-"base128 seed2 width256 ratios width384 batch64 long1600 switchcost seed2long"}
+SWEEPS=${SWEEPS:-"base128 seed2 width256 ratios width384 batch64 long1600 switchcost seed2long long1600lr"}
 
 sweep() {  # tag, then run.py arguments
   local tag=$1; shift
@@ -36,10 +36,11 @@ for s in $SWEEPS; do
     # 4x tokens per step (8,192), same iterations
     # (s = 2 only: the best case for TST at every width above; CPU budget)
     batch64)  sweep batch64 --widths 128 --global-batch-sizes 64 --iters 400 --bag-sizes 2 --ratios 0.3 --lrs 1e-3 3e-3 ;;
-    # 4x longer run; the LR re-tuned on the baseline at this length
-    long1600) sweep long1600 --widths 128 --iters 1600 --bag-sizes 2 4 --ratios 0.3 --lrs 5e-4 1e-3 2e-3 ;;
-    # the one configuration where TST came out ahead: a second seed
-    seed2long) sweep seed2long --widths 128 --iters 1600 --bag-sizes 2 --ratios 0.3 --lrs 1e-3 --seeds 4321 ;;
+    # 4x longer run: first at the LR tuned for 400 steps, then with the LR re-tuned on the
+    # baseline at this length (2e-3 won), and a second seed of the 1e-3 pair
+    long1600)   sweep long1600 --widths 128 --iters 1600 --bag-sizes 2 --ratios 0.3 --lrs 1e-3 ;;
+    long1600lr) sweep long1600lr --widths 128 --iters 1600 --bag-sizes 2 --ratios 0.3 --lrs 5e-4 1e-3 2e-3 ;;
+    seed2long)  sweep seed2long --widths 128 --iters 1600 --bag-sizes 2 --ratios 0.3 --lrs 1e-3 --seeds 4321 ;;
     # diagnostic: does the cost of the switch depend on how long the superposition phase was?
     switchcost) sweep switchcost --widths 128 --iters 400 --bag-sizes 2 4 --ratios 0.05 --lrs 1e-3 3e-3 ;;
     *) echo "grid.sh: unknown sweep '$s'" >&2; exit 2 ;;

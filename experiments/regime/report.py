@@ -45,12 +45,16 @@ def load_rows(dirs: List[str]) -> Tuple[List[dict], dict]:
         for path in sorted(glob.glob(os.path.join(d, "summary*.json"))):
             with open(path) as f:
                 summary = json.load(f)
-            refs = refs or summary["references"]
-            base_dir = os.path.dirname(path)
+            if len(summary["references"]["count_model_mce"]) > len(refs.get("count_model_mce", {})):
+                refs = summary["references"]
+            # metrics paths are relative to the run.py --out that wrote them; grid.sh keeps copies
+            # of some summaries elsewhere, so look in every given directory
+            roots = [os.path.dirname(path), *dirs]
             for row in summary["rows"]:
                 row = dict(row)
                 for k in ("tst_metrics", "base_metrics"):
-                    row[k] = os.path.join(base_dir, row[k])
+                    row[k] = next((os.path.join(d, row[k]) for d in roots if os.path.isfile(os.path.join(d, row[k]))),
+                                  os.path.join(roots[0], row[k]))
                 if os.path.isfile(row["tst_metrics"]) and os.path.isfile(row["base_metrics"]):
                     rows[_key(row)] = row
     out = sorted(rows.values(), key=lambda r: (r["iters"], r["gbs"], r["width"], r["seed"], r["s"], r["r"]))
