@@ -21,7 +21,10 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest", "transformers", "safetensors", "tokenizers", "matplotlib"],
+        # triton: the MCE loss's CUDA kernels, checked on CPU in Triton's interpreter by the tests
+        "test": ["pytest", "transformers", "safetensors", "tokenizers", "matplotlib",
+                 "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+        "triton": ["triton>=3.2"],
         "hf": ["transformers", "safetensors", "tokenizers"],
         "plot": ["matplotlib"],
         "gpu": ["transformer-engine[pytorch]"],

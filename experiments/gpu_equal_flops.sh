@@ -7,6 +7,13 @@
 #
 #   bash experiments/gpu_equal_flops.sh                # on an H200-class GPU (~4 min per run)
 #   TINY=1 bash experiments/gpu_equal_flops.sh         # the same pipeline at a toy size on CPU
+#   CORPUS=site bash experiments/gpu_equal_flops.sh    # a larger corpus built on the machine
+#
+# CORPUS=carried (default) uses the 2M-token corpus in experiments/data: a 125M model repeats it
+# many times. CORPUS=site builds, with the same tools and the same carried tokenizer, a corpus from
+# the `.py` sources of the machine's installed packages (the embedded default's recipe applied to
+# site-packages; SITE_BYTES of text, a deterministic prefix of the sorted file list), so that
+# neither run sees a token twice.
 #
 # Needs only PyTorch on the machine: if megatron-core (or the other small dependencies) are not
 # importable, they are installed from $WHEELS_DIR (offline) or PyPI.
@@ -26,7 +33,15 @@ if ! $PY -c "import megatron.core, sentencepiece, tst_megatron" 2>/dev/null; the
   fi
   $PY -m pip install -q --no-deps --no-build-isolation -e .
 fi
-if [ ! -f "$DATA.bin" ]; then bash experiments/build_carried_data.sh; fi
+if [ "${CORPUS:-carried}" = "site" ]; then
+  SITE_DIR=${SITE_DIR:-$($PY -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")}
+  DATA="$OUT_DIR/site_spm2k_text_document"
+  $PY -c "from tst_megatron.corpus import build_default_corpus as b; print(b('$OUT_DIR/site.jsonl', max_bytes=${SITE_BYTES:-120000000}, source_dir='$SITE_DIR'))"
+  $PY tools/preprocess_data.py --input "$OUT_DIR/site.jsonl" --output-prefix "$OUT_DIR/site_spm2k" \
+    --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER" --append-eod \
+    --workers "${WORKERS:-$(nproc)}" --no-progress
+  rm -f "$OUT_DIR/site.jsonl"
+elif [ ! -f "$DATA.bin" ]; then bash experiments/build_carried_data.sh; fi
 
 if [ "${TINY:-0}" = "1" ]; then
   MODEL=(--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64)
@@ -34,13 +49,14 @@ if [ "${TINY:-0}" = "1" ]; then
   ITERS=${ITERS:-40}; PREC=(); EVAL=(--eval-interval 10 --eval-iters 2)
 else
   # ~125M parameters (12 x 768, SwiGLU 3072, 2k vocab): Llama-style, untied embeddings.
+  # 16 x 512 tokens per step: 1000 steps read 8.2M tokens (baseline) and 15.6M (TST s=4, r=0.3).
   MODEL=(--num-layers 12 --hidden-size 768 --num-attention-heads 12 --seq-length 512 --ffn-hidden-size 3072)
-  BATCH=(--micro-batch-size 32 --global-batch-size 32)
+  BATCH=(--micro-batch-size ${MBS:-16} --global-batch-size ${MBS:-16})
   ITERS=${ITERS:-1000}; PREC=(--bf16); EVAL=(--eval-interval 100 --eval-iters 10)
 fi
 COMMON=(pretrain_tst.py --data-path "$DATA" --split 98,2,0 --tokenizer-type SentencePieceTokenizer
   --tokenizer-model "$TOKENIZER" --make-vocab-size-divisible-by 64 "${MODEL[@]}" "${BATCH[@]}" "${PREC[@]}"
-  --swiglu --normalization RMSNorm --disable-bias-linear --untie-embeddings-and-output-weights
+  --position-embedding-type rope --swiglu --normalization RMSNorm --disable-bias-linear --untie-embeddings-and-output-weights
   --train-iters "$ITERS" --lr 1e-3 --min-lr 1e-4 --lr-decay-style WSD --lr-warmup-iters $((ITERS / 20))
   --lr-wsd-decay-iters $((ITERS / 10)) --weight-decay 0.1 --clip-grad 1.0 --seed 1234
   --log-interval $((ITERS / 20 > 0 ? ITERS / 20 : 1)) "${EVAL[@]}")

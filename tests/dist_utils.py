@@ -108,7 +108,7 @@ def _tail(text: str, n: int = 8000) -> str:
     return text if len(text) <= n else "...\n" + text[-n:]
 
 
-def launch(scenario: str, outdir, nproc: int = 2, timeout: float = 240.0):
+def launch(scenario: str, outdir, nproc: int = 2, timeout: float = 240.0, extra_env=None):
     """Run the worker scenario on `nproc` Gloo ranks; return [rank0 results, rank1 results, ...]."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -116,6 +116,7 @@ def launch(scenario: str, outdir, nproc: int = 2, timeout: float = 240.0):
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1",
                TORCH_NCCL_ASYNC_ERROR_HANDLING="0")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env.update(extra_env or {})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
            str(WORKER), scenario, str(outdir)]

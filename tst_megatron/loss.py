@@ -21,15 +21,22 @@ CHUNK_BYTES_* (the only full-size buffer is the gradient, in the logits' dtype):
     max / subtract / exp / sum would be four passes over [..., V];
   * vocabulary split over a TP group: max and sum-exp per position, all-reduced over the group;
     the gradient is exp(z - lse).
-bench/bench_mce.py measures time and memory against one F.cross_entropy and the paper's loop.
+On CUDA the two passes over [N, V] run as Triton kernels instead (`tst_megatron.loss_triton`: one
+read of the logits in the forward, one read + one write in the backward), chosen automatically;
+`kernel="torch"` (or TST_MCE_KERNEL=torch) keeps the torch loops. bench/bench_mce.py measures time
+and memory against one F.cross_entropy and the paper's loop.
 """
 from __future__ import annotations
 
 import math
 from typing import Optional, Sequence, Union
 
+import os
+
 import torch
 import torch.distributed as dist
+
+from tst_megatron import loss_triton
 
 # A label check costs one host sync per call; it catches silent garbage from bad data early.
 CHECK_LABEL_RANGE = True
@@ -39,6 +46,26 @@ CHECK_LABEL_RANGE = True
 # CUDA: not measured here; large, since every chunk costs kernel launches (one piece up to 1 GiB).
 CHUNK_BYTES_CPU = 2 << 20
 CHUNK_BYTES_CUDA = 1 << 30
+KERNELS = ("auto", "torch", "triton")
+
+
+def _pick_kernel(kernel: str, device: torch.device) -> str:
+    """`auto`: Triton on CUDA when it is installed, else the torch loops. `triton` off CUDA needs
+    Triton's interpreter (TRITON_INTERPRET=1), which is what the CPU tests use."""
+    kernel = kernel or os.environ.get("TST_MCE_KERNEL", "auto")
+    if kernel not in KERNELS:
+        raise ValueError(f"multi_hot_cross_entropy: kernel must be one of {KERNELS}, got {kernel!r} "
+                         "(argument or TST_MCE_KERNEL)")
+    if kernel == "auto":
+        return "triton" if device.type == "cuda" and loss_triton.available() else "torch"
+    if kernel == "triton":
+        if not loss_triton.available():
+            raise ValueError("multi_hot_cross_entropy: kernel='triton' but triton is not installed "
+                             "(pip install triton, or use kernel='torch')")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("multi_hot_cross_entropy: kernel='triton' on a non-CUDA tensor needs "
+                             "TRITON_INTERPRET=1 set before triton is imported (or kernel='torch')")
+    return kernel
 
 
 def _tp_group_and_rank(group):
@@ -108,8 +135,9 @@ class _Scratch:
 
 class _MultiHotCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, weights, ignore_index, group, rank, world, inplace_backward):
+    def forward(ctx, logits, labels, weights, ignore_index, group, rank, world, inplace_backward, kernel):
         ctx.inplace_backward = inplace_backward
+        ctx.kernel = kernel
         vocab_local = logits.shape[-1]
         start = rank * vocab_local
         z = logits.reshape(-1, vocab_local)  # a view for contiguous logits
@@ -128,7 +156,21 @@ class _MultiHotCrossEntropy(torch.autograd.Function):
         chunks = _row_chunks(*z.shape, z.device)
         scratch = _Scratch(z, chunks)
 
-        if group is None:
+        if kernel == "triton":
+            # One pass per row: local max and sum-exp; TP combines them (rescaled to the global max).
+            zmax, sumexp = loss_triton.row_stats(z if z.stride(-1) == 1 else z.contiguous())
+            if group is not None:
+                gmax = zmax.clone()
+                dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
+                sumexp = sumexp * torch.exp(torch.where(gmax == float("-inf"), gmax, zmax - gmax))
+                zmax = gmax
+                dist.all_reduce(sumexp, group=group)
+            lse = torch.log(sumexp) + zmax
+            target = torch.where(in_shard, torch.gather(z, -1, idx).float(), zero)
+            if group is not None:
+                dist.all_reduce(target, group=group)
+            loss = lse - (coef * target).sum(dim=-1)
+        elif group is None:
             # lse - sum_j coef_j z[y_j] = -sum_j coef_j log_softmax(z)[y_j]   (sum_j coef_j = 1):
             # one fused row-wise kernel per chunk of rows; the fp32 temporaries stay chunk-sized.
             target = torch.empty(idx.shape, dtype=torch.float32, device=z.device)
@@ -172,6 +214,12 @@ class _MultiHotCrossEntropy(torch.autograd.Function):
         # fp32 scratch first), so the backward allocates nothing of size [N, V].
         inplace = ctx.inplace_backward
         grad = z if inplace else torch.empty(z.shape, dtype=z.dtype, device=z.device)
+        if ctx.kernel == "triton":
+            if z.stride(-1) != 1:  # rows must be contiguous for the kernel
+                z = z.contiguous()
+                grad = z if inplace else torch.empty_like(z)
+            loss_triton.softmax_grad(z, grad, rest[0], g.squeeze(-1), idx, coef_local)
+            return grad.view(logits.shape), None, None, None, None, None, None, None, None
         fp32 = z.dtype == torch.float32 and not inplace
         for a, b in chunks:
             # fp32 logits: computed in the gradient rows; else in a buffer, then copied / cast.
@@ -185,7 +233,7 @@ class _MultiHotCrossEntropy(torch.autograd.Function):
             part.scatter_add_(-1, idx[a:b], -(coef_local[a:b] * ga))
             if not fp32:
                 grad[a:b].copy_(part)
-        return grad.view(logits.shape), None, None, None, None, None, None, None
+        return grad.view(logits.shape), None, None, None, None, None, None, None, None
 
 
 def multi_hot_cross_entropy(
@@ -195,6 +243,7 @@ def multi_hot_cross_entropy(
     ignore_index: int = -100,
     tp_group=None,
     inplace_backward: bool = False,
+    kernel: Optional[str] = None,
 ) -> torch.Tensor:
     """Per-position fp32 multi-hot cross-entropy.
 
@@ -208,6 +257,8 @@ def multi_hot_cross_entropy(
             the loss, as in megatron's vocab-parallel CE, which overwrites them in its forward).
             Saves one [N, V] allocation per backward -- on CPU that is fresh pages, i.e. page
             faults, every step. Only for logits nothing else reads after the backward.
+        kernel: "auto" (default; TST_MCE_KERNEL overrides): Triton kernels on CUDA, torch loops
+            elsewhere; "torch" or "triton" to force one (same formula, fp32 accumulation).
     Returns:
         [...] fp32 loss, 0 where no target is valid.
     """
@@ -227,4 +278,6 @@ def multi_hot_cross_entropy(
             example = int(labels[bad].flatten()[0])
             raise ValueError(f"multi_hot_cross_entropy: label id {example} is outside the vocabulary "
                              f"[0, {vocab}); check --vocab-size / the tokenizer against the data")
-    return _MultiHotCrossEntropy.apply(logits, labels, w, ignore_index, group, rank, world, inplace_backward)
+    kernel = _pick_kernel(kernel, logits.device)
+    return _MultiHotCrossEntropy.apply(logits, labels, w, ignore_index, group, rank, world, inplace_backward,
+                                       kernel)
