@@ -365,6 +365,8 @@ def _main(a) -> int:
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     if cuda:
+        if device.index is None:  # "cuda" -> the current device, with its index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     # CPU default: 1 intra-op thread. On shared cores a descheduled OpenMP thread stalls its
     # siblings at every barrier (they spin, inflating both wall and CPU time); one thread keeps the
