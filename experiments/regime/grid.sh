@@ -5,21 +5,36 @@
 #
 #   bash experiments/regime/grid.sh            # all sweeps (about 2.5 h on 2 idle cores)
 #   SWEEPS="ratios width384" bash experiments/regime/grid.sh
+#   SWEEPS=site3200 RUN_ARGS="--threads 1" bash experiments/regime/grid.sh   # extra run.py flags
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-outputs/regime}
-SWEEPS=${SWEEPS:-"base128 seed2 width256 ratios width384 batch64 long1600 switchcost seed2long long1600lr"}
+SWEEPS=${SWEEPS:-"base128 seed2 width256 ratios width384 batch64 long1600 switchcost seed2long long1600lr site1600 site3200 site1600seed2 site3200seed2"}
 
 sweep() {  # tag, then run.py arguments
   local tag=$1; shift
   local out=$OUT; [[ $tag == seed2* ]] && out=${OUT}_seed2
   local data=()
   [[ -f $OUT/data/stdlib_text_document.bin ]] && data=(--data-path "$OUT/data/stdlib_text_document" --tokenizer-model "$OUT/data/spm.model")
+  if [[ $tag == site* ]]; then  # the no-repeat corpus, same tokenizer (built by site_data)
+    out=${OUT}_$tag; data=(--data-path "${OUT}_site_data/site_text_document" --tokenizer-model "$OUT/data/spm.model")
+  fi
   echo "=== sweep $tag: $* ($(date -u +%H:%M:%S))"
-  "$PY" experiments/regime/run.py --out "$out" "${data[@]}" "$@"
+  "$PY" experiments/regime/run.py --out "$out" "${data[@]}" "$@" ${RUN_ARGS:-}
   cp "$out/summary.md" "$OUT/summary_${tag}.md"; cp "$out/summary.json" "$OUT/summary_${tag}.json"
   cp "$out/regime.png" "$OUT/regime_${tag}.png" 2>/dev/null || true
+}
+
+site_data() {  # 40 MB of .py sources from this venv's site-packages, tokenized with the grid's BPE
+  local d=${OUT}_site_data
+  [[ -f $d/site_text_document.bin ]] && return
+  mkdir -p "$d"
+  "$PY" -c "from tst_megatron.corpus import build_default_corpus as b; import sysconfig; \
+print(b('$d/site.jsonl', max_bytes=40_000_000, source_dir=sysconfig.get_paths()['purelib']))"
+  "$PY" tools/preprocess_data.py --input "$d/site.jsonl" --output-prefix "$d/site" --tokenizer-type \
+    SentencePieceTokenizer --tokenizer-model "$OUT/data/spm.model" --append-eod --workers 2 --no-progress
+  rm -f "$d/site.jsonl"
 }
 
 for s in $SWEEPS; do
@@ -43,6 +58,13 @@ for s in $SWEEPS; do
     seed2long)  sweep seed2long --widths 128 --iters 1600 --bag-sizes 2 --ratios 0.3 --lrs 1e-3 --seeds 4321 ;;
     # diagnostic: does the cost of the switch depend on how long the superposition phase was?
     switchcost) sweep switchcost --widths 128 --iters 400 --bag-sizes 2 4 --ratios 0.05 --lrs 1e-3 3e-3 ;;
+    # session 3: does the run-length trend continue past parity? A corpus with no repeats at these
+    # lengths (16M tokens of site-packages sources, same BPE; 3,200 TST steps read 8.5M), s = 2,
+    # r = 0.3, hidden 128; LR re-tuned on the baseline at 3,200; a second seed at both lengths.
+    site1600)      site_data; sweep site1600 --widths 128 --iters 1600 --bag-sizes 2 --ratios 0.3 --lrs 2e-3 ;;
+    site3200)      site_data; sweep site3200 --widths 128 --iters 3200 --bag-sizes 2 --ratios 0.3 --lrs 1e-3 2e-3 ;;
+    site1600seed2) site_data; sweep site1600seed2 --widths 128 --iters 1600 --bag-sizes 2 --ratios 0.3 --lrs 2e-3 --seeds 4321 ;;
+    site3200seed2) site_data; sweep site3200seed2 --widths 128 --iters 3200 --bag-sizes 2 --ratios 0.3 --lrs 2e-3 --seeds 4321 ;;
     *) echo "grid.sh: unknown sweep '$s'" >&2; exit 2 ;;
   esac
 done
