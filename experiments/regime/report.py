@@ -65,13 +65,28 @@ def load_rows(dirs: List[str]) -> Tuple[List[dict], dict]:
     return out, refs
 
 
+def late_train_loss(metrics_path: str, fraction: float = 0.1):
+    """Mean training LM loss over the last `fraction` of iterations. While no token has been seen
+    twice (first epoch) every training batch is unseen data, so this is a held-out loss on the
+    training distribution -- a check on a validation split that differs from it (the validation
+    split is the last 2% of documents, often one package of a code corpus)."""
+    recs = [json.loads(line) for line in open(metrics_path)]
+    train = [r for r in recs if r.get("type") == "train" and r.get("loss_kind", "lm") == "lm"]
+    if not train:
+        return None
+    last = train[-1]["iteration"]
+    vals = [r["loss"] for r in train if r["iteration"] > last * (1 - fraction)]
+    return sum(vals) / len(vals) if vals else None
+
+
 def markdown(rows: List[dict], refs: dict) -> str:
     lines = [f"Unigram entropy {refs['unigram_entropy']:.3f} nats; count-model next-bag MCE "
              + ", ".join(f"s={s}: {v:.3f}" for s, v in sorted(refs["count_model_mce"].items(), key=lambda x: int(x[0])))
              + ".", "",
              "| width | tokens/step | iters | LR | seed | s | r | val LM TST | val LM base | TST − base | "
-             "equal-loss speedup | superposition step worth | bag loss at switch | LM after switch (base same iter) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "equal-loss speedup | superposition step worth | bag loss at switch | LM after switch (base same iter) | "
+             "train LM last 10% TST − base |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         speed = "not reached (TST better)" if r["speedup"] is None else f"{r['speedup']:.2f}x"
         worth = "> 1" if r["transfer"] is None else f"{r['transfer']:+.2f}"
@@ -79,8 +94,13 @@ def markdown(rows: List[dict], refs: dict) -> str:
         lines.append(f"| {r['width']} | {r['tokens_per_step']} | {r['iters']} | {r['lr']:g} | {r['seed']} | {r['s']} | "
                      f"{r['r']:g} | {f(r['val_lm_tst'])} | {f(r['val_lm_base'])} | **{r['delta']:+.3f}** | {speed} | "
                      f"{worth} | {f(r['bag_loss_at_switch'])} | {f(r['val_lm_after_switch'])} "
-                     f"({f(r['base_at_same_iter'])}) |")
+                     f"({f(r['base_at_same_iter'])}) | {_late_delta(r)} |")
     return "\n".join(lines) + "\n"
+
+
+def _late_delta(r: dict) -> str:
+    t, b = late_train_loss(r["tst_metrics"]), late_train_loss(r["base_metrics"])
+    return "-" if t is None or b is None else f"{t - b:+.3f} ({t:.3f} vs {b:.3f})"
 
 
 def plot_gap_vs_width(ax, rows: List[dict], xlabel: str) -> None:
