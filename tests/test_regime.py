@@ -66,3 +66,11 @@ def test_regime_runner_and_report_tiny(tmp_path):
     table = (tmp_path / "report.md").read_text()
     assert f"| 32 | 128 | {iters} | 0.003 | 1234 | {s} | {r:g} | {row['val_lm_tst']:.3f} |" in table
     assert (tmp_path / "report.png").stat().st_size > 10_000
+    # last column: mean training loss over the iterations in the last 10% (15 and 16 of 16)
+    def late(path):
+        recs = [json.loads(line) for line in open(path)]
+        vals = [x["loss"] for x in recs if x.get("type") == "train" and x["iteration"] > 0.9 * iters]
+        assert vals, "no training records in the last 10% of iterations"
+        return sum(vals) / len(vals)
+    t, b = late(tmp_path / row["tst_metrics"]), late(tmp_path / row["base_metrics"])
+    assert f"| {t - b:+.3f} ({t:.3f} vs {b:.3f}) |" in table
