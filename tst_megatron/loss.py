@@ -29,9 +29,8 @@ and memory against one F.cross_entropy and the paper's loop.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
-
 import os
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -44,7 +43,8 @@ CHECK_LABEL_RANGE = True
 # Size of the loss's fp32 row-chunk buffers. CPU: cache-sized. Measured (N=2048, s=4, 1 thread,
 # time relative to one F.cross_entropy forward+backward): fp32 0.44-0.48x for 1-32 MiB chunks vs
 # 0.70-0.74x in one piece; bf16 0.65-0.67x at 2 MiB, 0.90-1.04x at 32 MiB, 2.6x in one piece.
-# CUDA: not measured here; large, since every chunk costs kernel launches (one piece up to 1 GiB).
+# CUDA uses the Triton kernels unless kernel="torch" is forced (then these loops ran at 1.3-4.2x one
+# CE on an H200, docs/results.md); chunks are large there, since every chunk costs kernel launches.
 CHUNK_BYTES_CPU = 2 << 20
 CHUNK_BYTES_CUDA = 1 << 30
 KERNELS = ("auto", "torch", "triton")
@@ -262,8 +262,8 @@ def multi_hot_cross_entropy(
             the loss, as in megatron's vocab-parallel CE, which overwrites them in its forward).
             Saves one [N, V] allocation per backward -- on CPU that is fresh pages, i.e. page
             faults, every step. Only for logits nothing else reads after the backward.
-        kernel: "auto" (default; TST_MCE_KERNEL overrides): Triton kernels on CUDA, torch loops
-            elsewhere; "torch" or "triton" to force one (same formula, fp32 accumulation).
+        kernel: None (default) reads TST_MCE_KERNEL, else "auto": Triton kernels on CUDA, torch
+            loops elsewhere; "torch" or "triton" force one (same formula, fp32 accumulation).
     Returns:
         [...] fp32 loss, 0 where no target is valid.
     """
