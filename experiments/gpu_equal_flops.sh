@@ -34,13 +34,8 @@ if ! $PY -c "import megatron.core, sentencepiece, tst_megatron" 2>/dev/null; the
   $PY -m pip install -q --no-deps --no-build-isolation -e .
 fi
 if [ "${CORPUS:-carried}" = "site" ]; then
-  SITE_DIR=${SITE_DIR:-$($PY -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")}
   DATA="$OUT_DIR/site_spm2k_text_document"
-  $PY -c "from tst_megatron.corpus import build_default_corpus as b; print(b('$OUT_DIR/site.jsonl', max_bytes=${SITE_BYTES:-120000000}, source_dir='$SITE_DIR'))"
-  $PY tools/preprocess_data.py --input "$OUT_DIR/site.jsonl" --output-prefix "$OUT_DIR/site_spm2k" \
-    --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER" --append-eod \
-    --workers "${WORKERS:-$(nproc)}" --no-progress
-  rm -f "$OUT_DIR/site.jsonl"
+  bash experiments/build_site_corpus.sh "$OUT_DIR/site_spm2k" "$TOKENIZER" "${SITE_BYTES:-120000000}" "${WORKERS:-$(nproc)}"
 elif [ ! -f "$DATA.bin" ]; then bash experiments/build_carried_data.sh; fi
 
 if [ "${TINY:-0}" = "1" ]; then

@@ -27,14 +27,7 @@ sweep() {  # tag, then run.py arguments
 }
 
 site_data() {  # 40 MB of .py sources from this venv's site-packages, tokenized with the grid's BPE
-  local d=${OUT}_site_data
-  [[ -f $d/site_text_document.bin ]] && return
-  mkdir -p "$d"
-  "$PY" -c "from tst_megatron.corpus import build_default_corpus as b; import sysconfig; \
-print(b('$d/site.jsonl', max_bytes=40_000_000, source_dir=sysconfig.get_paths()['purelib']))"
-  "$PY" tools/preprocess_data.py --input "$d/site.jsonl" --output-prefix "$d/site" --tokenizer-type \
-    SentencePieceTokenizer --tokenizer-model "$OUT/data/spm.model" --append-eod --workers 2 --no-progress
-  rm -f "$d/site.jsonl"
+  PYTHON="$PY" bash experiments/build_site_corpus.sh "${OUT}_site_data/site" "$OUT/data/spm.model" 40000000 2
 }
 
 for s in $SWEEPS; do
