@@ -21,13 +21,15 @@ CHUNK_BYTES_* (the only full-size buffer is the gradient, in the logits' dtype):
     max / subtract / exp / sum would be four passes over [..., V];
   * vocabulary split over a TP group: max and sum-exp per position, all-reduced over the group;
     the gradient is exp(z - lse).
-On CUDA the two passes over [N, V] run as Triton kernels instead (`tst_megatron.loss_triton`: one
-read of the logits in the forward, one read + one write in the backward), chosen automatically;
+On CUDA the whole loss runs as two Triton kernels instead (`tst_megatron.loss_triton`: the
+forward reads the logits once and also does the label/weight bookkeeping and checks; the backward
+reads them once and writes the gradient), chosen automatically;
 `kernel="torch"` (or TST_MCE_KERNEL=torch) keeps the torch loops. bench/bench_mce.py measures time
 and memory against one F.cross_entropy and the paper's loop.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional, Sequence, Union
@@ -83,30 +85,42 @@ def _tp_group_and_rank(group):
     return group, dist.get_rank(group), dist.get_world_size(group)
 
 
-def _as_weights(weights, s: int, device) -> torch.Tensor:
-    if weights is None:
-        return torch.full((s,), 1.0 / s, dtype=torch.float32, device=device)
-    if torch.is_tensor(weights):
-        w = weights.to(dtype=torch.float32, device=device).reshape(-1)
-        count, ok = w.numel(), None
-    else:  # a Python sequence (what TSTGPTModel passes): validate on the host, no device sync
-        values = [float(x) for x in (weights.reshape(-1).tolist() if hasattr(weights, "reshape")
-                                     else weights)]
-        count, ok = len(values), all(math.isfinite(x) and x >= 0 for x in values)
-        w = None
+def _as_weights(weights, s: int, device, check_on_device: bool = True) -> torch.Tensor:
+    """fp32 [s] slot weights on `device`, validated (finite, >= 0, one per bag slot).
+
+    A Python sequence (what TSTGPTModel passes) is checked on the host and its device copy cached:
+    on CUDA a copy from a Python list is a blocking host-to-device transfer, i.e. a stream sync
+    every step. A tensor on an accelerator is checked by a device-side assert, or not here at all
+    when the caller's kernel checks it (check_on_device=False: the Triton path)."""
+    if weights is None or not torch.is_tensor(weights):
+        values = (1.0 / s,) * s if weights is None else tuple(
+            float(x) for x in (weights.reshape(-1).tolist() if hasattr(weights, "reshape") else weights))
+        _check_weight_count(len(values), s)
+        if not all(math.isfinite(x) and x >= 0 for x in values):
+            raise ValueError("multi_hot_cross_entropy: weights must be finite and >= 0")
+        return _device_weights(values, torch.device(device))
+    w = weights.to(dtype=torch.float32, device=device).reshape(-1)
+    _check_weight_count(w.numel(), s)
+    if w.device.type != "cpu":  # no host sync per step on an accelerator
+        if check_on_device:
+            torch._assert_async(torch.isfinite(w).all() & (w >= 0).all(),
+                                "multi_hot_cross_entropy: weights must be finite and >= 0")
+    elif not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError("multi_hot_cross_entropy: weights must be finite and >= 0")
+    return w
+
+
+def _check_weight_count(count: int, s: int) -> None:
     if count != s:
         raise ValueError(f"multi_hot_cross_entropy: weights has {count} entries but labels carry "
                          f"s = {s} targets per position (labels [..., s]); pass one weight per bag slot "
                          "(TSTConfig.bag_weights())")
-    if ok is None:
-        if w.device.type != "cpu":  # no host sync per step on an accelerator: a device-side assert
-            torch._assert_async(torch.isfinite(w).all() & (w >= 0).all(),
-                                "multi_hot_cross_entropy: weights must be finite and >= 0")
-            return w
-        ok = bool(torch.isfinite(w).all()) and not bool((w < 0).any())
-    if not ok:
-        raise ValueError("multi_hot_cross_entropy: weights must be finite and >= 0")
-    return w if w is not None else torch.tensor(values, dtype=torch.float32, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_weights(values: tuple, device: torch.device) -> torch.Tensor:
+    """One device copy per distinct weight vector (never written to: the loss only reads it)."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def _row_chunks(rows: int, vocab: int, device) -> list:
@@ -143,10 +157,16 @@ class _MultiHotCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, labels, weights, ignore_index, group, rank, world, inplace_backward, kernel):
         ctx.inplace_backward = inplace_backward
         ctx.kernel = kernel
+        ctx.ignore_index = ignore_index
         vocab_local = logits.shape[-1]
-        start = rank * vocab_local
+        ctx.start = start = rank * vocab_local
         z = logits.reshape(-1, vocab_local)  # a view for contiguous logits
         y = labels.reshape(-1, labels.shape[-1])
+        if kernel == "triton":
+            y = y.contiguous()
+            loss, lse = _triton_forward(z, y, weights, ignore_index, group, start, vocab_local * world)
+            ctx.save_for_backward(logits, y, weights, lse)  # the input itself: no copy
+            return loss.reshape(labels.shape[:-1])
 
         # Target slots owned by this shard (all of them without TP).
         valid = y != ignore_index
@@ -161,21 +181,7 @@ class _MultiHotCrossEntropy(torch.autograd.Function):
         chunks = _row_chunks(*z.shape, z.device)
         scratch = _Scratch(z, chunks)
 
-        if kernel == "triton":
-            # One pass per row: local max and sum-exp; TP combines them (rescaled to the global max).
-            zmax, sumexp = loss_triton.row_stats(z if z.stride(-1) == 1 else z.contiguous())
-            if group is not None:
-                gmax = zmax.clone()
-                dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
-                sumexp = sumexp * torch.exp(torch.where(gmax == float("-inf"), gmax, zmax - gmax))
-                zmax = gmax
-                dist.all_reduce(sumexp, group=group)
-            lse = torch.log(sumexp) + zmax
-            target = torch.where(in_shard, torch.gather(z, -1, idx).float(), zero)
-            if group is not None:
-                dist.all_reduce(target, group=group)
-            loss = lse - (coef * target).sum(dim=-1)
-        elif group is None:
+        if group is None:
             # lse - sum_j coef_j z[y_j] = -sum_j coef_j log_softmax(z)[y_j]   (sum_j coef_j = 1):
             # one fused row-wise kernel per chunk of rows; the fp32 temporaries stay chunk-sized.
             target = torch.empty(idx.shape, dtype=torch.float32, device=z.device)
@@ -210,6 +216,17 @@ class _MultiHotCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        nones = (None,) * 8
+        if ctx.kernel == "triton":
+            logits, y, weights, lse = ctx.saved_tensors
+            z = logits.reshape(-1, logits.shape[-1])
+            if z.stride(-1) != 1:  # rows must be contiguous for the kernel
+                z = z.contiguous()
+            grad = z if ctx.inplace_backward else torch.empty_like(z)
+            g = grad_loss.reshape(-1).float().contiguous()
+            loss_triton.mce_backward(z, grad, lse, g, y, weights, ctx.ignore_index, ctx.start)
+            return (grad.view(logits.shape),) + nones
+
         logits, idx, coef_local, any_valid, *rest = ctx.saved_tensors
         z = logits.reshape(-1, logits.shape[-1])
         g = (grad_loss.reshape(-1).float() * any_valid).unsqueeze(-1)
@@ -219,12 +236,6 @@ class _MultiHotCrossEntropy(torch.autograd.Function):
         # fp32 scratch first), so the backward allocates nothing of size [N, V].
         inplace = ctx.inplace_backward
         grad = z if inplace else torch.empty(z.shape, dtype=z.dtype, device=z.device)
-        if ctx.kernel == "triton":
-            if z.stride(-1) != 1:  # rows must be contiguous for the kernel
-                z = z.contiguous()
-                grad = z if inplace else torch.empty_like(z)
-            loss_triton.softmax_grad(z, grad, rest[0], g.squeeze(-1), idx, coef_local)
-            return grad.view(logits.shape), None, None, None, None, None, None, None, None
         fp32 = z.dtype == torch.float32 and not inplace
         for a, b in chunks:
             # fp32 logits: computed in the gradient rows; else in a buffer, then copied / cast.
@@ -238,7 +249,32 @@ class _MultiHotCrossEntropy(torch.autograd.Function):
             part.scatter_add_(-1, idx[a:b], -(coef_local[a:b] * ga))
             if not fp32:
                 grad[a:b].copy_(part)
-        return grad.view(logits.shape), None, None, None, None, None, None, None, None
+        return (grad.view(logits.shape),) + nones
+
+
+def _triton_forward(z, y, weights, ignore_index, group, start, vocab_total):
+    """(loss, lse), fp32 [N], from the Triton forward kernel; with TP the per-shard row stats are
+    combined here: max all-reduced, sums rescaled to it and all-reduced, target terms all-reduced.
+    Bad labels / weights found by the kernel become device-side asserts (no host sync)."""
+    if z.stride(-1) != 1:
+        z = z.contiguous()
+    if group is None:
+        (loss, lse), ok = loss_triton.mce_forward(z, y, weights, ignore_index)
+    else:
+        (zmax, sumexp, t, total), ok = loss_triton.mce_forward(z, y, weights, ignore_index, start, vocab_total,
+                                                               finish=False)
+        gmax = zmax.clone()
+        dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
+        sumexp = sumexp * torch.exp(torch.where(gmax == float("-inf"), gmax, zmax - gmax))
+        dist.all_reduce(sumexp, group=group)
+        dist.all_reduce(t, group=group)
+        lse = torch.log(sumexp) + gmax
+        loss = torch.where(total > 0, lse - t, torch.zeros_like(t))
+    if CHECK_LABEL_RANGE:
+        torch._assert_async(ok[0], f"multi_hot_cross_entropy: a label id is outside the vocabulary "
+                            f"[0, {vocab_total}); check --vocab-size / the tokenizer against the data")
+    torch._assert_async(ok[1], "multi_hot_cross_entropy: weights must be finite and >= 0")
+    return loss, lse
 
 
 def multi_hot_cross_entropy(
@@ -275,8 +311,12 @@ def multi_hot_cross_entropy(
     group, rank, world = _tp_group_and_rank(tp_group)
     labels = labels.long()
     s = labels.shape[-1]
-    w = _as_weights(weights, s, logits.device)
-    if CHECK_LABEL_RANGE:
+    kernel = _pick_kernel(kernel, logits.device)
+    # The Triton forward checks labels and weights itself (device-side asserts from its own flags);
+    # elsewhere on an accelerator they are checked here by device-side asserts, on CPU on the host.
+    kernel_checks = kernel == "triton" and logits.device.type != "cpu"
+    w = _as_weights(weights, s, logits.device, check_on_device=not kernel_checks)
+    if CHECK_LABEL_RANGE and not kernel_checks:
         vocab = logits.shape[-1] * world
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         if logits.device.type != "cpu":
@@ -289,6 +329,5 @@ def multi_hot_cross_entropy(
             example = int(labels[bad].flatten()[0])
             raise ValueError(f"multi_hot_cross_entropy: label id {example} is outside the vocabulary "
                              f"[0, {vocab}); check --vocab-size / the tokenizer against the data")
-    kernel = _pick_kernel(kernel, logits.device)
     return _MultiHotCrossEntropy.apply(logits, labels, w, ignore_index, group, rank, world, inplace_backward,
                                        kernel)

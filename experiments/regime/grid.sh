@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-outputs/regime}
-SWEEPS=${SWEEPS:-"base128 seed2 width256 ratios width384 batch64 long1600 switchcost seed2long long1600lr site1600 site3200 site1600seed2 site3200seed2 site1600s4 site3200s4"}
+SWEEPS=${SWEEPS:-"base128 seed2 width256 ratios width384 batch64 long1600 switchcost seed2long long1600lr site1600 site3200 site1600seed2 site3200seed2 site1600s4 site3200s4 site3200w256"}
 
 sweep() {  # tag, then run.py arguments
   local tag=$1; shift
@@ -61,6 +61,9 @@ for s in $SWEEPS; do
     # s = 4 at both lengths, at the LRs chosen above (one seed)
     site1600s4)    site_data; sweep site1600s4 --widths 128 --iters 1600 --bag-sizes 4 --ratios 0.3 --lrs 2e-3 ;;
     site3200s4)    site_data; sweep site3200s4 --widths 128 --iters 3200 --bag-sizes 4 --ratios 0.3 --lrs 1e-3 ;;
+    # session 4: does width change the 3,200-step win? hidden 256 (4.3M parameters), s = 2, at the
+    # LR that won for the baseline at 3,200 steps (hidden 128) and at 400 steps (hidden 256); one seed
+    site3200w256)  site_data; sweep site3200w256 --widths 256 --iters 3200 --bag-sizes 2 --ratios 0.3 --lrs 1e-3 ;;
     *) echo "grid.sh: unknown sweep '$s'" >&2; exit 2 ;;
   esac
 done
