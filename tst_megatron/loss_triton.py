@@ -18,11 +18,11 @@ kernels took 0.4x its GPU time; docs/results.md).
   * backward (`mce_backward`), one program per (row, block of columns): reads z, writes
     g * (exp(z - lse) - sum_j (w_j v_j / W) [y_j = column]) in the output's dtype (fp32 math, one
     rounding), optionally into z's own storage; W and the slots are recomputed from the labels
-    (s loads per program), so nothing of size [N, s] is saved besides the labels themselves.
+    (s loads per program), so nothing of size [N, s] is saved besides the labels themselves; a
+    target's per-element compare runs only in the block that holds it.
 
 So a forward+backward reads the logits twice and writes the gradient once: less traffic than one
-`F.cross_entropy`, whatever the bag size s (the s targets are s compares per element, in
-registers). Off CUDA the kernels run only under Triton's interpreter (`TRITON_INTERPRET=1`),
+`F.cross_entropy`, whatever the bag size s. Off CUDA the kernels run only under Triton's interpreter (`TRITON_INTERPRET=1`),
 which is how the test suite checks them against the torch implementation on CPU.
 """
 from __future__ import annotations
@@ -100,7 +100,8 @@ if triton is not None:
     def _mce_backward_kernel(z_ptr, stride_z, out_ptr, stride_out, V, lse_ptr, grad_loss_ptr, labels_ptr,
                              w_ptr, start, ignore_index, S: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        first = tl.program_id(1) * BLOCK
+        offs = first + tl.arange(0, BLOCK)
         mask = offs < V
         total = tl.zeros([], tl.float32)
         for j in tl.static_range(S):
@@ -111,9 +112,11 @@ if triton is not None:
         z = tl.load(z_ptr + row * stride_z + offs, mask=mask, other=0.0).to(tl.float32)
         grad = tl.exp(z - tl.load(lse_ptr + row)) * g
         for j in tl.static_range(S):
-            y = tl.load(labels_ptr + row * S + j)
-            hit = (offs == y - start) & (y != ignore_index)
-            grad = tl.where(hit, grad - tl.load(w_ptr + j) * scale, grad)
+            # A uniform branch per program: only the blocks that hold target j pay the per-element
+            # compare (s per element everywhere cost 0.27 -> 0.73 ms at V = 32000, s = 16 on an H200).
+            local = tl.load(labels_ptr + row * S + j) - start
+            if (local != ignore_index - start) & (local >= first) & (local < first + BLOCK):
+                grad = tl.where(offs == local.to(tl.int32), grad - tl.load(w_ptr + j) * scale, grad)
         tl.store(out_ptr + row * stride_out + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)
 
 
