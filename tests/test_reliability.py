@@ -13,6 +13,7 @@ with Gloo for two) on a tiny model and a tiny on-disk corpus. After each fault:
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -386,6 +387,22 @@ def test_nonfinite_step_stops_without_saving(corpus, reference, tmp_path):
     errors = [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines()
               if json.loads(x).get("type") == "error"]
     assert errors and errors[-1]["iteration"] == 3 and errors[-1]["phase"] == "superposition"
+
+
+def test_nonfinite_gradient_with_finite_loss_stops_without_saving(corpus, reference, tmp_path):
+    """An overflowed gradient (one Inf) behind a finite loss: caught by the gradient check before
+    the optimizer step, named as a gradient problem, nothing written."""
+    save = _resume_dir_at(reference, tmp_path, 2)
+    before = snapshot(save)
+    run = Run(corpus, save, extra=["--inject-nonfinite-at", "2", "--inject-nonfinite-kind", "grad"])
+    rc = run.wait()
+    out = run.output()
+    assert rc != 0, out
+    assert re.search(r"error: non-finite value \(NaN/Inf gradient, loss \d+\.\d{4}\) at iteration 3 in the "
+                     r"superposition phase; stopping without saving\. Last good checkpoint: "
+                     + re.escape(f"{save}/iter_0000002."), out), out
+    assert snapshot(save) == before
+    assert tracker(save) == 2 and assert_checkpoints_sound(save, tmp_path) == [2]
 
 
 def test_nonfinite_step_skipped_with_skip_nonfinite_steps(corpus, reference, tmp_path):

@@ -454,11 +454,15 @@ class Trainer:
         return float(value.item()) / self.dp_size
 
     def _grads_finite(self) -> bool:
-        ok = torch.ones(1, device=self.device)
+        """False if any gradient is NaN or Inf (on any rank). Checked through one fp32 sum per grad
+        buffer -- NaN and Inf propagate through a sum -- so there is no parameter-sized temporary
+        (`isfinite(grads).all()` allocates a byte per parameter, 3 GB for a 3B model) and one host
+        sync per step. A finite sum above 3e38 would also read as non-finite; such grads are."""
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
         for chunk in self.model:
             for buf in list(chunk.buffers) + list(chunk.expert_parallel_buffers):
-                if not bool(torch.isfinite(buf.grad_data).all()):
-                    ok.zero_()
+                total += torch.sum(buf.grad_data, dtype=torch.float32)
+        ok = torch.isfinite(total).float().reshape(1)
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return bool(ok.item() > 0)
 
@@ -467,20 +471,26 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss = self._forward_backward(self.train_iters_data, False, self.num_microbatches)
-        if self.cfg.logging.inject_nonfinite_at is not None and self.iteration == self.cfg.logging.inject_nonfinite_at:
-            loss = float("nan")  # test hook: behave as if the data produced a NaN
-            for chunk in self.model:
-                for buf in chunk.buffers:
-                    buf.grad_data.fill_(float("nan"))
-        finite = math.isfinite(loss) and self._grads_finite()
-        if not finite:
-            return {"loss": loss, "grad_norm": float("nan"), "skipped": True, "nonfinite": True}
+        lg = self.cfg.logging
+        if lg.inject_nonfinite_at is not None and self.iteration == lg.inject_nonfinite_at:  # test hook
+            if lg.inject_nonfinite_kind == "loss":  # as if the data produced a NaN
+                loss = float("nan")
+                for chunk in self.model:
+                    for buf in chunk.buffers:
+                        buf.grad_data.fill_(float("nan"))
+            else:  # as if one gradient overflowed
+                self.model[0].buffers[0].grad_data.view(-1)[0] = float("inf")
+        # What was non-finite, for the message (None: nothing). No optimizer step on a bad step.
+        nonfinite = (f"loss {loss}" if not math.isfinite(loss)
+                     else None if self._grads_finite() else f"NaN/Inf gradient, loss {loss:.4f}")
+        if nonfinite:
+            return {"loss": loss, "grad_norm": float("nan"), "skipped": True, "nonfinite": nonfinite}
         ok, grad_norm, _ = self.optimizer.step()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         if not math.isfinite(grad_norm):
             raise NonFiniteError(f"grad norm {grad_norm}")
         self.scheduler.step(increment=1)
-        return {"loss": loss, "grad_norm": grad_norm, "skipped": not ok, "nonfinite": False}
+        return {"loss": loss, "grad_norm": grad_norm, "skipped": not ok, "nonfinite": None}
 
     def evaluate(self, dataset, iters: int) -> Optional[float]:
         if dataset is None:
@@ -577,7 +587,7 @@ class Trainer:
             if out["nonfinite"]:
                 skipped_nonfinite += 1
                 if skipped_nonfinite > lg.skip_nonfinite_steps:
-                    self._stop_nonfinite(f"loss {out['loss']}", phase)
+                    self._stop_nonfinite(out["nonfinite"], phase)
                     return 1
                 self.log.print(f" WARNING: skipped iteration {self.iteration + 1} ({phase}): non-finite loss "
                                f"or gradient ({skipped_nonfinite}/{lg.skip_nonfinite_steps} allowed)")
