@@ -25,7 +25,8 @@ from megatron.core.tensor_parallel.mappings import (
 def bag_mean(token_embeddings: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[..., s, h] -> [..., h]: fp32 sum over the bag, divided by s, cast to `dtype`."""
     s = token_embeddings.shape[-2]
-    return (token_embeddings.float().sum(dim=-2) / s).to(dtype)
+    # sum(dtype=fp32) accumulates in fp32 without an fp32 copy of the [..., s, h] tokens
+    return (torch.sum(token_embeddings, dim=-2, dtype=torch.float32) / s).to(dtype)
 
 
 class BagVocabParallelEmbedding(VocabParallelEmbedding):
@@ -53,7 +54,7 @@ class BagVocabParallelEmbedding(VocabParallelEmbedding):
         # This rank's share of the bag mean, kept in fp32 through the reduction and rounded once
         # afterwards: the result is the TP = 1 mean (one rounding of an fp32 sum), not a sum of
         # per-rank bf16-rounded parts. Costs one fp32 instead of bf16 [L, b, h] reduction per step.
-        output_parallel = tokens.float().sum(dim=-2) / tokens.shape[-2]  # [b, L, h] fp32
+        output_parallel = torch.sum(tokens, dim=-2, dtype=torch.float32) / tokens.shape[-2]  # [b, L, h] fp32
         if self.reduce_scatter_embeddings:
             output_parallel = output_parallel.transpose(0, 1).contiguous()  # [L, b, h]
             output = reduce_scatter_to_sequence_parallel_region(output_parallel, group=self.tp_group)
