@@ -2,7 +2,7 @@
 
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
 so the same kernel code is checked on every machine, and it is compiled to cubin for sm_80 and
-sm_90 without a GPU (`test_kernels_compile_for_a100_and_h100`); with CUDA the compiled kernels'
+sm_90 and sm_100 without a GPU (`test_kernels_compile_for_a100_h100_b200`); with CUDA the compiled kernels'
 results are compared with the torch implementation on CPU (`test_cuda_kernel_matches_cpu`).
 """
 from __future__ import annotations
@@ -204,16 +204,16 @@ def test_cuda_kernel_matches_cpu(s, dtype):
         torch.testing.assert_close(grad_g.cpu().float(), grad_c.float(), atol=1e-2, rtol=8e-3)
 
 
-def test_kernels_compile_for_a100_and_h100(tmp_path):
-    """The interpreter runs the kernels' Python; this compiles them to cubin for sm_80 and sm_90
-    (Triton's own compiler and ptxas, no GPU needed), so a kernel the GPU compiler would reject
+def test_kernels_compile_for_a100_h100_b200(tmp_path):
+    """The interpreter runs the kernels' Python; this compiles them to cubin for sm_80, sm_90 and
+    sm_100 (Triton's own compiler and ptxas, no GPU needed), so a kernel the GPU compiler would reject
     fails here, on every machine, not on a user's cluster."""
     import os
     import subprocess
 
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"))
     worker = Path(__file__).resolve().parent / "workers" / "compile_triton.py"
-    proc = subprocess.run([sys.executable, str(worker), "80", "90"], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(worker), "80", "90", "100"], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("ok sm_") == 2 * 2 * 2 * 3, proc.stdout
+    assert proc.stdout.count("ok sm_") == 3 * 2 * 2 * 3, proc.stdout
