@@ -1,9 +1,9 @@
 """The MCE loss's Triton kernels (its CUDA path) against the paper's loop and the torch path.
 
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
-so the same kernel code is checked on every machine, and it is compiled to cubin for sm_80 and
-sm_90 and sm_100 without a GPU (`test_kernels_compile_for_a100_h100_b200`); with CUDA the compiled kernels'
-results are compared with the torch implementation on CPU (`test_cuda_kernel_matches_cpu`).
+so the same kernel code is checked on every machine, and it is compiled to cubin for sm_80, sm_90
+and sm_100 without a GPU (`test_kernels_compile_for_a100_h100_b200`); with CUDA the compiled
+kernels' results are compared with the torch implementation on CPU (`test_cuda_kernel_matches_cpu`).
 """
 from __future__ import annotations
 

@@ -22,8 +22,9 @@ kernels took 0.4x its GPU time; docs/results.md).
     target's per-element compare runs only in the block that holds it.
 
 So a forward+backward reads the logits twice and writes the gradient once: less traffic than one
-`F.cross_entropy`, whatever the bag size s. Off CUDA the kernels run only under Triton's interpreter (`TRITON_INTERPRET=1`),
-which is how the test suite checks them against the torch implementation on CPU.
+`F.cross_entropy`, whatever the bag size s. Off CUDA the kernels run only under Triton's
+interpreter (`TRITON_INTERPRET=1`), which is how the test suite checks them against the torch
+implementation on CPU; it also compiles them for sm_80/90/100 without a GPU.
 """
 from __future__ import annotations
 
