@@ -429,11 +429,18 @@ class PretrainingSampler:
 
 def build_data_iterator(dataset: Dataset, consumed_samples: int, micro_batch_size: int,
                         data_parallel_rank: int, data_parallel_size: int, num_workers: int = 0,
-                        total_samples: Optional[int] = None) -> Iterator[Dict[str, torch.Tensor]]:
-    """Iterator of collated micro-batches for this DP rank, starting at consumed_samples."""
+                        total_samples: Optional[int] = None,
+                        pin_memory: Optional[bool] = None) -> Iterator[Dict[str, torch.Tensor]]:
+    """Iterator of collated micro-batches for this DP rank, starting at consumed_samples.
+
+    pin_memory (default: when CUDA is available, as megatron's loader does): batches in page-locked
+    memory, so the trainer's `.to(device, non_blocking=True)` is a real asynchronous copy; from
+    pageable memory the driver stages the copy and may synchronize with the stream."""
     sampler = PretrainingSampler(len(dataset) if total_samples is None else total_samples,
                                  consumed_samples, micro_batch_size, data_parallel_rank,
                                  data_parallel_size)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
                         persistent_workers=num_workers > 0)
     return iter(loader)
