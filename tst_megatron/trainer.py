@@ -446,10 +446,10 @@ class Trainer:
         made known to every rank (rank 0 logs it)."""
         ps = self.ps
         contribute = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
-        value = torch.zeros(1, dtype=torch.float64)
-        if contribute and losses:
-            value[0] = torch.stack([x["loss"].double().cpu() for x in losses]).mean()
-        value = value.to(self.device)
+        if contribute and losses:  # on the device: one host sync per step (the .item() below)
+            value = torch.stack([x["loss"].detach().double() for x in losses]).mean().reshape(1)
+        else:
+            value = torch.zeros(1, dtype=torch.float64, device=self.device)
         dist.all_reduce(value)
         return float(value.item()) / self.dp_size
 
