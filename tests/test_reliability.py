@@ -314,6 +314,22 @@ def test_sigterm_saves_at_current_iteration_exits_zero_then_resume(corpus, refer
     assert assert_checkpoints_sound(save, tmp_path)[-1] == TRAIN_ITERS
 
 
+def test_exit_duration_in_mins_saves_and_exits_zero_then_resume(corpus, reference, tmp_path):
+    """--exit-duration-in-mins: the time budget (here 0: spent after the first iteration) ends the
+    run like a SIGTERM would -- checkpoint at the current iteration, exit 0 -- and the resume
+    (without the flag) continues with bit-identical losses."""
+    _, ref = reference
+    save = tmp_path / "run"
+    run = Run(corpus, save, extra=["--exit-duration-in-mins", "0"])
+    rc = run.wait()
+    out = run.output()
+    assert rc == 0, out
+    assert f"> exiting at iteration 1 (--exit-duration-in-mins); checkpoint: {save}/iter_0000001" in out, out
+    assert tracker(save) == 1 and assert_checkpoints_sound(save, tmp_path) == [1]
+    Run(corpus, save).wait_ok()
+    assert_same_losses(train_losses(save), ref, 1)
+
+
 @pytest.mark.parametrize("damage", ["delete_shard", "truncate_shard", "truncate_index", "truncate_metadata_json"])
 def test_damaged_checkpoint_is_named_by_find_checkpoint(reference, tmp_path, damage):
     src, _ = reference

@@ -545,15 +545,14 @@ class Trainer:
 
     def _should_exit(self) -> Optional[str]:
         c = self.cfg.ckpt
-        flag = torch.zeros(1, device=self.device)
-        if self.stop_signal:
-            flag[0] = 1
-        if c.exit_duration_in_mins is not None and self.timer.elapsed() / 60 > c.exit_duration_in_mins:
-            flag[0] = max(flag[0].item(), 2)
+        # Agreed over all ranks (a signal may reach only some): 2 = time is up, 1 = signal, 0 = go on.
+        out_of_time = c.exit_duration_in_mins is not None and self.timer.elapsed() / 60 > c.exit_duration_in_mins
+        flag = torch.full((1,), 2.0 if out_of_time else 1.0 if self.stop_signal else 0.0, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() == 1:
+        code = int(flag.item())
+        if code == 1:
             return "signal"
-        if flag.item() == 2:
+        if code == 2:
             return "--exit-duration-in-mins"
         if c.exit_interval and self.iteration % c.exit_interval == 0:
             return "--exit-interval"
