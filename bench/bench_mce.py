@@ -256,7 +256,6 @@ def run_config(N: int, V: int, s: int, dtype: torch.dtype, device: torch.device,
         failures.append(f"saved bytes {ratio_saved['fused']:.3f} > {MEM_TARGET}")
     if ratio_peak["fused"] > MEM_TARGET:
         failures.append(f"peak bytes {ratio_peak['fused']:.3f} > {MEM_TARGET}")
-    del logits
     return {"N": N, "V": V, "s": s, "dtype": str(dtype).replace("torch.", ""), "reps": reps,
             "clock": clock, "wall_s": wall, "cpu_s": cpu, "wall": clocks["wall"], "cpu": clocks["cpu"],
             "saved_bytes": saved, "saved_ratio": ratio_saved, "peak_bytes": peak, "peak_ratio": ratio_peak,

@@ -434,6 +434,6 @@ def test_helpers():
     assert cv.parse_size("100KB") == 100_000 and cv.parse_size(123) == 123
     with pytest.raises(cv.ConversionError, match="--max-shard-size"):
         cv.parse_size("lots")
-    assert cv._moe_freq_as_int([1, 0, 1, 0], 4) == 2 and cv._moe_freq_as_int(1, 3) == 1
+    assert cv.hf_import._moe_freq_as_int([1, 0, 1, 0], 4) == 2 and cv.hf_import._moe_freq_as_int(1, 3) == 1
     with pytest.raises(cv.ConversionError, match="--moe-layer-freq"):
-        cv._moe_freq_as_int([0, 1], 2)
+        cv.hf_import._moe_freq_as_int([0, 1], 2)

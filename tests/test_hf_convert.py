@@ -344,5 +344,5 @@ def test_representable_and_hf_side_refusals():
             hc.megatron_config_from_hf(dict(good, **patch))
     with pytest.raises(KeyError, match="output_layer.weight"):
         sd = {"embedding.word_embeddings.weight": torch.zeros(VOCAB, 64)}
-        hc.megatron_to_hf(dict(sd, **{f"decoder.final_layernorm.weight": torch.ones(64)}),
+        hc.megatron_to_hf(dict(sd, **{"decoder.final_layernorm.weight": torch.ones(64)}),
                           dict(good, num_hidden_layers=0))

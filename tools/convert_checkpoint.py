@@ -9,7 +9,7 @@
     python tools/convert_checkpoint.py import --hf hf/tst --save runs/imported \\
         [--iteration N --consumed-samples M] [pretrain_tst.py flags: --tst-bag-size 4 ...]
 
-`import` prints the model flags pretrain_tst.py needs. The logic is tst_megatron/convert.py.
+`import` prints the model flags pretrain_tst.py needs. The logic is the package tst_megatron/convert/.
 """
 import os
 import sys

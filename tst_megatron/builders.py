@@ -7,7 +7,7 @@ TransformerConfig, model chunks (TSTGPTModel inside megatron DDP), the megatron 
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F

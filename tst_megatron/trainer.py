@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpointing as ckpt
+from . import preflight
 from .arguments import RunConfig, fail, same_dir, validate
 from .builders import (build_model_chunks, build_optimizer, build_scheduler, count_parameters,
                        flops_per_position, padded_vocab_size, transformer_config, tst_data_tokens_per_sample,
@@ -128,7 +129,7 @@ class Trainer:
             fail(f"--tokenizer-model {d.tokenizer_model}: tokenizer does not load ({exc})")
         self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by,
                                             par.tensor_model_parallel_size)
-        self._check_data_files()
+        preflight.check_data(cfg, self.tokenizer.vocab_size)
 
         # Resume target, validated before building anything heavy.
         self.resume = None
@@ -144,8 +145,9 @@ class Trainer:
                     fail(f"--load {cfg.ckpt.load}: the directory holds no checkpoint "
                          f"(no {ckpt.TRACKER} and no iter_* directories)")
             if found is not None:
-                self._check_compatible(found[2], found[1])
-                self._keep_checkpoint_vocab(found[2], found[1])
+                preflight.check_resume_compatible(cfg, found[2], found[1])
+                self.vocab_size = preflight.resume_vocab_size(cfg, found[2], found[1], self.vocab_size,
+                                                              self.tokenizer.vocab_size, self.rank == 0)
             self.resume = found
 
         # Model, DDP, optimizer, LR schedule: all megatron-core.
@@ -179,137 +181,6 @@ class Trainer:
         self._build_data()
         torch.set_rng_state(rng_state)
         self._setup_logger()
-
-    def _check_data_files(self) -> None:
-        from megatron.core.datasets.utils import get_blend_from_list
-
-        paths = self.cfg.data.data_path
-        try:
-            prefixes, _ = get_blend_from_list(paths)
-        except Exception as exc:
-            fail(f"--data-path {' '.join(paths)}: cannot parse ({exc}); use PREFIX ... or W1 PREFIX1 W2 PREFIX2 ...")
-        for prefix in prefixes:
-            for ext in (".bin", ".idx"):
-                if not os.path.isfile(prefix + ext):
-                    fail(f"--data-path: {prefix + ext} not found (make it with tools/preprocess_data.py)")
-            self._check_vocab(prefix)
-
-    def _check_split(self, prefix: str, num_documents: int) -> None:
-        """megatron's GPTDataset loops forever on a split that holds no tokens: refuse it here."""
-        from megatron.core.datasets.blended_megatron_dataset_config import (
-            convert_split_vector_to_split_matrix, parse_and_normalize_split)
-
-        try:
-            matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(self.cfg.data.split))
-        except (AssertionError, ValueError) as exc:
-            fail(f"--split {self.cfg.data.split}: not a valid train,valid,test split ({exc})")
-        for name, bounds in zip(("train", "validation", "test"), matrix):
-            if bounds is None:
-                continue
-            beg, end = int(round(bounds[0] * num_documents)), int(round(bounds[1] * num_documents))
-            if end <= beg:
-                fail(f"--split {self.cfg.data.split}: the {name} split of {prefix} gets no documents "
-                     f"({num_documents} documents in all); give that split more weight, set it to 0 "
-                     "(e.g. --split 98,2,0), or use more data")
-
-    def _check_sample_fits(self, prefix: str, ds) -> None:
-        """One training sample must fit in the train split's tokens: a superposition sample reads
-        s*(L+1) tokens (L+s in output mode), a plain one L+1. Otherwise megatron would silently
-        repeat the split inside a single sample."""
-        from megatron.core.datasets.blended_megatron_dataset_config import (
-            convert_split_vector_to_split_matrix, parse_and_normalize_split)
-
-        from .data import base_sequence_length
-
-        cfg = self.cfg
-        bounds = convert_split_vector_to_split_matrix(parse_and_normalize_split(cfg.data.split))[0]
-        if bounds is None:
-            return
-        num_documents = len(ds.document_indices) - 1
-        beg, end = int(round(bounds[0] * num_documents)), int(round(bounds[1] * num_documents))
-        first, last = int(ds.document_indices[beg]), int(ds.document_indices[end])
-        have = int(ds.sequence_lengths[first:last].sum())
-        L, s = cfg.model.seq_length, cfg.tst.bag_size
-        need = base_sequence_length(L, cfg.tst) + 1
-        if need > have:
-            what = (f"--tst-bag-size {s} with --seq-length {L}: one superposition sample reads {need} tokens"
-                    if cfg.tst.enabled else f"--seq-length {L}: one sample reads {need} tokens")
-            fail(f"{what}, but the train split of --data-path {prefix} holds only {have} tokens; "
-                 "use a smaller --tst-bag-size / --seq-length or more data")
-
-    def _check_vocab(self, prefix: str) -> None:
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-        try:
-            ds = IndexedDataset(prefix)
-        except Exception as exc:
-            fail(f"--data-path {prefix}: .bin/.idx do not match or are damaged ({type(exc).__name__}: {exc})")
-        self._check_split(prefix, len(ds.document_indices) - 1)
-        self._check_sample_fits(prefix, ds)
-        expected = int(ds.sequence_lengths.sum()) * ds.index.dtype_size
-        actual = os.path.getsize(prefix + ".bin")
-        if actual != expected:
-            fail(f"--data-path {prefix}: {prefix}.bin holds {actual} bytes but {prefix}.idx describes "
-                 f"{expected}; the pair does not match (re-run tools/preprocess_data.py)")
-        # Scan the token ids (memory-mapped) up to a bound; large corpora are checked on a prefix.
-        limit = 64 * 1024 * 1024
-        tokens = ds.bin_reader.read(ds.index.dtype, count=min(limit, expected // ds.index.dtype_size), offset=0) \
-            if hasattr(ds, "bin_reader") else None
-        if tokens is None:
-            return
-        max_id = int(tokens.max()) if len(tokens) else -1
-        if max_id >= self.tokenizer.vocab_size:
-            fail(f"--data-path {prefix}: token id {max_id} >= vocabulary size {self.tokenizer.vocab_size} "
-                 f"of --tokenizer-type {self.cfg.data.tokenizer_type}; use the tokenizer the data was made "
-                 "with, or a larger --vocab-size")
-
-    def _keep_checkpoint_vocab(self, meta: dict, path: str) -> None:
-        """Keep the checkpoint's padded vocabulary when the new tensor-parallel size divides it.
-
-        The padding rule (multiple of --make-vocab-size-divisible-by x TP) gives another padded
-        size at another TP (e.g. 512 at TP=2, 384 at TP=1). The padded rows' logits take part in
-        the softmax, so re-padding would change the loss of the very same weights; keeping the
-        saved size resumes the same function."""
-        saved = meta.get("vocab_size")
-        tp = self.cfg.parallel.tensor_model_parallel_size
-        if not isinstance(saved, int) or saved == self.vocab_size or saved < self.tokenizer.vocab_size:
-            return
-        if saved % tp == 0:
-            self.vocab_size = saved
-        elif self.rank == 0:
-            print(f"> note: {path} was saved with a padded vocabulary of {saved}, which does not divide "
-                  f"among {tp} tensor-parallel ranks; using {self.vocab_size} (the padding rows change the "
-                  "softmax normaliser, so losses differ slightly from the saved run)", flush=True)
-
-    def _check_compatible(self, meta: dict, path: str) -> None:
-        """Refuse to resume with another model shape or bag size, unless explicitly overridden."""
-        saved = meta.get("args", {})
-        now = self.cfg.to_dict()
-        keys = [("model", k) for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                                       "group_query_attention", "num_query_groups", "kv_channels",
-                                       "normalization", "swiglu", "qk_layernorm", "num_experts",
-                                       "untie_embeddings_and_output_weights", "disable_bias_linear",
-                                       "position_embedding_type", "moe_ffn_hidden_size", "moe_router_topk")]
-        keys += [("tst", "bag_size"), ("tst", "mode")]
-        # the LR schedule (megatron's scheduler refuses other values with a bare assertion) and
-        # the superposition length (it maps consumed samples to data positions)
-        keys += [("optim", k) for k in ("train_iters", "lr", "min_lr", "lr_decay_style", "lr_warmup_iters",
-                                        "lr_decay_iters", "lr_wsd_decay_iters", "lr_wsd_decay_style",
-                                        "weight_decay")]
-        diffs = []
-        for group, key in keys:
-            a, b = saved.get(group, {}).get(key), now[group].get(key)
-            if group in saved and a != b:
-                flag = "--tst-" + key.replace("_", "-") if group == "tst" else "--" + key.replace("_", "-")
-                diffs.append(f"{flag} {b} (checkpoint: {a})")
-        sup_saved = meta.get("superposition_iters")
-        sup_now = self.cfg.tst.num_superposition_iters(self.cfg.optim.train_iters)
-        if sup_saved is not None and sup_saved != sup_now:
-            diffs.append(f"{sup_now} superposition iterations from --tst-superposition-iters/-ratio "
-                         f"(checkpoint: {sup_saved})")
-        if diffs and not self.cfg.ckpt.override_checkpoint_args:
-            fail(f"--load {path}: the checkpoint was trained with a different configuration: "
-                 + "; ".join(diffs) + ". Use the checkpoint's values, or pass --override-checkpoint-args")
 
     def _build_data(self) -> None:
         from megatron.core.datasets.utils import get_blend_from_list
@@ -382,7 +253,6 @@ class Trainer:
         path = ckpt.save_checkpoint(c.save, self.iteration, self.model, self.optimizer, self.scheduler,
                                     self._common_state(), self.cfg.parallel.use_distributed_optimizer)
         self.last_checkpoint = path
-        phase = self.phase(self.iteration)
         note = (" (superposition phase: not a usable next-token model yet)"
                 if 0 < self.num_sup_iters and self.iteration <= self.num_sup_iters else "")
         self.log.print(f"  saved checkpoint at iteration {self.iteration} to {path} in {time.time() - t0:.1f}s{note}")

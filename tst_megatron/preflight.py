@@ -1,0 +1,158 @@
+"""Checks of the data and of a resume target, run before any model is built.
+
+Each check reads files (the `.bin/.idx` pairs, a checkpoint's metadata) that `arguments.validate`
+cannot see, and stops with a message naming the flag or file and what to do -- before any
+compute, so that a bad input costs seconds, not a failed allocation or a silent wrong run.
+Pure functions of the run config and what they read: the trainer calls them, tests can too.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from .arguments import RunConfig, fail
+
+_MAX_SCANNED_TOKENS = 64 * 1024 * 1024  # large corpora are checked on a prefix (memory-mapped)
+
+# What must match between a checkpoint and the run resuming it (flags of the model shape, TST
+# and the LR schedule: megatron's scheduler refuses other values with a bare assertion, and the
+# superposition length maps consumed samples to data positions).
+_RESUME_KEYS = (
+    [("model", k) for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                            "group_query_attention", "num_query_groups", "kv_channels", "normalization",
+                            "swiglu", "qk_layernorm", "num_experts", "untie_embeddings_and_output_weights",
+                            "disable_bias_linear", "position_embedding_type", "moe_ffn_hidden_size",
+                            "moe_router_topk")]
+    + [("tst", "bag_size"), ("tst", "mode")]
+    + [("optim", k) for k in ("train_iters", "lr", "min_lr", "lr_decay_style", "lr_warmup_iters",
+                              "lr_decay_iters", "lr_wsd_decay_iters", "lr_wsd_decay_style", "weight_decay")])
+
+
+def _split_bounds(split: str):
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+
+    try:
+        return convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    except (AssertionError, ValueError) as exc:
+        fail(f"--split {split}: not a valid train,valid,test split ({exc})")
+
+
+def _document_range(bounds, num_documents: int):
+    return int(round(bounds[0] * num_documents)), int(round(bounds[1] * num_documents))
+
+
+def check_data(cfg: RunConfig, tokenizer_vocab_size: int) -> None:
+    """Every `--data-path` prefix: parsable blend, both files present and matching, every split
+    non-empty, one training sample fits in the train split, token ids below the vocabulary."""
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    paths = cfg.data.data_path
+    try:
+        prefixes, _ = get_blend_from_list(paths)
+    except Exception as exc:
+        fail(f"--data-path {' '.join(paths)}: cannot parse ({exc}); use PREFIX ... or W1 PREFIX1 W2 PREFIX2 ...")
+    for prefix in prefixes:
+        for ext in (".bin", ".idx"):
+            if not os.path.isfile(prefix + ext):
+                fail(f"--data-path: {prefix + ext} not found (make it with tools/preprocess_data.py)")
+        _check_prefix(cfg, prefix, tokenizer_vocab_size)
+
+
+def _check_prefix(cfg: RunConfig, prefix: str, tokenizer_vocab_size: int) -> None:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    try:
+        ds = IndexedDataset(prefix)
+    except Exception as exc:
+        fail(f"--data-path {prefix}: .bin/.idx do not match or are damaged ({type(exc).__name__}: {exc})")
+    _check_split(cfg, prefix, len(ds.document_indices) - 1)
+    _check_sample_fits(cfg, prefix, ds)
+    expected = int(ds.sequence_lengths.sum()) * ds.index.dtype_size
+    actual = os.path.getsize(prefix + ".bin")
+    if actual != expected:
+        fail(f"--data-path {prefix}: {prefix}.bin holds {actual} bytes but {prefix}.idx describes "
+             f"{expected}; the pair does not match (re-run tools/preprocess_data.py)")
+    if not hasattr(ds, "bin_reader"):
+        return
+    tokens = ds.bin_reader.read(ds.index.dtype, count=min(_MAX_SCANNED_TOKENS, expected // ds.index.dtype_size),
+                                offset=0)
+    max_id = int(tokens.max()) if len(tokens) else -1
+    if max_id >= tokenizer_vocab_size:
+        fail(f"--data-path {prefix}: token id {max_id} >= vocabulary size {tokenizer_vocab_size} "
+             f"of --tokenizer-type {cfg.data.tokenizer_type}; use the tokenizer the data was made "
+             "with, or a larger --vocab-size")
+
+
+def _check_split(cfg: RunConfig, prefix: str, num_documents: int) -> None:
+    """megatron's GPTDataset loops forever on a split that holds no tokens: refuse it here."""
+    for name, bounds in zip(("train", "validation", "test"), _split_bounds(cfg.data.split)):
+        if bounds is None:
+            continue
+        beg, end = _document_range(bounds, num_documents)
+        if end <= beg:
+            fail(f"--split {cfg.data.split}: the {name} split of {prefix} gets no documents "
+                 f"({num_documents} documents in all); give that split more weight, set it to 0 "
+                 "(e.g. --split 98,2,0), or use more data")
+
+
+def _check_sample_fits(cfg: RunConfig, prefix: str, ds) -> None:
+    """One training sample must fit in the train split's tokens: a superposition sample reads
+    s*(L+1) tokens (L+s in output mode), a plain one L+1. Otherwise megatron would silently
+    repeat the split inside a single sample."""
+    from .data import base_sequence_length
+
+    bounds = _split_bounds(cfg.data.split)[0]
+    if bounds is None:
+        return
+    beg, end = _document_range(bounds, len(ds.document_indices) - 1)
+    first, last = int(ds.document_indices[beg]), int(ds.document_indices[end])
+    have = int(ds.sequence_lengths[first:last].sum())
+    L, s = cfg.model.seq_length, cfg.tst.bag_size
+    need = base_sequence_length(L, cfg.tst) + 1
+    if need > have:
+        what = (f"--tst-bag-size {s} with --seq-length {L}: one superposition sample reads {need} tokens"
+                if cfg.tst.enabled else f"--seq-length {L}: one sample reads {need} tokens")
+        fail(f"{what}, but the train split of --data-path {prefix} holds only {have} tokens; "
+             "use a smaller --tst-bag-size / --seq-length or more data")
+
+
+def check_resume_compatible(cfg: RunConfig, meta: dict, path: str) -> None:
+    """Refuse to resume with another model shape, bag size or LR schedule, unless overridden."""
+    saved = meta.get("args", {})
+    now = cfg.to_dict()
+    diffs = []
+    for group, key in _RESUME_KEYS:
+        a, b = saved.get(group, {}).get(key), now[group].get(key)
+        if group in saved and a != b:
+            flag = "--tst-" + key.replace("_", "-") if group == "tst" else "--" + key.replace("_", "-")
+            diffs.append(f"{flag} {b} (checkpoint: {a})")
+    sup_saved = meta.get("superposition_iters")
+    sup_now = cfg.tst.num_superposition_iters(cfg.optim.train_iters)
+    if sup_saved is not None and sup_saved != sup_now:
+        diffs.append(f"{sup_now} superposition iterations from --tst-superposition-iters/-ratio "
+                     f"(checkpoint: {sup_saved})")
+    if diffs and not cfg.ckpt.override_checkpoint_args:
+        fail(f"--load {path}: the checkpoint was trained with a different configuration: "
+             + "; ".join(diffs) + ". Use the checkpoint's values, or pass --override-checkpoint-args")
+
+
+def resume_vocab_size(cfg: RunConfig, meta: dict, path: str, vocab_size: int, tokenizer_vocab_size: int,
+                      verbose: bool) -> int:
+    """The padded vocabulary to build: the checkpoint's when the new tensor-parallel size divides it.
+
+    The padding rule (multiple of --make-vocab-size-divisible-by x TP) gives another padded size
+    at another TP (e.g. 512 at TP=2, 384 at TP=1). The padded rows' logits take part in the
+    softmax, so re-padding would change the loss of the very same weights; keeping the saved
+    size resumes the same function."""
+    saved: Optional[int] = meta.get("vocab_size")
+    tp = cfg.parallel.tensor_model_parallel_size
+    if not isinstance(saved, int) or saved == vocab_size or saved < tokenizer_vocab_size:
+        return vocab_size
+    if saved % tp == 0:
+        return saved
+    if verbose:
+        print(f"> note: {path} was saved with a padded vocabulary of {saved}, which does not divide "
+              f"among {tp} tensor-parallel ranks; using {vocab_size} (the padding rows change the "
+              "softmax normaliser, so losses differ slightly from the saved run)", flush=True)
+    return vocab_size
