@@ -52,22 +52,23 @@ def check_data(cfg: RunConfig, tokenizer_vocab_size: int) -> None:
         prefixes, _ = get_blend_from_list(paths)
     except Exception as exc:
         fail(f"--data-path {' '.join(paths)}: cannot parse ({exc}); use PREFIX ... or W1 PREFIX1 W2 PREFIX2 ...")
+    split = _split_bounds(cfg.data.split)  # parsed once, checked against every prefix
     for prefix in prefixes:
         for ext in (".bin", ".idx"):
             if not os.path.isfile(prefix + ext):
                 fail(f"--data-path: {prefix + ext} not found (make it with tools/preprocess_data.py)")
-        _check_prefix(cfg, prefix, tokenizer_vocab_size)
+        _check_prefix(cfg, prefix, split, tokenizer_vocab_size)
 
 
-def _check_prefix(cfg: RunConfig, prefix: str, tokenizer_vocab_size: int) -> None:
+def _check_prefix(cfg: RunConfig, prefix: str, split, tokenizer_vocab_size: int) -> None:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     try:
         ds = IndexedDataset(prefix)
     except Exception as exc:
         fail(f"--data-path {prefix}: .bin/.idx do not match or are damaged ({type(exc).__name__}: {exc})")
-    _check_split(cfg, prefix, len(ds.document_indices) - 1)
-    _check_sample_fits(cfg, prefix, ds)
+    _check_split(cfg, prefix, split, len(ds.document_indices) - 1)
+    _check_sample_fits(cfg, prefix, split[0], ds)
     expected = int(ds.sequence_lengths.sum()) * ds.index.dtype_size
     actual = os.path.getsize(prefix + ".bin")
     if actual != expected:
@@ -84,9 +85,9 @@ def _check_prefix(cfg: RunConfig, prefix: str, tokenizer_vocab_size: int) -> Non
              "with, or a larger --vocab-size")
 
 
-def _check_split(cfg: RunConfig, prefix: str, num_documents: int) -> None:
+def _check_split(cfg: RunConfig, prefix: str, split, num_documents: int) -> None:
     """megatron's GPTDataset loops forever on a split that holds no tokens: refuse it here."""
-    for name, bounds in zip(("train", "validation", "test"), _split_bounds(cfg.data.split)):
+    for name, bounds in zip(("train", "validation", "test"), split):
         if bounds is None:
             continue
         beg, end = _document_range(bounds, num_documents)
@@ -96,13 +97,12 @@ def _check_split(cfg: RunConfig, prefix: str, num_documents: int) -> None:
                  "(e.g. --split 98,2,0), or use more data")
 
 
-def _check_sample_fits(cfg: RunConfig, prefix: str, ds) -> None:
+def _check_sample_fits(cfg: RunConfig, prefix: str, bounds, ds) -> None:
     """One training sample must fit in the train split's tokens: a superposition sample reads
     s*(L+1) tokens (L+s in output mode), a plain one L+1. Otherwise megatron would silently
     repeat the split inside a single sample."""
     from .data import base_sequence_length
 
-    bounds = _split_bounds(cfg.data.split)[0]
     if bounds is None:
         return
     beg, end = _document_range(bounds, len(ds.document_indices) - 1)
