@@ -6,11 +6,11 @@ The JSONL file is the contract with tools (`tools/plot_runs.py`): one JSON objec
 """
 from __future__ import annotations
 
-import json
-import os
-import sys
 import time
+from dataclasses import dataclass
 from typing import Optional
+
+from .metrics_io import MetricsWriter
 
 
 def format_duration(seconds: float) -> str:
@@ -28,14 +28,13 @@ class RunLogger:
                  resume: bool = False):
         self.enabled = enabled
         self.metrics_path = metrics_path
-        self._file = None
+        self._file: Optional[MetricsWriter] = None
         self._tb = None
         self._wandb = None
         if not enabled:
             return
         if metrics_path:
-            os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
-            self._file = open(metrics_path, "a" if resume else "w", buffering=1)
+            self._file = MetricsWriter(metrics_path, append=resume)
         if tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -59,8 +58,7 @@ class RunLogger:
         if not self.enabled:
             return
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
+            self._file.write(record)
         step = record.get("iteration", 0)
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "iteration"}
         if self._tb is not None:
@@ -81,21 +79,44 @@ class RunLogger:
             self._wandb.finish()
 
 
-class Throughput:
-    """Interval timer for tokens/s and TFLOP/s between two log lines."""
+class Stopwatch:
+    """Wall-clock seconds since training started in this process (elapsed and ETA in the logs)."""
 
     def __init__(self):
         self.start = time.time()
-        self.last = self.start
-
-    def lap(self) -> float:
-        now = time.time()
-        dt, self.last = now - self.last, now
-        return max(dt, 1e-9)
 
     def elapsed(self) -> float:
         return time.time() - self.start
 
 
-def stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+@dataclass
+class IntervalStats:
+    """What happened between two log lines: sums the log line turns into means and rates.
+
+    `time` counts training steps only (no evaluation or checkpoint time), so tokens/s and
+    TFLOP/s describe the step itself.
+    """
+
+    loss: float = 0.0
+    grad_norm: float = 0.0
+    finite_steps: int = 0  # steps whose loss entered the sums (a skipped non-finite step does not)
+    steps: int = 0
+    tokens: int = 0  # raw data tokens consumed
+    positions: int = 0  # model positions processed
+    time: float = 0.0
+
+    def add(self, loss: float, grad_norm: float, finite: bool, tokens: int, positions: int, seconds: float) -> None:
+        if finite:
+            self.loss += loss
+            self.grad_norm += grad_norm
+            self.finite_steps += 1
+        self.steps += 1
+        self.tokens += tokens
+        self.positions += positions
+        self.time += seconds
+
+    def mean_loss(self) -> float:
+        return self.loss / self.finite_steps if self.finite_steps else float("nan")
+
+    def mean_grad_norm(self) -> float:
+        return self.grad_norm / self.finite_steps if self.finite_steps else float("nan")

@@ -55,6 +55,24 @@ class MetricsWriter:
         self.close()
 
 
+def truncate_metrics(path: str, iteration: int) -> None:
+    """Drop the records logged after `iteration` (atomically): a run resumed from the checkpoint of
+    that iteration logs them again, and a curve must not hold two versions of one step."""
+    keep = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut by a crash mid-write
+                continue
+            if rec.get("type") == "run" or rec.get("iteration", 0) <= iteration:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
 def _jsonable(value: Any) -> Any:
     """Tensors and numpy scalars -> Python numbers (json.dumps calls this for unknown types)."""
     if hasattr(value, "item"):

@@ -11,9 +11,7 @@ import datetime
 import math
 import os
 import signal
-import socket
 import time
-from contextlib import closing
 from functools import partial
 from typing import Dict, List, Optional
 
@@ -27,33 +25,15 @@ from .builders import (build_model_chunks, build_optimizer, build_scheduler, cou
                        flops_per_position, padded_vocab_size, transformer_config, tst_data_tokens_per_sample,
                        wrap_ddp)
 from .cpu import default_device, distributed_backend, enable_cpu_support, model_parallel_manual_seed
-from .metrics import RunLogger, Throughput, format_duration
+from .distributed import init_distributed
+from .metrics import IntervalStats, RunLogger, Stopwatch, format_duration
+from .metrics_io import truncate_metrics
 
 SUPERPOSITION, RECOVERY = "superposition", "recovery"
 
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-# ------------------------------------------------------------------------------ process group
-def _free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed() -> None:
-    """torchrun's env:// rendezvous, or a 1-process group when started with plain `python`."""
-    if dist.is_initialized():
-        return
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=distributed_backend(), timeout=datetime.timedelta(minutes=30))
 
 
 # ------------------------------------------------------------------------------ step functions
@@ -81,6 +61,9 @@ def make_forward_step(device):
 
 # ------------------------------------------------------------------------------ the trainer
 class Trainer:
+    """One pretraining run: `setup()` builds everything and validates the inputs before any compute,
+    `train()` runs the two phases, `close()` tears the process groups down (also after a refusal)."""
+
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.stop_signal = False
@@ -213,7 +196,7 @@ class Trainer:
         self.metrics_path = path
         resuming = self.iteration > 0
         if self.rank == 0 and resuming and os.path.exists(path):
-            _truncate_metrics(path, self.iteration)
+            truncate_metrics(path, self.iteration)
         self.log = RunLogger(self.rank == 0, path, cfg.logging.tensorboard_dir, cfg.logging.wandb_project,
                              cfg.logging.wandb_exp_name or cfg.logging.run_name, resume=resuming)
         total, active = count_parameters(cfg.model, self.vocab_size)
@@ -432,14 +415,14 @@ class Trainer:
         cfg = self.cfg
         o, lg = cfg.optim, cfg.logging
         gbs, L = o.global_batch_size, cfg.model.seq_length
-        self.timer = Throughput()
+        self.timer = Stopwatch()
         self._train_time = 0.0
         self.elapsed_before = 0.0
         eval_interval = lg.eval_interval
         if self.iteration == 0:
             self.run_evaluation()
         skipped_nonfinite = 0
-        interval = {"loss": 0.0, "n": 0, "tokens": 0, "positions": 0, "grad_norm": 0.0, "time": 0.0}
+        interval = IntervalStats()
         start_iteration = self.iteration
         while self.iteration < o.train_iters:
             phase = self.phase(self.iteration)
@@ -460,22 +443,17 @@ class Trainer:
                     return 1
                 self.log.print(f" WARNING: skipped iteration {self.iteration + 1} ({phase}): non-finite loss "
                                f"or gradient ({skipped_nonfinite}/{lg.skip_nonfinite_steps} allowed)")
-            interval["time"] += time.time() - step_start  # training only: no eval / checkpoint time
-            tokens_per_sample = tst_data_tokens_per_sample(cfg.tst, L, phase)
+            tokens = gbs * tst_data_tokens_per_sample(cfg.tst, L, phase)
+            interval.add(out["loss"], out["grad_norm"], math.isfinite(out["loss"]), tokens, gbs * L,
+                         time.time() - step_start)
             self.iteration += 1
             self.consumed_samples += gbs
-            self.data_tokens += gbs * tokens_per_sample
+            self.data_tokens += tokens
             self.positions += gbs * L
-            if math.isfinite(out["loss"]):
-                interval["loss"] += out["loss"]
-                interval["grad_norm"] += out["grad_norm"]
-                interval["n"] += 1
-            interval["tokens"] += gbs * tokens_per_sample
-            interval["positions"] += gbs * L
 
             if self.iteration % lg.log_interval == 0 or self.iteration == o.train_iters:
                 self._log_train(phase, interval, start_iteration)
-                interval = {"loss": 0.0, "n": 0, "tokens": 0, "positions": 0, "grad_norm": 0.0, "time": 0.0}
+                interval = IntervalStats()
             if eval_interval and self.iteration % eval_interval == 0 and self.iteration < o.train_iters:
                 self.run_evaluation()
             if cfg.ckpt.save_interval and self.iteration % cfg.ckpt.save_interval == 0:
@@ -505,26 +483,23 @@ class Trainer:
         self.log.record({"type": "error", "iteration": self.iteration + 1, "phase": phase, "message": msg})
         self.log.close()
 
-    def _log_train(self, phase: str, interval: dict, start_iteration: int) -> None:
+    def _log_train(self, phase: str, interval: IntervalStats, start_iteration: int) -> None:
         o = self.cfg.optim
-        dt = max(interval["time"], 1e-9)
+        dt = max(interval.time, 1e-9)
         self._train_time += dt
-        n = max(interval["n"], 1)
-        loss = interval["loss"] / n if interval["n"] else float("nan")
-        grad_norm = interval["grad_norm"] / n if interval["n"] else float("nan")
+        loss, grad_norm = interval.mean_loss(), interval.mean_grad_norm()
         lr = self.optimizer.param_groups[0]["lr"]
-        tok_s = interval["tokens"] / dt
-        pos_s = interval["positions"] / dt
+        tok_s = interval.tokens / dt
+        pos_s = interval.positions / dt
         tflops = pos_s * self.flops_per_position / self.world / 1e12
         elapsed = self.timer.elapsed()
         done = self.iteration - start_iteration
         eta = self._train_time / max(done, 1) * (o.train_iters - self.iteration)
         label = "mce loss" if phase == SUPERPOSITION and self.cfg.tst.mode != "input" else "lm loss"
-        iters_in_interval = max(1, interval["positions"] // (o.global_batch_size * self.cfg.model.seq_length))
         self.log.print(
             f" [{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] iteration {self.iteration:8d}/{o.train_iters:8d} |"
             f" phase: {phase} | consumed samples: {self.consumed_samples:10d} |"
-            f" elapsed time per iteration (ms): {1000 * dt / iters_in_interval:.1f} |"
+            f" elapsed time per iteration (ms): {1000 * dt / max(interval.steps, 1):.1f} |"
             f" learning rate: {lr:.6E} | global batch size: {o.global_batch_size:5d} |"
             f" {label}: {loss:.6E} | grad norm: {grad_norm:.3f} |"
             f" data tokens: {self.data_tokens} | positions: {self.positions} |"
@@ -544,25 +519,6 @@ class Trainer:
         destroy_num_microbatches_calculator()
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _truncate_metrics(path: str, iteration: int) -> None:
-    """On resume, drop records logged after the checkpoint: the resumed run re-logs them."""
-    import json
-
-    keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if rec.get("type") == "run" or rec.get("iteration", 0) <= iteration:
-                keep.append(line if line.endswith("\n") else line + "\n")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
 
 
 def print_model_size(cfg: RunConfig) -> None:
