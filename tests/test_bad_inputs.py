@@ -208,6 +208,10 @@ def test_world_size_not_divisible_by_model_parallel_size(corpus, workdir, save, 
      "error: --num-query-groups (3) must divide --num-attention-heads (4)"),
     ({"--group-query-attention": "", "--num-query-groups": 1, "--tensor-model-parallel-size": 2}, 2,
      "error: --num-query-groups (1) must be divisible by --tensor-model-parallel-size (2)"),
+    ({"--ffn-hidden-size": 129, "--tensor-model-parallel-size": 2}, 2,
+     "error: --ffn-hidden-size (129) must be divisible by --tensor-model-parallel-size (2)"),
+    ({"--num-experts": 2, "--moe-ffn-hidden-size": 33, "--tensor-model-parallel-size": 2}, 2,
+     "error: --moe-ffn-hidden-size (33) must be divisible by --tensor-model-parallel-size (2)"),
     ({"--num-layers": 3, "--pipeline-model-parallel-size": 2}, 2,
      "error: --num-layers (3) must be divisible by --pipeline-model-parallel-size (2)"),
     ({"--num-experts": 3, "--expert-model-parallel-size": 2}, 2,
@@ -364,3 +368,58 @@ def test_override_cannot_load_a_different_model_shape(corpus, trained, workdir, 
     msg = refuse(base(corpus, trained, **over), capsys, watch=[trained, workdir])
     assert msg.startswith(f"error: checkpoint {trained}/iter_0000002 could not be loaded: "), msg
     assert not list(workdir.rglob("metrics.jsonl"))
+
+
+def test_group_query_attention_without_a_group_count_is_multi_query(corpus, capsys):
+    """As in Megatron-LM, --group-query-attention alone means one query group (multi-query
+    attention); it is never silently built as ordinary multi-head attention."""
+    cfg = parse_args(base(corpus, **{"--group-query-attention": "", "--num-attention-heads": 8}))
+    assert cfg.model.num_query_groups == 1
+    sizes = []
+    for over in ({"--group-query-attention": ""}, {"--group-query-attention": "", "--num-query-groups": 1}, {}):
+        with isolated():
+            assert main(base(corpus, **dict({"--num-attention-heads": 8, "--print-model-size": ""}, **over))) == 0
+        sizes.append(capsys.readouterr().out)
+    assert sizes[0] == sizes[1] != sizes[2], sizes  # MQA has fewer key/value parameters than MHA
+
+
+def test_resume_at_the_switch_with_another_global_batch(corpus, trained, tmp_path, monkeypatch, capsys):
+    """Megatron users change --global-batch-size on resume; the TST stream keeps its position:
+    the checkpoint (iteration 2, the switch) continues in recovery with 8 samples per step, each
+    of L tokens, from sample 8 on -- the trainer checks every step's batch layout against its phase."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    monkeypatch.chdir(tmp_path)
+    with isolated():
+        assert main(base(corpus, run, **{"--load": run, "--global-batch-size": 8})) == 0
+    out = capsys.readouterr().out
+    assert f"resumed from {run}/iter_0000002 at iteration 2" in out
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = {r["iteration"]: r for r in records if r.get("type") == "train"}
+    assert sorted(train) == [1, 2, 3, 4]
+    assert [train[i]["phase"] for i in (1, 2, 3, 4)] == ["superposition"] * 2 + ["recovery"] * 2
+    assert [train[i]["consumed_samples"] for i in (1, 2, 3, 4)] == [4, 8, 16, 24]
+    seq = 16
+    assert train[3]["data_tokens"] - train[2]["data_tokens"] == 8 * seq  # recovery: L tokens per sample
+    assert train[2]["data_tokens"] == 2 * 4 * seq * 4  # superposition: s*L per sample
+    # wall-clock continues across the resume (the checkpoint carries the time trained so far)
+    assert train[3]["elapsed_s"] >= train[2]["elapsed_s"] > 0
+
+
+def test_recovery_stream_reordered_by_a_resume_is_refused():
+    """Recovery samples are dealt from blocks of windows; a resume that changes how many windows
+    the stream holds after recovery has started would re-read some pieces and skip others."""
+    from tst_megatron.preflight import check_resume_stream
+
+    meta = {"train_base_windows": 120}
+    kw = dict(recovery_started=True, chunks=4, same_batch_and_length=False)
+    with pytest.raises(SystemExit, match=r"--load ck: the checkpoint is in the recovery phase .* \(120 -> 130 "
+                                         r"windows\).*Resume with the checkpoint's --global-batch-size"):
+        check_resume_stream(meta, "ck", base_windows=130, **kw)
+    check_resume_stream(meta, "ck", base_windows=120, **kw)  # same stream: fine
+    check_resume_stream(meta, "ck", base_windows=130, **dict(kw, recovery_started=False))  # still superposing
+    check_resume_stream(meta, "ck", base_windows=130, **dict(kw, chunks=1))  # output mode / TST off: in order
+    check_resume_stream({}, "ck", base_windows=130, **dict(kw, same_batch_and_length=True))  # older checkpoint
+    with pytest.raises(SystemExit, match=r"\(unknown -> 130 windows\)"):
+        check_resume_stream({}, "ck", base_windows=130, **kw)
+

@@ -21,11 +21,13 @@ from tst_megatron.config import TSTConfig
 from tst_megatron.data import (
     IGNORE_INDEX,
     PretrainingSampler,
+    TSTDataset,
     base_sequence_length,
     build_data_iterator,
     build_tst_datasets,
     num_base_samples,
     recovery_chunks,
+    resume_sample_plan,
 )
 
 V = 100_000
@@ -355,3 +357,69 @@ def test_blend_of_two_corpora(tmp_path, corpus, process_group):
             assert torch.equal(x["tokens"][1:], x["labels"][:-1])
         sources.append(from_a)
     assert 0 < sum(sources) < len(sources), "both corpora should contribute"
+
+
+# ------------------------------------------------------------------------------- resume, other batch
+def _stream_values(ds, indices):
+    return [v for i in indices for v in input_values(ds[i])]
+
+
+@pytest.mark.parametrize("where", ["superposition", "recovery"])
+def test_resume_with_another_global_batch_keeps_the_data_position(tmp_path, corpus, where):
+    """A run of GBS=4 stopped at iteration 2 (superposition) or 5 (recovery) and resumed with
+    GBS=8: the samples it had consumed are those of the original stream, the superposition phase
+    ends where the new batch puts the switch, and no stream position is read twice."""
+    prefix, stream = corpus["plain"]
+    tst = tst_cfg("full")
+    sup_iters = tst.num_superposition_iters(TRAIN_ITERS)  # 3
+    original = build(tmp_path, tst, [prefix], cache="orig").train
+    iteration = 2 if where == "superposition" else 5
+    consumed = iteration * GBS
+    sup_consumed = min(iteration, sup_iters) * GBS
+    new_gbs = 2 * GBS
+    plan = resume_sample_plan(iteration=iteration, consumed_samples=consumed, superposition_samples=sup_consumed,
+                              superposition_iters=sup_iters, train_iters=TRAIN_ITERS, global_batch_size=new_gbs)
+    n_sup, n_train = plan
+    assert n_sup == sup_consumed + max(0, sup_iters - iteration) * new_gbs
+    assert n_train == consumed + (TRAIN_ITERS - iteration) * new_gbs
+    resumed = build(tmp_path, tst, [prefix], cache="resumed", sample_plan=plan).train
+    assert len(resumed.base) == len(original.base), "test needs the same single-epoch base stream"
+    for i in range(consumed):  # what was consumed before the stop is what the original served
+        assert torch.equal(resumed[i]["tokens"], original[i]["tokens"]), i
+        assert resumed.phase_of(i) == original.phase_of(i)
+    # the phase of every later sample follows the iteration it is consumed at, under the new batch
+    for i in range(consumed, n_train):
+        step = iteration + (i - consumed) // new_gbs
+        assert resumed.phase_of(i) == ("superposition" if step < sup_iters else "recovery"), i
+        assert resumed[i]["tokens"].dim() == (2 if step < sup_iters else 1)
+    values = _stream_values(resumed, range(n_train))
+    assert len(values) == len(set(values)), "a stream position was read twice across the resume"
+    # the old computation (iterations x new batch) would have moved the switch
+    assert n_sup != sup_iters * new_gbs
+
+
+def test_resume_cannot_return_to_superposition():
+    with pytest.raises(ValueError, match="cannot go back to the superposition phase"):
+        resume_sample_plan(iteration=5, consumed_samples=20, superposition_samples=12, superposition_iters=6,
+                           train_iters=10, global_batch_size=4)
+    # at the switch itself nothing of recovery was consumed: a longer superposition phase is fine
+    assert resume_sample_plan(iteration=3, consumed_samples=12, superposition_samples=12, superposition_iters=6,
+                              train_iters=10, global_batch_size=4) == (24, 40)
+    # a fresh run is iterations x batch
+    assert resume_sample_plan(iteration=0, consumed_samples=0, superposition_samples=0, superposition_iters=3,
+                              train_iters=10, global_batch_size=4) == (12, 40)
+
+
+def test_token_ids_beyond_the_vocabulary_are_named_per_sample(tmp_path, corpus):
+    """The preflight scan reads a prefix of each file; every sample is checked as it is served."""
+    prefix, _ = corpus["plain"]
+    train = build(tmp_path, tst_cfg("full"), [prefix]).train
+    assert train.vocab_size == NullTokenizer(V).vocab_size  # the tokenizer's (V + EOD), from the builder
+    for i in (0, train.num_superposition_samples):  # one sample of each phase
+        top = max(int(train[i]["tokens"].max()), int(train[i]["labels"].max()))
+        small = TSTDataset(train.base, tst_cfg("full"), L, train.num_superposition_samples, vocab_size=top)
+        with pytest.raises(ValueError, match=rf"token id {top} in sample {i} of the data is >= the tokenizer's "
+                                             rf"vocabulary \({top}\)"):
+            small[i]
+        ok = TSTDataset(train.base, tst_cfg("full"), L, train.num_superposition_samples, vocab_size=top + 1)
+        assert torch.equal(ok[i]["tokens"], train[i]["tokens"])

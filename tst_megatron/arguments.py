@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4h, or Megatron's 2/3*4h for --swiglu")
     m.add_argument("--num-attention-heads", type=int, default=4)
     m.add_argument("--group-query-attention", action="store_true")
-    m.add_argument("--num-query-groups", type=int, default=None)
+    m.add_argument("--num-query-groups", type=int, default=None,
+                   help="with --group-query-attention; default 1 (multi-query), as in Megatron-LM")
     m.add_argument("--kv-channels", type=int, default=None, help="head dim; default hidden/heads")
     m.add_argument("--seq-length", type=int, default=128, help="model positions L (latent positions during superposition)")
     m.add_argument("--max-position-embeddings", type=int, default=None)
@@ -294,6 +295,8 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} -- this trainer does not implement "
                      "these Megatron-LM flags; see `pretrain_tst.py --help` for the supported ones")
+    if ns.group_query_attention and ns.num_query_groups is None:
+        ns.num_query_groups = 1  # Megatron-LM's default: GQA without a group count is multi-query
     return _split_groups(ns)
 
 
@@ -337,6 +340,12 @@ def validate(cfg: RunConfig, world_size: int) -> None:
             fail(f"--num-query-groups ({groups}) must divide --num-attention-heads ({m.num_attention_heads})")
         if groups % tp:
             fail(f"--num-query-groups ({groups}) must be divisible by --tensor-model-parallel-size ({tp})")
+    for flag, size in (("--ffn-hidden-size", m.resolved_ffn_hidden_size()),
+                       ("--moe-ffn-hidden-size", m.moe_ffn_hidden_size),
+                       ("--moe-shared-expert-intermediate-size", m.moe_shared_expert_intermediate_size)):
+        if size is not None and size % tp:
+            fail(f"{flag} ({size}) must be divisible by --tensor-model-parallel-size ({tp}): the MLP is split "
+                 "column-wise over the tensor-parallel ranks")
     if m.num_layers % pp:
         fail(f"--num-layers ({m.num_layers}) must be divisible by --pipeline-model-parallel-size ({pp})")
     if par.num_layers_per_virtual_pipeline_stage is not None:

@@ -175,11 +175,14 @@ class TSTDataset(Dataset):
         reset_position_ids / eod_token: recovery samples cut from the middle of a base window
             recompute megatron's per-document positions themselves, so they need both.
             Superposition positions are always arange(L) (bags straddle documents).
+        vocab_size: when given, every sample's token ids are checked against it. The preflight
+            check reads only the first 64M tokens of each data file; this catches a bad id further
+            in with a message naming it, instead of an index error (CPU) or a device assert (GPU).
     """
 
     def __init__(self, base: Dataset, tst: TSTConfig, seq_length: int,
                  num_superposition_samples: int, reset_position_ids: bool = False,
-                 eod_token: Optional[int] = None):
+                 eod_token: Optional[int] = None, vocab_size: Optional[int] = None):
         if num_superposition_samples < 0:
             raise ValueError(f"num_superposition_samples must be >= 0 (got {num_superposition_samples})")
         if not tst.enabled and num_superposition_samples:
@@ -195,6 +198,7 @@ class TSTDataset(Dataset):
         self.window = base_sequence_length(seq_length, tst) + 1
         self.reset_position_ids = reset_position_ids
         self.eod_token = eod_token
+        self.vocab_size = vocab_size
         self._order_cache = None
 
     def __len__(self) -> int:
@@ -246,16 +250,27 @@ class TSTDataset(Dataset):
         item = self.base[base_index]
         if not self.tst.enabled:
             # the base dataset is the plain baseline dataset: hand its sample through unchanged
-            return {k: item[k] for k in SAMPLE_KEYS}
+            return self._checked({k: item[k] for k in SAMPLE_KEYS}, index)
         text, valid = _text_and_validity(item)
         if text.numel() != self.window:
             raise ValueError(f"TSTDataset: base samples hold {text.numel()} tokens but L = "
                              f"{self.seq_length}, s = {self.tst.bag_size}, mode {self.tst.mode} need "
                              f"{self.window}; build the base with base_sequence_length()")
         if index < self.num_superposition_samples:
-            return _superposition_sample(text, valid, self.seq_length, self.tst)
-        return _next_token_sample(text, valid, chunk * (self.seq_length + 1), self.seq_length,
-                                  self.eod_token, self.reset_position_ids)
+            return self._checked(_superposition_sample(text, valid, self.seq_length, self.tst), index)
+        return self._checked(_next_token_sample(text, valid, chunk * (self.seq_length + 1), self.seq_length,
+                                                self.eod_token, self.reset_position_ids), index)
+
+    def _checked(self, sample: Dict[str, torch.Tensor], index: int) -> Dict[str, torch.Tensor]:
+        if self.vocab_size is not None:
+            top = max(int(sample["tokens"].max()), int(sample["labels"].max()))
+            if top >= self.vocab_size:
+                raise ValueError(
+                    f"token id {top} in sample {index} of the data is >= the tokenizer's vocabulary "
+                    f"({self.vocab_size}): --data-path holds ids this tokenizer does not have (the check "
+                    "before training reads only the first 64M tokens of each file); rebuild the data "
+                    "with tools/preprocess_data.py and this --tokenizer-model, or fix --vocab-size")
+        return sample
 
 
 # ---------------------------------------------------------------------------------- builder
@@ -269,6 +284,29 @@ def train_valid_test_num_samples(train_iters: int, global_batch_size: int, eval_
     return (train_iters * global_batch_size,
             num_evals * eval_iters * global_batch_size,
             eval_iters * global_batch_size)
+
+
+def resume_sample_plan(*, iteration: int, consumed_samples: int, superposition_samples: int,
+                       superposition_iters: int, train_iters: int, global_batch_size: int) -> Tuple[int, int]:
+    """(superposition samples, train samples) of a run resumed at `iteration`.
+
+    The train stream is indexed by consumed samples: superposition samples first, recovery after.
+    Where that boundary lies depends on the global batch of every superposition step, so a run
+    resumed with another --global-batch-size must not recompute it as iterations x batch: the
+    samples already consumed in superposition (`superposition_samples`, from the checkpoint) stay
+    where they were, and only the steps still ahead use the new batch. A fresh run (iteration 0)
+    gets superposition_iters x batch, as before.
+    """
+    if superposition_samples < consumed_samples and iteration < superposition_iters:
+        raise ValueError(
+            f"the checkpoint at iteration {iteration} has already switched to recovery (after "
+            f"{superposition_samples} superposition samples), but the run asks for {superposition_iters} "
+            "superposition iterations: a run cannot go back to the superposition phase")
+    if superposition_iters == 0:  # TST off (e.g. a TST checkpoint continued as a plain run)
+        return 0, consumed_samples + max(0, train_iters - iteration) * global_batch_size
+    n_sup = superposition_samples + max(0, superposition_iters - iteration) * global_batch_size
+    n_train = consumed_samples + max(0, train_iters - iteration) * global_batch_size
+    return n_sup, n_train
 
 
 @dataclass
@@ -343,12 +381,16 @@ def build_tst_datasets(
     eod_mask_loss: bool = False,
     mid_level_dataset_surplus: float = 0.005,
     num_dataset_builder_threads: int = 1,
+    sample_plan: Optional[Tuple[int, int]] = None,
 ) -> TSTDatasets:
     """Build train/valid/test through megatron's BlendedMegatronDatasetBuilder and wrap them.
 
     blend: megatron's (prefixes, weights or None); parse a `--data-path 0.3 A 0.7 B` list with
     `megatron.core.datasets.utils.get_blend_from_list`. blend_per_split replaces blend+split.
     tokenizer: a megatron tokenizer object (needs unique_identifiers, vocab_size, eod).
+    sample_plan: (superposition samples, train samples) of the whole run, when they are not
+        simply iterations x global batch -- a run resumed with another --global-batch-size
+        (`resume_sample_plan`). Default: a fresh run's plan.
     Must be called on every rank (it joins megatron's rank-0-first barrier when
     torch.distributed is initialised; a BlendedDataset with a cache path needs a process group).
     """
@@ -357,6 +399,10 @@ def build_tst_datasets(
     n_train, n_valid, n_test = train_valid_test_num_samples(
         train_iters, global_batch_size, eval_iters, eval_interval)
     n_sup = tst.num_superposition_iters(train_iters) * global_batch_size
+    if sample_plan is not None:
+        n_sup, n_train = sample_plan
+        if not 0 <= n_sup <= n_train:
+            raise ValueError(f"sample_plan: need 0 <= superposition samples <= train samples, got {sample_plan}")
     n_base_train = num_base_samples(tst, n_sup, n_train - n_sup)
 
     def config_for(length: int):
@@ -368,7 +414,8 @@ def build_tst_datasets(
         if ds is None:
             return None
         return TSTDataset(ds, cfg, seq_length, n_superposition,
-                          reset_position_ids=reset_position_ids, eod_token=tokenizer.eod)
+                          reset_position_ids=reset_position_ids, eod_token=tokenizer.eod,
+                          vocab_size=tokenizer.vocab_size)
 
     train, valid, test = _build_splits(config_for(base_sequence_length(seq_length, tst)),
                                        [n_base_train, n_valid, n_test])
@@ -444,3 +491,31 @@ def build_data_iterator(dataset: Dataset, consumed_samples: int, micro_batch_siz
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
                         persistent_workers=num_workers > 0)
     return iter(loader)
+
+
+class CountingIterator:
+    """Passes micro-batches through and counts the input and label elements it handed out.
+
+    The trainer checks those counts against the layout its phase expects (bags of s tokens in
+    superposition, single tokens in recovery), so a data stream that is out of step with the
+    iteration's phase stops the run instead of training the wrong objective under the right label.
+    """
+
+    def __init__(self, iterator: Iterator[Dict[str, torch.Tensor]]):
+        self._it = iterator
+        self.tokens = 0
+        self.labels = 0
+
+    def __iter__(self) -> "CountingIterator":
+        return self
+
+    def __next__(self) -> Dict[str, torch.Tensor]:
+        batch = next(self._it)
+        self.tokens += batch["tokens"].numel()
+        self.labels += batch["labels"].numel()
+        return batch
+
+    def take_counts(self) -> Tuple[int, int]:
+        """(input elements, label elements) since the last call."""
+        counts, self.tokens, self.labels = (self.tokens, self.labels), 0, 0
+        return counts

@@ -7,7 +7,9 @@ Records, told apart by "type":
 - "eval": `iteration`, `val_lm_loss`, `val_mce_loss` (evaluations up to and at the switch), `data_tokens`, `elapsed_s`.
 
 `data_tokens` counts tokens consumed so far (a TST step consumes s times more than a baseline
-step); `elapsed_s` is wall-clock seconds since training started. Records without "type" (older
+step); `elapsed_s` is training wall-clock seconds since the run started, carried across resumes
+in the checkpoint (time lost between a checkpoint and a crash, and time waiting in a queue, do
+not count). Records without "type" (older
 files) are classified by their fields. Having the format in one module keeps writer and readers
 (`tools/plot_runs.py`) from drifting apart.
 """

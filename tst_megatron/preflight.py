@@ -137,6 +137,29 @@ def check_resume_compatible(cfg: RunConfig, meta: dict, path: str) -> None:
              + "; ".join(diffs) + ". Use the checkpoint's values, or pass --override-checkpoint-args")
 
 
+def check_resume_stream(meta: dict, path: str, *, recovery_started: bool, chunks: int, base_windows: int,
+                        same_batch_and_length: bool) -> None:
+    """A resumed run must deal the rest of the recovery phase from the same order as the run it
+    continues. Recovery samples are pieces of base windows dealt block by block in a pseudo-random
+    order whose last block depends on how many windows the stream holds; a resume that changes
+    that number (another --global-batch-size or --train-iters on a blended --data-path) after
+    recovery has started would re-read some pieces and skip others. Refused, with what to do."""
+    if not recovery_started or chunks == 1:
+        return
+    saved = meta.get("train_base_windows")
+    if saved is None:  # a checkpoint from before this was recorded: safe only if nothing changed
+        if same_batch_and_length:
+            return
+        saved = "unknown"
+    elif saved == base_windows:
+        return
+    fail(f"--load {path}: the checkpoint is in the recovery phase and this run's --global-batch-size / "
+         f"--train-iters change the length of its data stream ({saved} -> {base_windows} windows), which "
+         "would reorder the recovery samples still to come (some re-read, some skipped). Resume with the "
+         "checkpoint's --global-batch-size and --train-iters (changing them during the superposition phase "
+         "is fine)")
+
+
 def resume_vocab_size(cfg: RunConfig, meta: dict, path: str, vocab_size: int, tokenizer_vocab_size: int,
                       verbose: bool) -> int:
     """The padded vocabulary to build: the checkpoint's when the new tensor-parallel size divides it.

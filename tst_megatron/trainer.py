@@ -150,13 +150,15 @@ class Trainer:
         # Progress counters (restored from a checkpoint below).
         self.iteration = 0
         self.consumed_samples = 0
+        self.superposition_samples = 0  # of consumed_samples, those consumed by superposition steps
         self.data_tokens = 0
         self.positions = 0
+        self.elapsed_before = 0.0  # training wall-clock of the runs this one resumes
+        self.timer = Stopwatch()  # restarted when training starts
         self.last_checkpoint: Optional[str] = None
+        self.num_sup_iters = cfg.tst.num_superposition_iters(cfg.optim.train_iters)
         if self.resume is not None:
             self._load(self.resume[1])
-
-        self.num_sup_iters = cfg.tst.num_superposition_iters(cfg.optim.train_iters)
         # Creating a DataLoader iterator draws its base seed from the global torch RNG. Keep that
         # draw out of the training stream (dropout), so that a resumed run continues from exactly
         # the RNG state its checkpoint restored.
@@ -168,24 +170,40 @@ class Trainer:
     def _build_data(self) -> None:
         from megatron.core.datasets.utils import get_blend_from_list
 
-        from .data import build_data_iterator, build_tst_datasets
+        from .data import (CountingIterator, build_data_iterator, build_tst_datasets, recovery_chunks,
+                           resume_sample_plan)
 
         cfg = self.cfg
         eval_interval = cfg.logging.eval_interval or cfg.optim.train_iters
+        try:
+            plan = resume_sample_plan(iteration=self.iteration, consumed_samples=self.consumed_samples,
+                                      superposition_samples=self.superposition_samples,
+                                      superposition_iters=self.num_sup_iters, train_iters=cfg.optim.train_iters,
+                                      global_batch_size=cfg.optim.global_batch_size)
+        except ValueError as exc:
+            fail(f"--load {cfg.ckpt.load}: {exc}; keep the checkpoint's --tst-superposition-iters/-ratio")
         self.datasets = build_tst_datasets(
             cfg.tst, seq_length=cfg.model.seq_length, train_iters=cfg.optim.train_iters,
             global_batch_size=cfg.optim.global_batch_size, eval_iters=cfg.logging.eval_iters,
             eval_interval=eval_interval, tokenizer=self.tokenizer, seed=cfg.optim.seed,
             blend=get_blend_from_list(cfg.data.data_path), split=cfg.data.split,
-            data_cache_path=cfg.data.data_cache_path)
+            data_cache_path=cfg.data.data_cache_path, sample_plan=plan)
         if self.datasets.train is None:
             fail(f"--split {cfg.data.split}: the training split is empty")
+        if self.resume is not None:
+            saved = self.resume[2].get("args", {}).get("optim", {})
+            preflight.check_resume_stream(
+                self.resume[2], self.resume[1], recovery_started=self.consumed_samples > self.superposition_samples,
+                chunks=recovery_chunks(cfg.tst), base_windows=len(self.datasets.train.base),
+                same_batch_and_length=(saved.get("global_batch_size") == cfg.optim.global_batch_size
+                                       and saved.get("train_iters") == cfg.optim.train_iters))
         self._build_iterator = build_data_iterator
         vpp = len(self.model)
         self.train_iters_data = [
-            build_data_iterator(self.datasets.train, self.consumed_samples, cfg.optim.micro_batch_size,
-                                self.dp_rank, self.dp_size, num_workers=cfg.data.num_workers,
-                                total_samples=self.datasets.num_train_samples)
+            CountingIterator(build_data_iterator(self.datasets.train, self.consumed_samples,
+                                                 cfg.optim.micro_batch_size, self.dp_rank, self.dp_size,
+                                                 num_workers=cfg.data.num_workers,
+                                                 total_samples=self.datasets.num_train_samples))
             for _ in range(vpp)]
 
     def _setup_logger(self) -> None:
@@ -210,7 +228,8 @@ class Trainer:
         par = cfg.parallel
         self.log.print(
             f"> tst-megatron: world {self.world} (TP={par.tensor_model_parallel_size} "
-            f"PP={par.pipeline_model_parallel_size} EP={par.expert_model_parallel_size} DP={self.dp_size}) "
+            f"PP={par.pipeline_model_parallel_size} EP={par.expert_model_parallel_size} DP={self.dp_size}"
+            f"{', sequence parallel' if self.tconfig.sequence_parallel else ''}) "
             f"backend {distributed_backend()} device {self.device.type}; params {total / 1e6:.2f}M "
             f"(active {active / 1e6:.2f}M), vocab {self.vocab_size}; micro-batches/step {self.num_microbatches}")
         if cfg.tst.enabled:
@@ -223,6 +242,9 @@ class Trainer:
     def _common_state(self) -> dict:
         return {"consumed_samples": self.consumed_samples, "data_tokens": self.data_tokens,
                 "positions": self.positions, "phase": self.phase(self.iteration),
+                "superposition_samples": self.superposition_samples,
+                "train_base_windows": len(self.datasets.train.base),
+                "elapsed_s": self.elapsed_before + self.timer.elapsed(),
                 # at the switch itself the model has had no next-token step yet
                 "superposition_checkpoint": 0 < self.num_sup_iters and self.iteration <= self.num_sup_iters,
                 "superposition_iters": self.num_sup_iters, "vocab_size": self.vocab_size,
@@ -265,6 +287,8 @@ class Trainer:
         self.consumed_samples = int(common["consumed_samples"])
         self.data_tokens = int(common["data_tokens"])
         self.positions = int(common["positions"])
+        self.elapsed_before = float(common.get("elapsed_s", 0.0))
+        self.superposition_samples = int(common.get("superposition_samples", self._saved_superposition_samples(meta)))
         self.last_checkpoint = path
         if not load_optim:
             # Mixed precision keeps fp32 master copies made from the *initial* weights: refresh
@@ -278,11 +302,18 @@ class Trainer:
                   + ("" if load_rng or c.no_load_rng else "; RNG state not restored (parallel layout changed)"),
                   flush=True)
 
+    def _saved_superposition_samples(self, meta: dict) -> int:
+        """For checkpoints written before `superposition_samples` was saved: those runs kept one
+        global batch size, so the superposition steps taken times that batch."""
+        saved = meta.get("args", {}).get("optim", {})
+        gbs = int(saved.get("global_batch_size", self.cfg.optim.global_batch_size))
+        return min(self.iteration, int(meta.get("superposition_iters", self.num_sup_iters))) * gbs
+
     # ---------------------------------------------------------------- steps
     def phase(self, iteration: int) -> str:
         return SUPERPOSITION if iteration < self.num_sup_iters else RECOVERY
 
-    def _forward_backward(self, data_iterators, forward_only: bool, num_microbatches: int) -> Optional[float]:
+    def _forward_backward(self, data_iterators, forward_only: bool, num_microbatches: int) -> List[float]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         fb = get_forward_backward_func()
@@ -292,19 +323,38 @@ class Trainer:
                     model=self.model if len(self.model) > 1 else self.model[0],
                     num_microbatches=num_microbatches, seq_length=cfg.model.seq_length,
                     micro_batch_size=cfg.optim.micro_batch_size, forward_only=forward_only)
-        return self._reduce_loss(losses)
+        counts = data_iterators[0].take_counts() if hasattr(data_iterators[0], "take_counts") else (0, 0)
+        return self._reduce_loss(losses, counts)
 
-    def _reduce_loss(self, losses: List[dict]) -> float:
-        """Mean micro-batch loss of the last pipeline stage, averaged over data parallelism and
-        made known to every rank (rank 0 logs it)."""
+    def _reduce_loss(self, losses: List[dict], counts) -> List[float]:
+        """[loss, input elements, label elements] of the step, made known to every rank (rank 0
+        logs them): the mean micro-batch loss of the last pipeline stage averaged over data
+        parallelism, and what the first stage's data stream fed, summed over data parallelism.
+        One all-reduce and one host sync per step (the .tolist() below)."""
         ps = self.ps
-        contribute = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
-        if contribute and losses:  # on the device: one host sync per step (the .item() below)
-            value = torch.stack([x["loss"].detach().double() for x in losses]).mean().reshape(1)
-        else:
-            value = torch.zeros(1, dtype=torch.float64, device=self.device)
+        value = torch.zeros(3, dtype=torch.float64, device=self.device)
+        tp0 = ps.get_tensor_model_parallel_rank() == 0
+        if tp0 and ps.is_pipeline_last_stage(ignore_virtual=True) and losses:
+            value[0] = torch.stack([x["loss"].detach().double() for x in losses]).mean() / self.dp_size
+        if tp0 and ps.is_pipeline_first_stage(ignore_virtual=True):
+            value[1], value[2] = counts
         dist.all_reduce(value)
-        return float(value.item()) / self.dp_size
+        return value.tolist()
+
+    def _check_fed(self, tokens: int, labels: int) -> None:
+        """What the data stream fed this step must have the layout of the step's phase: a run whose
+        data is out of step with its iterations (a bug, or a resume the checks above missed) would
+        otherwise train one objective while logging the other."""
+        cfg = self.cfg
+        phase = self.phase(self.iteration)
+        n = cfg.optim.global_batch_size * cfg.model.seq_length
+        s = cfg.tst.bag_size if phase == SUPERPOSITION else 1
+        want = (n * (s if cfg.tst.mode in ("full", "input") else 1), n * (s if cfg.tst.mode in ("full", "output") else 1))
+        if (tokens, labels) != want:
+            fail(f"iteration {self.iteration + 1} ({phase} phase): the data stream fed {tokens} input and {labels} "
+                 f"label elements, the phase expects {want[0]} and {want[1]}; the data position "
+                 f"({self.consumed_samples} consumed samples) is out of step with the phase -- please report this "
+                 "with the command line (and the --load checkpoint's tst_meta.json)")
 
     def _grads_finite(self) -> bool:
         """False if any gradient is NaN or Inf (on any rank). Checked through one fp32 sum per grad
@@ -323,7 +373,8 @@ class Trainer:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        loss = self._forward_backward(self.train_iters_data, False, self.num_microbatches)
+        loss, fed_tokens, fed_labels = self._forward_backward(self.train_iters_data, False, self.num_microbatches)
+        self._check_fed(int(fed_tokens), int(fed_labels))
         lg = self.cfg.logging
         if lg.inject_nonfinite_at is not None and self.iteration == lg.inject_nonfinite_at:  # test hook
             if lg.inject_nonfinite_kind == "loss":  # as if the data produced a NaN
@@ -361,7 +412,7 @@ class Trainer:
             iterators = [self._build_iterator(dataset, 0, cfg.optim.micro_batch_size, self.dp_rank, self.dp_size,
                                               total_samples=steps * gbs) for _ in self.model]
             for _ in range(steps):
-                values.append(self._forward_backward(iterators, True, self.num_microbatches))
+                values.append(self._forward_backward(iterators, True, self.num_microbatches)[0])
         for chunk in self.model:
             chunk.train()
         return sum(values) / len(values)
@@ -417,7 +468,6 @@ class Trainer:
         gbs, L = o.global_batch_size, cfg.model.seq_length
         self.timer = Stopwatch()
         self._train_time = 0.0
-        self.elapsed_before = 0.0
         eval_interval = lg.eval_interval
         if self.iteration == 0:
             self.run_evaluation()
@@ -448,6 +498,7 @@ class Trainer:
                          time.time() - step_start)
             self.iteration += 1
             self.consumed_samples += gbs
+            self.superposition_samples += gbs if phase == SUPERPOSITION else 0
             self.data_tokens += tokens
             self.positions += gbs * L
 
@@ -492,7 +543,7 @@ class Trainer:
         tok_s = interval.tokens / dt
         pos_s = interval.positions / dt
         tflops = pos_s * self.flops_per_position / self.world / 1e12
-        elapsed = self.timer.elapsed()
+        elapsed = self.elapsed_before + self.timer.elapsed()
         done = self.iteration - start_iteration
         eta = self._train_time / max(done, 1) * (o.train_iters - self.iteration)
         label = "mce loss" if phase == SUPERPOSITION and self.cfg.tst.mode != "input" else "lm loss"

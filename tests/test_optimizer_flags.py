@@ -1,0 +1,81 @@
+"""The optimizer flags (--weight-decay, --adam-beta1/2, --adam-eps, --clip-grad, --lr) reach
+megatron-core's optimizer with the semantics a Megatron user expects, judged by what two optimizer
+steps do to the weights against AdamW with global-norm clipping written out here; plus the MoE
+router flags reaching the TransformerConfig.
+
+In-process, one rank: the trainer's own builders (model chunks, DDP, get_megatron_optimizer,
+OptimizerParamScheduler) on a tiny GPT.
+"""
+import math
+
+import pytest
+import torch
+
+import dist_utils
+from tst_megatron.arguments import parse_args
+from tst_megatron.builders import (build_model_chunks, build_optimizer, build_scheduler, padded_vocab_size,
+                                   transformer_config, wrap_ddp)
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning",
+                                        "ignore::FutureWarning")
+
+LR, WD, B1, B2, EPS, CLIP = 0.01, 0.25, 0.7, 0.8, 1e-3, 0.5
+
+
+def _build(extra=()):
+    dist_utils.init_single_process()
+    cfg = parse_args(["--tokenizer-type", "NullTokenizer", "--vocab-size", "64", "--num-layers", "1",
+                      "--hidden-size", "16", "--num-attention-heads", "2", "--seq-length", "8",
+                      "--lr", str(LR), "--lr-decay-style", "constant", "--weight-decay", str(WD),
+                      "--adam-beta1", str(B1), "--adam-beta2", str(B2), "--adam-eps", str(EPS),
+                      "--clip-grad", str(CLIP), *extra])
+    tconfig = transformer_config(cfg.model, cfg.parallel, cfg.optim, use_cpu_init=True)
+    vocab = padded_vocab_size(65, cfg.model.make_vocab_size_divisible_by, 1)
+    model = wrap_ddp(build_model_chunks(cfg, tconfig, vocab), tconfig, cfg.parallel)
+    optimizer = build_optimizer(model, cfg.optim, cfg.parallel)
+    return cfg, tconfig, model, optimizer
+
+
+def _reference_step(p, g, state, step, decay):
+    """torch-style AdamW (decoupled decay) on an already clipped gradient."""
+    m = state.get("m", torch.zeros_like(p)) * B1 + (1 - B1) * g
+    v = state.get("v", torch.zeros_like(p)) * B2 + (1 - B2) * g * g
+    state.update(m=m, v=v)
+    m_hat, v_hat = m / (1 - B1 ** step), v / (1 - B2 ** step)
+    return p * (1 - LR * (WD if decay else 0.0)) - LR * m_hat / (v_hat.sqrt() + EPS)
+
+
+def test_adamw_flags_and_global_norm_clipping_follow_their_definitions():
+    cfg, _, model, optimizer = _build()
+    build_scheduler(optimizer, cfg.optim)  # sets the LR of step 0 (constant: --lr)
+    params = [(n, p) for n, p in model[0].named_parameters()]
+    ref = {n: p.detach().clone().double() for n, p in params}
+    states = {n: {} for n, _ in params}
+    g = torch.Generator().manual_seed(0)
+    for step, scale in ((1, 3.0), (2, 1e-3)):  # one step clipped, one not
+        grads = {n: torch.randn(p.shape, generator=g, dtype=torch.float64) * scale
+                 * torch.exp(torch.randn(p.shape, generator=g, dtype=torch.float64)) for n, p in params}
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        for n, p in params:
+            p.main_grad.copy_(grads[n].float())
+        ok, grad_norm, _ = optimizer.step()
+        assert ok
+        norm = math.sqrt(sum(float((x.float().double() ** 2).sum()) for x in grads.values()))
+        assert grad_norm == pytest.approx(norm, rel=1e-5)  # the norm before clipping, as Megatron logs it
+        coef = min(1.0, CLIP / (norm + 1e-6))
+        assert (coef < 1.0) == (step == 1)
+        for n, p in params:
+            # Megatron's rule: no weight decay on biases and 1-D parameters (norm weights)
+            decay = not (n.endswith(".bias") or p.dim() == 1)
+            ref[n] = _reference_step(ref[n], grads[n].float().double() * coef, states[n], step, decay)
+            torch.testing.assert_close(p.detach().double(), ref[n], rtol=2e-5, atol=2e-6, msg=f"{n} step {step}")
+
+
+def test_moe_router_flags_reach_the_transformer_config():
+    _, tconfig, _, _ = _build(["--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.03",
+                                "--moe-router-load-balancing-type", "seq_aux_loss", "--disable-bias-linear"])
+    assert tconfig.num_moe_experts == 4 and tconfig.moe_router_topk == 2
+    assert tconfig.moe_aux_loss_coeff == 0.03
+    assert tconfig.moe_router_load_balancing_type == "seq_aux_loss"
