@@ -314,6 +314,30 @@ def test_sigterm_saves_at_current_iteration_exits_zero_then_resume(corpus, refer
     assert assert_checkpoints_sound(save, tmp_path)[-1] == TRAIN_ITERS
 
 
+def test_sigterm_to_one_rank_of_two_stops_every_rank_at_the_same_iteration(corpus, reference_tp2, tmp_path):
+    """A signal may reach only some ranks (SLURM signals the batch step; a node may be drained).
+    Rank 1 alone gets SIGTERM: the ranks agree (an all-reduce of the stop flag) and all stop after
+    the same iteration, save one complete checkpoint there, exit 0; the resume is bit-identical."""
+    _, ref = reference_tp2
+    save = tmp_path / "run"
+    run = Run(corpus, save, nproc=2)
+    run.wait_for_iteration(3)
+    pids = run.rank_pids()
+    assert set(pids) == {0, 1}, f"worker pids {pids}"
+    os.kill(pids[1], signal.SIGTERM)
+    rc = run.wait()
+    out = run.output()
+    assert rc == 0, f"a SIGTERM on one rank must end the whole run cleanly (rc={rc})\n{out}"
+    stopped = max(train_losses(save))
+    assert 3 <= stopped < TRAIN_ITERS, f"stopped at {stopped}\n{out}"
+    assert f"> exiting at iteration {stopped} (signal); checkpoint: {save}/iter_{stopped:07d}" in out
+    assert tracker(save) == stopped and assert_checkpoints_sound(save, tmp_path)[-1] == stopped
+
+    resumed = Run(corpus, save, nproc=2).wait_ok()
+    assert f"at iteration {stopped}" in resumed.output()
+    assert_same_losses(train_losses(save), ref, stopped)
+
+
 def test_exit_duration_in_mins_saves_and_exits_zero_then_resume(corpus, reference, tmp_path):
     """--exit-duration-in-mins: the time budget (here 0: spent after the first iteration) ends the
     run like a SIGTERM would -- checkpoint at the current iteration, exit 0 -- and the resume

@@ -155,12 +155,32 @@ LAYOUTS = {
 }
 
 
+def _pp_run(ws, name):
+    flags, _ = LAYOUTS[name]
+    return ws.run(name, base_args(ws.data, metrics_path=ws.path(f"{name}.jsonl"), save=ws.path(name),
+                                  save_interval=6, **flags), nproc=2)
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_pipeline_parallel_through_switch(ws, name):
-    flags, layout = LAYOUTS[name]
-    res = ws.run(name, base_args(ws.data, metrics_path=ws.path(f"{name}.jsonl"), **flags), nproc=2)
-    _, ev = check_tst_run(res, layout=layout)
+    _, layout = LAYOUTS[name]
+    _, ev = check_tst_run(_pp_run(ws, name), layout=layout)
     check_learned(ev)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_pipeline_checkpoint_resumes_without_pipeline(ws, name):
+    """A PP=2 checkpoint (interleaved: two model chunks per stage) taken after the switch resumes
+    on one rank with PP=1 and continues with the same losses (fp32 tolerance)."""
+    flags, _ = LAYOUTS[name]
+    tr, _ = check_tst_run(_pp_run(ws, name))
+    load = copy_checkpoint(ws.path(name), 6, ws.path(f"{name}_at6"))
+    one = ws.run(f"{name}_resumed_pp1", base_args(ws.data, load=load, metrics_path=ws.path(f"{name}_pp1.jsonl"),
+                                                  num_layers=flags.get("num_layers", 2)))
+    assert "TP=1 PP=1 EP=1 DP=1" in one.stdout and "at iteration 6" in one.stdout, tail(one.stdout)
+    tr1, _ = check_tst_run(one, first=7)
+    for it in range(7, TRAIN_ITERS + 1):
+        assert rel_diff(tr1[it]["loss"], tr[it]["loss"]) <= 1e-4, (it, tr1[it]["loss"], tr[it]["loss"])
 
 
 @pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
