@@ -246,13 +246,19 @@ def reference_tp2(corpus, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------ tests
-def test_kill9_one_rank_mid_run_then_resume(corpus, reference_tp2, tmp_path):
-    _, ref = reference_tp2
-    save = tmp_path / "run"
+def _tp2_run_at_iteration_3(corpus, save):
+    """A 2-rank (TP=2) run that has logged iteration 3, and its {rank: worker pid}."""
     run = Run(corpus, save, nproc=2)
     run.wait_for_iteration(3)
     pids = run.rank_pids()
     assert set(pids) == {0, 1}, f"worker pids {pids}"
+    return run, pids
+
+
+def test_kill9_one_rank_mid_run_then_resume(corpus, reference_tp2, tmp_path):
+    _, ref = reference_tp2
+    save = tmp_path / "run"
+    run, pids = _tp2_run_at_iteration_3(corpus, save)
     os.kill(pids[1], signal.SIGKILL)
     rc = run.wait()
     assert rc != 0, f"a run that lost a rank must not report success\n{run.output()}"
@@ -320,10 +326,7 @@ def test_sigterm_to_one_rank_of_two_stops_every_rank_at_the_same_iteration(corpu
     the same iteration, save one complete checkpoint there, exit 0; the resume is bit-identical."""
     _, ref = reference_tp2
     save = tmp_path / "run"
-    run = Run(corpus, save, nproc=2)
-    run.wait_for_iteration(3)
-    pids = run.rank_pids()
-    assert set(pids) == {0, 1}, f"worker pids {pids}"
+    run, pids = _tp2_run_at_iteration_3(corpus, save)
     os.kill(pids[1], signal.SIGTERM)
     rc = run.wait()
     out = run.output()
