@@ -242,6 +242,33 @@ def test_resume_before_and_after_switch_matches_uninterrupted(ws):
         assert f.read().strip() == "12"
 
 
+# ------------------------------------------------------------------------------ the ablation modes
+def test_input_and_output_modes_through_switch(ws):
+    """--tst-mode input (bag input, next-token target) and output (token input, next-bag target):
+    each trains through the switch with the batch layout its phase needs (the trainer checks it
+    every step), its loss labelled by its target, and learns."""
+    names = ["mode_input", "mode_output"]
+    runs = ws.run_pair(names, [base_args(ws.data, tst_mode=m, metrics_path=ws.path(f"mode_{m}.jsonl"))
+                               for m in ("input", "output")])
+    for name, res in zip(names, runs):
+        assert_ok(res, name)
+        assert f"[TST] phase switch at iteration {SUP_ITERS}:" in res.stdout, tail(res.stdout)
+        tr, ev = train_records(res.records), eval_records(res.records)
+        assert sorted(tr) == list(range(1, TRAIN_ITERS + 1))
+        previous = 0
+        for it, r in sorted(tr.items()):
+            sup = it <= SUP_ITERS
+            assert r["phase"] == ("superposition" if sup else "recovery")
+            # the multi-hot loss only where the target is a bag (output mode's superposition phase)
+            assert r["loss_kind"] == ("mce" if sup and name == "mode_output" else "lm"), (name, it)
+            # bags of s data tokens per position only where the input is a bag (input mode)
+            per_sample = SEQ * (BAG if sup and name == "mode_input" else 1)
+            assert r["data_tokens"] - previous == GBS * per_sample, (name, it)
+            previous = r["data_tokens"]
+            assert math.isfinite(r["loss"]) and r["loss"] > 0
+        check_learned(ev)
+
+
 # ------------------------------------------------------------------------------ TST off
 def test_tst_off_is_a_plain_run(ws):
     """No TST flags and --tst-bag-size 1 (even with superposition iterations asked for) are the
