@@ -22,7 +22,7 @@ setup(
     ],
     extras_require={
         # triton: the MCE loss's CUDA kernels, checked on CPU in Triton's interpreter by the tests
-        "test": ["pytest", "transformers", "safetensors", "tokenizers", "matplotlib",
+        "test": ["pytest", "transformers", "safetensors", "tokenizers", "matplotlib", "tensorboard",
                  "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "triton": ["triton>=3.2"],
         "hf": ["transformers", "safetensors", "tokenizers"],

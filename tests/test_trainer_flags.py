@@ -343,3 +343,33 @@ def test_no_load_optim_and_no_load_rng(ws):
     assert b[4]["loss"] != ref[4]["loss"]  # other dropout masks
     assert abs(b[4]["loss"] - ref[4]["loss"]) < 0.05  # on the same restored weights
     assert math.isfinite(eval_records(no_rng.records)[TRAIN_ITERS]["val_lm_loss"])
+
+
+# ------------------------------------------------------------------------------ logging and data flags
+def test_tensorboard_and_data_cache_flags(ws):
+    """--tensorboard-dir gets the same scalars as the metrics file (read back with TensorBoard's
+    own reader); --data-cache-path holds megatron's dataset index caches and nothing lands in the
+    data directory."""
+    pytest.importorskip("tensorboard", reason="the [test] extra installs tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb, cache = ws.path("tb_logs"), ws.path("tb_cache")
+    data_dir = os.path.dirname(ws.data)
+    before = set(os.listdir(data_dir))
+    res = assert_ok(ws.run("tb_cache", base_args(ws.data, tensorboard_dir=tb, data_cache_path=cache,
+                                                 metrics_path=ws.path("tb_cache.jsonl"))))
+    tr, ev = train_records(res.records), eval_records(res.records)
+    acc = EventAccumulator(tb)
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "train/loss" in tags and "eval/val_lm_loss" in tags and "eval/val_mce_loss" in tags, tags
+    loss = {e.step: e.value for e in acc.Scalars("train/loss")}
+    assert sorted(loss) == sorted(tr)
+    assert all(loss[i] == pytest.approx(tr[i]["loss"], rel=1e-6) for i in tr)
+    val = {e.step: e.value for e in acc.Scalars("eval/val_lm_loss")}
+    assert sorted(val) == sorted(ev) and all(val[i] == pytest.approx(ev[i]["val_lm_loss"], rel=1e-6) for i in ev)
+
+    cached = [f for _, _, files in os.walk(cache) for f in files]
+    assert any(f.endswith("document_index.npy") for f in cached), cached
+    assert any(f.endswith("shuffle_index.npy") for f in cached), cached
+    assert set(os.listdir(data_dir)) == before, "index caches written next to the data"
