@@ -14,7 +14,8 @@ How (one process per bag size s, so megatron's global state is fresh each time):
     `Trainer(cfg).setup()` in-process (1 rank, Gloo), and makes two data iterators over the
     trainer's own training dataset: one at consumed-samples 0 (superposition samples) and one at
     the first recovery sample. Before each step it points `trainer.train_iters_data` at one of
-    them and calls `trainer.train_step()`. The recovery step IS a baseline step: same model
+    them (and the iteration counter into that phase, whose batch layout the trainer checks) and
+    calls `trainer.train_step()`. The recovery step IS a baseline step: same model
     (plain token input, ordinary vocab-parallel cross-entropy), same optimizer.
   * phases alternate in blocks of --block steps, in ABBA order (sup, rec, rec, sup, ...), after
     --warmup steps of each phase; each block pair gives one ratio.
@@ -123,7 +124,7 @@ def run_worker(a) -> dict:
     torch.set_num_threads(a.threads)
     from tst_megatron.arguments import parse_args
     from tst_megatron.builders import tst_data_tokens_per_sample
-    from tst_megatron.data import build_data_iterator
+    from tst_megatron.data import CountingIterator, build_data_iterator
     from tst_megatron.trainer import RECOVERY, SUPERPOSITION, Trainer
 
     s = a.bag_size
@@ -147,7 +148,9 @@ def run_worker(a) -> dict:
 
     def step(phase: str):
         it = iters[phase]
-        trainer.train_iters_data = [it]
+        # the trainer checks each step's batch layout against the phase of its iteration counter
+        trainer.iteration = 0 if phase == SUPERPOSITION else trainer.num_sup_iters
+        trainer.train_iters_data = [CountingIterator(it)]
         w0, c0 = it.wall, it.cpu
         t, c = time.perf_counter(), time.process_time()
         out = trainer.train_step()
