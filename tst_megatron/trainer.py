@@ -313,7 +313,8 @@ class Trainer:
     def phase(self, iteration: int) -> str:
         return SUPERPOSITION if iteration < self.num_sup_iters else RECOVERY
 
-    def _forward_backward(self, data_iterators, forward_only: bool, num_microbatches: int) -> List[float]:
+    def _forward_backward(self, data_iterators, forward_only: bool, num_microbatches: int) -> List[dict]:
+        """megatron's schedule over the model chunks; the last pipeline stage's micro-batch losses."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         fb = get_forward_backward_func()
@@ -323,10 +324,9 @@ class Trainer:
                     model=self.model if len(self.model) > 1 else self.model[0],
                     num_microbatches=num_microbatches, seq_length=cfg.model.seq_length,
                     micro_batch_size=cfg.optim.micro_batch_size, forward_only=forward_only)
-        counts = data_iterators[0].take_counts() if hasattr(data_iterators[0], "take_counts") else (0, 0)
-        return self._reduce_loss(losses, counts)
+        return losses
 
-    def _reduce_loss(self, losses: List[dict], counts) -> List[float]:
+    def _reduce_loss(self, losses: List[dict], counts=(0, 0)) -> List[float]:
         """[loss, input elements, label elements] of the step, made known to every rank (rank 0
         logs them): the mean micro-batch loss of the last pipeline stage averaged over data
         parallelism, and what the first stage's data stream fed, summed over data parallelism.
@@ -373,7 +373,8 @@ class Trainer:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        loss, fed_tokens, fed_labels = self._forward_backward(self.train_iters_data, False, self.num_microbatches)
+        losses = self._forward_backward(self.train_iters_data, False, self.num_microbatches)
+        loss, fed_tokens, fed_labels = self._reduce_loss(losses, self.train_iters_data[0].take_counts())
         self._check_fed(int(fed_tokens), int(fed_labels))
         lg = self.cfg.logging
         if lg.inject_nonfinite_at is not None and self.iteration == lg.inject_nonfinite_at:  # test hook
@@ -412,7 +413,7 @@ class Trainer:
             iterators = [self._build_iterator(dataset, 0, cfg.optim.micro_batch_size, self.dp_rank, self.dp_size,
                                               total_samples=steps * gbs) for _ in self.model]
             for _ in range(steps):
-                values.append(self._forward_backward(iterators, True, self.num_microbatches)[0])
+                values.append(self._reduce_loss(self._forward_backward(iterators, True, self.num_microbatches))[0])
         for chunk in self.model:
             chunk.train()
         return sum(values) / len(values)
