@@ -320,6 +320,23 @@ def test_sigterm_saves_at_current_iteration_exits_zero_then_resume(corpus, refer
     assert assert_checkpoints_sound(save, tmp_path)[-1] == TRAIN_ITERS
 
 
+def test_sigint_with_exit_signal_handler_saves_and_exits_zero(corpus, reference, tmp_path):
+    """--exit-signal-handler makes SIGINT (Ctrl-C, or `scancel --signal=INT`) stop like SIGTERM:
+    finish the iteration, save there, exit 0; the checkpoint is one the uninterrupted run agrees with."""
+    _, ref = reference
+    save = tmp_path / "run"
+    run = Run(corpus, save, extra=["--exit-signal-handler"])
+    run.wait_for_iteration(2)
+    run.proc.send_signal(signal.SIGINT)
+    rc = run.wait()
+    out = run.output()
+    assert rc == 0, f"SIGINT with --exit-signal-handler must end the run cleanly (rc={rc})\n{out}"
+    stopped = max(train_losses(save))
+    assert stopped < TRAIN_ITERS and f"> exiting at iteration {stopped} (signal)" in out, out
+    assert tracker(save) == stopped and assert_checkpoints_sound(save, tmp_path)[-1] == stopped
+    assert all(train_losses(save)[i] == ref[i] for i in range(1, stopped + 1))
+
+
 def test_sigterm_to_one_rank_of_two_stops_every_rank_at_the_same_iteration(corpus, reference_tp2, tmp_path):
     """A signal may reach only some ranks (SLURM signals the batch step; a node may be drained).
     Rank 1 alone gets SIGTERM: the ranks agree (an all-reduce of the stop flag) and all stop after
