@@ -299,15 +299,19 @@ def test_kill9_during_checkpoint_save_then_resume(corpus, reference, tmp_path):
     assert not partial.exists(), "the re-save of iteration 4 replaces the partial directory"
 
 
-def test_sigterm_saves_at_current_iteration_exits_zero_then_resume(corpus, reference, tmp_path):
+@pytest.mark.parametrize("sig, extra", [(signal.SIGTERM, []), (signal.SIGINT, ["--exit-signal-handler"])],
+                         ids=["SIGTERM", "SIGINT_with_exit_signal_handler"])
+def test_sigterm_saves_at_current_iteration_exits_zero_then_resume(corpus, reference, tmp_path, sig, extra):
+    """SIGTERM (what SLURM sends), or SIGINT with --exit-signal-handler: finish the iteration, save
+    there, exit 0; the resume continues bit-identically."""
     _, ref = reference
     save = tmp_path / "run"
-    run = Run(corpus, save)
+    run = Run(corpus, save, extra=extra)
     run.wait_for_iteration(3)
-    run.proc.send_signal(signal.SIGTERM)
+    run.proc.send_signal(sig)
     rc = run.wait()
     out = run.output()
-    assert rc == 0, f"SIGTERM must end the run cleanly (rc={rc})\n{out}"
+    assert rc == 0, f"{sig.name} must end the run cleanly (rc={rc})\n{out}"
     stopped = max(train_losses(save))
     assert 3 <= stopped < TRAIN_ITERS, f"stopped at {stopped}\n{out}"
     assert f"> exiting at iteration {stopped} (signal); checkpoint: {save}/iter_{stopped:07d}" in out
@@ -318,23 +322,6 @@ def test_sigterm_saves_at_current_iteration_exits_zero_then_resume(corpus, refer
     assert f"at iteration {stopped}" in resumed.output()
     assert_same_losses(train_losses(save), ref, stopped)
     assert assert_checkpoints_sound(save, tmp_path)[-1] == TRAIN_ITERS
-
-
-def test_sigint_with_exit_signal_handler_saves_and_exits_zero(corpus, reference, tmp_path):
-    """--exit-signal-handler makes SIGINT (Ctrl-C, or `scancel --signal=INT`) stop like SIGTERM:
-    finish the iteration, save there, exit 0; the checkpoint is one the uninterrupted run agrees with."""
-    _, ref = reference
-    save = tmp_path / "run"
-    run = Run(corpus, save, extra=["--exit-signal-handler"])
-    run.wait_for_iteration(2)
-    run.proc.send_signal(signal.SIGINT)
-    rc = run.wait()
-    out = run.output()
-    assert rc == 0, f"SIGINT with --exit-signal-handler must end the run cleanly (rc={rc})\n{out}"
-    stopped = max(train_losses(save))
-    assert stopped < TRAIN_ITERS and f"> exiting at iteration {stopped} (signal)" in out, out
-    assert tracker(save) == stopped and assert_checkpoints_sound(save, tmp_path)[-1] == stopped
-    assert all(train_losses(save)[i] == ref[i] for i in range(1, stopped + 1))
 
 
 def test_sigterm_to_one_rank_of_two_stops_every_rank_at_the_same_iteration(corpus, reference_tp2, tmp_path):
