@@ -309,19 +309,7 @@ def test_sigterm_saves_at_current_iteration_exits_zero_then_resume(corpus, refer
     run = Run(corpus, save, extra=extra)
     run.wait_for_iteration(3)
     run.proc.send_signal(sig)
-    rc = run.wait()
-    out = run.output()
-    assert rc == 0, f"{sig.name} must end the run cleanly (rc={rc})\n{out}"
-    stopped = max(train_losses(save))
-    assert 3 <= stopped < TRAIN_ITERS, f"stopped at {stopped}\n{out}"
-    assert f"> exiting at iteration {stopped} (signal); checkpoint: {save}/iter_{stopped:07d}" in out
-    assert tracker(save) == stopped
-    assert assert_checkpoints_sound(save, tmp_path)[-1] == stopped
-
-    resumed = Run(corpus, save).wait_ok()
-    assert f"at iteration {stopped}" in resumed.output()
-    assert_same_losses(train_losses(save), ref, stopped)
-    assert assert_checkpoints_sound(save, tmp_path)[-1] == TRAIN_ITERS
+    _stopped_cleanly_then_resumes(run, corpus, save, ref, tmp_path, nproc=1)
 
 
 def test_sigterm_to_one_rank_of_two_stops_every_rank_at_the_same_iteration(corpus, reference_tp2, tmp_path):
@@ -332,17 +320,24 @@ def test_sigterm_to_one_rank_of_two_stops_every_rank_at_the_same_iteration(corpu
     save = tmp_path / "run"
     run, pids = _tp2_run_at_iteration_3(corpus, save)
     os.kill(pids[1], signal.SIGTERM)
+    _stopped_cleanly_then_resumes(run, corpus, save, ref, tmp_path, nproc=2)
+
+
+def _stopped_cleanly_then_resumes(run, corpus, save, ref, tmp_path, nproc):
+    """A signalled run: exit 0 after iteration >= 3, one sound checkpoint where it stopped, and a
+    resume in a fresh process that logs the uninterrupted run's losses bit for bit."""
     rc = run.wait()
     out = run.output()
-    assert rc == 0, f"a SIGTERM on one rank must end the whole run cleanly (rc={rc})\n{out}"
+    assert rc == 0, f"a signal must end the whole run cleanly (rc={rc})\n{out}"
     stopped = max(train_losses(save))
     assert 3 <= stopped < TRAIN_ITERS, f"stopped at {stopped}\n{out}"
     assert f"> exiting at iteration {stopped} (signal); checkpoint: {save}/iter_{stopped:07d}" in out
     assert tracker(save) == stopped and assert_checkpoints_sound(save, tmp_path)[-1] == stopped
 
-    resumed = Run(corpus, save, nproc=2).wait_ok()
+    resumed = Run(corpus, save, nproc=nproc).wait_ok()
     assert f"at iteration {stopped}" in resumed.output()
     assert_same_losses(train_losses(save), ref, stopped)
+    assert assert_checkpoints_sound(save, tmp_path)[-1] == TRAIN_ITERS
 
 
 def test_exit_duration_in_mins_saves_and_exits_zero_then_resume(corpus, reference, tmp_path):
