@@ -302,11 +302,10 @@ def resume_sample_plan(*, iteration: int, consumed_samples: int, superposition_s
             f"the checkpoint at iteration {iteration} has already switched to recovery (after "
             f"{superposition_samples} superposition samples), but the run asks for {superposition_iters} "
             "superposition iterations: a run cannot go back to the superposition phase")
-    if superposition_iters == 0:  # TST off (e.g. a TST checkpoint continued as a plain run)
-        return 0, consumed_samples + max(0, train_iters - iteration) * global_batch_size
-    n_sup = superposition_samples + max(0, superposition_iters - iteration) * global_batch_size
     n_train = consumed_samples + max(0, train_iters - iteration) * global_batch_size
-    return n_sup, n_train
+    if superposition_iters == 0:  # TST off (e.g. a TST checkpoint continued as a plain run)
+        return 0, n_train
+    return superposition_samples + max(0, superposition_iters - iteration) * global_batch_size, n_train
 
 
 @dataclass
