@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Equal-FLOPs evidence on one GPU: a ~125M-parameter Llama-style baseline and a TST run
+# Equal-FLOPs evidence on one GPU: a ~116M-parameter Llama-style baseline and a TST run
 # (s = 4, r = 0.3) with identical model, batch, LR schedule and iteration count, in bf16, on the
 # tokenized embedded corpus that travels with the repo (experiments/data/, built by
 # experiments/build_carried_data.sh with our own tools). Writes both metrics files, the plot and
@@ -43,7 +43,7 @@ if [ "${TINY:-0}" = "1" ]; then
   BATCH=(--micro-batch-size 8 --global-batch-size 8)
   ITERS=${ITERS:-40}; PREC=(); EVAL=(--eval-interval 10 --eval-iters 2)
 else
-  # ~125M parameters (12 x 768, SwiGLU 3072, 2k vocab): Llama-style, untied embeddings.
+  # ~116M parameters (12 x 768, SwiGLU 3072, 2k vocab): Llama-style, untied embeddings.
   # 16 x 512 tokens per step: 1000 steps read 8.2M tokens (baseline) and 15.6M (TST s=4, r=0.3).
   MODEL=(--num-layers 12 --hidden-size 768 --num-attention-heads 12 --seq-length 512 --ffn-hidden-size 3072)
   BATCH=(--micro-batch-size ${MBS:-16} --global-batch-size ${MBS:-16})

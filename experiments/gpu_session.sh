@@ -3,7 +3,7 @@
 #   1. the MCE Triton kernels, compiled, against the torch implementation on CPU (pytest);
 #   2. bench/bench_mce.py at its CUDA defaults (N=8192, V 32000/151936, s 1/4/8/16, fp32 + bf16);
 #   3. bench/profile_mce.py at bf16 V=32000 (where the loss was launch-bound): per-kernel GPU time;
-#   4. experiments/gpu_equal_flops.sh: ~125M Llama-style baseline vs TST s=4 r=0.3, bf16, equal
+#   4. experiments/gpu_equal_flops.sh: ~116M Llama-style baseline vs TST s=4 r=0.3, bf16, equal
 #      FLOPs (CORPUS=site by default here: a corpus built on the machine, so no token repeats).
 # The stage limits (90 + 120 + 60 + 330 s) keep the whole under a 10-minute call (session 3 took
 # 26 + 6 + 248 s for stages 1, 2 and 4).

@@ -406,6 +406,41 @@ def test_damaged_latest_checkpoint_refused_then_fallback_resumes(corpus, referen
     assert assert_checkpoints_sound(save, tmp_path) == [2, 4, 6, 8]  # the damaged one was replaced
 
 
+def test_finished_run_resumed_keeps_its_checkpoint_untouched(corpus, reference, tmp_path):
+    """Resuming a finished run evaluates again but does not write its last checkpoint again (here
+    with --no-load-optim and a save interval that does not land on the last iteration, so the
+    final save would run): the state on disk is the one loaded, Adam moments included, which a
+    re-save from a fresh optimizer would have lost."""
+    src, _ = reference
+    save = tmp_path / "run"
+    shutil.copytree(src, save)
+    before = snapshot(save)
+    run = Run(corpus, save, extra=["--no-load-optim", "--save-interval", "3"]).wait_ok()
+    assert f"resumed from {save}/iter_0000008 at iteration 8" in run.output()
+    assert "checkpoint of iteration 8 is already on disk" in run.output(), run.output()
+    assert snapshot(save) == before
+
+
+def test_crash_between_the_renames_of_a_resave_leaves_a_loadable_checkpoint(corpus, reference, tmp_path):
+    """Re-saving iteration N swaps iter_N -> iter_N.old, iter_N.tmp -> iter_N. A crash between
+    the two renames leaves the tracker naming a missing iter_N: loading takes the complete new
+    copy (.tmp), or the old one when only it is left, and the resumed run matches the reference."""
+    _, ref = reference
+    save = _resume_dir_at(reference, tmp_path, 6)
+    final = save / "iter_0000006"
+    shutil.copytree(final, f"{final}.tmp")  # the new save: complete (marker written) before the renames
+    os.rename(final, f"{final}.old")
+    assert tracker(save) == 6 and not final.exists()
+    assert ckpt.find_checkpoint(str(save), fallback=False)[:2] == (6, f"{final}.tmp")
+    shutil.rmtree(f"{final}.tmp")  # a crash during the first rename's cleanup: only .old is left
+    assert ckpt.find_checkpoint(str(save), fallback=False)[:2] == (6, f"{final}.old")
+
+    resumed = Run(corpus, save).wait_ok()
+    assert f"resumed from {final}.old at iteration 6" in resumed.output()
+    assert_same_losses(train_losses(save), ref, 6)
+    assert assert_checkpoints_sound(save, tmp_path) == [2, 4, 8]
+
+
 def _resume_dir_at(reference, tmp_path, iteration):
     src, _ = reference
     save = tmp_path / "run"

@@ -214,7 +214,8 @@ def flops_per_position(m: ModelArgs, vocab_size: int) -> float:
     """Training FLOPs per model position (forward + backward = 3x forward).
 
     6 x active non-embedding-lookup parameters (the LM head counts: it is a matmul) plus the
-    attention score/value matmuls, 6 x 2 x layers x L x (heads x head_dim). The bag embedding's
+    attention score/value matmuls, 6 x 2 x layers x L x (heads x head_dim) / 2 (causal: half
+    the score matrix is masked). The bag embedding's
     mean and the s-target loss are negligible, so a TST step counts the same FLOPs as a baseline
     step -- which is the point of the method.
     """

@@ -8,9 +8,12 @@ Layout (what Megatron-LM users know):
 Atomicity: every rank writes into `<save>/iter_XXXXXXX.tmp`; after a barrier rank 0 writes
 `tst_meta.json` (the completeness marker), renames the directory into place and only then
 rewrites `latest_checkpointed_iteration.txt` (write-to-temp + os.replace). A crash at any point
-leaves the previous checkpoint and tracker untouched. On load, a directory without the marker or
-that megatron cannot read is reported by name; `fallback=True` walks back to the newest complete
-one.
+leaves the previous checkpoint and tracker untouched. Saving an iteration that already has a
+directory (the trainer avoids it when the state on disk is the same, but a run saving into another
+run's directory can) swaps `iter_N` -> `iter_N.old`, `iter_N.tmp` -> `iter_N`: a crash between the
+two renames leaves the tracker naming a missing `iter_N`, and loading then takes the complete
+`iter_N.tmp` (or `iter_N.old`) instead. On load, a directory without the marker or that megatron
+cannot read is reported by name; `fallback=True` walks back to the newest complete one.
 """
 from __future__ import annotations
 
@@ -270,6 +273,10 @@ def find_checkpoint(root: str, fallback: bool) -> Optional[Tuple[int, str, dict]
                 return int(text), path, verify_checkpoint_dir(path)
             except CheckpointError as exc:
                 problems.append(str(exc))
+            if not os.path.exists(path):
+                found = _interrupted_resave(path)
+                if found is not None:
+                    return (int(text),) + found
     else:
         problems.append(f"{tracker} is missing")
     if not fallback:
@@ -281,6 +288,20 @@ def find_checkpoint(root: str, fallback: bool) -> Optional[Tuple[int, str, dict]
         except CheckpointError as exc:
             problems.append(str(exc))
     raise CheckpointError("no complete checkpoint under " + root + ": " + "; ".join(problems))
+
+
+def _interrupted_resave(final: str) -> Optional[Tuple[str, dict]]:
+    """The complete copy a crash between `save_checkpoint`'s two renames left of `final`, if any.
+
+    The new save (`.tmp`, marked complete before the renames) is preferred to the one it was
+    replacing (`.old`); both hold the same iteration."""
+    for path in (final + ".tmp", final + ".old"):
+        if os.path.isdir(path):
+            try:
+                return path, verify_checkpoint_dir(path)
+            except CheckpointError:
+                continue
+    return None
 
 
 def load_checkpoint(ckpt_dir: str, chunks, optimizer, scheduler, load_optim: bool, load_rng: bool,

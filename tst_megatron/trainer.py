@@ -156,6 +156,7 @@ class Trainer:
         self.elapsed_before = 0.0  # training wall-clock of the runs this one resumes
         self.timer = Stopwatch()  # restarted when training starts
         self.last_checkpoint: Optional[str] = None
+        self._on_disk: Optional[int] = None  # iteration whose state is already saved under --save
         self.num_sup_iters = cfg.tst.num_superposition_iters(cfg.optim.train_iters)
         if self.resume is not None:
             self._load(self.resume[1])
@@ -254,10 +255,18 @@ class Trainer:
         c = self.cfg.ckpt
         if not c.save:
             return
+        if self._on_disk == self.iteration:
+            # Resumed from this very checkpoint and took no step since: what is on disk is this
+            # state (with its optimizer moments even under --no-load-optim), so writing it again
+            # could only lose something.
+            self.log.print(f"  checkpoint of iteration {self.iteration} is already on disk ({self.last_checkpoint}); "
+                           "not saved again")
+            return
         t0 = time.time()
         path = ckpt.save_checkpoint(c.save, self.iteration, self.model, self.optimizer, self.scheduler,
                                     self._common_state(), self.cfg.parallel.use_distributed_optimizer)
         self.last_checkpoint = path
+        self._on_disk = self.iteration
         note = (" (superposition phase: not a usable next-token model yet)"
                 if 0 < self.num_sup_iters and self.iteration <= self.num_sup_iters else "")
         self.log.print(f"  saved checkpoint at iteration {self.iteration} to {path} in {time.time() - t0:.1f}s{note}")
@@ -290,6 +299,8 @@ class Trainer:
         self.elapsed_before = float(common.get("elapsed_s", 0.0))
         self.superposition_samples = int(common.get("superposition_samples", self._saved_superposition_samples(meta)))
         self.last_checkpoint = path
+        if c.save and same_dir(os.path.dirname(os.path.normpath(path)), c.save):
+            self._on_disk = self.iteration
         if not load_optim:
             # Mixed precision keeps fp32 master copies made from the *initial* weights: refresh
             # them from the loaded model, or the first step would write the init back.

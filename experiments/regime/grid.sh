@@ -3,7 +3,8 @@
 # Each sweep reuses finished runs (a run is skipped when its metrics hold the final evaluation),
 # so this script can be interrupted and restarted. Every sweep's table is kept as summary_<tag>.md.
 #
-#   bash experiments/regime/grid.sh            # all sweeps (about 2.5 h on 2 idle cores)
+#   bash experiments/regime/grid.sh            # all sweeps (the stdlib ones ~3.3 h on 2 idle cores,
+#                                              #   the site* ones ~8 h more: hidden 384 alone ~2-3 h)
 #   SWEEPS="ratios width384" bash experiments/regime/grid.sh
 #   SWEEPS=site3200 RUN_ARGS="--threads 1" bash experiments/regime/grid.sh   # extra run.py flags
 set -euo pipefail
@@ -15,6 +16,7 @@ SWEEPS=${SWEEPS:-"base128 seed2 width256 ratios width384 batch64 long1600 switch
 sweep() {  # tag, then run.py arguments
   local tag=$1; shift
   local out=$OUT; [[ $tag == seed2* ]] && out=${OUT}_seed2
+  [[ $tag == long1600lr ]] && out=${OUT}_lr1600
   local data=()
   [[ -f $OUT/data/stdlib_text_document.bin ]] && data=(--data-path "$OUT/data/stdlib_text_document" --tokenizer-model "$OUT/data/spm.model")
   if [[ $tag == site* ]]; then  # the no-repeat corpus, same tokenizer (built by site_data)
