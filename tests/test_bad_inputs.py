@@ -353,6 +353,7 @@ def test_resume_with_other_bag_size_and_schedule_allowed_with_override(corpus, t
         assert main(argv) == 0
     out = capsys.readouterr().out
     assert f"resumed from {run}/iter_0000002 at iteration 2" in out
+    assert "warning: --override-checkpoint-args: the data stream differs from the checkpoint's" in out
     assert ckpt.find_checkpoint(str(run), fallback=False)[0] == 5
     assert ckpt.read_meta(str(run / "iter_0000005"))["args"]["tst"]["bag_size"] == 2
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -385,41 +386,47 @@ def test_group_query_attention_without_a_group_count_is_multi_query(corpus, caps
 
 def test_resume_at_the_switch_with_another_global_batch(corpus, trained, tmp_path, monkeypatch, capsys):
     """Megatron users change --global-batch-size on resume; the TST stream keeps its position:
-    the checkpoint (iteration 2, the switch) continues in recovery with 8 samples per step, each
-    of L tokens, from sample 8 on -- the trainer checks every step's batch layout against its phase."""
+    the checkpoint (iteration 2, the switch) continues in recovery with 2 samples per step, each
+    of L tokens, from sample 8 on -- the trainer checks every step's batch layout against its phase.
+    A batch of 8 would need more windows than this tiny corpus's one epoch holds (a second epoch
+    reshuffles the stream): refused before anything is written."""
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     monkeypatch.chdir(tmp_path)
+    msg = refuse(base(corpus, run, **{"--load": run, "--global-batch-size": 8}), capsys, watch=[run])
+    assert msg.startswith(f"error: --load {run}/iter_0000002: this run's --global-batch-size / --train-iters "
+                          "need a longer data stream than the checkpoint's"), msg
     with isolated():
-        assert main(base(corpus, run, **{"--load": run, "--global-batch-size": 8})) == 0
+        assert main(base(corpus, run, **{"--load": run, "--global-batch-size": 2})) == 0
     out = capsys.readouterr().out
     assert f"resumed from {run}/iter_0000002 at iteration 2" in out
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     train = {r["iteration"]: r for r in records if r.get("type") == "train"}
     assert sorted(train) == [1, 2, 3, 4]
     assert [train[i]["phase"] for i in (1, 2, 3, 4)] == ["superposition"] * 2 + ["recovery"] * 2
-    assert [train[i]["consumed_samples"] for i in (1, 2, 3, 4)] == [4, 8, 16, 24]
+    assert [train[i]["consumed_samples"] for i in (1, 2, 3, 4)] == [4, 8, 10, 12]
     seq = 16
-    assert train[3]["data_tokens"] - train[2]["data_tokens"] == 8 * seq  # recovery: L tokens per sample
+    assert train[3]["data_tokens"] - train[2]["data_tokens"] == 2 * seq  # recovery: L tokens per sample
     assert train[2]["data_tokens"] == 2 * 4 * seq * 4  # superposition: s*L per sample
     # wall-clock continues across the resume (the checkpoint carries the time trained so far)
     assert train[3]["elapsed_s"] >= train[2]["elapsed_s"] > 0
 
 
-def test_recovery_stream_reordered_by_a_resume_is_refused():
-    """Recovery samples are dealt from blocks of windows; a resume that changes how many windows
-    the stream holds after recovery has started would re-read some pieces and skip others."""
+def test_resume_needing_a_longer_stream_is_refused():
+    """megatron's order of the train windows depends on how many it was asked for; a resume whose
+    --global-batch-size / --train-iters need more than the checkpoint's stream holds would deal
+    the consumed positions differently, in either phase (tests/test_data.py builds both streams)."""
     from tst_megatron.preflight import check_resume_stream
 
     meta = {"train_base_windows": 120}
-    kw = dict(recovery_started=True, chunks=4, same_batch_and_length=False)
-    with pytest.raises(SystemExit, match=r"--load ck: the checkpoint is in the recovery phase .* \(120 -> 130 "
-                                         r"windows\).*Resume with the checkpoint's --global-batch-size"):
+    kw = dict(consumed_samples=16, same_batch_and_length=False)
+    with pytest.raises(SystemExit, match=r"--load ck: this run's --global-batch-size / --train-iters need a longer "
+                                         r"data stream than the checkpoint's \(120 -> 130 windows\).*Resume with "
+                                         r"the checkpoint's --global-batch-size"):
         check_resume_stream(meta, "ck", base_windows=130, **kw)
-    check_resume_stream(meta, "ck", base_windows=120, **kw)  # same stream: fine
-    check_resume_stream(meta, "ck", base_windows=130, **dict(kw, recovery_started=False))  # still superposing
-    check_resume_stream(meta, "ck", base_windows=130, **dict(kw, chunks=1))  # output mode / TST off: in order
+    check_resume_stream(meta, "ck", base_windows=120, **kw)  # the checkpoint's stream: fine
+    check_resume_stream(meta, "ck", base_windows=130, **dict(kw, consumed_samples=0))  # nothing consumed
     check_resume_stream({}, "ck", base_windows=130, **dict(kw, same_batch_and_length=True))  # older checkpoint
     with pytest.raises(SystemExit, match=r"\(unknown -> 130 windows\)"):
         check_resume_stream({}, "ck", base_windows=130, **kw)
-
+    check_resume_stream(meta, "ck", base_windows=130, **dict(kw, override=True))  # the user's call: a warning

@@ -317,6 +317,23 @@ def test_import_then_continue_matches_original(trained, exports):
         assert got == pytest.approx(want, rel=1e-5, abs=1e-6), (name, got, want, trainer_utils.tail(out, 2000))
 
 
+def test_import_without_batch_flags_then_continue(trained, exports, tmp_path):
+    """An import given no --global-batch-size stores none; its printed command plus data and
+    batch flags must still continue (the resume once read the missing batch size and crashed)."""
+    save = tmp_path / "imported"
+    res = cv.import_checkpoint(exports("llama")["output"], str(save),
+                               ["--tokenizer-type", "NullTokenizer", "--vocab-size", "256", "--train-iters", str(K + 1)],
+                               iteration=K, consumed_samples=16, progress=False, log=None)
+    meta = json.loads((save / f"iter_{K:07d}" / "tst_meta.json").read_text())
+    assert meta["args"]["optim"]["global_batch_size"] is None and meta["consumed_samples"] == 16
+    metrics = tmp_path / "continued.jsonl"
+    rc, out = _run([sys.executable, str(REPO / "pretrain_tst.py"), "--load", str(save), "--no-load-optim",
+                    *res["flags"], "--data-path", str(trained["data"]), "--seq-length", "32",
+                    "--micro-batch-size", "4", "--global-batch-size", "8", "--log-interval", "1", "--eval-iters", "1",
+                    "--split", "90,10,0", "--metrics-path", str(metrics)], 240)
+    assert rc == 0, out
+    assert f"at iteration {K}" in out and _train_loss(metrics, K + 1) < 10
+
 def _copy_ckpt(src: Path, dst: Path, edit) -> Path:
     """A copy of one iteration directory with its tst_meta.json args edited (no tensors change)."""
     shutil.copytree(src, dst)

@@ -398,6 +398,60 @@ def test_resume_with_another_global_batch_keeps_the_data_position(tmp_path, corp
     assert n_sup != sup_iters * new_gbs
 
 
+def test_resume_rebuilds_the_checkpoints_stream_or_refuses_one_it_cannot(tmp_path, corpus, process_group):
+    """megatron's train order depends on the requested length (a blend's size, the epochs shuffled
+    together). A resume with another --global-batch-size rebuilds the checkpoint's own stream
+    (`base_train_samples`) when it is long enough -- the consumed samples stay where they were --
+    and the preflight refuses a resume that needs a longer stream, whose order would differ."""
+    from tst_megatron.preflight import check_resume_stream
+
+    (pa, _), (pb, _) = corpus["plain"], corpus["other"]
+    tst = tst_cfg("full")
+    sup_iters = tst.num_superposition_iters(TRAIN_ITERS)
+    original = build(tmp_path, tst, [pa, pb], weights=[0.5, 0.5], cache="orig")
+    meta = {"train_base_windows": len(original.train.base), "train_base_samples": original.num_base_train_samples}
+    iteration = 2
+    consumed = iteration * GBS
+
+    def plan_for(gbs):
+        return resume_sample_plan(iteration=iteration, consumed_samples=consumed, superposition_samples=consumed,
+                                  superposition_iters=sup_iters, train_iters=TRAIN_ITERS, global_batch_size=gbs)
+
+    # fits: the rebuilt stream is the checkpoint's, sample for sample, although a fresh build of
+    # that plan (another blend size) would differ
+    plan = plan_for(GBS // 2)  # a smaller batch: fewer samples ahead
+    assert num_base_samples(tst, plan[0], plan[1] - plan[0]) <= meta["train_base_windows"]
+    fresh = build(tmp_path, tst, [pa, pb], weights=[0.5, 0.5], cache="fresh", sample_plan=plan)
+    assert len(fresh.train.base) != meta["train_base_windows"]
+    rebuilt = build(tmp_path, tst, [pa, pb], weights=[0.5, 0.5], cache="rebuilt", sample_plan=plan,
+                    base_train_samples=meta["train_base_samples"])
+    assert len(rebuilt.train.base) == meta["train_base_windows"]
+    for i in range(consumed):
+        assert torch.equal(rebuilt.train[i]["tokens"], original.train[i]["tokens"]), i
+    check_resume_stream(meta, "ck", consumed_samples=consumed, base_windows=len(rebuilt.train.base),
+                        same_batch_and_length=False)
+    with pytest.raises(SystemExit, match=r"--load ck: this run's --global-batch-size / --train-iters need a "
+                                         r"longer data stream than the checkpoint's \(\d+ -> \d+ windows\)"):
+        check_resume_stream(meta, "ck", consumed_samples=consumed, base_windows=len(fresh.train.base),
+                            same_batch_and_length=False)
+
+    # does not fit (one corpus, a batch of 64 needs a second epoch): megatron shuffles two epochs
+    # together, so the longer stream deals the consumed positions differently
+    single = build(tmp_path, tst, [pa], cache="single")
+    meta = {"train_base_windows": len(single.train.base), "train_base_samples": single.num_base_train_samples}
+    plan = plan_for(64)
+    assert num_base_samples(tst, plan[0], plan[1] - plan[0]) > meta["train_base_windows"]
+    with pytest.raises(ValueError, match="holds .* windows; this run needs"):
+        build(tmp_path, tst, [pa], cache="short", sample_plan=plan, base_train_samples=meta["train_base_samples"])
+    longer = build(tmp_path, tst, [pa], cache="long", sample_plan=plan)
+    assert any(not torch.equal(longer.train[i]["tokens"], single.train[i]["tokens"]) for i in range(consumed)), \
+        "the longer stream should deal the consumed positions differently (else this test shows nothing)"
+    with pytest.raises(SystemExit, match="need a longer data stream"):
+        check_resume_stream(meta, "ck", consumed_samples=consumed, base_windows=len(longer.train.base),
+                            same_batch_and_length=False)
+    check_resume_stream(meta, "ck", consumed_samples=0, base_windows=len(longer.train.base),
+                        same_batch_and_length=False)  # nothing consumed yet: any stream is fine
+
 def test_resume_cannot_return_to_superposition():
     with pytest.raises(ValueError, match="cannot go back to the superposition phase"):
         resume_sample_plan(iteration=5, consumed_samples=20, superposition_samples=12, superposition_iters=6,

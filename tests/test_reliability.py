@@ -419,6 +419,10 @@ def test_finished_run_resumed_keeps_its_checkpoint_untouched(corpus, reference, 
     assert f"resumed from {save}/iter_0000008 at iteration 8" in run.output()
     assert "checkpoint of iteration 8 is already on disk" in run.output(), run.output()
     assert snapshot(save) == before
+    records = [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["iteration"] for r in records if r.get("type") == "eval"]
+    assert evals.count(8) == 1, f"the final evaluation is recorded once, not once per relaunch: {evals}"
+    assert sorted(train_losses(save)) == list(range(1, TRAIN_ITERS + 1))
 
 
 def test_crash_between_the_renames_of_a_resave_leaves_a_loadable_checkpoint(corpus, reference, tmp_path):

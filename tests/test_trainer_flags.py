@@ -373,3 +373,20 @@ def test_tensorboard_and_data_cache_flags(ws):
     assert any(f.endswith("document_index.npy") for f in cached), cached
     assert any(f.endswith("shuffle_index.npy") for f in cached), cached
     assert set(os.listdir(data_dir)) == before, "index caches written next to the data"
+
+
+def test_log_interval_records_never_mix_the_phases(ws):
+    """--log-interval 3 with the switch at 4 and --exit-interval 10: a record closes at the switch
+    (the bag loss is never averaged with the next-token loss) and at the exit (the steps since the
+    last record are not lost); each record's loss is the mean of the per-step losses it covers."""
+    ref = train_records(reference_runs(ws)[0].records)  # --log-interval 1, same seed and data
+    res = assert_ok(ws.run("log3", chain_args(ws, log_interval=3, exit_interval=10,
+                                               metrics_path=ws.path("log3.jsonl"))))
+    tr = train_records(res.records)
+    spans = {3: (1, 3), 4: (4, 4), 6: (5, 6), 9: (7, 9), 10: (10, 10)}
+    assert sorted(tr) == sorted(spans), sorted(tr)
+    for it, (a, b) in spans.items():
+        want = [ref[i]["loss"] for i in range(a, b + 1)]
+        assert tr[it]["loss"] == pytest.approx(sum(want) / len(want), rel=1e-9), it
+        assert {ref[i]["phase"] for i in range(a, b + 1)} == {tr[it]["phase"]}, it
+    assert [tr[i]["phase"] for i in sorted(tr)] == ["superposition"] * 2 + ["recovery"] * 3

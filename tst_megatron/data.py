@@ -325,6 +325,7 @@ class TSTDatasets:
     test_lm: Optional[TSTDataset]
     num_superposition_samples: int
     num_train_samples: int
+    num_base_train_samples: int  # requested from megatron for the train split (a checkpoint keeps it)
 
 
 def _gpt_config(seq_length: int, seed: int, tokenizer, blend: Optional[Blend],
@@ -381,6 +382,7 @@ def build_tst_datasets(
     mid_level_dataset_surplus: float = 0.005,
     num_dataset_builder_threads: int = 1,
     sample_plan: Optional[Tuple[int, int]] = None,
+    base_train_samples: Optional[int] = None,
 ) -> TSTDatasets:
     """Build train/valid/test through megatron's BlendedMegatronDatasetBuilder and wrap them.
 
@@ -390,6 +392,11 @@ def build_tst_datasets(
     sample_plan: (superposition samples, train samples) of the whole run, when they are not
         simply iterations x global batch -- a run resumed with another --global-batch-size
         (`resume_sample_plan`). Default: a fresh run's plan.
+    base_train_samples: how many base samples to ask megatron for in the train split (default:
+        what the plan needs). megatron's stream order depends on that count (the number of epochs
+        it shuffles together; a blend's size), so a resumed run passes the count its checkpoint
+        was built with, to deal from the very stream it consumed from; ValueError when that
+        stream is too short for the plan.
     Must be called on every rank (it joins megatron's rank-0-first barrier when
     torch.distributed is initialised; a BlendedDataset with a cache path needs a process group).
     """
@@ -416,8 +423,12 @@ def build_tst_datasets(
                           reset_position_ids=reset_position_ids, eod_token=tokenizer.eod,
                           vocab_size=tokenizer.vocab_size)
 
+    n_request = n_base_train if base_train_samples is None else base_train_samples
     train, valid, test = _build_splits(config_for(base_sequence_length(seq_length, tst)),
-                                       [n_base_train, n_valid, n_test])
+                                       [n_request, n_valid, n_test])
+    if train is not None and len(train) < n_base_train:
+        raise ValueError(f"the train stream built from {n_request} requested samples holds {len(train)} "
+                         f"windows; this run needs {n_base_train}")
     plain = TSTConfig()  # bag_size 1: pass-through of plain next-token samples
     if tst.enabled:
         valid_mce = wrap(valid, tst, 0 if valid is None else len(valid))
@@ -434,6 +445,7 @@ def build_tst_datasets(
         test_lm=wrap(test_plain, plain, 0),
         num_superposition_samples=n_sup,
         num_train_samples=n_train,
+        num_base_train_samples=n_request,
     )
 
 

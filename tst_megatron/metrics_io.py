@@ -57,9 +57,11 @@ class MetricsWriter:
         self.close()
 
 
-def truncate_metrics(path: str, iteration: int) -> None:
+def truncate_metrics(path: str, iteration: int, keep_evals_at_end: bool = True) -> None:
     """Drop the records logged after `iteration` (atomically): a run resumed from the checkpoint of
-    that iteration logs them again, and a curve must not hold two versions of one step."""
+    that iteration logs them again, and a curve must not hold two versions of one step.
+    keep_evals_at_end=False also drops the evaluation records *at* `iteration` (a run resumed at
+    its last iteration evaluates it again)."""
     keep = []
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -67,7 +69,10 @@ def truncate_metrics(path: str, iteration: int) -> None:
                 rec = json.loads(line)
             except ValueError:  # a line cut by a crash mid-write
                 continue
-            if rec.get("type") == "run" or rec.get("iteration", 0) <= iteration:
+            it = rec.get("iteration", 0)
+            if rec.get("type") == "eval" and it == iteration and not keep_evals_at_end:
+                continue
+            if rec.get("type") == "run" or it <= iteration:
                 keep.append(line if line.endswith("\n") else line + "\n")
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:

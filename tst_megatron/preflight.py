@@ -137,15 +137,19 @@ def check_resume_compatible(cfg: RunConfig, meta: dict, path: str) -> None:
              + "; ".join(diffs) + ". Use the checkpoint's values, or pass --override-checkpoint-args")
 
 
-def check_resume_stream(meta: dict, path: str, *, recovery_started: bool, chunks: int, base_windows: int,
-                        same_batch_and_length: bool) -> None:
-    """A resumed run must deal the rest of the recovery phase from the same order as the run it
-    continues. Recovery samples are pieces of base windows dealt block by block in a pseudo-random
-    order whose last block depends on how many windows the stream holds; a resume that changes
-    that number (another --global-batch-size or --train-iters on a blended --data-path) after
-    recovery has started would re-read some pieces and skip others. Refused, with what to do."""
-    if not recovery_started or chunks == 1:
-        return
+def check_resume_stream(meta: dict, path: str, *, consumed_samples: int, base_windows: int,
+                        same_batch_and_length: bool, override: bool = False, verbose: bool = True) -> None:
+    """A resumed run must deal from the very stream the run it continues consumed from.
+
+    megatron's order of the train windows depends on how many it was asked for (the epochs it
+    shuffles together; a blend's size), and the recovery blocks of TSTDataset on how many there
+    are. The trainer rebuilds the checkpoint's stream (`train_base_samples`) whenever that stream
+    is long enough for the resumed run; a run that needs more -- a larger --global-batch-size or
+    --train-iters that reaches past it -- would get another order: samples already consumed
+    would be read again and others skipped, in either phase. Refused, with what to do; with
+    --override-checkpoint-args (another bag size gives another stream anyway) only a warning."""
+    if consumed_samples == 0 or meta.get("imported_from"):
+        return  # nothing consumed yet / weights from elsewhere: no stream position to keep
     saved = meta.get("train_base_windows")
     if saved is None:  # a checkpoint from before this was recorded: safe only if nothing changed
         if same_batch_and_length:
@@ -153,11 +157,16 @@ def check_resume_stream(meta: dict, path: str, *, recovery_started: bool, chunks
         saved = "unknown"
     elif saved == base_windows:
         return
-    fail(f"--load {path}: the checkpoint is in the recovery phase and this run's --global-batch-size / "
-         f"--train-iters change the length of its data stream ({saved} -> {base_windows} windows), which "
-         "would reorder the recovery samples still to come (some re-read, some skipped). Resume with the "
-         "checkpoint's --global-batch-size and --train-iters (changing them during the superposition phase "
-         "is fine)")
+    if override:
+        if verbose:
+            print(f"> warning: --override-checkpoint-args: the data stream differs from the checkpoint's ({saved} "
+                  f"-> {base_windows} windows of its length); some samples will be read again and others "
+                  "skipped", flush=True)
+        return
+    fail(f"--load {path}: this run's --global-batch-size / --train-iters need a longer data stream than "
+         f"the checkpoint's ({saved} -> {base_windows} windows); megatron would build it in another order, "
+         "so samples the checkpoint already consumed would be read again and others skipped. Resume with "
+         "the checkpoint's --global-batch-size and --train-iters, or values that need no more samples")
 
 
 def resume_vocab_size(cfg: RunConfig, meta: dict, path: str, vocab_size: int, tokenizer_vocab_size: int,

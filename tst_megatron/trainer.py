@@ -171,7 +171,7 @@ class Trainer:
     def _build_data(self) -> None:
         from megatron.core.datasets.utils import get_blend_from_list
 
-        from .data import (CountingIterator, build_data_iterator, build_tst_datasets, recovery_chunks,
+        from .data import (CountingIterator, build_data_iterator, build_tst_datasets, num_base_samples,
                            resume_sample_plan)
 
         cfg = self.cfg
@@ -183,21 +183,31 @@ class Trainer:
                                       global_batch_size=cfg.optim.global_batch_size)
         except ValueError as exc:
             fail(f"--load {cfg.ckpt.load}: {exc}; keep the checkpoint's --tst-superposition-iters/-ratio")
+        # Resuming: rebuild the checkpoint's own stream when it is long enough for this run (its
+        # order depends on the requested length); check_resume_stream refuses the other cases.
+        base_samples = None
+        if self.resume is not None:
+            meta = self.resume[2]
+            windows, requested = meta.get("train_base_windows"), meta.get("train_base_samples")
+            if requested is not None and windows is not None and windows >= num_base_samples(
+                    cfg.tst, plan[0], plan[1] - plan[0]):
+                base_samples = int(requested)
         self.datasets = build_tst_datasets(
             cfg.tst, seq_length=cfg.model.seq_length, train_iters=cfg.optim.train_iters,
             global_batch_size=cfg.optim.global_batch_size, eval_iters=cfg.logging.eval_iters,
             eval_interval=eval_interval, tokenizer=self.tokenizer, seed=cfg.optim.seed,
             blend=get_blend_from_list(cfg.data.data_path), split=cfg.data.split,
-            data_cache_path=cfg.data.data_cache_path, sample_plan=plan)
+            data_cache_path=cfg.data.data_cache_path, sample_plan=plan, base_train_samples=base_samples)
         if self.datasets.train is None:
             fail(f"--split {cfg.data.split}: the training split is empty")
         if self.resume is not None:
             saved = self.resume[2].get("args", {}).get("optim", {})
             preflight.check_resume_stream(
-                self.resume[2], self.resume[1], recovery_started=self.consumed_samples > self.superposition_samples,
-                chunks=recovery_chunks(cfg.tst), base_windows=len(self.datasets.train.base),
+                self.resume[2], self.resume[1], consumed_samples=self.consumed_samples,
+                base_windows=len(self.datasets.train.base),
                 same_batch_and_length=(saved.get("global_batch_size") == cfg.optim.global_batch_size
-                                       and saved.get("train_iters") == cfg.optim.train_iters))
+                                       and saved.get("train_iters") == cfg.optim.train_iters),
+                override=cfg.ckpt.override_checkpoint_args, verbose=self.rank == 0)
         self._build_iterator = build_data_iterator
         vpp = len(self.model)
         self.train_iters_data = [
@@ -215,7 +225,8 @@ class Trainer:
         self.metrics_path = path
         resuming = self.iteration > 0
         if self.rank == 0 and resuming and os.path.exists(path):
-            truncate_metrics(path, self.iteration)
+            # resumed at the end: the final evaluation runs again, so its old record goes
+            truncate_metrics(path, self.iteration, keep_evals_at_end=self.iteration < cfg.optim.train_iters)
         self.log = RunLogger(self.rank == 0, path, cfg.logging.tensorboard_dir, cfg.logging.wandb_project,
                              cfg.logging.wandb_exp_name or cfg.logging.run_name, resume=resuming)
         total, active = count_parameters(cfg.model, self.vocab_size)
@@ -245,6 +256,7 @@ class Trainer:
                 "positions": self.positions, "phase": self.phase(self.iteration),
                 "superposition_samples": self.superposition_samples,
                 "train_base_windows": len(self.datasets.train.base),
+                "train_base_samples": self.datasets.num_base_train_samples,
                 "elapsed_s": self.elapsed_before + self.timer.elapsed(),
                 # at the switch itself the model has had no next-token step yet
                 "superposition_checkpoint": 0 < self.num_sup_iters and self.iteration <= self.num_sup_iters,
@@ -297,7 +309,8 @@ class Trainer:
         self.data_tokens = int(common["data_tokens"])
         self.positions = int(common["positions"])
         self.elapsed_before = float(common.get("elapsed_s", 0.0))
-        self.superposition_samples = int(common.get("superposition_samples", self._saved_superposition_samples(meta)))
+        saved_sup = common.get("superposition_samples")
+        self.superposition_samples = int(saved_sup) if saved_sup is not None else self._saved_superposition_samples(meta)
         self.last_checkpoint = path
         if c.save and same_dir(os.path.dirname(os.path.normpath(path)), c.save):
             self._on_disk = self.iteration
@@ -317,7 +330,7 @@ class Trainer:
         """For checkpoints written before `superposition_samples` was saved: those runs kept one
         global batch size, so the superposition steps taken times that batch."""
         saved = meta.get("args", {}).get("optim", {})
-        gbs = int(saved.get("global_batch_size", self.cfg.optim.global_batch_size))
+        gbs = int(saved.get("global_batch_size") or self.cfg.optim.global_batch_size)
         return min(self.iteration, int(meta.get("superposition_iters", self.num_sup_iters))) * gbs
 
     # ---------------------------------------------------------------- steps
@@ -514,7 +527,9 @@ class Trainer:
             self.data_tokens += tokens
             self.positions += gbs * L
 
-            if self.iteration % lg.log_interval == 0 or self.iteration == o.train_iters:
+            # also at the switch: one record never averages the bag loss with the next-token loss
+            if (self.iteration % lg.log_interval == 0 or self.iteration == o.train_iters
+                    or self.iteration == self.num_sup_iters):
                 self._log_train(phase, interval, start_iteration)
                 interval = IntervalStats()
             if eval_interval and self.iteration % eval_interval == 0 and self.iteration < o.train_iters:
@@ -523,6 +538,8 @@ class Trainer:
                 self.save()
             reason = self._should_exit()
             if reason and self.iteration < o.train_iters:
+                if interval.steps:  # the steps since the last log line, before the run stops
+                    self._log_train(phase, interval, start_iteration)
                 if not (cfg.ckpt.save_interval and self.iteration % cfg.ckpt.save_interval == 0):
                     self.save()
                 self.log.print(f"> exiting at iteration {self.iteration} ({reason}); checkpoint: "

@@ -323,7 +323,9 @@ def import_checkpoint(hf_dir: str, save: str, run_argv: Sequence[str] = (), *, i
                     scheduler.step(iteration)
             with stages.step("writing the torch_dist checkpoint"):
                 tokenizer_vocab = tok.vocab_size
+                sup_samples = consumed_samples if iteration <= num_sup else per_iter * num_sup
                 common = {"consumed_samples": int(consumed_samples), "data_tokens": int(data_tokens),
+                          "superposition_samples": int(sup_samples),
                           "positions": int(consumed_samples) * L, "phase": phase,
                           "superposition_checkpoint": iteration < num_sup,
                           "superposition_iters": num_sup, "vocab_size": hf_vocab,
