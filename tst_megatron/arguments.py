@@ -243,13 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "the checkpoint (the model shape must still match)")
     c.add_argument("--exit-interval", type=int, default=None)
     c.add_argument("--exit-duration-in-mins", type=float, default=None)
-    c.add_argument("--exit-signal-handler", action="store_true", help="also save and exit 0 on SIGINT (SIGTERM always does)")
+    c.add_argument("--exit-signal-handler", action="store_true",
+                   help="also save and exit 0 on SIGINT (SIGTERM always does)")
 
     lg = p.add_argument_group("logging and evaluation")
     lg.add_argument("--log-interval", type=int, default=10)
     lg.add_argument("--eval-interval", type=int, default=None, help="default: at the start and at the end only")
     lg.add_argument("--eval-iters", type=int, default=10)
-    lg.add_argument("--metrics-path", default=None, help="JSONL metrics; default <save>/metrics.jsonl (./metrics.jsonl without --save)")
+    lg.add_argument("--metrics-path", default=None,
+                    help="JSONL metrics; default <save>/metrics.jsonl (./metrics.jsonl without --save)")
     lg.add_argument("--tensorboard-dir", default=None)
     lg.add_argument("--wandb-project", default=None)
     lg.add_argument("--wandb-exp-name", default=None)

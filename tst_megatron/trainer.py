@@ -183,21 +183,13 @@ class Trainer:
                                       global_batch_size=cfg.optim.global_batch_size)
         except ValueError as exc:
             fail(f"--load {cfg.ckpt.load}: {exc}; keep the checkpoint's --tst-superposition-iters/-ratio")
-        # Resuming: rebuild the checkpoint's own stream when it is long enough for this run (its
-        # order depends on the requested length); check_resume_stream refuses the other cases.
-        base_samples = None
-        if self.resume is not None:
-            meta = self.resume[2]
-            windows, requested = meta.get("train_base_windows"), meta.get("train_base_samples")
-            if requested is not None and windows is not None and windows >= num_base_samples(
-                    cfg.tst, plan[0], plan[1] - plan[0]):
-                base_samples = int(requested)
         self.datasets = build_tst_datasets(
             cfg.tst, seq_length=cfg.model.seq_length, train_iters=cfg.optim.train_iters,
             global_batch_size=cfg.optim.global_batch_size, eval_iters=cfg.logging.eval_iters,
             eval_interval=eval_interval, tokenizer=self.tokenizer, seed=cfg.optim.seed,
             blend=get_blend_from_list(cfg.data.data_path), split=cfg.data.split,
-            data_cache_path=cfg.data.data_cache_path, sample_plan=plan, base_train_samples=base_samples)
+            data_cache_path=cfg.data.data_cache_path, sample_plan=plan,
+            base_train_samples=self._checkpoint_stream_length(num_base_samples(cfg.tst, plan[0], plan[1] - plan[0])))
         if self.datasets.train is None:
             fail(f"--split {cfg.data.split}: the training split is empty")
         if self.resume is not None:
@@ -216,6 +208,25 @@ class Trainer:
                                                  num_workers=cfg.data.num_workers,
                                                  total_samples=self.datasets.num_train_samples))
             for _ in range(vpp)]
+
+    def _checkpoint_stream_length(self, needed: int) -> Optional[int]:
+        """The base-sample count the checkpoint's train stream was built with, when this run can
+        deal from that very stream (same window length, enough windows for `needed`); else None.
+
+        megatron orders the windows by how many it is asked for (the epochs it shuffles together,
+        a blend's length), so a resume with another --global-batch-size / --train-iters rebuilds
+        the old stream rather than one of the new length; preflight.check_resume_stream refuses
+        the resumes that cannot."""
+        if self.resume is None:
+            return None
+        meta, cfg = self.resume[2], self.cfg
+        windows, requested = meta.get("train_base_windows"), meta.get("train_base_samples")
+        saved_tst, saved_model = meta.get("args", {}).get("tst", {}), meta.get("args", {}).get("model", {})
+        same_window = ((saved_tst.get("bag_size"), saved_tst.get("mode"), saved_model.get("seq_length"))
+                       == (cfg.tst.bag_size, cfg.tst.mode, cfg.model.seq_length))
+        if same_window and requested is not None and windows is not None and windows >= needed:
+            return int(requested)
+        return None
 
     def _setup_logger(self) -> None:
         cfg = self.cfg
@@ -310,7 +321,8 @@ class Trainer:
         self.positions = int(common["positions"])
         self.elapsed_before = float(common.get("elapsed_s", 0.0))
         saved_sup = common.get("superposition_samples")
-        self.superposition_samples = int(saved_sup) if saved_sup is not None else self._saved_superposition_samples(meta)
+        self.superposition_samples = (int(saved_sup) if saved_sup is not None
+                                      else self._saved_superposition_samples(meta))
         self.last_checkpoint = path
         if c.save and same_dir(os.path.dirname(os.path.normpath(path)), c.save):
             self._on_disk = self.iteration
