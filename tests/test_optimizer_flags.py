@@ -74,8 +74,10 @@ def test_adamw_flags_and_global_norm_clipping_follow_their_definitions():
 
 
 def test_moe_router_flags_reach_the_transformer_config():
-    _, tconfig, _, _ = _build(["--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.03",
-                                "--moe-router-load-balancing-type", "seq_aux_loss", "--disable-bias-linear"])
-    assert tconfig.num_moe_experts == 4 and tconfig.moe_router_topk == 2
+    _, tconfig, model, _ = _build(["--num-experts", "4", "--moe-router-topk", "3", "--moe-aux-loss-coeff", "0.03",
+                                    "--moe-router-load-balancing-type", "seq_aux_loss", "--disable-bias-linear"])
+    assert tconfig.num_moe_experts == 4 and tconfig.moe_router_topk == 3  # not the default (2)
+    routers = [m for m in model[0].modules() if type(m).__name__ == "TopKRouter"]
+    assert routers and all(r.topk == 3 for r in routers)
     assert tconfig.moe_aux_loss_coeff == 0.03
     assert tconfig.moe_router_load_balancing_type == "seq_aux_loss"

@@ -27,7 +27,7 @@ def ws(tmp_path_factory):
 # ------------------------------------------------------------------------------ independent counts
 def expected_tensors(h=64, layers=2, heads=4, vocab=256, tp=1, ffn=None, swiglu=False, groups=None, kv=None,
                      bias=True, norm="RMSNorm", qk_norm=False, untie=False, learned_pos=None,
-                     experts=None, topk=2, moe_ffn=None, shared=None):
+                     experts=None, topk=2, moe_ffn=None, shared=None, pre_softmax=False):
     """Parameter tensors of a GPT with these settings: name -> (numel, active numel per token).
 
     Written from the architecture, not from the trainer: NullTokenizer's vocabulary is
@@ -88,7 +88,7 @@ def model_size_flags(kw) -> list:
     if kw.get("groups"):
         f += ["--group-query-attention", "--num-query-groups", str(kw["groups"])]
     for k, flag in (("swiglu", "--swiglu"), ("qk_norm", "--qk-layernorm"),
-                    ("untie", "--untie-embeddings-and-output-weights")):
+                    ("untie", "--untie-embeddings-and-output-weights"), ("pre_softmax", "--moe-router-pre-softmax")):
         if kw.get(k):
             f.append(flag)
     if kw.get("bias") is False:
@@ -112,7 +112,8 @@ SHAPES = {
     "deeper_wider": dict(layers=3, h=128, heads=8),
     "tp2_vocab_padding": dict(tp=2),
     "moe": dict(experts=4, topk=2, bias=False),
-    "moe_ffn_shared_top1": dict(experts=8, topk=1, moe_ffn=48, shared=32, swiglu=True),
+    # top-1 needs the pre-softmax router and shared experts need no bias (megatron-core's rules)
+    "moe_ffn_shared_top1": dict(experts=8, topk=1, moe_ffn=48, shared=32, swiglu=True, bias=False, pre_softmax=True),
 }
 
 
@@ -124,6 +125,20 @@ def test_help_lists_flag_groups():
                  "--tst-bag-size", "--tst-superposition-ratio", "--tensor-model-parallel-size",
                  "--lr-decay-style", "--no-load-optim", "--print-model-size"):
         assert text in res.stdout, f"--help lacks {text!r}"
+
+
+def test_help_explains_every_flag():
+    """--help is readable: every flag a user can type has a line of help; defaults are shown."""
+    import argparse
+
+    from tst_megatron.arguments import build_parser
+
+    parser = build_parser()
+    bare = [a.option_strings[0] for a in parser._actions
+            if a.option_strings and a.help != argparse.SUPPRESS and not (a.help or "").strip()]
+    assert not bare, f"flags without help text: {bare}"
+    text = " ".join(parser.format_help().split())  # undo the line wrapping
+    assert "(default: 1234)" in text and "(default: cosine)" in text and "(default: None)" not in text
 
 
 @pytest.mark.parametrize("flag", [["--fp16"], ["--foo", "1"]])
@@ -245,6 +260,25 @@ def test_parallel_layout_checked(world, argv, message):
     cfg = parse_args(["--data-path", "x", "--vocab-size", "256", "--micro-batch-size", "4"] + argv)
     with pytest.raises(SystemExit) as exc:
         validate(cfg, world)
+    assert message in str(exc.value.code), exc.value.code
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-experts", "4", "--moe-router-topk", "1", "--disable-bias-linear"],
+     "--moe-router-topk 1 needs --moe-router-pre-softmax"),
+    (["--num-experts", "4", "--moe-shared-expert-intermediate-size", "64"],
+     "--moe-shared-expert-intermediate-size needs --disable-bias-linear"),
+    (["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", "x.model"],
+     "--vocab-size is for --tokenizer-type NullTokenizer only"),
+])
+def test_combinations_megatron_core_would_refuse(argv, message):
+    """Refused before anything is built (megatron-core would raise deep inside model construction,
+    or, for --vocab-size with a tokenizer file, the flag would be silently ignored)."""
+    from tst_megatron.arguments import parse_args, validate
+
+    cfg = parse_args(["--data-path", "x", "--vocab-size", "256"] + argv)
+    with pytest.raises(SystemExit) as exc:
+        validate(cfg, 1)
     assert message in str(exc.value.code), exc.value.code
 
 

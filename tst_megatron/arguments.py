@@ -149,113 +149,154 @@ class RunConfig:
 
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only when it has one (no "(default: None)" / "(default: False)")."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pretrain_tst.py",
         description="Megatron-style GPT pretraining with Token-Superposition Training (TST). "
                     "Flags use Megatron-LM's names; TST adds the --tst-* group.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         allow_abbrev=False,
     )
     m = p.add_argument_group("model shape")
-    m.add_argument("--num-layers", type=int, default=2)
-    m.add_argument("--hidden-size", type=int, default=64)
+    m.add_argument("--num-layers", type=int, default=2, help="transformer layers")
+    m.add_argument("--hidden-size", type=int, default=64, help="model width h")
     m.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4h, or Megatron's 2/3*4h for --swiglu")
-    m.add_argument("--num-attention-heads", type=int, default=4)
-    m.add_argument("--group-query-attention", action="store_true")
+    m.add_argument("--num-attention-heads", type=int, default=4, help="attention heads")
+    m.add_argument("--group-query-attention", action="store_true",
+                   help="share K/V heads among query heads (see --num-query-groups)")
     m.add_argument("--num-query-groups", type=int, default=None,
                    help="with --group-query-attention; default 1 (multi-query), as in Megatron-LM")
     m.add_argument("--kv-channels", type=int, default=None, help="head dim; default hidden/heads")
-    m.add_argument("--seq-length", type=int, default=128, help="model positions L (latent positions during superposition)")
-    m.add_argument("--max-position-embeddings", type=int, default=None)
-    m.add_argument("--position-embedding-type", choices=["rope", "learned_absolute"], default="rope")
-    m.add_argument("--rotary-base", type=int, default=10000)
-    m.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"], default="RMSNorm")
-    m.add_argument("--norm-epsilon", type=float, default=1e-5)
-    m.add_argument("--swiglu", action="store_true")
-    m.add_argument("--qk-layernorm", action="store_true")
-    m.add_argument("--untie-embeddings-and-output-weights", action="store_true")
-    m.add_argument("--disable-bias-linear", action="store_true")
-    m.add_argument("--hidden-dropout", type=float, default=0.0)
-    m.add_argument("--attention-dropout", type=float, default=0.0)
-    m.add_argument("--init-method-std", type=float, default=0.02)
+    m.add_argument("--seq-length", type=int, default=128,
+                   help="model positions L (latent positions during superposition)")
+    m.add_argument("--max-position-embeddings", type=int, default=None,
+                   help="table size for learned_absolute positions; default --seq-length")
+    m.add_argument("--position-embedding-type", choices=["rope", "learned_absolute"], default="rope",
+                   help="rotary (RoPE) or a learned absolute table")
+    m.add_argument("--rotary-base", type=int, default=10000, help="RoPE base frequency")
+    m.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"], default="RMSNorm",
+                   help="norm layer before attention and MLP")
+    m.add_argument("--norm-epsilon", type=float, default=1e-5, help="epsilon of the norm layers")
+    m.add_argument("--swiglu", action="store_true", help="gated SiLU MLP (Llama-style)")
+    m.add_argument("--qk-layernorm", action="store_true", help="norm on queries and keys (Qwen3-style)")
+    m.add_argument("--untie-embeddings-and-output-weights", action="store_true",
+                   help="separate output layer instead of the input embedding's transpose")
+    m.add_argument("--disable-bias-linear", action="store_true", help="no biases in the linear layers")
+    m.add_argument("--hidden-dropout", type=float, default=0.0, help="dropout after attention and MLP")
+    m.add_argument("--attention-dropout", type=float, default=0.0, help="dropout on the attention probabilities")
+    m.add_argument("--init-method-std", type=float, default=0.02, help="std of the normal weight init")
     m.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary (pre-tokenized data)")
-    m.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    m.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the embedding rows to a multiple of this x TP")
 
     e = p.add_argument_group("mixture of experts")
-    e.add_argument("--num-experts", type=int, default=None)
-    e.add_argument("--moe-router-topk", type=int, default=2)
-    e.add_argument("--moe-ffn-hidden-size", type=int, default=None)
-    e.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
-    e.add_argument("--moe-router-load-balancing-type", choices=["aux_loss", "seq_aux_loss", "none"], default="aux_loss")
-    e.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall"], default="allgather")
-    e.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None)
-    e.add_argument("--moe-layer-freq", type=int, default=1)
-    e.add_argument("--moe-router-pre-softmax", action="store_true")
+    e.add_argument("--num-experts", type=int, default=None, help="experts per MoE layer; unset = dense MLP")
+    e.add_argument("--moe-router-topk", type=int, default=2,
+                   help="experts each token is routed to (1 needs --moe-router-pre-softmax)")
+    e.add_argument("--moe-ffn-hidden-size", type=int, default=None,
+                   help="width of one expert's MLP; default --ffn-hidden-size")
+    e.add_argument("--moe-aux-loss-coeff", type=float, default=0.0, help="weight of the load-balancing loss")
+    e.add_argument("--moe-router-load-balancing-type", choices=["aux_loss", "seq_aux_loss", "none"], default="aux_loss",
+                   help="load-balancing loss of the router")
+    e.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall"], default="allgather",
+                   help="how tokens reach the expert-parallel ranks")
+    e.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None,
+                   help="width of an always-on shared expert (needs --disable-bias-linear)")
+    e.add_argument("--moe-layer-freq", type=int, default=1, help="every Nth layer is MoE (1 = all)")
+    e.add_argument("--moe-router-pre-softmax", action="store_true",
+                   help="softmax over all experts before the top-k selection")
 
     par = p.add_argument_group("parallelism")
-    par.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    par.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
-    par.add_argument("--expert-model-parallel-size", type=int, default=1)
-    par.add_argument("--sequence-parallel", action="store_true")
-    par.add_argument("--use-distributed-optimizer", action="store_true")
+    par.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                     help="TP: split each layer's matrices over this many ranks")
+    par.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                     help="PP: split the layers into this many stages")
+    par.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                     help="interleaved 1F1B: layers per virtual stage")
+    par.add_argument("--expert-model-parallel-size", type=int, default=1,
+                     help="EP: split the experts over this many ranks")
+    par.add_argument("--sequence-parallel", action="store_true",
+                     help="shard norms/dropout activations along the sequence over the TP ranks")
+    par.add_argument("--use-distributed-optimizer", action="store_true",
+                     help="shard optimizer state over the data-parallel ranks (ZeRO-1)")
 
     o = p.add_argument_group("batch and optimisation")
-    o.add_argument("--micro-batch-size", type=int, default=4)
+    o.add_argument("--micro-batch-size", type=int, default=4, help="samples per forward/backward on one rank")
     o.add_argument("--global-batch-size", type=int, default=None, help="default micro-batch x data-parallel size")
-    o.add_argument("--train-iters", type=int, default=100)
-    o.add_argument("--lr", type=float, default=1e-3)
-    o.add_argument("--min-lr", type=float, default=0.0)
-    o.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "WSD"], default="cosine")
-    o.add_argument("--lr-warmup-iters", type=int, default=0)
+    o.add_argument("--train-iters", type=int, default=100, help="optimizer steps in total, both TST phases included")
+    o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    o.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the decay")
+    o.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "WSD"], default="cosine",
+                   help="one schedule over all iterations (no re-warmup at the TST switch)")
+    o.add_argument("--lr-warmup-iters", type=int, default=0, help="linear warmup steps from 0")
     o.add_argument("--lr-decay-iters", type=int, default=None, help="default --train-iters")
-    o.add_argument("--lr-wsd-decay-iters", type=int, default=None, help="WSD: length of the final decay")
-    o.add_argument("--lr-wsd-decay-style", choices=["linear", "cosine", "exponential", "minus_sqrt"], default="linear")
-    o.add_argument("--weight-decay", type=float, default=0.01)
-    o.add_argument("--adam-beta1", type=float, default=0.9)
-    o.add_argument("--adam-beta2", type=float, default=0.95)
-    o.add_argument("--adam-eps", type=float, default=1e-8)
-    o.add_argument("--clip-grad", type=float, default=1.0)
-    o.add_argument("--bf16", action="store_true")
-    o.add_argument("--seed", type=int, default=1234)
+    o.add_argument("--lr-wsd-decay-iters", type=int, default=None,
+                   help="WSD: length of the final decay; default --train-iters // 10")
+    o.add_argument("--lr-wsd-decay-style", choices=["linear", "cosine", "exponential", "minus_sqrt"], default="linear",
+                   help="WSD: shape of the final decay")
+    o.add_argument("--weight-decay", type=float, default=0.01,
+                   help="AdamW decoupled weight decay (not on biases and norms)")
+    o.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
+    o.add_argument("--adam-beta2", type=float, default=0.95, help="AdamW beta2")
+    o.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
+    o.add_argument("--clip-grad", type=float, default=1.0, help="clip the global gradient norm to this (0 = off)")
+    o.add_argument("--bf16", action="store_true", help="bf16 parameters and compute with fp32 main weights")
+    o.add_argument("--seed", type=int, default=1234, help="seed of the weights, dropout and data order")
 
     d = p.add_argument_group("data")
     d.add_argument("--data-path", nargs="*", default=[], help="prefixes, optionally weighted: 0.7 a 0.3 b")
-    d.add_argument("--split", default="969,30,1")
+    d.add_argument("--split", default="969,30,1", help="train,valid,test weights of each --data-path prefix")
     d.add_argument("--tokenizer-type", default="NullTokenizer",
-                   choices=["NullTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "ByteTokenizer"])
-    d.add_argument("--tokenizer-model", default=None)
-    d.add_argument("--data-cache-path", default=None)
-    d.add_argument("--num-workers", type=int, default=0)
+                   choices=["NullTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "ByteTokenizer"],
+                   help="NullTokenizer: pre-tokenized ids, needs --vocab-size; ByteTokenizer: UTF-8 bytes, no file")
+    d.add_argument("--tokenizer-model", default=None,
+                   help="SentencePiece .model file, or tokenizer.json / directory for HuggingFaceTokenizer")
+    d.add_argument("--data-cache-path", default=None,
+                   help="where GPTDataset writes its index caches; default <prefix>/cache/ (megatron-core)")
+    d.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
 
     c = p.add_argument_group("checkpointing")
-    c.add_argument("--save", default=None)
-    c.add_argument("--load", default=None)
-    c.add_argument("--save-interval", type=int, default=None)
-    c.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist")
-    c.add_argument("--no-load-optim", action="store_true")
-    c.add_argument("--no-load-rng", action="store_true")
+    c.add_argument("--save", default=None,
+                   help="checkpoint directory (iter_NNNNNNN/ + latest_checkpointed_iteration.txt)")
+    c.add_argument("--load", default=None, help="resume from this checkpoint directory (may equal --save)")
+    c.add_argument("--save-interval", type=int, default=None,
+                   help="save every N iterations (and always at the end and on SIGTERM)")
+    c.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist",
+                   help="megatron-core dist_checkpointing format")
+    c.add_argument("--no-load-optim", action="store_true",
+                   help="load only the model weights (fresh optimizer and LR schedule)")
+    c.add_argument("--no-load-rng", action="store_true", help="do not restore the RNG states")
     c.add_argument("--ckpt-fallback", action="store_true",
                    help="if the latest checkpoint is damaged, load the newest complete one")
     c.add_argument("--override-checkpoint-args", action="store_true",
                    help="allow resuming with a different TST bag size / superposition length / LR schedule than "
                         "the checkpoint (the model shape must still match)")
-    c.add_argument("--exit-interval", type=int, default=None)
-    c.add_argument("--exit-duration-in-mins", type=float, default=None)
+    c.add_argument("--exit-interval", type=int, default=None,
+                   help="save and exit 0 at the first iteration divisible by N")
+    c.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and exit 0 after this many minutes of training")
     c.add_argument("--exit-signal-handler", action="store_true",
                    help="also save and exit 0 on SIGINT (SIGTERM always does)")
 
     lg = p.add_argument_group("logging and evaluation")
-    lg.add_argument("--log-interval", type=int, default=10)
+    lg.add_argument("--log-interval", type=int, default=10, help="iterations between log lines and metrics records")
     lg.add_argument("--eval-interval", type=int, default=None, help="default: at the start and at the end only")
-    lg.add_argument("--eval-iters", type=int, default=10)
+    lg.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
     lg.add_argument("--metrics-path", default=None,
                     help="JSONL metrics; default <save>/metrics.jsonl (./metrics.jsonl without --save)")
-    lg.add_argument("--tensorboard-dir", default=None)
-    lg.add_argument("--wandb-project", default=None)
-    lg.add_argument("--wandb-exp-name", default=None)
-    lg.add_argument("--run-name", default=None)
+    lg.add_argument("--tensorboard-dir", default=None, help="write TensorBoard scalars here (needs tensorboard)")
+    lg.add_argument("--wandb-project", default=None, help="log to Weights & Biases (needs wandb)")
+    lg.add_argument("--wandb-exp-name", default=None, help="W&B run name; default --run-name")
+    lg.add_argument("--run-name", default=None, help="label of the run in logs and metrics")
     lg.add_argument("--skip-nonfinite-steps", type=int, default=0,
                     help="skip up to N steps with a NaN/Inf loss or grad norm instead of stopping")
     # test hooks: make 0-based iteration N non-finite -- "loss": NaN loss and gradients (what bad
@@ -270,8 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tst-superposition-ratio", type=float, default=0.0,
                    help="fraction r of --train-iters in the superposition phase (paper: 0.2-0.4)")
     t.add_argument("--tst-superposition-iters", type=int, default=None, help="explicit count; overrides the ratio")
-    t.add_argument("--tst-bag-weighting", choices=list(WEIGHTINGS), default="uniform")
-    t.add_argument("--tst-mode", choices=list(MODES), default="full")
+    t.add_argument("--tst-bag-weighting", choices=list(WEIGHTINGS), default="uniform",
+                   help="weights of the s targets of a bag in the multi-hot loss")
+    t.add_argument("--tst-mode", choices=list(MODES), default="full",
+                   help="full: bag in, next bag out; input: bag in, next token out; output: token in, next bag out")
     return p
 
 
@@ -370,6 +413,13 @@ def validate(cfg: RunConfig, world_size: int) -> None:
             fail(f"--expert-model-parallel-size ({ep}) must divide data-parallel x tensor-parallel size ({dp * tp})")
         if not (1 <= m.moe_router_topk <= m.num_experts):
             fail(f"--moe-router-topk ({m.moe_router_topk}) must be in [1, --num-experts]")
+        # megatron-core's own refusals, moved before any compute (it would raise deep in model build)
+        if m.moe_router_topk == 1 and not m.moe_router_pre_softmax and m.num_experts > 1:
+            fail("--moe-router-topk 1 needs --moe-router-pre-softmax (megatron-core: a softmax over one "
+                 "selected expert is always 1, so the router would get no gradient)")
+        if m.moe_shared_expert_intermediate_size is not None and not m.disable_bias_linear:
+            fail("--moe-shared-expert-intermediate-size needs --disable-bias-linear (megatron-core's shared "
+                 "experts have no bias)")
     elif ep > 1:
         fail("--expert-model-parallel-size > 1 needs --num-experts")
     gbs = o.global_batch_size if o.global_batch_size is not None else o.micro_batch_size * dp
@@ -406,6 +456,9 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         fail("give --data-path PREFIX [PREFIX ...] (from tools/preprocess_data.py)")
     if cfg.data.tokenizer_type == "NullTokenizer" and m.vocab_size is None:
         fail("--tokenizer-type NullTokenizer needs --vocab-size (the pre-tokenized data's vocabulary)")
+    if cfg.data.tokenizer_type != "NullTokenizer" and m.vocab_size is not None:
+        fail(f"--vocab-size is for --tokenizer-type NullTokenizer only; with {cfg.data.tokenizer_type} the "
+             "vocabulary comes from the tokenizer: drop --vocab-size")
     if cfg.data.tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer"):
         if not cfg.data.tokenizer_model:
             fail(f"--tokenizer-type {cfg.data.tokenizer_type} needs --tokenizer-model PATH")
