@@ -20,6 +20,42 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import bench_mce  # noqa: E402
+import bench_throughput  # noqa: E402
+
+
+# ------------------------------------------------------------------------------ pass / fail decision
+# Made-up ratios and noise: the benchmarks' exit status must be non-zero when a target is missed by
+# more than the measured noise (the smoke runs below pass --no-fail, so this is where it is checked).
+def test_bench_mce_decision():
+    T, M = bench_mce.TIME_TARGET, bench_mce.MEM_TARGET
+    ok = dict(saved_ratio=0.01, peak_ratio=1.0)
+    assert bench_mce.fused_failures(1.0, 0.0, **ok) == []
+    # time: a miss within the noise passes, beyond it fails
+    assert bench_mce.fused_failures(T * 1.04, 0.05, **ok) == []
+    assert bench_mce.fused_failures(T * (1 + 0.05) * 1.001, 0.05, **ok) != []
+    assert bench_mce.fused_failures(T * 1.001, 0.0, **ok) != []
+    # memory has no noise allowance, whatever the time noise
+    assert bench_mce.fused_failures(1.0, 0.5, saved_ratio=M * 1.001, peak_ratio=1.0) != []
+    assert bench_mce.fused_failures(1.0, 0.5, saved_ratio=0.0, peak_ratio=M * 1.001) != []
+    assert bench_mce.fused_failures(1.0, 0.5, saved_ratio=M, peak_ratio=M) == []
+    assert len(bench_mce.fused_failures(2 * T, 0.0, saved_ratio=2.0, peak_ratio=2.0)) == 3
+    # the exit status follows the failures (and --no-fail)
+    assert bench_mce.exit_status([{"failures": []}, {"failures": []}]) == 0
+    assert bench_mce.exit_status([{"failures": []}, {"failures": ["x"]}]) == 1
+    assert bench_mce.exit_status([{"failures": ["x"]}], no_fail=True) == 0
+
+
+def test_bench_throughput_decision():
+    T = bench_throughput.TARGET
+    assert bench_throughput.throughput_failures(1.0, 0.0) == []
+    assert bench_throughput.throughput_failures(T, 0.0) == []
+    assert bench_throughput.throughput_failures(T * 0.999, 0.0) != []
+    # below the target but within the noise passes; beyond it fails
+    assert bench_throughput.throughput_failures(T * 0.97, 0.05) == []
+    assert bench_throughput.throughput_failures(T * (1 - 0.05) * 0.999, 0.05) != []
+    assert bench_throughput.exit_status([{"failures": []}]) == 0
+    assert bench_throughput.exit_status([{"failures": []}, {"failures": ["x"]}]) == 1
+    assert bench_throughput.exit_status([{"failures": ["x"]}], no_fail=True) == 0
 
 
 def test_bench_mce_tiny(tmp_path):

@@ -7,8 +7,8 @@
   checkpoint is written once.
 * `slurm`-marked: the sbatch script on a real one-node SLURM (tests/slurm/setup_slurm.sh): a tiny
   CPU job gets the time-limit notice (SIGTERM to the batch shell), saves, requeues itself, resumes
-  from its checkpoint and finishes. Runs only when selected (`pytest -m slurm`) and skips when
-  `sbatch` is missing.
+  from its checkpoint and finishes. Runs only when selected (`pytest -m slurm`, or
+  TST_SLURM_TEST=1), and then FAILS (does not skip) when the SLURM commands are missing.
 """
 from __future__ import annotations
 
@@ -200,6 +200,38 @@ def _slurm_selected(config) -> bool:
     return "slurm" in (config.getoption("markexpr") or "") or os.environ.get("TST_SLURM_TEST") == "1"
 
 
+SLURM_TOOLS = ("sbatch", "sinfo", "scontrol", "scancel")
+
+
+def _slurm_gate(selected: bool, which=shutil.which):
+    """(action, message) for the SLURM test: ("skip", why) when it was not selected; ("fail", why)
+    when it WAS selected but the SLURM commands are missing -- an explicit `-m slurm` (as .ci/run
+    does) must not pass by skipping; (None, "") when it can run."""
+    missing = [tool for tool in SLURM_TOOLS if which(tool) is None]
+    setup = "`bash tests/slurm/setup_slurm.sh` (Debian, root) starts a one-node SLURM"
+    if not selected:
+        why = "the SLURM test runs only when selected: pytest -m slurm (or TST_SLURM_TEST=1)"
+        return "skip", (f"{', '.join(missing)} not found; {setup}; " if missing else "") + why
+    if missing:
+        return "fail", (f"the SLURM test was selected (-m slurm or TST_SLURM_TEST=1) but {', '.join(missing)} "
+                        f"{'is' if len(missing) == 1 else 'are'} not on PATH; {setup} before running it")
+    return None, ""
+
+
+def test_slurm_gate_fails_when_selected_without_slurm():
+    none = lambda tool: None  # noqa: E731
+    only_sbatch = lambda tool: "/usr/bin/sbatch" if tool == "sbatch" else None  # noqa: E731
+    everything = lambda tool: f"/usr/bin/{tool}"  # noqa: E731
+    action, message = _slurm_gate(True, none)
+    assert action == "fail" and "sbatch" in message and "setup_slurm.sh" in message
+    action, message = _slurm_gate(True, only_sbatch)
+    assert action == "fail" and "sinfo" in message and "sbatch," not in message
+    assert _slurm_gate(True, everything) == (None, "")
+    # not selected: skipped as before, whether SLURM is there or not
+    assert _slurm_gate(False, none)[0] == "skip" and "sbatch" in _slurm_gate(False, none)[1]
+    assert _slurm_gate(False, everything)[0] == "skip"
+
+
 def _job_field(job: str, field: str):
     out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
     m = re.search(rf"\b{field}=(\S+)", out)
@@ -229,10 +261,11 @@ def _slurm_logs() -> str:
 
 @pytest.mark.slurm
 def test_slurm_requeue_resume(tmp_path, request):
-    if shutil.which("sbatch") is None:
-        pytest.skip("sbatch not found: `bash tests/slurm/setup_slurm.sh` (Debian, root) starts a one-node SLURM")
-    if not _slurm_selected(request.config):
-        pytest.skip("the SLURM test runs only when selected: pytest -m slurm (or TST_SLURM_TEST=1)")
+    action, message = _slurm_gate(_slurm_selected(request.config))
+    if action == "skip":
+        pytest.skip(message)
+    if action == "fail":
+        pytest.fail(message, pytrace=False)
     info = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
     assert info.returncode == 0 and info.stdout.strip(), \
         f"SLURM does not answer (sinfo: {info.stderr.strip()}); run tests/slurm/setup_slurm.sh\n{_slurm_logs()}"

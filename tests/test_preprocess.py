@@ -167,8 +167,31 @@ def test_preprocess_without_eod_and_multiple_keys(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["byte", "sp", "hf"])
-def test_workers_byte_identical(kind, tokenizer_flags, tmp_path):
-    source = write_jsonl(tmp_path / "in.jsonl", make_docs(150, seed=3))  # > several chunks
+def test_preprocess_single_text_file(kind, tokenizer_flags, tmp_path):
+    """A plain-text file as --input is one document: its exact ids, through megatron's readers."""
+    docs = make_docs(12, seed=4)
+    text = "\n".join(docs)
+    path = tmp_path / "book.txt"
+    path.write_text(text, encoding="utf-8")
+    flags = tokenizer_flags[kind]
+    summary = run(path, tmp_path / "out" / "data", flags, "--append-eod")
+
+    tokenizer = build_tokenizer(*flags[1::2])
+    expected = tokenizer.tokenize(text) + [tokenizer.eod]
+    prefix = summary["prefixes"]["text"]
+    assert summary["records"] == 1 and summary["documents"]["text"] == 1
+    assert summary["tokens"]["text"] == len(expected)
+    indexed = IndexedDataset(prefix)
+    assert len(indexed) == 1 and indexed[0].tolist() == expected
+    check_gpt_dataset(prefix, tokenizer, [np.array(expected)], tmp_path, seq_len=32)
+
+
+@pytest.mark.parametrize("form", ["jsonl", "dir"])
+@pytest.mark.parametrize("kind", ["byte", "sp", "hf"])
+def test_workers_byte_identical(kind, form, tokenizer_flags, tmp_path):
+    docs = make_docs(150, seed=3)  # > several chunks
+    source = write_jsonl(tmp_path / "in.jsonl", docs) if form == "jsonl" else \
+        write_dir(tmp_path / "in_dir", docs)
     outputs = []
     for workers in (1, 2):
         run(source, tmp_path / f"w{workers}" / "d", tokenizer_flags[kind], "--append-eod",
@@ -247,6 +270,35 @@ def test_error_unwritable_output(tmp_path):
     with pytest.raises(SystemExit) as exc:
         run(source, blocker / "sub" / "out", BYTE)
     assert "--output-prefix" in str(exc.value.code) and "a_file" in str(exc.value.code)
+    # nothing left behind: no output, no .partial files, no write probe; the blocker untouched
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "in.jsonl"]
+    assert blocker.read_text() == "not a directory"
+    assert_no_output(tmp_path)
+
+
+def test_error_output_path_taken_leaves_nothing(tmp_path, monkeypatch):
+    """An output file that cannot be replaced: a clear error, and no half dataset (.bin without
+    .idx) or .partial file left behind -- whether found up front or only at the final rename."""
+    source = write_jsonl(tmp_path / "in.jsonl", ["hello", "world"])
+    out = tmp_path / "o"
+    (out / "out_text_document.idx" / "x").mkdir(parents=True)  # a directory where the .idx goes
+    with pytest.raises(SystemExit, match=r"out_text_document.idx.*is a directory"):
+        run(source, out / "out", BYTE)
+    assert os.listdir(out) == ["out_text_document.idx"]
+
+    os.rmdir(out / "out_text_document.idx" / "x")
+    os.rmdir(out / "out_text_document.idx")
+    real_replace = os.replace
+
+    def failing_replace(src, dst):  # the .bin is renamed, then the .idx rename fails
+        if str(dst).endswith(".idx"):
+            raise PermissionError(13, "Permission denied", str(src), None, str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(preprocess_data.os, "replace", failing_replace)
+    with pytest.raises(SystemExit, match=r"cannot write the output .*out_text_document.idx"):
+        run(source, out / "out", BYTE)
+    assert os.listdir(out) == []
 
 
 def test_error_token_out_of_range_and_bad_tokenizer(tmp_path):

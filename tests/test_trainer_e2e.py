@@ -55,6 +55,20 @@ def check_tst_run(res, layout: str = None, train_iters: int = TRAIN_ITERS, sup_i
         expected_tokens = GBS * SEQ * (BAG * min(it, sup_iters) + max(0, it - sup_iters))
         assert r["data_tokens"] == expected_tokens, (it, r["data_tokens"], expected_tokens)
         assert r["positions"] == it * GBS * SEQ
+        # rates of the step the record closes (log interval 1): raw data tokens per second are
+        # s x the model positions per second in superposition, equal in recovery
+        for key in ("tokens_per_s", "positions_per_s", "tflops_per_device", "elapsed_s"):
+            assert math.isfinite(r[key]) and r[key] > 0.0, (it, key, r[key])
+        assert math.isfinite(r["lr"]) and r["lr"] >= 0.0, (it, r["lr"])  # cosine ends at --min-lr 0
+        assert r["tokens_per_s"] / r["positions_per_s"] == pytest.approx(BAG if sup else 1.0), (it, r)
+    elapsed = [tr[i]["elapsed_s"] for i in sorted(tr)]
+    assert elapsed == sorted(elapsed), f"elapsed_s not monotone: {elapsed}"
+    # the console line a Megatron user reads, once per trained iteration, with every field
+    lines = [ln for ln in out.splitlines() if f"/{train_iters:8d} |" in ln and "phase:" in ln]
+    assert len(lines) == train_iters - console_first + 1, tail(out)
+    for field in ("learning rate:", "loss:", "grad norm:", "data tokens:", "positions:", "tokens/s:",
+                  "positions/s:", "TFLOP/s/device:", "elapsed:", "ETA:"):
+        assert all(field in ln for ln in lines), f"{field!r} missing from a log line:\n{lines[0]}"
     # per-step data consumption from the file: s times more in superposition than in recovery
     steps = [tr[i]["data_tokens"] - (tr[i - 1]["data_tokens"] if i > first else
                                      GBS * SEQ * (BAG * min(first - 1, sup_iters) + max(0, first - 1 - sup_iters)))

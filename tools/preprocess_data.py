@@ -165,9 +165,21 @@ class _Writers:
     def commit(self) -> None:
         for key, prefix in self.prefixes.items():
             self.builders[key].finalize(get_idx_path(prefix) + PARTIAL)
-        for prefix in self.prefixes.values():
-            for path in (get_bin_path(prefix), get_idx_path(prefix)):
-                os.replace(path + PARTIAL, path)
+        done = []
+        try:
+            for prefix in self.prefixes.values():
+                for path in (get_bin_path(prefix), get_idx_path(prefix)):
+                    os.replace(path + PARTIAL, path)
+                    done.append(path)
+        except OSError as exc:
+            # never leave half an output (a .bin without its .idx) behind
+            for path in done:
+                try:
+                    os.remove(path)
+                except OSError:
+                    pass
+            raise _fail(f"cannot write the output {exc.filename2 or exc.filename!r}: "
+                        f"{exc.strerror or exc}; choose another --output-prefix") from None
 
     def abort(self) -> None:
         for key, prefix in self.prefixes.items():
@@ -222,6 +234,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
 
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     prefixes = output_prefixes(args.output_prefix, args.json_keys)
+    for prefix in prefixes.values():
+        for path in (get_bin_path(prefix), get_idx_path(prefix)):
+            if os.path.isdir(path):
+                raise _fail(f"cannot write the output {path!r}: it is a directory; "
+                            "choose another --output-prefix")
     # Whole-file documents are countable up front; JSONL line counts are not worth a pass.
     total = None if any(is_jsonl_file(f, args.input_format) for f in files) else len(files)
     writers = _Writers(prefixes, dtype)

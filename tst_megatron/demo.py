@@ -26,7 +26,8 @@ def _run(cmd, log_path=None):
     print("$ " + " ".join(cmd), flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
     if log_path is None:
-        subprocess.run(cmd, check=True, cwd=REPO, env=env)
+        if subprocess.run(cmd, cwd=REPO, env=env).returncode != 0:
+            raise SystemExit(f"demo: {' '.join(cmd[:2])} failed; its message is above")
         return
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -81,15 +82,18 @@ def main(argv=None) -> int:
           "SentencePieceTokenizer", "--tokenizer-model", spm + ".model", "--append-eod", "--workers", "2"])
     data = prefix + "_text_document"
 
+    n = args.train_iters  # warmup, logging and evaluation scale down for a shorter --train-iters
     common = [py, "pretrain_tst.py", "--data-path", data, "--split", "98,2,0",
               "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", spm + ".model",
               "--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4", "--seq-length", "128",
               "--swiglu", "--normalization", "RMSNorm", "--disable-bias-linear",
               "--untie-embeddings-and-output-weights", "--make-vocab-size-divisible-by", "64",
               "--micro-batch-size", "16", "--global-batch-size", "16", "--train-iters", str(args.train_iters),
-              "--lr", "3e-3", "--min-lr", "3e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "20",
+              "--lr", "3e-3", "--min-lr", "3e-4", "--lr-decay-style", "cosine",
+              "--lr-warmup-iters", str(min(20, n // 20)),
               "--weight-decay", "0.1", "--clip-grad", "1.0", "--seed", "1234",
-              "--log-interval", "25", "--eval-interval", "50", "--eval-iters", "4"]
+              "--log-interval", str(max(1, min(25, n // 16))), "--eval-interval", str(max(1, min(50, n // 8))),
+              "--eval-iters", "4"]
     runs = {}
     for name, extra in (("tst", ["--tst-bag-size", str(args.tst_bag_size), "--tst-superposition-ratio",
                                  str(args.tst_superposition_ratio)]),
