@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-outputs/regime}
-SWEEPS=${SWEEPS:-"base128 seed2 width256 ratios width384 batch64 long1600 switchcost seed2long long1600lr site1600 site3200 site1600seed2 site3200seed2 site1600s4 site3200s4 site3200w256 site3200s4seed2 site3200w256seed2 site3200w256seed3 site3200seed3 site3200w384 site3200w384seed2"}
+SWEEPS=${SWEEPS:-"base128 seed2 width256 ratios width384 batch64 long1600 switchcost seed2long long1600lr site1600 site3200 site1600seed2 site3200seed2 site1600s4 site3200s4 site3200w256 site3200s4seed2 site3200w256seed2 site3200w256seed3 site3200seed3 site3200w384"}
 
 sweep() {  # tag, then run.py arguments
   local tag=$1; shift
@@ -77,7 +77,8 @@ for s in $SWEEPS; do
     # session 6: the widest at 3,200 steps -- hidden 384 (8.7M parameters), s = 2; LR tuned on the
     # baseline over {5e-4, 1e-3} (5e-4 won at 400 steps for 384 by 0.02, 1e-3 at 3,200 for 256)
     site3200w384)  site_data; sweep site3200w384 --widths 384 --iters 3200 --bag-sizes 2 --ratios 0.3 --lrs 5e-4 1e-3 ;;
-    # session 8: a second seed for the hidden-384 pair, at the LR tuned on seed 1234 (5e-4)
+    # session 8: a second seed for the hidden-384 pair, at the LR tuned on seed 1234 (5e-4);
+    # not in the default list: not run yet (~2 h on 2 idle cores), started and stopped in session 8
     site3200w384seed2) site_data; sweep site3200w384seed2 --widths 384 --iters 3200 --bag-sizes 2 --ratios 0.3 --lrs 5e-4 --seeds 4321 ;;
     *) echo "grid.sh: unknown sweep '$s'" >&2; exit 2 ;;
   esac
