@@ -164,8 +164,8 @@ def _expected(name, tags):
 
 
 LAYOUT_TAGS = {
-    "model_tp2": ["dense/tp2", "dense/tp2_spTrue", "moe/tp2_spTrue"],
-    "model_pp2": ["dense/pp2", "moe/pp2"],
+    "model_tp2": ["dense/tp2", "dense/tp2_spTrue", "moe/tp2_spTrue", "dense_tied/tp2_spTrue"],
+    "model_pp2": ["dense/pp2", "moe/pp2", "dense_tied/pp2"],
     "model_dp2": ["dense/dp2", "moe/dp2"],
     "model_ep2": ["moe/ep2"],
 }

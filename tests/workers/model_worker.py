@@ -265,7 +265,7 @@ def model_config(kind, tp=1, pp=1, ep=1, sp=False):
     return TransformerConfig(**kw)
 
 
-def build_model(cfg, seed):
+def build_model(cfg, seed, tied=False):
     from megatron.core import parallel_state as ps
 
     from tst_megatron.config import TSTConfig
@@ -276,7 +276,7 @@ def build_model(cfg, seed):
     model_parallel_manual_seed(seed)
     return TSTGPTModel(config=cfg, transformer_layer_spec=gpt_block_spec(cfg), vocab_size=V_M,
                        max_sequence_length=64, position_embedding_type="rope",
-                       share_embeddings_and_output_weights=False,
+                       share_embeddings_and_output_weights=tied,
                        pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
                        bag_weights=TSTConfig(bag_size=S_M, bag_weighting="power").bag_weights())
 
@@ -338,7 +338,7 @@ def reference_run(kind, ckpt_dir, batches):
     from megatron.core import parallel_state as ps
 
     ps.initialize_model_parallel()
-    model = build_model(model_config(kind), seed=5)
+    model = build_model(model_config(kind), seed=5, tied=kind == "dense_tied")
     if dist.get_rank() == 0:
         os.makedirs(ckpt_dir, exist_ok=True)
     dist.barrier()
@@ -380,7 +380,7 @@ def layout_run(kind, ckpt_dir, batches, tp=1, pp=1, ep=1, sp=False):
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                  expert_model_parallel_size=ep)
     cfg = model_config(kind, tp=tp, pp=pp, ep=ep, sp=sp)
-    model = build_model(cfg, seed=99)  # different init: the checkpoint must overwrite it
+    model = build_model(cfg, seed=99, tied=kind == "dense_tied")  # different init: the checkpoint overwrites it
     state = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir)
     model.load_state_dict(state)
     ddp = DDP(config=cfg, ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True), module=model)
@@ -417,8 +417,11 @@ def layout_run(kind, ckpt_dir, batches, tp=1, pp=1, ep=1, sp=False):
 
 LAYOUTS = {
     # name: [(kind, layout kwargs), ...]
-    "model_tp2": [("dense", dict(tp=2)), ("dense", dict(tp=2, sp=True)), ("moe", dict(tp=2, sp=True))],
-    "model_pp2": [("dense", dict(pp=2)), ("moe", dict(pp=2))],
+    # dense_tied: input embedding shared with the output layer (megatron's default); at PP = 2 its
+    # gradient is the sum of the first and the last stage's, all-reduced over the embedding group
+    "model_tp2": [("dense", dict(tp=2)), ("dense", dict(tp=2, sp=True)), ("moe", dict(tp=2, sp=True)),
+                  ("dense_tied", dict(tp=2, sp=True))],
+    "model_pp2": [("dense", dict(pp=2)), ("moe", dict(pp=2)), ("dense_tied", dict(pp=2))],
     "model_dp2": [("dense", dict()), ("moe", dict())],
     "model_ep2": [("moe", dict(ep=2))],
 }
