@@ -1,5 +1,7 @@
-"""Fault tests of pretrain_tst.py: kill -9, a crash inside a checkpoint save, SIGTERM, a damaged
-checkpoint and non-finite steps -- each followed by a resume.
+"""Fault tests of pretrain_tst.py: kill -9, a crash inside a checkpoint save (after the shards; after
+the rename, before the tracker update), SIGTERM, a damaged checkpoint or tracker, a data stream out
+of step with the phase and non-finite steps (one, skipped, and more than --skip-nonfinite-steps
+allows) -- each followed by a resume or a check that nothing was written.
 
 Every run is a real `pretrain_tst.py` process (plain python for one rank, torch.distributed.run
 with Gloo for two) on a tiny model and a tiny on-disk corpus. After each fault:
@@ -65,17 +67,17 @@ def _env(extra=None):
 class Run:
     """One pretrain_tst.py launch (1 rank: python; 2 ranks: torch.distributed.run), output to a log."""
 
-    def __init__(self, data, save, extra=(), nproc=1, env=None, load=True):
+    def __init__(self, data, save, extra=(), nproc=1, env=None, load=True, script=SCRIPT):
         self.save = Path(save)
         self.log_path = self.save.parent / f"{self.save.name}.{time.time_ns()}.log"
         argv = ["--data-path", str(data), *BASE_ARGS, "--save", str(save), *extra]
         if load:
             argv += ["--load", str(save)]
         if nproc == 1:
-            cmd = [sys.executable, SCRIPT, *argv]
+            cmd = [sys.executable, script, *argv]
         else:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                   "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), SCRIPT, *argv, *TP2]
+                   "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), script, *argv, *TP2]
         self._log = open(self.log_path, "w")
         # own session: whatever is left of a failed run can be ended without touching anything else
         self.proc = subprocess.Popen(cmd, cwd=str(self.save.parent), env=_env(env), stdout=self._log,
@@ -299,6 +301,58 @@ def test_kill9_during_checkpoint_save_then_resume(corpus, reference, tmp_path):
     assert not partial.exists(), "the re-save of iteration 4 replaces the partial directory"
 
 
+def _checkpoint_tensors(path, out):
+    """{key: tensor} of every tensor a torch_dist checkpoint holds (model, optimizer, RNG)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(path), str(out))
+    flat = {}
+
+    def walk(prefix, value):
+        if torch.is_tensor(value):
+            flat[prefix] = value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}/{k}", v)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{prefix}/{i}", v)
+
+    walk("", torch.load(out, weights_only=False))
+    out.unlink()
+    return flat
+
+
+def test_kill9_after_the_rename_before_the_tracker_update_then_resume(corpus, reference_tp2, tmp_path):
+    """The second kill point of a save, on 2 ranks (TP=2): rank 0 has written the marker and renamed
+    `iter_0000004.tmp` into place, then dies before the tracker update; torchrun ends rank 1.
+    `iter_0000004` is complete and holds exactly the uninterrupted run's iteration-4 state (not a
+    loadable-but-wrong checkpoint), the tracker still names 2 and a resume takes 2, re-saves 4 over
+    the directory and logs the uninterrupted run's losses bit for bit."""
+    ref_save, ref = reference_tp2
+    save = tmp_path / "run"
+    run = Run(corpus, save, nproc=2, env={ckpt.KILL_IN_SAVE_ENV: "4:renamed"})
+    rc = run.wait()
+    assert rc != 0, f"a run that lost a rank must not report success\n{run.output()}"
+    assert max(train_losses(save)) == 4, run.output()
+    final = save / "iter_0000004"
+    assert final.is_dir() and not (save / "iter_0000004.tmp").exists(), "the kill should land after the rename"
+    assert tracker(save) == 2, "the kill should land before the tracker update"
+    assert assert_checkpoints_sound(save, tmp_path) == [2, 4]
+    got, want = (_checkpoint_tensors(final, tmp_path / "got.pt"),
+                 _checkpoint_tensors(ref_save / "iter_0000004", tmp_path / "want.pt"))
+    assert sorted(got) == sorted(want) and len(got) > 10
+    assert not [k for k in want if not torch.equal(got[k], want[k])], \
+        "the renamed iter_0000004 differs from the uninterrupted run's"
+    assert ckpt.find_checkpoint(str(save), fallback=False)[:2] == (2, str(save / "iter_0000002"))
+
+    resumed = Run(corpus, save, nproc=2).wait_ok()
+    assert f"resumed from {save}/iter_0000002 at iteration 2" in resumed.output()
+    assert_same_losses(train_losses(save), ref, 2)
+    assert assert_checkpoints_sound(save, tmp_path) == [2, 4, 6, 8]
+    assert not list(save.glob("*.tmp")) and not list(save.glob("*.old")), "leftover directories"
+
+
 @pytest.mark.parametrize("sig, extra", [(signal.SIGTERM, []), (signal.SIGINT, ["--exit-signal-handler"])],
                          ids=["SIGTERM", "SIGINT_with_exit_signal_handler"])
 def test_sigterm_saves_at_current_iteration_exits_zero_then_resume(corpus, reference, tmp_path, sig, extra):
@@ -356,31 +410,74 @@ def test_exit_duration_in_mins_saves_and_exits_zero_then_resume(corpus, referenc
     assert_same_losses(train_losses(save), ref, 1)
 
 
-@pytest.mark.parametrize("damage", ["delete_shard", "truncate_shard", "truncate_index", "truncate_metadata_json"])
+DAMAGE_KINDS = ["delete_shard", "truncate_shard", "truncate_index", "delete_index", "truncate_metadata_json",
+                "delete_metadata_json", "delete_common_pt", "delete_marker", "garble_marker",
+                "marker_not_complete", "delete_tracker", "garble_tracker", "tracker_names_missing_dir"]
+
+
+@pytest.mark.parametrize("damage", DAMAGE_KINDS)
 def test_damaged_checkpoint_is_named_by_find_checkpoint(reference, tmp_path, damage):
+    """Each damage the load checks detect (docs/reliability.md, "Atomic checkpoints"): the error
+    names the checkpoint (or the tracker) and what is wrong and points to --ckpt-fallback; with
+    --ckpt-fallback the newest complete checkpoint is taken (iteration 6 when iteration 8 is
+    damaged; 8 itself when only the tracker is); nothing on disk is changed either way."""
     src, _ = reference
     save = tmp_path / "run"
     shutil.copytree(src, save)
     latest = save / "iter_0000008"
+    track = save / ckpt.TRACKER
+    fallback_to = 6
     if damage == "delete_shard":
         (latest / "__0_1.distcp").unlink()
-        why = "shard __0_1.distcp is missing"
+        why = f"checkpoint {latest} is damaged: shard __0_1.distcp is missing"
     elif damage == "truncate_shard":
         p = latest / "__0_0.distcp"
-        os.truncate(p, p.stat().st_size // 2)
-        why = "shard __0_0.distcp is truncated"
+        size = p.stat().st_size
+        os.truncate(p, size // 2)
+        why = f"checkpoint {latest} is damaged: shard __0_0.distcp is truncated ({size // 2} bytes, the index needs"
     elif damage == "truncate_index":
         os.truncate(latest / ".metadata", 100)
-        why = "torch_dist index .metadata unreadable"
-    else:
+        why = f"checkpoint {latest} is damaged: torch_dist index .metadata unreadable ("
+    elif damage == "delete_index":
+        (latest / ".metadata").unlink()
+        why = f"checkpoint {latest} is damaged: torch_dist index .metadata is missing"
+    elif damage == "truncate_metadata_json":
         os.truncate(latest / "metadata.json", 10)
-        why = "metadata.json unreadable"
+        why = f"checkpoint {latest} is damaged: metadata.json unreadable ("
+    elif damage == "delete_metadata_json":
+        (latest / "metadata.json").unlink()
+        why = f"checkpoint {latest} is damaged: torch_dist metadata.json is missing"
+    elif damage == "delete_common_pt":
+        (latest / "common.pt").unlink()
+        why = f"checkpoint {latest} is damaged: common.pt is missing"
+    elif damage == "delete_marker":
+        (latest / ckpt.MARKER).unlink()
+        why = f"checkpoint {latest} is incomplete: {ckpt.MARKER} is missing (the save was interrupted)"
+    elif damage == "garble_marker":
+        os.truncate(latest / ckpt.MARKER, 5)
+        why = f"checkpoint {latest} is damaged: {ckpt.MARKER} unreadable ("
+    elif damage == "marker_not_complete":
+        meta = json.loads((latest / ckpt.MARKER).read_text())
+        (latest / ckpt.MARKER).write_text(json.dumps(dict(meta, complete=False)))
+        why = f"checkpoint {latest} is not marked complete"
+    elif damage == "delete_tracker":
+        track.unlink()
+        why, fallback_to = f"{track} is missing", 8
+    elif damage == "garble_tracker":
+        track.write_text("iter_8\n")
+        why, fallback_to = f"{track} does not hold an iteration number ('iter_8')", 8
+    else:  # the tracker names an iteration whose directory is gone
+        track.write_text("10")
+        why, fallback_to = f"checkpoint directory {save / 'iter_0000010'} does not exist", 8
+    before = snapshot(save)
     with pytest.raises(ckpt.CheckpointError) as err:
         ckpt.find_checkpoint(str(save), fallback=False)
-    assert f"checkpoint {latest} is damaged: {why}" in str(err.value)
-    assert "--ckpt-fallback" in str(err.value)
-    it, path, _ = ckpt.find_checkpoint(str(save), fallback=True)
-    assert (it, path) == (6, str(save / "iter_0000006"))
+    assert why in str(err.value), str(err.value)
+    assert str(err.value).endswith(". Pass --ckpt-fallback to resume from the newest complete checkpoint "
+                                   "instead, or point --load elsewhere"), str(err.value)
+    it, path, meta = ckpt.find_checkpoint(str(save), fallback=True)
+    assert (it, path) == (fallback_to, str(save / f"iter_{fallback_to:07d}")) and meta["iteration"] == fallback_to
+    assert snapshot(save) == before, "detecting the damage must not change anything on disk"
 
 
 def test_damaged_latest_checkpoint_refused_then_fallback_resumes(corpus, reference, tmp_path):
@@ -404,6 +501,36 @@ def test_damaged_latest_checkpoint_refused_then_fallback_resumes(corpus, referen
     assert f"resumed from {save}/iter_0000006 at iteration 6" in resumed.output()
     assert_same_losses(train_losses(save), ref, 6)
     assert assert_checkpoints_sound(save, tmp_path) == [2, 4, 6, 8]  # the damaged one was replaced
+
+
+def test_data_stream_out_of_step_with_the_phase_stops_before_the_update(corpus, reference, tmp_path):
+    """A checkpoint whose data position disagrees with its iteration (a bug, or a resume the
+    preflight checks missed; provoked here by editing the saved `superposition_samples` of the
+    iteration-4 checkpoint from 24 to 40): the next step, a recovery step, is fed superposition
+    bags (samples 32-39 of the stream now lie in the superposition block). The layout check after
+    the forward-backward pass stops the run before the optimizer update, with the message, and
+    nothing is saved."""
+    save = _resume_dir_at(reference, tmp_path, 4)
+    it4 = save / "iter_0000004"
+    common = torch.load(it4 / "common.pt", weights_only=False)
+    assert (common["tst_common"]["consumed_samples"], common["tst_common"]["superposition_samples"]) == (32, 24)
+    common["tst_common"]["superposition_samples"] = 40
+    torch.save(common, it4 / "common.pt")
+    meta = json.loads((it4 / ckpt.MARKER).read_text())
+    (it4 / ckpt.MARKER).write_text(json.dumps(dict(meta, superposition_samples=40)))
+    before = snapshot(save)
+
+    run = Run(corpus, save)
+    rc = run.wait()
+    out = run.output()
+    assert rc == 1, f"rc={rc}\n{out}"
+    # 8 samples x 32 positions: s = 4 tokens (and 4 labels) per position fed, 1 expected
+    assert ("error: iteration 5 (recovery phase): the data stream fed 1024 input and 1024 label elements, the "
+            "phase expects 256 and 256; the data position (32 consumed samples) is out of step with the phase "
+            "-- please report this with the command line (and the --load checkpoint's tst_meta.json)") in out, out
+    assert snapshot(save) == before, "no checkpoint may be written or touched after the refused step"
+    assert tracker(save) == 4 and not list(save.glob("iter_0000005*")) and not list(save.glob("*.tmp"))
+    assert sorted(train_losses(save)) == [1, 2, 3, 4], "the refused step must not be logged"
 
 
 def test_finished_run_resumed_keeps_its_checkpoint_untouched(corpus, reference, tmp_path):
@@ -497,3 +624,31 @@ def test_nonfinite_step_skipped_with_skip_nonfinite_steps(corpus, reference, tmp
     assert math.isnan(losses[6])  # the skipped step
     assert all(math.isfinite(losses[i]) for i in (7, 8))  # training went on from the pre-step state
     assert assert_checkpoints_sound(save, tmp_path) == [2, 4, 6, 8]
+
+
+def test_running_out_of_skip_nonfinite_steps_stops_without_saving(corpus, reference, tmp_path):
+    """Two poisoned steps with --skip-nonfinite-steps 1 (resumed from 2): step 3 (superposition) is
+    skipped, step 4 trains and is saved, step 5 (recovery) exhausts the allowance: the run stops
+    with code 1 and the message naming iteration 5, the recovery phase and iter_0000004 as the last
+    good checkpoint; nothing is written after the poison."""
+    save = _resume_dir_at(reference, tmp_path, 2)
+    before = snapshot(save)
+    run = Run(corpus, save, extra=["--inject-nonfinite-at", "2", "4", "--skip-nonfinite-steps", "1"])
+    rc = run.wait()
+    out = run.output()
+    assert rc == 1, f"rc={rc}\n{out}"
+    assert "WARNING: skipped iteration 3 (superposition): non-finite loss or gradient (1/1 allowed)" in out, out
+    assert (f"error: non-finite value (loss nan) at iteration 5 in the recovery phase; stopping without saving. "
+            f"Last good checkpoint: {save}/iter_0000004. Lower --lr, check the data, or allow skips with "
+            "--skip-nonfinite-steps N") in out, out
+    losses = train_losses(save)
+    assert sorted(losses) == [1, 2, 3, 4] and math.isnan(losses[3]) and math.isfinite(losses[4])
+    # the files of iteration 2 untouched; the only new ones: iteration 4's checkpoint and the tracker
+    after = snapshot(save)
+    assert before - after == {x for x in before if x[0] == ckpt.TRACKER}
+    assert {Path(x[0]).parts[0] for x in after - before} == {"iter_0000004", ckpt.TRACKER}
+    assert tracker(save) == 4 and assert_checkpoints_sound(save, tmp_path) == [2, 4]
+    assert not list(save.glob("*.tmp"))
+    errors = [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x).get("type") == "error"]
+    assert [(e["iteration"], e["phase"]) for e in errors] == [(5, "recovery")]

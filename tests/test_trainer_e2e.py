@@ -330,3 +330,23 @@ def test_distributed_optimizer_dp2_save_and_resume(ws):
     assert ev2[TRAIN_ITERS]["val_lm_loss"] == ev[TRAIN_ITERS]["val_lm_loss"]
     # the resumed optimizer saves again (its Adam step counts agree across parameters)
     assert os.path.isfile(os.path.join(ws.path("distopt_resumed"), "iter_0000012", "tst_meta.json"))
+
+
+def test_distributed_optimizer_checkpoint_resumes_at_dp1(ws):
+    """The DP=2 distributed-optimizer checkpoint (its Adam state sharded over 2 ranks) resumes in
+    ONE process (DP=1, the optimizer state re-sharded on load): same data, same LR, and per-iteration
+    losses equal the DP=2 run's to fp32 reduction-order tolerance (DP=2 averages two ranks'
+    gradients; DP=1 accumulates two micro-batches)."""
+    full = distopt_run(ws)
+    assert_ok(full)
+    tr = train_records(full.records)
+    load = copy_checkpoint(ws.path("distopt"), 6, ws.path("distopt_at6_dp1"))
+    res = ws.run("distopt_dp1", base_args(ws.data, load=load, metrics_path=ws.path("distopt_dp1.jsonl"),
+                                          **DISTOPT_FLAGS), nproc=1)
+    assert_ok(res, "DP=2 -> DP=1 resume")
+    assert "at iteration 6 (recovery phase" in res.stdout and "DP=1" in res.stdout, tail(res.stdout)
+    tr1, _ = check_tst_run(res, first=7)
+    for it in range(7, TRAIN_ITERS + 1):
+        assert tr1[it]["data_tokens"] == tr[it]["data_tokens"] and tr1[it]["lr"] == tr[it]["lr"], it
+        assert rel_diff(tr1[it]["loss"], tr[it]["loss"]) < 1e-5, (it, tr1[it]["loss"], tr[it]["loss"])
+        assert rel_diff(tr1[it]["grad_norm"], tr[it]["grad_norm"]) < 1e-4, it

@@ -128,7 +128,7 @@ class LoggingArgs:
     wandb_exp_name: Optional[str] = None
     run_name: Optional[str] = None
     skip_nonfinite_steps: int = 0
-    inject_nonfinite_at: Optional[int] = None
+    inject_nonfinite_at: Optional[List[int]] = None
     inject_nonfinite_kind: str = "loss"
     print_model_size: bool = False
 
@@ -299,9 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--run-name", default=None, help="label of the run in logs and metrics")
     lg.add_argument("--skip-nonfinite-steps", type=int, default=0,
                     help="skip up to N steps with a NaN/Inf loss or grad norm instead of stopping")
-    # test hooks: make 0-based iteration N non-finite -- "loss": NaN loss and gradients (what bad
+    # test hooks: make 0-based iteration(s) N [M ...] non-finite -- "loss": NaN loss and gradients (what bad
     # data gives), "grad": one gradient element Inf with a finite loss (what an overflow gives)
-    lg.add_argument("--inject-nonfinite-at", type=int, default=None, help=argparse.SUPPRESS)
+    lg.add_argument("--inject-nonfinite-at", type=int, nargs="+", default=None, help=argparse.SUPPRESS)
     lg.add_argument("--inject-nonfinite-kind", choices=("loss", "grad"), default="loss", help=argparse.SUPPRESS)
     lg.add_argument("--print-model-size", action="store_true",
                     help="print total and active parameters for the config and exit")

@@ -121,15 +121,26 @@ def _optimizer_metadata(use_distributed_optimizer: bool) -> dict:
 
 
 # ------------------------------------------------------------------------- TEST HOOK (tests)
-# tests/test_reliability.py sets TST_TEST_KILL_IN_SAVE=<iteration> to `kill -9` every rank in the
-# middle of that iteration's save: after all shards are written, before the completeness marker,
-# the rename and the tracker update -- the worst moment for a crash. Never set it in real runs.
+# tests/test_reliability.py sets TST_TEST_KILL_IN_SAVE=<iteration>[:<stage>] to `kill -9` the
+# process in the middle of that iteration's save, at one of two stages:
+#   shards  (the default)  every rank, after all shards are written, before the completeness
+#                          marker, the rename and the tracker update -- the worst moment for a crash;
+#   renamed                rank 0, after the marker and the rename into `iter_N`, before the tracker
+#                          update: a complete `iter_N` the tracker does not name yet.
+# Never set it in real runs.
 KILL_IN_SAVE_ENV = "TST_TEST_KILL_IN_SAVE"
+KILL_STAGES = ("shards", "renamed")
 
 
-def _test_kill_in_save_hook(iteration: int) -> None:
+def _test_kill_in_save_hook(iteration: int, stage: str) -> None:
     value = os.environ.get(KILL_IN_SAVE_ENV)
-    if value and int(value) == iteration:
+    if not value:
+        return
+    it, _, want = value.partition(":")
+    want = want or "shards"
+    if want not in KILL_STAGES:
+        raise ValueError(f"{KILL_IN_SAVE_ENV}={value!r}: the stage must be one of {KILL_STAGES}")
+    if int(it) == iteration and want == stage:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
@@ -159,7 +170,7 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, com
     state["tst_common"] = dict(common, iteration=iteration, format_version=FORMAT_VERSION)
     dist_checkpointing.save(state, tmp)
     _barrier()
-    _test_kill_in_save_hook(iteration)
+    _test_kill_in_save_hook(iteration, "shards")
 
     if _rank() == 0:
         meta = dict(common, iteration=iteration, format_version=FORMAT_VERSION, complete=True)
@@ -174,6 +185,7 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, com
         else:
             os.replace(tmp, final)
         _fsync_dir(root)
+        _test_kill_in_save_hook(iteration, "renamed")
         _write_atomic(os.path.join(root, TRACKER), str(iteration))
     _barrier()
     return final

@@ -413,7 +413,7 @@ class Trainer:
         loss, fed_tokens, fed_labels = self._reduce_loss(losses, self.train_iters_data[0].take_counts())
         self._check_fed(int(fed_tokens), int(fed_labels))
         lg = self.cfg.logging
-        if lg.inject_nonfinite_at is not None and self.iteration == lg.inject_nonfinite_at:  # test hook
+        if self.iteration in (lg.inject_nonfinite_at or ()):  # test hook (0-based iterations)
             if lg.inject_nonfinite_kind == "loss":  # as if the data produced a NaN
                 loss = float("nan")
                 for chunk in self.model:
