@@ -81,3 +81,15 @@ def test_moe_router_flags_reach_the_transformer_config():
     assert routers and all(r.topk == 3 for r in routers)
     assert tconfig.moe_aux_loss_coeff == 0.03
     assert tconfig.moe_router_load_balancing_type == "seq_aux_loss"
+
+
+@pytest.mark.parametrize("weighting", ["power", "exp", "first"])
+def test_tst_bag_weighting_flag_reaches_the_loss(weighting):
+    """--tst-bag-weighting sets the weights the model's multi-hot loss uses: the paper's 1/i,
+    exp(-i) or first-only, normalised, written out here independently of TSTConfig."""
+    _, _, model, _ = _build(["--tst-bag-size", "4", "--tst-bag-weighting", weighting])
+    raw = {"power": [1 / i for i in range(1, 5)], "exp": [math.exp(-i) for i in range(1, 5)],
+           "first": [1.0, 0.0, 0.0, 0.0]}[weighting]
+    want = [w / sum(raw) for w in raw]
+    got = model[0].module.bag_weights
+    assert got == pytest.approx(want, rel=1e-12, abs=0.0), (got, want)

@@ -424,3 +424,17 @@ def test_log_interval_records_never_mix_the_phases(ws):
         assert tr[it]["loss"] == pytest.approx(sum(want) / len(want), rel=1e-9), it
         assert {ref[i]["phase"] for i in range(a, b + 1)} == {tr[it]["phase"]}, it
     assert [tr[i]["phase"] for i in sorted(tr)] == ["superposition"] * 2 + ["recovery"] * 3
+
+
+def test_superposition_ratio_sets_the_switch(ws):
+    """--tst-superposition-ratio (not an explicit count): r = 0.34 of 6 iterations is
+    floor(2.04) = 2 superposition steps, then recovery; announced, recorded and followed."""
+    args = base_args(ws.data, tst=False, train_iters=6, eval_interval=None, eval_iters=1,
+                     metrics_path=ws.path("ratio.jsonl"), tst_bag_size=4, tst_superposition_ratio=0.34)
+    res = assert_ok(ws.run("ratio", args))
+    assert run_record(res.records)["superposition_iters"] == 2
+    assert "[TST] phase switch at iteration 2:" in res.stdout, tail(res.stdout)
+    tr = train_records(res.records)
+    assert [tr[i]["phase"] for i in sorted(tr)] == ["superposition"] * 2 + ["recovery"] * 4
+    steps = [tr[i]["data_tokens"] - (tr[i - 1]["data_tokens"] if i > 1 else 0) for i in sorted(tr)]
+    assert steps[:2] == [4 * steps[-1]] * 2 and set(steps[2:]) == {steps[-1]}
