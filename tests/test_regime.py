@@ -74,3 +74,15 @@ def test_regime_runner_and_report_tiny(tmp_path):
         return sum(vals) / len(vals)
     t, b = late(tmp_path / row["tst_metrics"]), late(tmp_path / row["base_metrics"])
     assert f"| {t - b:+.3f} ({t:.3f} vs {b:.3f}) |" in table
+
+
+def test_quick_is_one_pair():
+    """`run.py --quick` (the <15-minute check of the study) trains exactly one equal-FLOPs pair:
+    hidden 128, s = 4, r = 0.3, 300 iterations, one LR, one seed."""
+    proc = subprocess.run([sys.executable, "experiments/regime/run.py", "--quick", "--dry-run"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines == ["baseline  w128 gbs16 it300 lr0.003 seed1234",
+                     "tst       w128 gbs16 it300 lr0.003 seed1234 s4 r0.3",
+                     "2 runs of 4 layers, seq 128, 10 evaluations each"], proc.stdout

@@ -14,6 +14,7 @@ data itself: the unigram entropy and a count model that predicts the next bag fr
 of the current bag (experiments/regime/reference_losses.py).
 
     python experiments/regime/run.py --quick                    # one pair, < 15 min on 2 cores
+    python experiments/regime/run.py --quick --dry-run          # list the runs a sweep would train
     python experiments/regime/run.py --widths 128 256 384 --bag-sizes 2 4 8 --ratios 0.3 0.2
     python experiments/regime/run.py --data-path PREFIX --tokenizer-type ... --tokenizer-model ...
 
@@ -140,6 +141,27 @@ def _post_switch(path: str, sup_iters: int) -> Optional[float]:
     return None
 
 
+def plan(a) -> List[str]:
+    """The runs a sweep trains, in order (what the loop in main() does; finished runs are skipped
+    there). The LR of the pairs is picked on the first seed's baselines, so with several --lrs the
+    pairs are listed as "at the picked LR"."""
+    lines = []
+    for iters in a.iters:
+        for gbs in a.global_batch_sizes:
+            for width in a.widths:
+                for lr in a.lrs:
+                    lines.append(f"baseline  w{width} gbs{gbs} it{iters} lr{lr:g} seed{a.seeds[0]}")
+                lr = f"{a.lrs[0]:g}" if len(a.lrs) == 1 else "<picked>"
+                for seed in a.seeds:
+                    if seed != a.seeds[0]:
+                        lines.append(f"baseline  w{width} gbs{gbs} it{iters} lr{lr} seed{seed}")
+                    for s in a.bag_sizes:
+                        for r in a.ratios:
+                            lines.append(f"tst       w{width} gbs{gbs} it{iters} lr{lr} seed{seed} s{s} r{r:g}")
+    lines.append(f"{len(lines)} runs of {a.layers} layers, seq {a.seq_length}, {a.evals} evaluations each")
+    return lines
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(REPO, "outputs", "regime"))
@@ -163,10 +185,15 @@ def main(argv=None) -> int:
     p.add_argument("--evals", type=int, default=10, help="evaluations per run")
     p.add_argument("--eval-iters", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dry-run", action="store_true", help="print the runs this sweep would train, and exit")
     a = p.parse_args(argv)
     if a.quick:
         a.widths, a.bag_sizes, a.ratios, a.lrs, a.seeds, a.iters = [128], [4], [0.3], [3e-3], [1234], [300]
         a.global_batch_sizes = [16]
+    if a.dry_run:
+        for line in plan(a):
+            print(line)
+        return 0
     os.makedirs(a.out, exist_ok=True)
 
     if a.data_path:
