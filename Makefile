@@ -3,15 +3,20 @@
 PYTHON3 ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# On a machine without an NVIDIA driver, pin the CPU wheel that ships with this environment;
-# on GPU machines keep whatever torch is there (setup.py accepts a range).
+# On a machine without an NVIDIA driver, install the CPU build of torch: a local wheel when pip
+# has one (find-links, as on our CI machines), else PyTorch's CPU index -- never PyPI's default
+# Linux wheel, which bundles CUDA (GBs). Its dependencies then come from the usual index.
+# On GPU machines keep whatever torch is there (setup.py accepts a range).
 TORCH_CPU ?= torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: test demo install clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON3) -m venv $(VENV)
 	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
+	    $(PY) -m pip install -q --no-index --no-deps "$(TORCH_CPU)" 2>/dev/null \
+	      || $(PY) -m pip install -q --no-deps --index-url "$(TORCH_CPU_INDEX)" "$(TORCH_CPU)"; \
 	    $(PY) -m pip install -q "$(TORCH_CPU)"; fi
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
