@@ -93,3 +93,23 @@ def test_tst_bag_weighting_flag_reaches_the_loss(weighting):
     want = [w / sum(raw) for w in raw]
     got = model[0].module.bag_weights
     assert got == pytest.approx(want, rel=1e-12, abs=0.0), (got, want)
+
+
+@pytest.mark.parametrize("style", ["linear", "cosine", "exponential", "minus_sqrt"])
+def test_lr_wsd_decay_style_follows_its_formula(style):
+    """--lr-decay-style WSD --lr-wsd-decay-style X: constant peak, then over the last
+    --lr-wsd-decay-iters steps lr = min + (peak - min) * f(t), t the fraction of the decay done,
+    f = 1 - t (linear), (1 + cos(pi t)) / 2 (cosine), 2 * 0.5^t - 1 (exponential), 1 - sqrt(t)."""
+    iters, decay, peak, low = 20, 8, 1e-3, 1e-4
+    cfg, _, _, optimizer = _build(["--lr-decay-style", "WSD", "--lr-wsd-decay-style", style, "--train-iters",
+                                   str(iters), "--lr-wsd-decay-iters", str(decay), "--lr", str(peak),
+                                   "--min-lr", str(low)])
+    scheduler = build_scheduler(optimizer, cfg.optim)
+    f = {"linear": lambda t: 1 - t, "cosine": lambda t: (1 + math.cos(math.pi * t)) / 2,
+         "exponential": lambda t: 2 * 0.5 ** t - 1, "minus_sqrt": lambda t: 1 - math.sqrt(t)}[style]
+    for n in range(1, iters + 1):
+        scheduler.step(1)
+        t = max(0, n - (iters - decay)) / decay
+        want = low + (peak - low) * f(t)
+        got = optimizer.param_groups[0]["lr"]
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-15), (style, n, got, want)

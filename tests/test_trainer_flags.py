@@ -27,14 +27,15 @@ def ws(tmp_path_factory):
 # ------------------------------------------------------------------------------ independent counts
 def expected_tensors(h=64, layers=2, heads=4, vocab=256, tp=1, ffn=None, swiglu=False, groups=None, kv=None,
                      bias=True, norm="RMSNorm", qk_norm=False, untie=False, learned_pos=None,
-                     experts=None, topk=2, moe_ffn=None, shared=None, pre_softmax=False):
+                     experts=None, topk=2, moe_ffn=None, shared=None, pre_softmax=False, divisible=128):
     """Parameter tensors of a GPT with these settings: name -> (numel, active numel per token).
 
     Written from the architecture, not from the trainer: NullTokenizer's vocabulary is
-    `--vocab-size` + 1 (EOD), padded to a multiple of 128 x TP; SwiGLU's default FFN width is
-    Megatron-LM's int(4h*2/3 / 64) * 64; fc1 of a gated MLP holds the gate and the up projection.
+    `--vocab-size` + 1 (EOD), padded to a multiple of --make-vocab-size-divisible-by (128) x TP;
+    SwiGLU's default FFN width is Megatron-LM's int(4h*2/3 / 64) * 64; fc1 of a gated MLP holds
+    the gate and the up projection.
     """
-    padded = math.ceil((vocab + 1) / (128 * tp)) * 128 * tp
+    padded = math.ceil((vocab + 1) / (divisible * tp)) * divisible * tp
     kv = kv or h // heads
     groups = groups or heads
     ffn = ffn or (int(4 * h * 2 / 3 / 64) * 64 if swiglu else 4 * h)
@@ -81,7 +82,8 @@ def model_size_flags(kw) -> list:
          "--tensor-model-parallel-size", str(kw.get("tp", 1))]
     opt = {"ffn": "--ffn-hidden-size", "kv": "--kv-channels", "norm": "--normalization",
            "learned_pos": "--max-position-embeddings", "experts": "--num-experts", "topk": "--moe-router-topk",
-           "moe_ffn": "--moe-ffn-hidden-size", "shared": "--moe-shared-expert-intermediate-size"}
+           "moe_ffn": "--moe-ffn-hidden-size", "shared": "--moe-shared-expert-intermediate-size",
+           "divisible": "--make-vocab-size-divisible-by"}
     for k, flag in opt.items():
         if kw.get(k) is not None:
             f += [flag, str(kw[k])]
@@ -111,6 +113,7 @@ SHAPES = {
     "untied_layernorm_qknorm_kv_learnedpos": dict(untie=True, norm="LayerNorm", qk_norm=True, kv=32, learned_pos=64),
     "deeper_wider": dict(layers=3, h=128, heads=8),
     "tp2_vocab_padding": dict(tp=2),
+    "vocab_divisible_48": dict(vocab=300, divisible=48),  # 301 ids -> 336 rows (not 384)
     "moe": dict(experts=4, topk=2, bias=False),
     # top-1 needs the pre-softmax router and shared experts need no bias (megatron-core's rules)
     "moe_ffn_shared_top1": dict(experts=8, topk=1, moe_ffn=48, shared=32, swiglu=True, bias=False, pre_softmax=True),
