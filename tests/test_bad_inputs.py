@@ -9,6 +9,7 @@ cases run back to back. Divisibility checks that need a world size > 1 call
 docs/reliability.md lists these messages; `pytest -rP tests/test_bad_inputs.py` prints them.
 """
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -288,6 +289,14 @@ def test_missing_tokenizer_model(corpus, workdir, save, capsys):
     msg = refuse(base(corpus, save, **{"--tokenizer-type": "SentencePieceTokenizer", "--vocab-size": None,
                                        "--tokenizer-model": workdir / "nope.model"}), capsys, watch=[workdir])
     assert msg == f"error: --tokenizer-model {workdir / 'nope.model'}: no such file or directory", msg
+    assert_clean(workdir, save)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
+def test_wandb_project_without_wandb(corpus, workdir, save, capsys):
+    msg = refuse(base(corpus, save, **{"--wandb-project": "tst"}), capsys, watch=[workdir])
+    assert msg == ("error: --wandb-project needs the `wandb` package: pip install 'tst-megatron[wandb]' "
+                   "(or drop --wandb-project)"), msg
     assert_clean(workdir, save)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import os
 import sys
@@ -475,3 +476,9 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         fail(f"--eval-interval must be >= 1 (got {cfg.logging.eval_interval})")
     if cfg.logging.skip_nonfinite_steps < 0:
         fail("--skip-nonfinite-steps must be >= 0")
+    # optional logging back-ends: refused here, before a metrics file or checkpoint directory exists
+    for flag, value, module, extra in (("--wandb-project", cfg.logging.wandb_project, "wandb", "wandb"),
+                                       ("--tensorboard-dir", cfg.logging.tensorboard_dir, "tensorboard",
+                                        "tensorboard")):
+        if value and importlib.util.find_spec(module) is None:
+            fail(f"{flag} needs the `{module}` package: pip install 'tst-megatron[{extra}]' (or drop {flag})")
