@@ -95,9 +95,10 @@ def check_learned(ev):
 
 # ------------------------------------------------------------------------------ 2-rank layouts
 def test_tp2_through_switch_then_resume_at_tp1(ws):
-    """TP=2 on 2 ranks through the switch; its iteration-6 checkpoint resumes at TP=1 with the
-    same next-iteration loss (fp32 tolerance) and the same continuation."""
-    tp2 = ws.run("tp2", base_args(ws.data, tensor_model_parallel_size=2, save=ws.path("tp2"), save_interval=6),
+    """TP=2 on 2 ranks through the switch; its iteration-6 (recovery) and iteration-3
+    (superposition) checkpoints resume at TP=1 with the same next-iteration loss (fp32 tolerance)
+    and the same continuation, through the switch for the second."""
+    tp2 = ws.run("tp2", base_args(ws.data, tensor_model_parallel_size=2, save=ws.path("tp2"), save_interval=3),
                  nproc=2)
     tr, ev = check_tst_run(tp2, layout="TP=2 PP=1 EP=1 DP=1")
     check_learned(ev)
@@ -124,12 +125,21 @@ def test_tp2_through_switch_then_resume_at_tp1(ws):
         assert tr1[it]["lr"] == tr[it]["lr"], (it, tr1[it]["lr"], tr[it]["lr"])
     assert rel_diff(ev1[TRAIN_ITERS]["val_lm_loss"], ev[TRAIN_ITERS]["val_lm_loss"]) <= 1e-4
 
+    load = copy_checkpoint(ws.path("tp2"), 3, ws.path("tp2_at3"))
+    tp1 = ws.run("tp1_resumed_at3", base_args(ws.data, load=load, metrics_path=ws.path("tp1_resumed_at3.jsonl")))
+    assert "at iteration 3 (superposition phase" in tp1.stdout, tail(tp1.stdout)
+    tr3, _ = check_tst_run(tp1, first=4)
+    assert rel_diff(tr3[4]["loss"], tr[4]["loss"]) <= 1e-5, (tr3[4]["loss"], tr[4]["loss"])
+    for it in range(4, TRAIN_ITERS + 1):
+        assert rel_diff(tr3[it]["loss"], tr[it]["loss"]) <= 1e-4, (it, tr3[it]["loss"], tr[it]["loss"])
+        assert tr3[it]["data_tokens"] == tr[it]["data_tokens"], it
+
 
 def test_sequence_parallel_matches_tp2_and_bf16_trains(ws):
     """--sequence-parallel (TP=2, 2 ranks) gives the TP=2 run's losses through the switch (fp32:
     only the reduction order differs); --bf16 trains through the switch with bf16 weights in its
     checkpoint and losses close to, but not equal to, the fp32 run's."""
-    tp2 = ws.run("tp2", base_args(ws.data, tensor_model_parallel_size=2, save=ws.path("tp2"), save_interval=6),
+    tp2 = ws.run("tp2", base_args(ws.data, tensor_model_parallel_size=2, save=ws.path("tp2"), save_interval=3),
                  nproc=2)
     sp = ws.run("tp2_sp", base_args(ws.data, tensor_model_parallel_size=2, sequence_parallel=True,
                                     metrics_path=ws.path("tp2_sp.jsonl")), nproc=2)
