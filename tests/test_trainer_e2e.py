@@ -16,7 +16,7 @@ import torch
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
-from trainer_utils import (BAG, DISTOPT_FLAGS, GBS, PLAIN_FLAGS, SEQ, SUP_ITERS, TRAIN_ITERS, assert_ok, base_args,
+from trainer_utils import (BAG, DISTOPT_FLAGS, GBS, MOE_FLAGS, PLAIN_FLAGS, SEQ, SUP_ITERS, TRAIN_ITERS, assert_ok, base_args,
                            chain_args, chain_first_leg, checkpoint_model_tensors, copy_checkpoint, distopt_run,
                            eval_records, moe_run, plain_args, reference_runs, rel_diff, run_record, tail, train_records,
                            workspace)
@@ -217,6 +217,31 @@ def test_moe_expert_parallel_through_switch(ws, dispatcher):
         other, _ = check_tst_run(moe_run(ws, "allgather"))
         for it in tr:
             assert rel_diff(tr[it]["loss"], other[it]["loss"]) <= 1e-5, (it, tr[it]["loss"], other[it]["loss"])
+
+
+def test_moe_ep2_checkpoint_resumes_at_ep1(ws):
+    """The EP=2 MoE checkpoint (each rank holding 2 of the 4 experts) in one process with all 4
+    experts (EP=1). megatron-core keeps Adam state of an EP > 1 MoE in two chained optimizers and
+    cannot re-shard it into one: the resume is refused before loading, naming --no-load-optim.
+    With --no-load-optim the experts are re-sharded: the first step's loss (the forward on the
+    loaded weights) equals the EP=2 run's at that iteration, at the same data position and LR."""
+    res = moe_run(ws, "allgather")
+    tr, _ = check_tst_run(res, layout="TP=1 PP=1 EP=2 DP=2")
+    load = copy_checkpoint(ws.path("moe_allgather"), 6, ws.path("moe_at6_ep1"))
+    flags = dict(MOE_FLAGS, expert_model_parallel_size=1)
+    refused = ws.run("moe_ep1_refused", base_args(ws.data, load=load, metrics_path=ws.path("moe_ep1_refused.jsonl"),
+                                                  **flags), nproc=1)
+    assert refused.returncode != 0, tail(refused.stdout)
+    assert "optimizer state is split into 2 part(s) and this run's into 1" in refused.stdout, tail(refused.stdout)
+    assert "--no-load-optim" in refused.stdout and "Traceback" not in refused.stdout
+
+    one = ws.run("moe_ep1_resumed", base_args(ws.data, load=load, metrics_path=ws.path("moe_ep1_resumed.jsonl"),
+                                              no_load_optim=True, **flags), nproc=1)
+    assert_ok(one, "EP=2 -> EP=1 resume with --no-load-optim")
+    assert "at iteration 6 (recovery phase" in one.stdout and "EP=1 DP=1" in one.stdout, tail(one.stdout)
+    tr1, _ = check_tst_run(one, first=7)
+    assert tr1[7]["data_tokens"] == tr[7]["data_tokens"] and tr1[7]["lr"] == tr[7]["lr"]
+    assert rel_diff(tr1[7]["loss"], tr[7]["loss"]) <= 1e-5, (tr1[7]["loss"], tr[7]["loss"])
 
 
 # ------------------------------------------------------------------------------ determinism and resume

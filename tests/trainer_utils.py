@@ -304,8 +304,8 @@ MOE_FLAGS = dict(num_experts=4, moe_router_topk=2, expert_model_parallel_size=2,
 
 
 def moe_run(ws: Workspace, dispatcher: str) -> RunResult:
-    """Tiny MoE (4 experts, top-2, EP=2 over 2 ranks); the allgather run saves its final checkpoint."""
-    extra = {"save": ws.path("moe_allgather")} if dispatcher == "allgather" else \
+    """Tiny MoE (4 experts, top-2, EP=2 over 2 ranks); the allgather run saves at 6 and 12."""
+    extra = {"save": ws.path("moe_allgather"), "save_interval": 6} if dispatcher == "allgather" else \
         {"metrics_path": ws.path(f"moe_{dispatcher}.jsonl")}
     return ws.run(f"moe_{dispatcher}", base_args(ws.data, moe_token_dispatcher_type=dispatcher, **MOE_FLAGS, **extra),
                   nproc=2)

@@ -152,6 +152,9 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, com
     """Save atomically; returns the final directory. Collective: call on every rank."""
     from megatron.core import dist_checkpointing
 
+    # how many optimizers megatron chained (dense + expert parameters when EP > 1): a resume
+    # whose optimizer is split differently cannot load this Adam state (see optimizer_parts)
+    common = dict(common, optimizer_parts=optimizer_parts(optimizer) if optimizer is not None else None)
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
     if _rank() == 0:
@@ -364,6 +367,14 @@ def _short(exc: BaseException) -> str:
 
 def _inner_optimizers(optimizer):
     return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
+def optimizer_parts(optimizer) -> int:
+    """Number of optimizers megatron-core chained for this model and layout: 2 for an MoE with
+    --expert-model-parallel-size > 1 (dense and expert parameters reduce over different groups),
+    1 otherwise. megatron-core 0.16.1 keys Adam state by part (`chained_<i>.optimizer...`), so state
+    saved with one split does not load into the other."""
+    return len(_inner_optimizers(optimizer))
 
 
 def _init_distributed_optimizer_state(optimizer) -> None:

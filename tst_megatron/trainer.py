@@ -309,6 +309,13 @@ class Trainer:
             load_optim = False
             if self.rank == 0:
                 print(f"> {path} carries no optimizer state (imported); starting a fresh optimizer", flush=True)
+        saved_parts, parts = meta.get("optimizer_parts"), ckpt.optimizer_parts(self.optimizer)
+        if load_optim and saved_parts is not None and saved_parts != parts:
+            fail(f"--load {path}: the checkpoint's optimizer state is split into {saved_parts} part(s) and this "
+                 f"run's into {parts} (an MoE's dense and expert parameters get separate optimizers when "
+                 "--expert-model-parallel-size > 1); megatron-core cannot re-shard Adam state across that "
+                 "change. Resume with --no-load-optim (weights, data position and LR schedule are kept, the "
+                 "Adam moments restart), or keep --expert-model-parallel-size on the same side of 1")
         try:
             common = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler,
                                           load_optim=load_optim, load_rng=load_rng,
