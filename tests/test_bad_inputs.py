@@ -218,7 +218,18 @@ def test_world_size_not_divisible_by_model_parallel_size(corpus, workdir, save, 
     ({"--num-experts": 3, "--expert-model-parallel-size": 2}, 2,
      "error: --num-experts (3) must be divisible by --expert-model-parallel-size (2)"),
     ({"--num-experts": 4, "--expert-model-parallel-size": 4}, 2,
-     "error: --expert-model-parallel-size (4) must divide data-parallel x tensor-parallel size (2)"),
+     "error: --expert-model-parallel-size (4) must divide the data-parallel size (2)"),
+    # TP=2 x EP=2 needs 4 ranks: the experts' tensor parallelism is TP (megatron-core's default)
+    ({"--num-experts": 2, "--expert-model-parallel-size": 2, "--tensor-model-parallel-size": 2,
+      "--sequence-parallel": "", "--disable-bias-linear": ""}, 2,
+     "error: --expert-model-parallel-size (2) must divide the data-parallel size (1)"),
+    ({"--num-experts": 2, "--tensor-model-parallel-size": 2, "--disable-bias-linear": ""}, 2,
+     "error: an MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel"),
+    ({"--num-experts": 2, "--tensor-model-parallel-size": 2, "--sequence-parallel": ""}, 2,
+     "error: an MoE with --tensor-model-parallel-size > 1 needs --disable-bias-linear"),
+    ({"--pipeline-model-parallel-size": 2, "--num-layers": 4, "--num-layers-per-virtual-pipeline-stage": 1,
+      "--micro-batch-size": 1, "--global-batch-size": 3}, 2,
+     "error: interleaved pipelining (--num-layers-per-virtual-pipeline-stage) needs the micro-batches per step"),
     ({"--expert-model-parallel-size": 2}, 2, "error: --expert-model-parallel-size > 1 needs --num-experts"),
     ({"--global-batch-size": 6, "--micro-batch-size": 2}, 2,
      "error: --global-batch-size (6) must be divisible by --micro-batch-size (2) x data-parallel size (2)"),
@@ -349,6 +360,27 @@ def test_resume_with_other_configuration_refused(corpus, trained, workdir, capsy
     assert msg == (f"error: --load {trained}/iter_0000002: the checkpoint was trained with a different "
                    f"configuration: {diff}. Use the checkpoint's values, or pass --override-checkpoint-args"), msg
     assert not list(workdir.rglob("metrics.jsonl"))
+
+
+def test_resume_toggling_distributed_optimizer_refused(corpus, trained, tmp_path, monkeypatch, capsys):
+    """The checkpoint was saved without --use-distributed-optimizer: loading its Adam state into a
+    distributed optimizer is refused before loading (megatron-core would fail on missing keys deep in
+    dist_checkpointing); with --no-load-optim the same resume runs."""
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    msg = refuse(base(corpus, trained, **{"--load": trained, "--use-distributed-optimizer": ""}), capsys,
+                 watch=[trained, workdir])
+    assert msg == (f"error: --load {trained}/iter_0000002: the checkpoint was saved without "
+                   "--use-distributed-optimizer and this run is with it; the two keep the optimizer state in "
+                   "different forms. Resume with the checkpoint's setting, or with --no-load-optim (weights, data "
+                   "position and LR schedule are kept, the Adam moments restart)"), msg
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    with isolated():
+        assert main(base(corpus, run, **{"--load": run, "--use-distributed-optimizer": "", "--no-load-optim": ""})) == 0
+    assert f"resumed from {run}/iter_0000002 at iteration 2" in capsys.readouterr().out
+    assert ckpt.find_checkpoint(str(run), fallback=False)[0] == 4
 
 
 def test_resume_with_other_bag_size_and_schedule_allowed_with_override(corpus, trained, tmp_path, monkeypatch,

@@ -166,6 +166,23 @@ def test_preprocess_without_eod_and_multiple_keys(tmp_path):
         assert [ds[i].tolist() for i in range(5)] == [list(make(i).encode()) for i in range(5)]
 
 
+def test_byte_order_mark_is_not_text(tmp_path):
+    """A UTF-8 byte-order mark at the start of a JSONL or text file (Windows editors write one) is
+    dropped, not read as malformed JSON or as a token: same ids as the file without it."""
+    flags = ["--tokenizer-type", "ByteTokenizer"]
+    docs = ["first document", "second"]
+    for name, body in (("a.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in docs)), ("b.txt", docs[0])):
+        plain, marked = tmp_path / "plain", tmp_path / "marked"
+        for d in (plain, marked):
+            d.mkdir(exist_ok=True)
+        (plain / name).write_bytes(body.encode("utf-8"))
+        (marked / name).write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
+        got = [IndexedDataset(run(d / name, tmp_path / f"{d.name}_{name}", flags)["prefixes"]["text"])
+               for d in (plain, marked)]
+        assert len(got[0]) == len(got[1]) >= 1
+        assert [x.tolist() for x in got[1]] == [x.tolist() for x in got[0]], name
+
+
 @pytest.mark.parametrize("kind", ["byte", "sp", "hf"])
 def test_preprocess_single_text_file(kind, tokenizer_flags, tmp_path):
     """A plain-text file as --input is one document: its exact ids, through megatron's readers."""

@@ -626,6 +626,23 @@ def test_nonfinite_step_skipped_with_skip_nonfinite_steps(corpus, reference, tmp
     assert assert_checkpoints_sound(save, tmp_path) == [2, 4, 6, 8]
 
 
+def test_skipped_gradient_overflow_leaves_the_logged_means_finite(corpus, reference, tmp_path):
+    """A finite loss with an Inf gradient, skipped (--skip-nonfinite-steps 1), inside a 2-step log
+    interval: the record covering it averages only the step that trained -- finite loss and grad
+    norm, valid JSON (no NaN) -- and training goes on."""
+    save = _resume_dir_at(reference, tmp_path, 4)
+    run = Run(corpus, save, extra=["--inject-nonfinite-at", "4", "--inject-nonfinite-kind", "grad",
+                                   "--skip-nonfinite-steps", "1", "--log-interval", "2"]).wait_ok()
+    assert "WARNING: skipped iteration 5 (recovery)" in run.output()
+    text = (Path(save) / "metrics.jsonl").read_text()
+    recs = [json.loads(x, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+            for x in text.splitlines()]
+    after = [r for r in recs if r.get("type") == "train" and r["iteration"] > 4]
+    assert [r["iteration"] for r in after] == [6, 8]
+    for r in after:
+        assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0, r
+
+
 def test_running_out_of_skip_nonfinite_steps_stops_without_saving(corpus, reference, tmp_path):
     """Two poisoned steps with --skip-nonfinite-steps 1 (resumed from 2): step 3 (superposition) is
     skipped, step 4 trains and is saved, step 5 (recovery) exhausts the allowance: the run stops

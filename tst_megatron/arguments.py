@@ -410,14 +410,22 @@ def validate(cfg: RunConfig, world_size: int) -> None:
             fail(f"--num-experts must be >= 1 (got {m.num_experts})")
         if m.num_experts % ep:
             fail(f"--num-experts ({m.num_experts}) must be divisible by --expert-model-parallel-size ({ep})")
-        if dp * tp % ep:
-            fail(f"--expert-model-parallel-size ({ep}) must divide data-parallel x tensor-parallel size ({dp * tp})")
+        if dp % ep:  # megatron-core: world % (expert TP (= TP) x EP x PP) == 0
+            fail(f"--expert-model-parallel-size ({ep}) must divide the data-parallel size ({dp}): megatron-core "
+                 "lays the experts over data-parallel ranks, with --tensor-model-parallel-size as the experts' "
+                 "tensor parallelism")
         if not (1 <= m.moe_router_topk <= m.num_experts):
             fail(f"--moe-router-topk ({m.moe_router_topk}) must be in [1, --num-experts]")
         # megatron-core's own refusals, moved before any compute (it would raise deep in model build)
         if m.moe_router_topk == 1 and not m.moe_router_pre_softmax and m.num_experts > 1:
             fail("--moe-router-topk 1 needs --moe-router-pre-softmax (megatron-core: a softmax over one "
                  "selected expert is always 1, so the router would get no gradient)")
+        if tp > 1 and not par.sequence_parallel:
+            fail("an MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel (megatron-core's MoE "
+                 "layer refuses tensor parallelism without it, at the first training step)")
+        if tp > 1 and not m.disable_bias_linear:
+            fail("an MoE with --tensor-model-parallel-size > 1 needs --disable-bias-linear (megatron-core has "
+                 "expert biases only without expert tensor parallelism)")
         if m.moe_shared_expert_intermediate_size is not None and not m.disable_bias_linear:
             fail("--moe-shared-expert-intermediate-size needs --disable-bias-linear (megatron-core's shared "
                  "experts have no bias)")
@@ -428,8 +436,12 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         fail(f"--global-batch-size ({gbs}) must be divisible by --micro-batch-size ({o.micro_batch_size}) x "
              f"data-parallel size ({dp})")
     o.global_batch_size = gbs
-    if pp > 1 and gbs // (o.micro_batch_size * dp) < pp and par.num_layers_per_virtual_pipeline_stage:
-        fail("interleaved pipelining needs at least --pipeline-model-parallel-size micro-batches per step")
+    v = par.num_layers_per_virtual_pipeline_stage
+    micro = gbs // (o.micro_batch_size * dp)
+    if v and (m.num_layers // pp) // v > 1 and micro % pp:  # megatron-core's interleaved 1F1B groups
+        fail(f"interleaved pipelining (--num-layers-per-virtual-pipeline-stage) needs the micro-batches per "
+             f"step (--global-batch-size / (--micro-batch-size x data-parallel size) = {micro}) to be a "
+             f"multiple of --pipeline-model-parallel-size ({pp})")
     for name, value in (("--lr", o.lr), ("--min-lr", o.min_lr), ("--weight-decay", o.weight_decay),
                         ("--clip-grad", o.clip_grad)):
         if not math.isfinite(value) or value < 0:

@@ -93,6 +93,8 @@ def parse_record(record: Record, json_keys: Sequence[str]) -> Dict[str, str]:
     except UnicodeDecodeError as exc:
         raise CorpusError(f"{record.where}: not valid UTF-8 ({exc.reason} at byte {exc.start}); "
                           "convert the file to UTF-8 or remove it from --input") from None
+    if record.line in (None, 1) and text.startswith("\ufeff"):
+        text = text[1:]  # a byte-order mark (Windows editors write one): not part of the text
     if not record.is_json:
         return {key: text for key in json_keys}
     try:

@@ -309,6 +309,12 @@ class Trainer:
             load_optim = False
             if self.rank == 0:
                 print(f"> {path} carries no optimizer state (imported); starting a fresh optimizer", flush=True)
+        saved_distopt = saved_par.get("use_distributed_optimizer")
+        if load_optim and saved_distopt is not None and saved_distopt != self.cfg.parallel.use_distributed_optimizer:
+            fail(f"--load {path}: the checkpoint was saved {'with' if saved_distopt else 'without'} "
+                 f"--use-distributed-optimizer and this run is {'without' if saved_distopt else 'with'} it; the two "
+                 "keep the optimizer state in different forms. Resume with the checkpoint's setting, or with "
+                 "--no-load-optim (weights, data position and LR schedule are kept, the Adam moments restart)")
         saved_parts, parts = meta.get("optimizer_parts"), ckpt.optimizer_parts(self.optimizer)
         if load_optim and saved_parts is not None and saved_parts != parts:
             fail(f"--load {path}: the checkpoint's optimizer state is split into {saved_parts} part(s) and this "
@@ -538,7 +544,8 @@ class Trainer:
                 self.log.print(f" WARNING: skipped iteration {self.iteration + 1} ({phase}): non-finite loss "
                                f"or gradient ({skipped_nonfinite}/{lg.skip_nonfinite_steps} allowed)")
             tokens = gbs * tst_data_tokens_per_sample(cfg.tst, L, phase)
-            interval.add(out["loss"], out["grad_norm"], math.isfinite(out["loss"]), tokens, gbs * L,
+            # a skipped step (NaN loss, or a finite loss with a NaN/Inf gradient) enters neither mean
+            interval.add(out["loss"], out["grad_norm"], out["nonfinite"] is None, tokens, gbs * L,
                          time.time() - step_start)
             self.iteration += 1
             self.consumed_samples += gbs
