@@ -362,6 +362,20 @@ def test_resume_with_other_configuration_refused(corpus, trained, workdir, capsy
     assert not list(workdir.rglob("metrics.jsonl"))
 
 
+def test_resume_with_defaults_given_explicitly_is_the_same_run(corpus, trained, tmp_path, monkeypatch, capsys):
+    """Flags given explicitly at their derived defaults (--ffn-hidden-size 4h, --kv-channels h/heads,
+    --lr-decay-iters = --train-iters) describe the same run as leaving them unset: resumed."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    monkeypatch.chdir(tmp_path)
+    argv = base(corpus, run, **{"--load": run, "--ffn-hidden-size": 256, "--kv-channels": 16,
+                                "--lr-decay-iters": 4})
+    with isolated():
+        assert main(argv) == 0
+    assert f"resumed from {run}/iter_0000002 at iteration 2" in capsys.readouterr().out
+    assert ckpt.find_checkpoint(str(run), fallback=False)[0] == 4
+
+
 def test_resume_toggling_distributed_optimizer_refused(corpus, trained, tmp_path, monkeypatch, capsys):
     """The checkpoint was saved without --use-distributed-optimizer: loading its Adam state into a
     distributed optimizer is refused before loading (megatron-core would fail on missing keys deep in

@@ -7,10 +7,11 @@ Pure functions of the run config and what they read: the trainer calls them, tes
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional
 
-from .arguments import RunConfig, fail
+from .arguments import ModelArgs, RunConfig, fail
 
 _MAX_SCANNED_TOKENS = 64 * 1024 * 1024  # large corpora are checked on a prefix (memory-mapped)
 
@@ -19,7 +20,7 @@ _MAX_SCANNED_TOKENS = 64 * 1024 * 1024  # large corpora are checked on a prefix 
 # superposition length maps consumed samples to data positions).
 _RESUME_KEYS = (
     [("model", k) for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                            "group_query_attention", "num_query_groups", "kv_channels", "normalization",
+                            "num_query_groups", "kv_channels", "normalization",
                             "swiglu", "qk_layernorm", "num_experts", "untie_embeddings_and_output_weights",
                             "disable_bias_linear", "position_embedding_type", "moe_ffn_hidden_size",
                             "moe_router_topk")]
@@ -117,14 +118,38 @@ def _check_sample_fits(cfg: RunConfig, prefix: str, bounds, ds) -> None:
              "use a smaller --tst-bag-size / --seq-length or more data")
 
 
+def _resolved(args: dict) -> dict:
+    """Flags whose unset value means a derived default, replaced by that default, so that giving
+    the default explicitly (e.g. --ffn-hidden-size 256 for hidden 64) is not a "different" run."""
+    out = {group: dict(values) for group, values in args.items() if isinstance(values, dict)}
+    m = out.get("model")
+    if m is not None and m.get("hidden_size") and m.get("num_attention_heads"):
+        fields = {f.name for f in dataclasses.fields(ModelArgs)}
+        ffn = ModelArgs(**{k: v for k, v in m.items() if k in fields}).resolved_ffn_hidden_size()
+        m["ffn_hidden_size"] = ffn
+        if m.get("kv_channels") is None:
+            m["kv_channels"] = m["hidden_size"] // m["num_attention_heads"]
+        if not m.get("group_query_attention") or m.get("num_query_groups") is None:
+            m["num_query_groups"] = m["num_attention_heads"] if not m.get("group_query_attention") else 1
+        if m.get("num_experts") and m.get("moe_ffn_hidden_size") is None:
+            m["moe_ffn_hidden_size"] = ffn
+    o = out.get("optim")
+    if o is not None and o.get("lr_decay_iters") is None:
+        o["lr_decay_iters"] = o.get("train_iters")
+    return out
+
+
 def check_resume_compatible(cfg: RunConfig, meta: dict, path: str) -> None:
     """Refuse to resume with another model shape, bag size or LR schedule, unless overridden."""
-    saved = meta.get("args", {})
-    now = cfg.to_dict()
+    raw_saved, raw_now = meta.get("args", {}), cfg.to_dict()
+    saved, now = _resolved(raw_saved), _resolved(raw_now)
     diffs = []
     for group, key in _RESUME_KEYS:
         a, b = saved.get(group, {}).get(key), now[group].get(key)
-        if group in saved and a != b:
+        # a difference the user typed (a derived default that moved with another flag is reported
+        # through that flag; an explicit value equal to the default is no difference)
+        typed = raw_saved.get(group, {}).get(key) != raw_now[group].get(key)
+        if group in saved and a != b and typed:
             flag = "--tst-" + key.replace("_", "-") if group == "tst" else "--" + key.replace("_", "-")
             diffs.append(f"{flag} {b} (checkpoint: {a})")
     sup_saved = meta.get("superposition_iters")
