@@ -274,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist",
                    help="megatron-core dist_checkpointing format")
     c.add_argument("--no-load-optim", action="store_true",
-                   help="load only the model weights (fresh optimizer and LR schedule)")
+                   help="load the weights but not the optimizer state (Adam restarts; the LR schedule "
+                        "continues from the loaded iteration)")
     c.add_argument("--no-load-rng", action="store_true", help="do not restore the RNG states")
     c.add_argument("--ckpt-fallback", action="store_true",
                    help="if the latest checkpoint is damaged, load the newest complete one")

@@ -162,6 +162,27 @@ def check_resume_compatible(cfg: RunConfig, meta: dict, path: str) -> None:
              + "; ".join(diffs) + ". Use the checkpoint's values, or pass --override-checkpoint-args")
 
 
+def check_resume_optimizer(meta: dict, path: str, use_distributed_optimizer: bool, parts: int) -> None:
+    """The checkpoint's Adam state must have the form this run's optimizer loads: megatron-core
+    0.16.1 cannot convert between a distributed and a plain optimizer's state, nor between one
+    optimizer and the two it chains for an MoE with EP > 1 (it would fail on missing keys deep in
+    dist_checkpointing). Refused with what to do; --no-load-optim always works."""
+    keep = "(weights, data position and LR schedule are kept, the Adam moments restart)"
+    saved = meta.get("args", {}).get("parallel", {}).get("use_distributed_optimizer")
+    if saved is not None and saved != use_distributed_optimizer:
+        fail(f"--load {path}: the checkpoint was saved {'with' if saved else 'without'} "
+             f"--use-distributed-optimizer and this run is {'without' if saved else 'with'} it; the two "
+             f"keep the optimizer state in different forms. Resume with the checkpoint's setting, or with "
+             f"--no-load-optim {keep}")
+    saved_parts = meta.get("optimizer_parts")
+    if saved_parts is not None and saved_parts != parts:
+        fail(f"--load {path}: the checkpoint's optimizer state is split into {saved_parts} part(s) and this "
+             f"run's into {parts} (an MoE's dense and expert parameters get separate optimizers when "
+             "--expert-model-parallel-size > 1); megatron-core cannot re-shard Adam state across that "
+             f"change. Resume with --no-load-optim {keep}, or keep --expert-model-parallel-size on the "
+             "same side of 1")
+
+
 def check_resume_stream(meta: dict, path: str, *, consumed_samples: int, base_windows: int,
                         same_batch_and_length: bool, override: bool = False, verbose: bool = True) -> None:
     """A resumed run must deal from the very stream the run it continues consumed from.

@@ -309,19 +309,9 @@ class Trainer:
             load_optim = False
             if self.rank == 0:
                 print(f"> {path} carries no optimizer state (imported); starting a fresh optimizer", flush=True)
-        saved_distopt = saved_par.get("use_distributed_optimizer")
-        if load_optim and saved_distopt is not None and saved_distopt != self.cfg.parallel.use_distributed_optimizer:
-            fail(f"--load {path}: the checkpoint was saved {'with' if saved_distopt else 'without'} "
-                 f"--use-distributed-optimizer and this run is {'without' if saved_distopt else 'with'} it; the two "
-                 "keep the optimizer state in different forms. Resume with the checkpoint's setting, or with "
-                 "--no-load-optim (weights, data position and LR schedule are kept, the Adam moments restart)")
-        saved_parts, parts = meta.get("optimizer_parts"), ckpt.optimizer_parts(self.optimizer)
-        if load_optim and saved_parts is not None and saved_parts != parts:
-            fail(f"--load {path}: the checkpoint's optimizer state is split into {saved_parts} part(s) and this "
-                 f"run's into {parts} (an MoE's dense and expert parameters get separate optimizers when "
-                 "--expert-model-parallel-size > 1); megatron-core cannot re-shard Adam state across that "
-                 "change. Resume with --no-load-optim (weights, data position and LR schedule are kept, the "
-                 "Adam moments restart), or keep --expert-model-parallel-size on the same side of 1")
+        if load_optim:
+            preflight.check_resume_optimizer(meta, path, self.cfg.parallel.use_distributed_optimizer,
+                                             ckpt.optimizer_parts(self.optimizer))
         try:
             common = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler,
                                           load_optim=load_optim, load_rng=load_rng,
