@@ -86,3 +86,27 @@ def test_quick_is_one_pair():
     assert lines == ["baseline  w128 gbs16 it300 lr0.003 seed1234",
                      "tst       w128 gbs16 it300 lr0.003 seed1234 s4 r0.3",
                      "2 runs of 4 layers, seq 128, 10 evaluations each"], proc.stdout
+
+
+def test_only_halves_then_summary_without_retraining(tmp_path):
+    """--only base and --only tst train the two halves of a sweep (two processes can share the
+    cores); the same command without --only then trains nothing and writes the summary."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "experiments/regime/run.py", "--out", str(tmp_path), "--data-path", DATA + "_text_document",
+           "--tokenizer-model", DATA + ".model", "--widths", "32", "--layers", "1", "--seq-length", "32",
+           "--global-batch-sizes", "4", "--micro-batch-size", "4", "--iters", "8", "--bag-sizes", "2",
+           "--ratios", "0.25", "--lrs", "3e-3", "--evals", "2", "--eval-iters", "1", "--threads", "1"]
+    outs = {}
+    for only in ("base", "tst", None):
+        proc = subprocess.run(cmd + (["--only", only] if only else []), cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        outs[only] = proc.stdout
+        trained = sorted(d for d in os.listdir(tmp_path) if d.startswith("w32_"))
+        if only == "base":
+            assert trained == ["w32_gbs4_it8_lr0.003_seed1234_base"] and not (tmp_path / "summary.json").exists()
+        if only == "tst":
+            assert len(trained) == 2 and not (tmp_path / "summary.json").exists()
+    assert "final val LM loss" not in outs[None]  # nothing retrained
+    (row,) = json.load(open(tmp_path / "summary.json"))["rows"]
+    assert row["val_lm_tst"] == _evals(tmp_path / row["tst_metrics"])[-1][1]["val_lm_loss"]

@@ -7,6 +7,10 @@
 #                                              #   the site* ones ~8 h more: hidden 384 alone ~2-3 h)
 #   SWEEPS="ratios width384" bash experiments/regime/grid.sh
 #   SWEEPS=site3200 RUN_ARGS="--threads 1" bash experiments/regime/grid.sh   # extra run.py flags
+#   # a sweep's baselines and TST runs side by side, one core each, then its summary (no retraining):
+#   SWEEPS=site3200w384seed2 RUN_ARGS="--threads 1 --only base" bash experiments/regime/grid.sh &
+#   SWEEPS=site3200w384seed2 RUN_ARGS="--threads 1 --only tst" bash experiments/regime/grid.sh; wait
+#   SWEEPS=site3200w384seed2 bash experiments/regime/grid.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -24,6 +28,7 @@ sweep() {  # tag, then run.py arguments
   fi
   echo "=== sweep $tag: $* ($(date -u +%H:%M:%S))"
   "$PY" experiments/regime/run.py --out "$out" "${data[@]}" "$@" ${RUN_ARGS:-}
+  [[ ${RUN_ARGS:-} == *--only* ]] && return 0  # half a sweep: no summary yet
   cp "$out/summary.md" "$OUT/summary_${tag}.md"; cp "$out/summary.json" "$OUT/summary_${tag}.json"
   cp "$out/regime.png" "$OUT/regime_${tag}.png" 2>/dev/null || true
 }

@@ -158,6 +158,8 @@ def plan(a) -> List[str]:
                     for s in a.bag_sizes:
                         for r in a.ratios:
                             lines.append(f"tst       w{width} gbs{gbs} it{iters} lr{lr} seed{seed} s{s} r{r:g}")
+    if getattr(a, "only", None):
+        lines = [line for line in lines if line.startswith(a.only)]
     lines.append(f"{len(lines)} runs of {a.layers} layers, seq {a.seq_length}, {a.evals} evaluations each")
     return lines
 
@@ -186,7 +188,12 @@ def main(argv=None) -> int:
     p.add_argument("--eval-iters", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dry-run", action="store_true", help="print the runs this sweep would train, and exit")
+    p.add_argument("--only", choices=["base", "tst"], default=None,
+                   help="train only the baselines or only the TST runs (two processes, one per half, use both "
+                        "cores at --threads 1); no summary: run again without --only for it (nothing retrains)")
     a = p.parse_args(argv)
+    if a.only == "tst" and len(a.lrs) > 1:
+        p.error("--only tst needs one --lrs value (with several, the LR is picked on the finished baselines)")
     if a.quick:
         a.widths, a.bag_sizes, a.ratios, a.lrs, a.seeds, a.iters = [128], [4], [0.3], [3e-3], [1234], [300]
         a.global_batch_sizes = [16]
@@ -208,6 +215,9 @@ def main(argv=None) -> int:
     print(f"[regime] data {data['data_path']}: unigram entropy {refs['unigram_entropy']:.3f} nats; "
           + ", ".join(f"count-model MCE s={s}: {v:.3f}" for s, v in refs["count_model_mce"].items()), flush=True)
 
+    def train(kind, *args):  # run_one, unless --only names the other half
+        return None if a.only and a.only != kind else run_one(*args)
+
     rows = []
     for iters in a.iters:
         for gbs in a.global_batch_sizes:
@@ -216,16 +226,18 @@ def main(argv=None) -> int:
                 base_runs = {}
                 for lr in a.lrs:
                     name = f"w{width}_gbs{gbs}_it{iters}_lr{lr:g}_seed{a.seeds[0]}_base"
-                    base_runs[lr] = run_one(name, a.out, data, a, width, lr, a.seeds[0], 1, 0.0, iters, gbs)
-                lr = min(a.lrs, key=lambda x: _final_eval(base_runs[x]))
+                    base_runs[lr] = train("base", name, a.out, data, a, width, lr, a.seeds[0], 1, 0.0, iters, gbs)
+                lr = a.lrs[0] if a.only == "tst" else min(a.lrs, key=lambda x: _final_eval(base_runs[x]))
                 for seed in a.seeds:
-                    base = run_one(f"w{width}_gbs{gbs}_it{iters}_lr{lr:g}_seed{seed}_base", a.out, data, a, width, lr,
-                                   seed, 1, 0.0, iters, gbs)
-                    bx, by = _curve(base)
+                    base = train("base", f"w{width}_gbs{gbs}_it{iters}_lr{lr:g}_seed{seed}_base", a.out, data, a,
+                                 width, lr, seed, 1, 0.0, iters, gbs)
+                    bx, by = _curve(base) if base else ([], [])
                     for s in a.bag_sizes:
                         for r in a.ratios:
                             name = f"w{width}_gbs{gbs}_it{iters}_lr{lr:g}_seed{seed}_s{s}_r{r:g}"
-                            tst = run_one(name, a.out, data, a, width, lr, seed, s, r, iters, gbs)
+                            tst = train("tst", name, a.out, data, a, width, lr, seed, s, r, iters, gbs)
+                            if a.only:
+                                continue
                             from plot_runs import equal_loss_speedup
 
                             final_tst, final_base = _final_eval(tst), _final_eval(base)
@@ -242,6 +254,9 @@ def main(argv=None) -> int:
                                 "unigram_entropy": refs["unigram_entropy"],
                                 "count_model_mce": refs["count_model_mce"].get(s),
                                 "tst_metrics": os.path.relpath(tst, a.out), "base_metrics": os.path.relpath(base, a.out)})
+    if a.only:
+        print(f"[regime] --only {a.only}: done; run the same command without --only for the summary", flush=True)
+        return 0
     summary = {"data": data, "references": refs, "rows": rows, "args": vars(a)}
     with open(os.path.join(a.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
