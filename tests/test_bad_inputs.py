@@ -192,6 +192,20 @@ def test_sequence_too_long_for_the_data_without_tst(corpus, workdir, save, capsy
     assert_clean(workdir, save)
 
 
+@pytest.mark.parametrize("over,what", [
+    # 2 validation documents hold at most 160 tokens, the 18 train ones at least 360
+    ({"--tst-bag-size": 12}, "--tst-bag-size 12 with --seq-length 16: one superposition sample reads 204 tokens"),
+    ({"--tst-bag-size": 1, "--tst-superposition-iters": None, "--seq-length": 200},
+     "--seq-length 200: one sample reads 201 tokens"),
+])
+def test_sample_longer_than_the_validation_split(corpus, workdir, save, capsys, over, what):
+    """megatron would repeat the split inside one validation sample; the loss read on it is low."""
+    msg = refuse(base(corpus, save, **over), capsys, watch=[workdir, os.path.dirname(corpus)])
+    assert msg.startswith(f"error: {what}, but the validation split of --data-path {corpus} holds only "), msg
+    assert "give the validation split more weight in --split (now 90,10,0)" in msg, msg
+    assert_clean(workdir, save)
+
+
 # ------------------------------------------------------------------------------ parallel layout
 def test_world_size_not_divisible_by_model_parallel_size(corpus, workdir, save, capsys):
     msg = refuse(base(corpus, save, **{"--tensor-model-parallel-size": 2}), capsys, watch=[workdir])

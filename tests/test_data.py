@@ -304,6 +304,25 @@ def test_eod_masking_matches_megatron(tmp_path, corpus):
         assert torch.equal(x["position_ids"], position_ids)
 
 
+def test_loss_mask_counts_only_positions_with_a_valid_weighted_target(tmp_path, corpus):
+    """With `first` weighting (weights [1, 0, ..]) a position whose first target follows an EOD
+    has nothing to learn: it must not count in the loss mean (the MCE gives it 0, so counting it
+    would dilute the loss). With all weights > 0 any valid target counts."""
+    prefix, _ = corpus["eod"]
+    first = TSTConfig(bag_size=S, superposition_ratio=0.3, bag_weighting="first")
+    ds = build(tmp_path, first, [prefix], eod_mask_loss=True).train
+    differs = False
+    for i in range(ds.num_superposition_samples):
+        x = ds[i]
+        valid = x["labels"] != IGNORE_INDEX
+        assert torch.equal(x["loss_mask"], valid[:, 0].float())
+        differs |= bool((valid.any(-1) & ~valid[:, 0]).any())
+    assert differs, "corpus should put an EOD right before some bag's first target"
+    power = TSTConfig(bag_size=S, superposition_ratio=0.3, bag_weighting="power")
+    x = build(tmp_path, power, [prefix], eod_mask_loss=True, cache="cache2").train[0]
+    assert torch.equal(x["loss_mask"], (x["labels"] != IGNORE_INDEX).any(-1).float())
+
+
 # ------------------------------------------------------------------------------- (6) sampler
 def _indices(total, consumed, mbs, rank, dp):
     return list(PretrainingSampler(total, consumed, mbs, rank, dp))

@@ -134,10 +134,15 @@ def _superposition_sample(text: torch.Tensor, valid: torch.Tensor, seq_length: i
         if tst.mode == "input":  # next-token target of the bag = first token of the next bag
             label_ids, label_valid = label_ids[:, :1], label_valid[:, :1]
         labels = _masked(label_ids, label_valid)
+    # A position counts in the loss mean when a target it is trained on is valid: with a weighting
+    # that gives some slots weight 0 (`first`), invalid weighted slots leave nothing to learn there.
+    weighted = label_valid
+    if label_valid.shape[-1] > 1:
+        weighted = label_valid & (torch.tensor(tst.bag_weights()) > 0)
     return {
         "tokens": tokens,
         "labels": labels.contiguous(),
-        "loss_mask": label_valid.any(dim=-1).float(),
+        "loss_mask": weighted.any(dim=-1).float(),
         "position_ids": torch.arange(L, dtype=torch.long),
     }
 

@@ -69,7 +69,7 @@ def _check_prefix(cfg: RunConfig, prefix: str, split, tokenizer_vocab_size: int)
     except Exception as exc:
         fail(f"--data-path {prefix}: .bin/.idx do not match or are damaged ({type(exc).__name__}: {exc})")
     _check_split(cfg, prefix, split, len(ds.document_indices) - 1)
-    _check_sample_fits(cfg, prefix, split[0], ds)
+    _check_samples_fit(cfg, prefix, split, ds)
     expected = int(ds.sequence_lengths.sum()) * ds.index.dtype_size
     actual = os.path.getsize(prefix + ".bin")
     if actual != expected:
@@ -98,24 +98,34 @@ def _check_split(cfg: RunConfig, prefix: str, split, num_documents: int) -> None
                  "(e.g. --split 98,2,0), or use more data")
 
 
-def _check_sample_fits(cfg: RunConfig, prefix: str, bounds, ds) -> None:
-    """One training sample must fit in the train split's tokens: a superposition sample reads
-    s*(L+1) tokens (L+s in output mode), a plain one L+1. Otherwise megatron would silently
-    repeat the split inside a single sample."""
+def _check_samples_fit(cfg: RunConfig, prefix: str, split, ds) -> None:
+    """One sample must fit in the tokens of the split it is read from, or megatron silently
+    repeats the split inside a single sample (a validation loss on repeated text reads low: the
+    model copies from its own context). Train and the validation MCE read superposition windows
+    of s*(L+1) tokens (L+s in output mode), validation LM and test plain L+1 windows."""
     from .data import base_sequence_length
 
-    if bounds is None:
-        return
-    beg, end = _document_range(bounds, len(ds.document_indices) - 1)
-    first, last = int(ds.document_indices[beg]), int(ds.document_indices[end])
-    have = int(ds.sequence_lengths[first:last].sum())
     L, s = cfg.model.seq_length, cfg.tst.bag_size
-    need = base_sequence_length(L, cfg.tst) + 1
-    if need > have:
+    bag = base_sequence_length(L, cfg.tst) + 1
+    evaluates = cfg.logging.eval_iters > 0
+    needs = (("train", split[0], bag),
+             ("validation", split[1], bag if cfg.tst.num_superposition_iters(cfg.optim.train_iters) and evaluates
+              else (L + 1 if evaluates else 0)),
+             ("test", split[2], L + 1 if evaluates else 0))
+    for name, bounds, need in needs:
+        if bounds is None or need == 0:
+            continue
+        beg, end = _document_range(bounds, len(ds.document_indices) - 1)
+        first, last = int(ds.document_indices[beg]), int(ds.document_indices[end])
+        have = int(ds.sequence_lengths[first:last].sum())
+        if need <= have:
+            continue
         what = (f"--tst-bag-size {s} with --seq-length {L}: one superposition sample reads {need} tokens"
-                if cfg.tst.enabled else f"--seq-length {L}: one sample reads {need} tokens")
-        fail(f"{what}, but the train split of --data-path {prefix} holds only {have} tokens; "
-             "use a smaller --tst-bag-size / --seq-length or more data")
+                if need == bag and cfg.tst.enabled else f"--seq-length {L}: one sample reads {need} tokens")
+        fix = ("use a smaller --tst-bag-size / --seq-length or more data" if name == "train" else
+               f"give the {name} split more weight in --split (now {cfg.data.split}), use a smaller "
+               "--tst-bag-size / --seq-length, or more data")
+        fail(f"{what}, but the {name} split of --data-path {prefix} holds only {have} tokens; {fix}")
 
 
 def _resolved(args: dict) -> dict:
