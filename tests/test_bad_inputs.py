@@ -165,6 +165,47 @@ def test_tst_choice_invalid(corpus, workdir, save, capsys, flag):
     assert_clean(workdir, save)
 
 
+@pytest.mark.parametrize("over,given", [
+    ({"--tst-bag-size": 1}, "--tst-superposition-iters 2"),
+    ({"--tst-bag-size": 1, "--tst-superposition-iters": None, "--tst-superposition-ratio": 0.3,
+      "--tst-bag-weighting": "power"}, "--tst-superposition-ratio 0.3, --tst-bag-weighting power"),
+])
+def test_tst_flags_without_a_bag_size(corpus, workdir, save, capsys, over, given):
+    """A TST setting with s = 1 would silently train the plain baseline."""
+    msg = refuse(base(corpus, save, **over), capsys, watch=[workdir])
+    assert msg == (f"error: {given} given with --tst-bag-size 1: there is no superposition phase with bags of one "
+                   "token; give --tst-bag-size s > 1 for TST, or drop the --tst-* flags for the plain baseline"), msg
+    assert_clean(workdir, save)
+
+
+@pytest.mark.parametrize("flag,hint", [
+    ("--tst-bag-sizes", "--tst-bag-sizes: did you mean --tst-bag-size?"),
+    ("--override-opt_param-scheduler", "--override-opt_param-scheduler: use --override-checkpoint-args"),
+])
+def test_unknown_flag_gets_a_suggestion(corpus, workdir, save, capsys, flag, hint):
+    with isolated(), pytest.raises(SystemExit) as exc:
+        main(base(corpus, save) + [flag, "4"] if flag == "--tst-bag-sizes" else base(corpus, save) + [flag])
+    assert exc.value.code == 2
+    msg = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "unrecognized arguments" in msg and f"({hint})" in msg, msg
+    assert_clean(workdir, save)
+
+
+@pytest.mark.parametrize("flag", ["--save", "--load", "--metrics-path", "--tensorboard-dir"])
+def test_path_of_the_wrong_kind(corpus, workdir, save, capsys, flag):
+    """A directory flag given a file (or the metrics file a directory) fails with the flag's name,
+    not with a FileExistsError after the model is built."""
+    target = workdir / ("adir" if flag == "--metrics-path" else "afile")
+    target.mkdir() if flag == "--metrics-path" else target.write_text("x")
+    over = {flag: target}
+    if flag == "--save":
+        save = target
+    msg = refuse(base(corpus, save, **over), capsys, watch=[workdir])
+    expected = (f"error: --metrics-path {target}: is a directory; give a file path (e.g. {target}/metrics.jsonl)"
+                if flag == "--metrics-path" else f"error: {flag} {target}: is a file, not a directory; give a directory")
+    assert msg == expected, msg
+
+
 @pytest.mark.parametrize("over,expected", [
     ({"--tst-superposition-iters": 4}, "error: TST superposition iterations (4) must be < train iterations (4)"),
     ({"--tst-superposition-iters": 9}, "error: TST superposition iterations (9) must be < train iterations (4)"),
@@ -336,6 +377,37 @@ def test_load_dir_without_checkpoint(corpus, workdir, save, capsys):
     assert_clean(workdir, save)
 
 
+def test_load_of_an_iteration_directory_names_its_parent(corpus, trained, workdir, save, capsys):
+    it = trained / "iter_0000002"
+    msg = refuse(base(corpus, save, **{"--load": it}), capsys, watch=[workdir, trained])
+    assert msg == (f"error: --load {it}: this is one checkpoint's iteration directory; give the directory that "
+                   f"holds it (--load {trained}), whose latest_checkpointed_iteration.txt names the iteration "
+                   "to resume"), msg
+    assert_clean(workdir, save)
+
+
+def test_fresh_run_into_a_save_directory_with_checkpoints(corpus, trained, workdir, capsys):
+    """Without --load the run would start over and mix its checkpoints and tracker with another run's."""
+    msg = refuse(base(corpus, trained), capsys, watch=[workdir, trained])
+    assert msg == (f"error: --save {trained}: the directory already holds checkpoints of a run; resume it with "
+                   f"--load {trained}, or choose a new --save directory (this run would mix its checkpoints "
+                   "with those and replace their tracker)"), msg
+
+
+def test_fresh_run_keeps_an_earlier_metrics_file(corpus, workdir, monkeypatch, capsys):
+    """Two runs without --save in one directory: the second keeps the first one's metrics.jsonl."""
+    monkeypatch.chdir(workdir)
+    argv = base(corpus, None, **{"--train-iters": 2, "--tst-superposition-iters": 1})
+    with isolated():
+        assert main(argv) == 0
+    first = (workdir / "metrics.jsonl").read_text()
+    with isolated():
+        assert main(argv) == 0
+    assert (workdir / "metrics.jsonl.1").read_text() == first
+    assert (workdir / "metrics.jsonl").read_text().count('"type": "train"') == 2
+    assert "> metrics.jsonl held the metrics of an earlier run: kept as metrics.jsonl.1" in capsys.readouterr().out
+
+
 def test_load_dir_that_does_not_exist(corpus, workdir, save, capsys):
     msg = refuse(base(corpus, save, **{"--load": workdir / "nowhere"}), capsys, watch=[workdir])
     assert msg == f"error: --load {workdir / 'nowhere'}: directory does not exist", msg
@@ -363,6 +435,7 @@ def trained(corpus, tmp_path_factory):
     ({"--tst-mode": "output"}, "--tst-mode output (checkpoint: full)"),
     ({"--hidden-size": 32}, "--hidden-size 32 (checkpoint: 64)"),
     ({"--num-layers": 4}, "--num-layers 4 (checkpoint: 2)"),
+    ({"--seq-length": 8}, "--seq-length 8 (checkpoint: 16)"),
     ({"--train-iters": 6}, "--train-iters 6 (checkpoint: 4)"),
     ({"--lr": 0.01}, "--lr 0.01 (checkpoint: 0.001)"),
     ({"--tst-superposition-iters": 3}, "3 superposition iterations from --tst-superposition-iters/-ratio "
@@ -371,8 +444,12 @@ def trained(corpus, tmp_path_factory):
 def test_resume_with_other_configuration_refused(corpus, trained, workdir, capsys, over, diff):
     over = dict({"--load": trained}, **over)
     msg = refuse(base(corpus, trained, **over), capsys, watch=[trained, workdir])
+    # another weight shape cannot be overridden (the tensors would not load)
+    fix = ("The weights have the checkpoint's shape: use its values, or --load / --save another directory for "
+           "a new run" if diff.startswith(("--hidden-size", "--num-layers"))
+           else "Use the checkpoint's values, or pass --override-checkpoint-args")
     assert msg == (f"error: --load {trained}/iter_0000002: the checkpoint was trained with a different "
-                   f"configuration: {diff}. Use the checkpoint's values, or pass --override-checkpoint-args"), msg
+                   f"configuration: {diff}. {fix}"), msg
     assert not list(workdir.rglob("metrics.jsonl"))
 
 

@@ -25,7 +25,8 @@ def test_demo_end_to_end_small(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-m", "tst_megatron.demo", "--out", str(out), "--train-iters", "6",
-                          "--corpus-bytes", "2000000", "--vocab-size", "512"],
+                          "--corpus-bytes", "2000000", "--vocab-size", "512",
+                          "--split", "90,10,0"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     text = res.stdout + res.stderr
     assert res.returncode == 0, text[-4000:]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import importlib.util
 import math
 import os
@@ -337,12 +338,39 @@ def _split_groups(ns: argparse.Namespace) -> RunConfig:
                      data=take(DataArgs), ckpt=take(CheckpointArgs), logging=take(LoggingArgs), tst=tst)
 
 
+# Megatron-LM flags whose job another flag does here.
+_MEGATRON_EQUIVALENTS = {
+    "--override-opt_param-scheduler": "--override-checkpoint-args",
+    "--use-checkpoint-opt_param-scheduler": "--override-checkpoint-args (the checkpoint's schedule is kept "
+                                            "by default)",
+    "--use-checkpoint-args": "the checkpoint's values (a resume checks them against the flags)",
+}
+
+
+def _suggestions(parser: argparse.ArgumentParser, unknown: List[str]) -> str:
+    """' (did you mean --x?)' hints for unknown flags: close spellings or Megatron-LM equivalents."""
+    known = [o for o in parser._option_string_actions if o.startswith("--")]
+    hints = []
+    for arg in unknown:
+        flag = arg.split("=", 1)[0]
+        if not flag.startswith("--"):
+            continue
+        if flag in _MEGATRON_EQUIVALENTS:
+            hints.append(f"{flag}: use {_MEGATRON_EQUIVALENTS[flag]}")
+            continue
+        close = difflib.get_close_matches(flag, known, n=2, cutoff=0.75)
+        if close:
+            hints.append(f"{flag}: did you mean {' or '.join(close)}?")
+    return f" ({'; '.join(hints)})" if hints else ""
+
+
 def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
     parser = build_parser()
     ns, unknown = parser.parse_known_args(argv)
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)} -- this trainer does not implement "
-                     "these Megatron-LM flags; see `pretrain_tst.py --help` for the supported ones")
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{_suggestions(parser, unknown)} -- this "
+                     "trainer does not know these flags (a Megatron-LM flag it does not implement, or a "
+                     "typo); see `pretrain_tst.py --help` for the supported ones")
     if ns.group_query_attention and ns.num_query_groups is None:
         ns.num_query_groups = 1  # Megatron-LM's default: GQA without a group count is multi-query
     return _split_groups(ns)
@@ -463,9 +491,20 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         cfg.tst.num_superposition_iters(o.train_iters)
     except ValueError as exc:
         fail(str(exc))
-    if cfg.tst.enabled and cfg.tst.superposition_iters is None and cfg.tst.superposition_ratio == 0.0:
-        print("warning: --tst-bag-size > 1 with no superposition iterations "
-              "(--tst-superposition-ratio / --tst-superposition-iters): this is a plain run", file=sys.stderr)
+    if not cfg.tst.enabled:  # a TST setting with s = 1 would silently train the plain baseline
+        given = [f"{flag} {value}" for flag, value, default in (
+            ("--tst-superposition-ratio", cfg.tst.superposition_ratio, 0.0),
+            ("--tst-superposition-iters", cfg.tst.superposition_iters, None),
+            ("--tst-bag-weighting", cfg.tst.bag_weighting, "uniform"),
+            ("--tst-mode", cfg.tst.mode, "full")) if value not in (default, 0)]
+        if given:
+            fail(f"{', '.join(given)} given with --tst-bag-size {cfg.tst.bag_size}: there is no superposition "
+                 "phase with bags of one token; give --tst-bag-size s > 1 for TST, or drop the --tst-* flags "
+                 "for the plain baseline")
+    elif cfg.tst.num_superposition_iters(o.train_iters) == 0:
+        print(f"warning: --tst-bag-size {cfg.tst.bag_size} with 0 superposition iterations (--tst-superposition-"
+              f"ratio {cfg.tst.superposition_ratio} of --train-iters {o.train_iters}, rounded down, or "
+              "--tst-superposition-iters 0): this is a plain run", file=sys.stderr)
     if not cfg.data.data_path:
         fail("give --data-path PREFIX [PREFIX ...] (from tools/preprocess_data.py)")
     if cfg.data.tokenizer_type == "NullTokenizer" and m.vocab_size is None:
@@ -478,6 +517,14 @@ def validate(cfg: RunConfig, world_size: int) -> None:
             fail(f"--tokenizer-type {cfg.data.tokenizer_type} needs --tokenizer-model PATH")
         if not os.path.exists(cfg.data.tokenizer_model):
             fail(f"--tokenizer-model {cfg.data.tokenizer_model}: no such file or directory")
+    if cfg.data.tokenizer_type == "HuggingFaceTokenizer" and importlib.util.find_spec("tokenizers") is None:
+        fail("--tokenizer-type HuggingFaceTokenizer needs the `tokenizers` package: pip install 'tst-megatron[hf]'")
+    for flag, path in (("--save", c.save), ("--load", c.load), ("--metrics-path", cfg.logging.metrics_path),
+                       ("--tensorboard-dir", cfg.logging.tensorboard_dir)):
+        if path and flag != "--metrics-path" and os.path.exists(path) and not os.path.isdir(path):
+            fail(f"{flag} {path}: is a file, not a directory; give a directory")
+        if path and flag == "--metrics-path" and os.path.isdir(path):
+            fail(f"--metrics-path {path}: is a directory; give a file path (e.g. {os.path.join(path, 'metrics.jsonl')})")
     if c.save_interval is not None and c.save_interval < 1:
         fail(f"--save-interval must be >= 1 (got {c.save_interval})")
     if c.save_interval is not None and not c.save:

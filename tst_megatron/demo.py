@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -57,6 +58,8 @@ def main(argv=None) -> int:
     p.add_argument("--tst-bag-size", type=int, default=4)
     p.add_argument("--tst-superposition-ratio", type=float, default=0.3)
     p.add_argument("--corpus-bytes", type=int, default=6_000_000)
+    p.add_argument("--split", default="98,2,0", help="train,validation,test weights (a small corpus needs a "
+                   "larger validation share: one sample must fit in it)")
     p.add_argument("--vocab-size", type=int, default=2048)
     args = p.parse_args(argv)
 
@@ -83,7 +86,7 @@ def main(argv=None) -> int:
     data = prefix + "_text_document"
 
     n = args.train_iters  # warmup, logging and evaluation scale down for a shorter --train-iters
-    common = [py, "pretrain_tst.py", "--data-path", data, "--split", "98,2,0",
+    common = [py, "pretrain_tst.py", "--data-path", data, "--split", args.split,
               "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", spm + ".model",
               "--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4", "--seq-length", "128",
               "--swiglu", "--normalization", "RMSNorm", "--disable-bias-linear",
@@ -99,7 +102,8 @@ def main(argv=None) -> int:
                                  str(args.tst_superposition_ratio)]),
                         ("baseline", [])):
         run_dir = os.path.join(out, name)
-        os.makedirs(run_dir, exist_ok=True)
+        shutil.rmtree(run_dir, ignore_errors=True)  # a rerun replaces the demo's own earlier run
+        os.makedirs(run_dir)
         metrics = os.path.join(run_dir, "metrics.jsonl")
         print(f"[demo] training {name} run ({args.train_iters} iterations) -> {run_dir}", flush=True)
         _run(common + extra + ["--save", run_dir, "--metrics-path", metrics, "--run-name", name],

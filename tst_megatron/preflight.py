@@ -24,7 +24,7 @@ _RESUME_KEYS = (
                             "swiglu", "qk_layernorm", "num_experts", "untie_embeddings_and_output_weights",
                             "disable_bias_linear", "position_embedding_type", "moe_ffn_hidden_size",
                             "moe_router_topk")]
-    + [("tst", "bag_size"), ("tst", "mode")]
+    + [("model", "seq_length"), ("tst", "bag_size"), ("tst", "mode")]
     + [("optim", k) for k in ("train_iters", "lr", "min_lr", "lr_decay_style", "lr_warmup_iters",
                               "lr_decay_iters", "lr_wsd_decay_iters", "lr_wsd_decay_style", "weight_decay")])
 
@@ -153,7 +153,7 @@ def check_resume_compatible(cfg: RunConfig, meta: dict, path: str) -> None:
     """Refuse to resume with another model shape, bag size or LR schedule, unless overridden."""
     raw_saved, raw_now = meta.get("args", {}), cfg.to_dict()
     saved, now = _resolved(raw_saved), _resolved(raw_now)
-    diffs = []
+    diffs, shape = [], False
     for group, key in _RESUME_KEYS:
         a, b = saved.get(group, {}).get(key), now[group].get(key)
         # a difference the user typed (a derived default that moved with another flag is reported
@@ -162,14 +162,17 @@ def check_resume_compatible(cfg: RunConfig, meta: dict, path: str) -> None:
         if group in saved and a != b and typed:
             flag = "--tst-" + key.replace("_", "-") if group == "tst" else "--" + key.replace("_", "-")
             diffs.append(f"{flag} {b} (checkpoint: {a})")
+            shape |= group == "model" and key not in ("seq_length", "moe_router_topk")
     sup_saved = meta.get("superposition_iters")
     sup_now = cfg.tst.num_superposition_iters(cfg.optim.train_iters)
     if sup_saved is not None and sup_saved != sup_now:
         diffs.append(f"{sup_now} superposition iterations from --tst-superposition-iters/-ratio "
                      f"(checkpoint: {sup_saved})")
     if diffs and not cfg.ckpt.override_checkpoint_args:
+        fix = ("The weights have the checkpoint's shape: use its values, or --load / --save another directory "
+               "for a new run" if shape else "Use the checkpoint's values, or pass --override-checkpoint-args")
         fail(f"--load {path}: the checkpoint was trained with a different configuration: "
-             + "; ".join(diffs) + ". Use the checkpoint's values, or pass --override-checkpoint-args")
+             + "; ".join(diffs) + ". " + fix)
 
 
 def check_resume_optimizer(meta: dict, path: str, use_distributed_optimizer: bool, parts: int) -> None:

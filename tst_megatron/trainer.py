@@ -67,6 +67,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.stop_signal = False
+        self.start_time = time.time()  # --exit-duration-in-mins counts from here, as in Megatron-LM
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -124,6 +125,10 @@ class Trainer:
             if found is None:
                 if same_dir(cfg.ckpt.load, cfg.ckpt.save):
                     found = None  # first start of a requeue-friendly job: nothing yet
+                elif os.path.isfile(os.path.join(cfg.ckpt.load, ckpt.MARKER)):
+                    fail(f"--load {cfg.ckpt.load}: this is one checkpoint's iteration directory; give the "
+                         f"directory that holds it (--load {os.path.dirname(os.path.abspath(cfg.ckpt.load))}), "
+                         f"whose {ckpt.TRACKER} names the iteration to resume")
                 else:
                     fail(f"--load {cfg.ckpt.load}: the directory holds no checkpoint "
                          f"(no {ckpt.TRACKER} and no iter_* directories)")
@@ -132,6 +137,12 @@ class Trainer:
                 self.vocab_size = preflight.resume_vocab_size(cfg, found[2], found[1], self.vocab_size,
                                                               self.tokenizer.vocab_size, self.rank == 0)
             self.resume = found
+        save = cfg.ckpt.save
+        if save and not (cfg.ckpt.load and same_dir(cfg.ckpt.load, save)) and (
+                os.path.isfile(os.path.join(save, ckpt.TRACKER)) or ckpt.list_checkpoints(save)):
+            fail(f"--save {save}: the directory already holds checkpoints of a run; resume it with --load "
+                 f"{save}, or choose a new --save directory (this run would mix its checkpoints with those "
+                 "and replace their tracker)")
 
         # Model, DDP, optimizer, LR schedule: all megatron-core.
         self.tconfig = transformer_config(cfg.model, par, cfg.optim, use_cpu_init=self.device.type == "cpu")
@@ -238,6 +249,10 @@ class Trainer:
         if self.rank == 0 and resuming and os.path.exists(path):
             # resumed at the end: the final evaluation runs again, so its old record goes
             truncate_metrics(path, self.iteration, keep_evals_at_end=self.iteration < cfg.optim.train_iters)
+        elif self.rank == 0 and os.path.isfile(path) and os.path.getsize(path) > 0:
+            kept = next(f"{path}.{k}" for k in range(1, 10 ** 6) if not os.path.exists(f"{path}.{k}"))
+            os.replace(path, kept)  # a fresh run never overwrites another run's curve
+            print(f"> {path} held the metrics of an earlier run: kept as {kept}", flush=True)
         self.log = RunLogger(self.rank == 0, path, cfg.logging.tensorboard_dir, cfg.logging.wandb_project,
                              cfg.logging.wandb_exp_name or cfg.logging.run_name, resume=resuming)
         total, active = count_parameters(cfg.model, self.vocab_size)
@@ -481,6 +496,9 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
     def _install_signal_handlers(self) -> None:
         def handler(signum, frame):
+            if self.stop_signal:  # asked twice: stop now, as without a handler (the save is skipped)
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
             self.stop_signal = True
 
         signal.signal(signal.SIGTERM, handler)
@@ -490,7 +508,8 @@ class Trainer:
     def _should_exit(self) -> Optional[str]:
         c = self.cfg.ckpt
         # Agreed over all ranks (a signal may reach only some): 2 = time is up, 1 = signal, 0 = go on.
-        out_of_time = c.exit_duration_in_mins is not None and self.timer.elapsed() / 60 > c.exit_duration_in_mins
+        out_of_time = (c.exit_duration_in_mins is not None
+                       and (time.time() - self.start_time) / 60 > c.exit_duration_in_mins)
         flag = torch.full((1,), 2.0 if out_of_time else 1.0 if self.stop_signal else 0.0, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         code = int(flag.item())

@@ -52,9 +52,12 @@ EOF
     ) 9>"$dir/.build.lock"
 }
 
-if [[ ${PRINT_MODEL_SIZE:-0} != 1 && ${DRY_RUN:-0} != 1 && -z ${DATA_PATH:-} ]]; then
+if [[ -z ${DATA_PATH:-} ]]; then
     DATA_PATH=$DATA_ROOT/tiny/email_text_document
-    build_tiny_corpus "$DATA_PATH"
+    # a dry run prints the command it would run (with this path) and builds nothing
+    if [[ ${PRINT_MODEL_SIZE:-0} != 1 && ${DRY_RUN:-0} != 1 ]]; then
+        build_tiny_corpus "$DATA_PATH"
+    fi
 fi
 
 MODEL_ARGS=(
