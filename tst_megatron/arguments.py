@@ -54,6 +54,10 @@ class ModelArgs:
     moe_shared_expert_intermediate_size: Optional[int] = None
     moe_layer_freq: int = 1
     moe_router_pre_softmax: bool = False
+    # activation recomputation (memory for compute; the function computed is the same)
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
 
     def resolved_ffn_hidden_size(self) -> int:
         if self.ffn_hidden_size is not None:
@@ -71,6 +75,7 @@ class ParallelArgs:
     expert_model_parallel_size: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
 
 
 @dataclass
@@ -230,6 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="shard norms/dropout activations along the sequence over the TP ranks")
     par.add_argument("--use-distributed-optimizer", action="store_true",
                      help="shard optimizer state over the data-parallel ranks (ZeRO-1)")
+    par.add_argument("--overlap-grad-reduce", action="store_true",
+                     help="start each gradient bucket's data-parallel reduction during the backward pass")
+    par.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                     help="recompute activations in the backward pass instead of keeping them: whole layers "
+                          "(full) or the core attention only (selective)")
+    par.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
+                     help="with full: checkpoint groups of --recompute-num-layers layers (uniform), or only the "
+                          "first --recompute-num-layers layers of each pipeline stage (block)")
+    par.add_argument("--recompute-num-layers", type=int, default=None,
+                     help="layers per recomputed group (uniform) or recomputed layers per stage (block)")
 
     o = p.add_argument_group("batch and optimisation")
     o.add_argument("--micro-batch-size", type=int, default=4, help="samples per forward/backward on one rank")
@@ -471,6 +486,19 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         fail(f"interleaved pipelining (--num-layers-per-virtual-pipeline-stage) needs the micro-batches per "
              f"step (--global-batch-size / (--micro-batch-size x data-parallel size) = {micro}) to be a "
              f"multiple of --pipeline-model-parallel-size ({pp})")
+    if m.recompute_granularity == "full" and (m.recompute_method is None or not m.recompute_num_layers
+                                              or m.recompute_num_layers < 1):
+        fail("--recompute-granularity full needs --recompute-method uniform|block and --recompute-num-layers N >= 1")
+    if m.recompute_granularity != "full" and (m.recompute_method or m.recompute_num_layers):
+        fail("--recompute-method / --recompute-num-layers are for --recompute-granularity full "
+             f"(got --recompute-granularity {m.recompute_granularity})")
+    if m.recompute_method == "uniform" and m.recompute_num_layers and \
+            (m.num_layers // pp) % m.recompute_num_layers:
+        fail(f"--recompute-method uniform needs --recompute-num-layers ({m.recompute_num_layers}) to divide the "
+             f"layers per pipeline stage ({m.num_layers // pp})")
+    if m.recompute_method == "block" and m.recompute_num_layers and m.recompute_num_layers > m.num_layers // pp:
+        fail(f"--recompute-num-layers ({m.recompute_num_layers}) exceeds the layers per pipeline stage "
+             f"({m.num_layers // pp})")
     for name, value in (("--lr", o.lr), ("--min-lr", o.min_lr), ("--weight-decay", o.weight_decay),
                         ("--clip-grad", o.clip_grad)):
         if not math.isfinite(value) or value < 0:

@@ -71,6 +71,9 @@ def transformer_config(m: ModelArgs, par: ParallelArgs, o: OptimArgs, use_cpu_in
         pipeline_dtype=dtype,
         bf16=o.bf16,
         use_cpu_initialization=use_cpu_init,
+        recompute_granularity=m.recompute_granularity,
+        recompute_method=m.recompute_method,
+        recompute_num_layers=m.recompute_num_layers,
         **moe,
     )
 
@@ -115,7 +118,7 @@ def wrap_ddp(chunks, tconfig, par: ParallelArgs):
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=par.overlap_grad_reduce,
         use_distributed_optimizer=par.use_distributed_optimizer,
     )
     wrapped = []

@@ -6,7 +6,8 @@ A. `torch.cuda.current_device()` used as the allocation device (~100 call sites)
 B. hard-coded `device="cuda"`, `.cuda()` and CUDA type strings (`p.type() == "torch.cuda.FloatTensor"`)
    in the pipeline schedules, the optimizers and grad clipping;
 C. unconditional `torch.cuda.synchronize()` (p2p communication, the torch_dist async writer);
-D. the model-parallel RNG tracker stores CUDA RNG states.
+D. the model-parallel RNG tracker stores CUDA RNG states, and activation recomputation saves and
+   restores the CUDA generator's state around each recomputed forward.
 
 Plus two MoE specifics: the router's gating GEMM refers to Transformer Engine's `te_general_gemm`
 (a NameError without TE), and the all-to-all token dispatcher copies split sizes to the host on a
@@ -168,6 +169,13 @@ def enable_cpu_support() -> bool:
     torch.cuda.current_device = lambda: torch.device("cpu")
     # C: nothing to wait for on the host.
     torch.cuda.synchronize = lambda device=None: None
+
+    # D: no CUDA generator to save or restore around a recomputed forward (the CPU generator and
+    # the CPU tracker's states are saved by megatron's checkpoint function itself).
+    from megatron.core.tensor_parallel import random as tp_random
+
+    tp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    tp_random._set_cuda_rng_state = lambda *args, **kwargs: None
 
     # MoE: router GEMM falls back to torch when TE is absent; all-to-all host copies without streams.
     from megatron.core.transformer.moe import moe_utils, token_dispatcher

@@ -485,10 +485,12 @@ class Trainer:
         record = {"type": "eval", "iteration": self.iteration, "phase": phase, "val_lm_loss": lm,
                   "val_lm_ppl": math.exp(min(lm, 50.0)), "data_tokens": self.data_tokens,
                   "elapsed_s": self.timer.elapsed() + self.elapsed_before}
-        text = f" validation at iteration {self.iteration} | lm loss: {lm:.6E} | lm PPL: {record['val_lm_ppl']:.4E}"
+        # Megatron-LM's wording, so that log parsers written for it read this line too
+        text = (f" validation loss at iteration {self.iteration} | lm loss value: {lm:.6E} | "
+                f"lm loss PPL: {record['val_lm_ppl']:.6E} |")
         if mce is not None:
             record["val_mce_loss"] = mce
-            text += f" | mce loss: {mce:.6E}"
+            text += f" mce loss value: {mce:.6E} |"
         self.log.record(record)
         bar = "-" * (len(text) + 1)
         self.log.print(f"{bar}\n{text}\n{bar}")
