@@ -322,6 +322,29 @@ def test_missing_bin_or_idx(corpus, workdir, save, capsys, missing):
     assert_clean(workdir, save)
 
 
+@pytest.mark.parametrize("given, hint", [
+    ("{d}/email_text_document.bin", "; --data-path takes the prefix without .bin: {d}/email_text_document"),
+    ("{d}/email", "; did you mean {d}/email_text_document? (tools/preprocess_data.py adds _<key>_document)"),
+])
+def test_data_path_near_miss_names_the_prefix(corpus, workdir, save, capsys, given, hint):
+    d = workdir / "data"
+    d.mkdir()
+    for ext in (".bin", ".idx"):
+        shutil.copy(corpus + ext, str(d / "email_text_document") + ext)
+    path = given.format(d=d)
+    msg = refuse(base(corpus, save, **{"--data-path": path}), capsys, watch=[workdir])
+    assert msg == f"error: --data-path: {path}.bin not found" + hint.format(d=d), msg
+    assert_clean(workdir, save)
+
+
+def test_weighted_blend_with_an_odd_number_of_items(corpus, workdir, save, capsys):
+    argv = base(corpus, save) + ["--data-path", "0.5", corpus, corpus]  # the last --data-path wins
+    msg = refuse(argv, capsys, watch=[workdir])
+    assert msg == (f"error: --data-path 0.5 {corpus} {corpus}: a weighted blend is pairs WEIGHT PREFIX; this list "
+                   "has 3 items (a weight or a prefix is missing)"), msg
+    assert_clean(workdir, save)
+
+
 @pytest.mark.parametrize("damage", ["truncated_bin", "other_corpus_bin"])
 def test_bin_and_idx_do_not_match(corpus, workdir, save, capsys, damage):
     prefix = str(workdir / "data" / "pair")

@@ -54,11 +54,35 @@ def check_data(cfg: RunConfig, tokenizer_vocab_size: int) -> None:
     except Exception as exc:
         fail(f"--data-path {' '.join(paths)}: cannot parse ({exc}); use PREFIX ... or W1 PREFIX1 W2 PREFIX2 ...")
     split = _split_bounds(cfg.data.split)  # parsed once, checked against every prefix
+    if len(paths) % 2 == 1 and len(paths) > 1 and _is_number(paths[0]):
+        fail(f"--data-path {' '.join(paths)}: a weighted blend is pairs WEIGHT PREFIX; this list has "
+             f"{len(paths)} items (a weight or a prefix is missing)")
     for prefix in prefixes:
         for ext in (".bin", ".idx"):
             if not os.path.isfile(prefix + ext):
-                fail(f"--data-path: {prefix + ext} not found (make it with tools/preprocess_data.py)")
+                fail(f"--data-path: {prefix + ext} not found{_prefix_hint(prefix)}")
         _check_prefix(cfg, prefix, split, tokenizer_vocab_size)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _prefix_hint(prefix: str) -> str:
+    """What the user most likely meant by a prefix whose .bin/.idx do not exist."""
+    import glob
+
+    for ext in (".bin", ".idx"):
+        if prefix.endswith(ext) and os.path.isfile(prefix):
+            return f"; --data-path takes the prefix without {ext}: {prefix[:-len(ext)]}"
+    near = sorted(glob.glob(glob.escape(prefix) + "_*_document.bin"))
+    if near:
+        return f"; did you mean {' or '.join(n[:-4] for n in near[:3])}? (tools/preprocess_data.py adds _<key>_document)"
+    return " (make it with tools/preprocess_data.py)"
 
 
 def _check_prefix(cfg: RunConfig, prefix: str, split, tokenizer_vocab_size: int) -> None:
