@@ -166,15 +166,17 @@ def test_tst_choice_invalid(corpus, workdir, save, capsys, flag):
 
 
 @pytest.mark.parametrize("over,given", [
-    ({"--tst-bag-size": 1}, "--tst-superposition-iters 2"),
-    ({"--tst-bag-size": 1, "--tst-superposition-iters": None, "--tst-superposition-ratio": 0.3,
+    ({"--tst-bag-size": None}, "--tst-superposition-iters 2"),
+    ({"--tst-bag-size": None, "--tst-superposition-iters": None, "--tst-superposition-ratio": 0.3,
       "--tst-bag-weighting": "power"}, "--tst-superposition-ratio 0.3, --tst-bag-weighting power"),
 ])
 def test_tst_flags_without_a_bag_size(corpus, workdir, save, capsys, over, given):
-    """A TST setting with s = 1 would silently train the plain baseline."""
+    """TST settings without --tst-bag-size (default 1) would silently train the plain baseline; an
+    explicit --tst-bag-size 1 is that baseline on purpose (test_trainer_e2e::test_tst_off_is_a_plain_run)."""
     msg = refuse(base(corpus, save, **over), capsys, watch=[workdir])
-    assert msg == (f"error: {given} given with --tst-bag-size 1: there is no superposition phase with bags of one "
-                   "token; give --tst-bag-size s > 1 for TST, or drop the --tst-* flags for the plain baseline"), msg
+    assert msg == (f"error: {given} given without --tst-bag-size: the default bag size 1 has no superposition "
+                   "phase; give --tst-bag-size s > 1 for TST (an explicit --tst-bag-size 1 is the plain "
+                   "baseline, e.g. in a sweep over s)"), msg
     assert_clean(workdir, save)
 
 

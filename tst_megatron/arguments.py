@@ -325,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print total and active parameters for the config and exit")
 
     t = p.add_argument_group("token superposition (TST)")
-    t.add_argument("--tst-bag-size", type=int, default=1, help="s; 1 = plain next-token training")
+    t.add_argument("--tst-bag-size", type=int, default=None,
+                   help="s, tokens per bag (default 1 = plain next-token training)")
     t.add_argument("--tst-superposition-ratio", type=float, default=0.0,
                    help="fraction r of --train-iters in the superposition phase (paper: 0.2-0.4)")
     t.add_argument("--tst-superposition-iters", type=int, default=None, help="explicit count; overrides the ratio")
@@ -386,9 +387,24 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{_suggestions(parser, unknown)} -- this "
                      "trainer does not know these flags (a Megatron-LM flag it does not implement, or a "
                      "typo); see `pretrain_tst.py --help` for the supported ones")
+    bag_given = ns.tst_bag_size is not None
+    if not bag_given:
+        ns.tst_bag_size = 1
     if ns.group_query_attention and ns.num_query_groups is None:
         ns.num_query_groups = 1  # Megatron-LM's default: GQA without a group count is multi-query
-    return _split_groups(ns)
+    cfg = _split_groups(ns)  # values out of range are refused first
+    if not bag_given:  # TST settings without a bag size would silently train the baseline
+        t = cfg.tst
+        given = [f"{flag} {value}" for flag, value, default in (
+            ("--tst-superposition-ratio", t.superposition_ratio, 0.0),
+            ("--tst-superposition-iters", t.superposition_iters, None),
+            ("--tst-bag-weighting", t.bag_weighting, "uniform"),
+            ("--tst-mode", t.mode, "full")) if value not in (default, 0)]
+        if given:
+            raise SystemExit(f"error: {', '.join(given)} given without --tst-bag-size: the default bag size 1 "
+                             "has no superposition phase; give --tst-bag-size s > 1 for TST (an explicit "
+                             "--tst-bag-size 1 is the plain baseline, e.g. in a sweep over s)")
+    return cfg
 
 
 def same_dir(a: Optional[str], b: Optional[str]) -> bool:
@@ -519,17 +535,7 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         cfg.tst.num_superposition_iters(o.train_iters)
     except ValueError as exc:
         fail(str(exc))
-    if not cfg.tst.enabled:  # a TST setting with s = 1 would silently train the plain baseline
-        given = [f"{flag} {value}" for flag, value, default in (
-            ("--tst-superposition-ratio", cfg.tst.superposition_ratio, 0.0),
-            ("--tst-superposition-iters", cfg.tst.superposition_iters, None),
-            ("--tst-bag-weighting", cfg.tst.bag_weighting, "uniform"),
-            ("--tst-mode", cfg.tst.mode, "full")) if value not in (default, 0)]
-        if given:
-            fail(f"{', '.join(given)} given with --tst-bag-size {cfg.tst.bag_size}: there is no superposition "
-                 "phase with bags of one token; give --tst-bag-size s > 1 for TST, or drop the --tst-* flags "
-                 "for the plain baseline")
-    elif cfg.tst.num_superposition_iters(o.train_iters) == 0:
+    if cfg.tst.enabled and cfg.tst.num_superposition_iters(o.train_iters) == 0:
         print(f"warning: --tst-bag-size {cfg.tst.bag_size} with 0 superposition iterations (--tst-superposition-"
               f"ratio {cfg.tst.superposition_ratio} of --train-iters {o.train_iters}, rounded down, or "
               "--tst-superposition-iters 0): this is a plain run", file=sys.stderr)
