@@ -179,6 +179,8 @@ def check_resume_compatible(cfg: RunConfig, meta: dict, path: str) -> None:
     saved, now = _resolved(raw_saved), _resolved(raw_now)
     diffs, shape = [], False
     for group, key in _RESUME_KEYS:
+        if key == "seq_length" and meta.get("imported_from"):
+            continue  # weights from Hugging Face: no data stream cut at that length to continue
         a, b = saved.get(group, {}).get(key), now[group].get(key)
         # a difference the user typed (a derived default that moved with another flag is reported
         # through that flag; an explicit value equal to the default is no difference)
