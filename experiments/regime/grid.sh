@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-outputs/regime}
-SWEEPS=${SWEEPS:-"base128 seed2 width256 ratios width384 batch64 long1600 switchcost seed2long long1600lr site1600 site3200 site1600seed2 site3200seed2 site1600s4 site3200s4 site3200w256 site3200s4seed2 site3200w256seed2 site3200w256seed3 site3200seed3 site3200w384"}
+SWEEPS=${SWEEPS:-"base128 seed2 width256 ratios width384 batch64 long1600 switchcost seed2long long1600lr site1600 site3200 site1600seed2 site3200seed2 site1600s4 site3200s4 site3200w256 site3200s4seed2 site3200w256seed2 site3200w256seed3 site3200seed3 site3200w384 site3200w384seed2"}
 
 sweep() {  # tag, then run.py arguments
   local tag=$1; shift
