@@ -497,10 +497,10 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def _install_signal_handlers(self) -> None:
+        # Every signal only asks for the clean stop: under torchrun a worker gets SIGTERM twice in
+        # a row (SLURM's signal to the step, then torchrun's forward of its own), and must still
+        # finish its iteration and save.
         def handler(signum, frame):
-            if self.stop_signal:  # asked twice: stop now, as without a handler (the save is skipped)
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
             self.stop_signal = True
 
         signal.signal(signal.SIGTERM, handler)
