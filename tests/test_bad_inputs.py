@@ -249,6 +249,26 @@ def test_sample_longer_than_the_validation_split(corpus, workdir, save, capsys, 
     assert_clean(workdir, save)
 
 
+def test_sample_longer_than_the_test_split(corpus, workdir, save, capsys):
+    """The test split is evaluated at the end of training: a sample that does not fit it would be
+    repeated text too, found only after the whole run. Split 85,10,5 of the 20 documents: 2
+    validation documents, 1 test document; L is chosen so that a sample fits the former only."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    index = IndexedDataset(corpus)
+    lengths = index.sequence_lengths.copy()  # a view into the index's mmap, closed with the object
+    del index
+    valid_tokens, test_tokens = int(lengths[17:19].sum()), int(lengths[19])
+    L = test_tokens  # one sample reads L + 1 tokens
+    assert valid_tokens >= L + 1, (valid_tokens, test_tokens)  # the validation split fits
+    msg = refuse(base(corpus, save, **{"--tst-bag-size": 1, "--tst-superposition-iters": None, "--seq-length": L,
+                                       "--split": "85,10,5"}), capsys, watch=[workdir, os.path.dirname(corpus)])
+    assert msg.startswith(f"error: --seq-length {L}: one sample reads {L + 1} tokens, but the test split of "
+                          f"--data-path {corpus} holds only {test_tokens} tokens; give the test split more weight "
+                          "in --split (now 85,10,5) or none"), msg
+    assert_clean(workdir, save)
+
+
 # ------------------------------------------------------------------------------ parallel layout
 def test_world_size_not_divisible_by_model_parallel_size(corpus, workdir, save, capsys):
     msg = refuse(base(corpus, save, **{"--tensor-model-parallel-size": 2}), capsys, watch=[workdir])

@@ -2,7 +2,8 @@
 
 The JSONL file is the contract with tools (`tools/plot_runs.py`): one JSON object per line,
 `"type": "run"` first (run summary), then `"type": "train"` records every --log-interval and
-`"type": "eval"` records at every evaluation.
+`"type": "eval"` records at every evaluation, one `"type": "test"` record at the end of training
+(when the test split has documents). The format is spelled out in `metrics_io`.
 """
 from __future__ import annotations
 
@@ -62,12 +63,12 @@ class RunLogger:
         step = record.get("iteration", 0)
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "iteration"}
         if self._tb is not None:
-            prefix = "eval/" if record.get("type") == "eval" else "train/"
+            prefix = f"{record['type']}/" if record.get("type") in ("eval", "test") else "train/"
             for k, v in scalars.items():
                 self._tb.add_scalar(prefix + k, v, step)
             self._tb.flush()
         if self._wandb is not None:
-            prefix = "eval/" if record.get("type") == "eval" else "train/"
+            prefix = f"{record['type']}/" if record.get("type") in ("eval", "test") else "train/"
             self._wandb.log({prefix + k: v for k, v in scalars.items()}, step=step)
 
     def close(self) -> None:

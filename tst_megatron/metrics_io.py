@@ -4,7 +4,9 @@ Records, told apart by "type":
 - "run" (optional, first): `name`, `tst_bag_size`, `superposition_iters`, any other settings;
 - "train": `iteration`, `phase` ("superposition" | "recovery"), `loss`, `lr`, `grad_norm`,
   `data_tokens`, `tokens_per_s`, `elapsed_s`;
-- "eval": `iteration`, `val_lm_loss`, `val_mce_loss` (evaluations up to and at the switch), `data_tokens`, `elapsed_s`.
+- "eval": `iteration`, `val_lm_loss`, `val_mce_loss` (evaluations up to and at the switch), `data_tokens`, `elapsed_s`;
+- "test" (once, at the end of training, when the --split gives the test split documents):
+  `iteration`, `test_lm_loss`, `test_lm_ppl`, `data_tokens`, `elapsed_s`.
 
 `data_tokens` counts tokens consumed so far (a TST step consumes s times more than a baseline
 step); `elapsed_s` is training wall-clock seconds since the run started, carried across resumes
@@ -70,7 +72,7 @@ def truncate_metrics(path: str, iteration: int, keep_evals_at_end: bool = True) 
             except ValueError:  # a line cut by a crash mid-write
                 continue
             it = rec.get("iteration", 0)
-            if rec.get("type") == "eval" and it == iteration and not keep_evals_at_end:
+            if rec.get("type") in ("eval", "test") and it == iteration and not keep_evals_at_end:
                 continue
             if rec.get("type") == "run" or it <= iteration:
                 keep.append(line if line.endswith("\n") else line + "\n")
@@ -95,6 +97,7 @@ class RunMetrics:
     meta: Dict[str, Any] = field(default_factory=dict)
     train: List[Dict[str, Any]] = field(default_factory=list)
     evals: List[Dict[str, Any]] = field(default_factory=list)
+    tests: List[Dict[str, Any]] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -156,7 +159,7 @@ def _finite(x: Any) -> bool:
 
 def _record_type(record: Dict[str, Any]) -> Optional[str]:
     kind = record.get("type")
-    if kind in ("run", "train", "eval"):
+    if kind in ("run", "train", "eval", "test"):
         return kind
     if kind is None:
         if "val_lm_loss" in record:
@@ -194,4 +197,6 @@ def read_metrics(path: str) -> RunMetrics:
             run.train.append(record)
         elif kind == "eval":
             run.evals.append(record)
+        elif kind == "test":
+            run.tests.append(record)
     return run

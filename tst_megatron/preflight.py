@@ -126,8 +126,8 @@ def _check_samples_fit(cfg: RunConfig, prefix: str, split, ds) -> None:
     """One sample must fit in the tokens of the split it is read from, or megatron silently
     repeats the split inside a single sample (a validation loss on repeated text reads low: the
     model copies from its own context). Train and the validation MCE read superposition windows
-    of s*(L+1) tokens (L+s in output mode), validation LM plain L+1 windows. The test split is
-    built (as megatron does) but never evaluated, so it is not checked."""
+    of s*(L+1) tokens (L+s in output mode), validation LM and the test split (evaluated once, at
+    the end) plain L+1 windows."""
     from .data import base_sequence_length
 
     L, s = cfg.model.seq_length, cfg.tst.bag_size
@@ -135,7 +135,8 @@ def _check_samples_fit(cfg: RunConfig, prefix: str, split, ds) -> None:
     evaluates = cfg.logging.eval_iters > 0
     needs = (("train", split[0], bag),
              ("validation", split[1], bag if cfg.tst.num_superposition_iters(cfg.optim.train_iters) and evaluates
-              else (L + 1 if evaluates else 0)))
+              else (L + 1 if evaluates else 0)),
+             ("test", split[2], L + 1 if evaluates else 0))
     for name, bounds, need in needs:
         if bounds is None or need == 0:
             continue
@@ -147,6 +148,8 @@ def _check_samples_fit(cfg: RunConfig, prefix: str, split, ds) -> None:
         what = (f"--tst-bag-size {s} with --seq-length {L}: one superposition sample reads {need} tokens"
                 if need == bag and cfg.tst.enabled else f"--seq-length {L}: one sample reads {need} tokens")
         fix = ("use a smaller --tst-bag-size / --seq-length or more data" if name == "train" else
+               f"give the test split more weight in --split (now {cfg.data.split}) or none (a last weight "
+               "of 0: no test evaluation), use a smaller --seq-length, or more data" if name == "test" else
                f"give the {name} split more weight in --split (now {cfg.data.split}), use a smaller "
                "--tst-bag-size / --seq-length, or more data")
         fail(f"{what}, but the {name} split of --data-path {prefix} holds only {have} tokens; {fix}")

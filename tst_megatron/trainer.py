@@ -492,6 +492,22 @@ class Trainer:
             record["val_mce_loss"] = mce
             text += f" mce loss value: {mce:.6E} |"
         self.log.record(record)
+        self._print_boxed(text)
+
+    def run_test_evaluation(self) -> None:
+        """The test split, once at the end of training, as Megatron-LM does when the split gives it
+        documents (the default --split 969,30,1 does). Next-token loss only: the final model is a
+        plain GPT, and the test samples are the ones a baseline run of the same data tests on."""
+        lm = self.evaluate(self.datasets.test_lm, self.cfg.logging.eval_iters)
+        if lm is None:
+            return
+        ppl = math.exp(min(lm, 50.0))
+        self.log.record({"type": "test", "iteration": self.iteration, "test_lm_loss": lm, "test_lm_ppl": ppl,
+                         "data_tokens": self.data_tokens, "elapsed_s": self.timer.elapsed() + self.elapsed_before})
+        self._print_boxed(f" validation loss at iteration {self.iteration} on test set | lm loss value: {lm:.6E} | "
+                          f"lm loss PPL: {ppl:.6E} |")
+
+    def _print_boxed(self, text: str) -> None:
         bar = "-" * (len(text) + 1)
         self.log.print(f"{bar}\n{text}\n{bar}")
 
@@ -584,6 +600,7 @@ class Trainer:
                 self.log.close()
                 return 0
         self.run_evaluation()
+        self.run_test_evaluation()
         if cfg.ckpt.save and not (cfg.ckpt.save_interval and self.iteration % cfg.ckpt.save_interval == 0):
             self.save()
         self.log.print(f"> training done: {self.iteration} iterations, {self.data_tokens} data tokens, "
