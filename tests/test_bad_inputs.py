@@ -498,6 +498,31 @@ def test_resume_with_other_configuration_refused(corpus, trained, workdir, capsy
     assert not list(workdir.rglob("metrics.jsonl"))
 
 
+def test_resume_with_another_tokenizer_refused(corpus, trained, workdir, capsys):
+    """ByteTokenizer and the checkpoint's NullTokenizer (256 ids) pad to the same vocabulary: the
+    weights would load and train on ids that mean other tokens."""
+    msg = refuse(base(corpus, trained, **{"--load": trained, "--tokenizer-type": "ByteTokenizer",
+                                          "--vocab-size": None}), capsys, watch=[trained, workdir])
+    assert msg == (f"error: --load {trained}/iter_0000002: the checkpoint was trained with --tokenizer-type "
+                   "NullTokenizer, this run gives --tokenizer-type ByteTokenizer; its embedding rows stand for "
+                   "that tokenizer's tokens. Use the checkpoint's tokenizer, or pass --override-checkpoint-args "
+                   "to train the weights on another one"), msg
+
+
+def test_resume_with_another_seed_and_split_warns(corpus, trained, tmp_path, monkeypatch, capsys):
+    """A new data order for the rest of a run is allowed (e.g. another mix), and said."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    monkeypatch.chdir(tmp_path)
+    with isolated():
+        assert main(base(corpus, run, **{"--load": run, "--seed": 99, "--split": "85,15,0"})) == 0
+    out = capsys.readouterr().out
+    assert (f"> warning: resuming {run}/iter_0000002 with --seed 99 (checkpoint: 1234); --split 85,15,0 "
+            "(checkpoint: 90,10,0): unless that is the same data (or tokenizer file) moved, this run does not "
+            "see the samples an uninterrupted run would") in out, out
+    assert ckpt.find_checkpoint(str(run), fallback=False)[0] == 4
+
+
 def test_resume_with_defaults_given_explicitly_is_the_same_run(corpus, trained, tmp_path, monkeypatch, capsys):
     """Flags given explicitly at their derived defaults (--ffn-hidden-size 4h, --kv-channels h/heads,
     --lr-decay-iters = --train-iters) describe the same run as leaving them unset: resumed."""

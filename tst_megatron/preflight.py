@@ -204,6 +204,41 @@ def check_resume_compatible(cfg: RunConfig, meta: dict, path: str) -> None:
              + "; ".join(diffs) + ". " + fix)
 
 
+def check_resume_data(cfg: RunConfig, meta: dict, path: str, verbose: bool) -> None:
+    """The data side of a resume. Another --tokenizer-type gives the embedding rows other tokens
+    (a vocabulary of the same padded size loads without complaint and trains garbage): refused
+    unless --override-checkpoint-args. Another --seed, --data-path or --split is a legitimate
+    choice (a new data mix for the rest of a run) but no longer the continuation of the stream the
+    checkpoint consumed from, which a resume otherwise guarantees: said once, as a warning."""
+    from .tokenizers import canonical_tokenizer_type
+
+    if meta.get("imported_from"):
+        return  # weights from Hugging Face: the import's flags named no data
+    saved, now = meta.get("args", {}), cfg.to_dict()
+    was = saved.get("data", {}).get("tokenizer_type")
+    if (was is not None and canonical_tokenizer_type(was) != canonical_tokenizer_type(cfg.data.tokenizer_type)
+            and not cfg.ckpt.override_checkpoint_args):
+        fail(f"--load {path}: the checkpoint was trained with --tokenizer-type {was}, this run gives "
+             f"--tokenizer-type {cfg.data.tokenizer_type}; its embedding rows stand for that tokenizer's "
+             "tokens. Use the checkpoint's tokenizer, or pass --override-checkpoint-args to train the "
+             "weights on another one")
+    if not verbose or not meta.get("consumed_samples"):
+        return
+    changed = [f"--{key.replace('_', '-')} {_flag_value(now[group].get(key))} "
+               f"(checkpoint: {_flag_value(saved[group].get(key))})"
+               for group, key in (("optim", "seed"), ("data", "data_path"), ("data", "split"),
+                                  ("data", "tokenizer_model"))
+               if group in saved and key in saved[group] and saved[group][key] != now[group].get(key)]
+    if changed:
+        print(f"> warning: resuming {path} with {'; '.join(changed)}: unless that is the same data (or "
+              "tokenizer file) moved, this run does not see the samples an uninterrupted run would (megatron "
+              "orders them by --seed over the --data-path documents of each --split)", flush=True)
+
+
+def _flag_value(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def check_resume_optimizer(meta: dict, path: str, use_distributed_optimizer: bool, parts: int) -> None:
     """The checkpoint's Adam state must have the form this run's optimizer loads: megatron-core
     0.16.1 cannot convert between a distributed and a plain optimizer's state, nor between one

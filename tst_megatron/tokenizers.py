@@ -365,6 +365,11 @@ class NullTokenizer(TSTTokenizer):
         return self._data_vocab_size
 
 
+def canonical_tokenizer_type(tokenizer_type: str) -> str:
+    """The class name a --tokenizer-type value stands for (aliases resolved)."""
+    return _TYPE_ALIASES.get(tokenizer_type, tokenizer_type)
+
+
 def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None,
                     vocab_size: Optional[int] = None) -> TSTTokenizer:
     """Build a tokenizer from Megatron-style flags.
@@ -373,7 +378,7 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None,
     --vocab-size is used only by NullTokenizer (as in Megatron-LM; padding the embedding table to a
     multiple is the model's business, not the tokenizer's).
     """
-    canonical = _TYPE_ALIASES.get(tokenizer_type, tokenizer_type)
+    canonical = canonical_tokenizer_type(tokenizer_type)
     if canonical == "ByteTokenizer":
         return ByteTokenizer()
     if canonical == "SentencePieceTokenizer":

@@ -134,6 +134,7 @@ class Trainer:
                          f"(no {ckpt.TRACKER} and no iter_* directories)")
             if found is not None:
                 preflight.check_resume_compatible(cfg, found[2], found[1])
+                preflight.check_resume_data(cfg, found[2], found[1], self.rank == 0)
                 self.vocab_size = preflight.resume_vocab_size(cfg, found[2], found[1], self.vocab_size,
                                                               self.tokenizer.vocab_size, self.rank == 0)
             self.resume = found
