@@ -1,5 +1,5 @@
-"""Activation recomputation and overlapped gradient reduction: memory / speed flags that must not
-change what is computed.
+"""Activation recomputation, overlapped gradient reduction and parameter gather: memory / speed
+flags that must not change what is computed.
 
 Each run is the determinism configuration of the resume tests (dropout on, so the recomputed
 forward has to replay the very random masks of the first one). The recomputation is seen for
@@ -10,12 +10,13 @@ attention; a recomputed run makes exactly one extra call per layer (full) or per
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
 
-from trainer_utils import (GBS, MBS, TRAIN_ITERS, assert_ok, base_args, chain_args, reference_runs, run_trainer,
-                           tail, train_records, workspace)
+from trainer_utils import (DISTOPT_FLAGS, GBS, MBS, TRAIN_ITERS, assert_ok, base_args, chain_args, distopt_run,
+                           eval_records, reference_runs, run_trainer, tail, train_records, workspace)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
@@ -88,6 +89,45 @@ def test_overlapped_gradient_reduction_gives_the_same_training(ws):
         assert on[it]["grad_norm"] == pytest.approx(off[it]["grad_norm"], rel=1e-5), it
 
 
+def _checkpoint_tensors(ckpt_dir: str, tmp_path) -> dict:
+    """Every tensor of a torch_dist checkpoint, read by torch.distributed.checkpoint itself."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp_path / (os.path.basename(ckpt_dir) + ".pt")
+    dcp_to_torch_save(ckpt_dir, str(out))
+    return {k: v for k, v in torch.load(out, weights_only=False).items() if isinstance(v, torch.Tensor)}
+
+
+def test_overlapped_parameter_gather_gives_the_same_training_and_checkpoints(ws, tmp_path):
+    """DP=2, distributed optimizer: with --overlap-param-gather each rank's step updates its shard
+    and the rest arrives bucket by bucket in the next forward. Losses, grad norms and validation
+    equal the run without overlap, and the checkpoints hold the same tensors -- a save right after
+    a step must gather first, or half of every weight would be one step old."""
+    import torch
+
+    ref = assert_ok(distopt_run(ws), "distopt reference")
+    on = assert_ok(run_trainer(base_args(ws.data, save=ws.path("distopt_overlap"), save_interval=6,
+                                         overlap_grad_reduce=True, overlap_param_gather=True, **DISTOPT_FLAGS),
+                               nproc=2), "overlap")
+    got, want = train_records(on.records), train_records(ref.records)
+    assert sorted(got) == sorted(want) == list(range(1, TRAIN_ITERS + 1))
+    for it in want:
+        assert got[it]["loss"] == pytest.approx(want[it]["loss"], rel=1e-6, abs=1e-7), (it, tail(on.stdout))
+        assert got[it]["grad_norm"] == pytest.approx(want[it]["grad_norm"], rel=1e-5), it
+    got_ev, want_ev = eval_records(on.records), eval_records(ref.records)
+    assert sorted(got_ev) == sorted(want_ev)
+    for it in want_ev:
+        assert got_ev[it]["val_lm_loss"] == pytest.approx(want_ev[it]["val_lm_loss"], rel=1e-6), it
+    for it in (6, TRAIN_ITERS):
+        a = _checkpoint_tensors(os.path.join(ws.path("distopt"), f"iter_{it:07d}"), tmp_path)
+        b = _checkpoint_tensors(os.path.join(ws.path("distopt_overlap"), f"iter_{it:07d}"), tmp_path)
+        weights = [k for k in a if "optimizer" not in k]
+        assert weights and sorted(a) == sorted(b)
+        for k in a:
+            assert torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7), (it, k, (a[k] - b[k]).abs().max())
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--recompute-granularity", "full"],
      "--recompute-granularity full needs --recompute-method uniform|block and --recompute-num-layers N >= 1"),
@@ -98,8 +138,12 @@ def test_overlapped_gradient_reduction_gives_the_same_training(ws):
      "--recompute-method uniform needs --recompute-num-layers (3) to divide the layers per pipeline stage (4)"),
     (["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "3"],
      "--recompute-num-layers (3) exceeds the layers per pipeline stage (2)"),
+    (["--overlap-param-gather", "--overlap-grad-reduce"],
+     "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce"),
+    (["--overlap-param-gather", "--use-distributed-optimizer"],
+     "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce"),
 ])
-def test_recompute_flags_checked(argv, message):
+def test_memory_flags_checked(argv, message):
     from tst_megatron.arguments import parse_args, validate
 
     cfg = parse_args(["--data-path", "x", "--num-layers", "2"] + argv)

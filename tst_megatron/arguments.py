@@ -76,6 +76,7 @@ class ParallelArgs:
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
 
 
 @dataclass
@@ -237,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="shard optimizer state over the data-parallel ranks (ZeRO-1)")
     par.add_argument("--overlap-grad-reduce", action="store_true",
                      help="start each gradient bucket's data-parallel reduction during the backward pass")
+    par.add_argument("--overlap-param-gather", action="store_true",
+                     help="distributed optimizer: all-gather each bucket's updated parameters during the next "
+                          "forward pass (needs --use-distributed-optimizer and --overlap-grad-reduce)")
     par.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
                      help="recompute activations in the backward pass instead of keeping them: whole layers "
                           "(full) or the core attention only (selective)")
@@ -502,6 +506,9 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         fail(f"interleaved pipelining (--num-layers-per-virtual-pipeline-stage) needs the micro-batches per "
              f"step (--global-batch-size / (--micro-batch-size x data-parallel size) = {micro}) to be a "
              f"multiple of --pipeline-model-parallel-size ({pp})")
+    if par.overlap_param_gather and not (par.use_distributed_optimizer and par.overlap_grad_reduce):
+        fail("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce (as in "
+             "Megatron-LM: it overlaps the distributed optimizer's parameter all-gather)")
     if m.recompute_granularity == "full" and (m.recompute_method is None or not m.recompute_num_layers
                                               or m.recompute_num_layers < 1):
         fail("--recompute-granularity full needs --recompute-method uniform|block and --recompute-num-layers N >= 1")

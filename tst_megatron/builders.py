@@ -119,6 +119,7 @@ def wrap_ddp(chunks, tconfig, par: ParallelArgs):
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=par.overlap_grad_reduce,
+        overlap_param_gather=par.overlap_param_gather,
         use_distributed_optimizer=par.use_distributed_optimizer,
     )
     wrapped = []
@@ -146,6 +147,7 @@ def build_optimizer(chunks, o: OptimArgs, par: ParallelArgs):
         bf16=o.bf16,
         params_dtype=torch.bfloat16 if o.bf16 else torch.float32,
         use_distributed_optimizer=par.use_distributed_optimizer,
+        overlap_param_gather=par.overlap_param_gather,  # megatron reads the DDP value through both
     )
     return get_megatron_optimizer(config, chunks)
 

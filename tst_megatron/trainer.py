@@ -7,6 +7,7 @@ bag and token inputs alike, so the pipeline shapes stay [L, micro-batch, hidden]
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
@@ -302,8 +303,9 @@ class Trainer:
                            "not saved again")
             return
         t0 = time.time()
-        path = ckpt.save_checkpoint(c.save, self.iteration, self.model, self.optimizer, self.scheduler,
-                                    self._common_state(), self.cfg.parallel.use_distributed_optimizer)
+        with self._parameters_gathered():
+            path = ckpt.save_checkpoint(c.save, self.iteration, self.model, self.optimizer, self.scheduler,
+                                        self._common_state(), self.cfg.parallel.use_distributed_optimizer)
         self.last_checkpoint = path
         self._on_disk = self.iteration
         note = (" (superposition phase: not a usable next-token model yet)"
@@ -363,6 +365,26 @@ class Trainer:
         saved = meta.get("args", {}).get("optim", {})
         gbs = int(saved.get("global_batch_size") or self.cfg.optim.global_batch_size)
         return min(self.iteration, int(meta.get("superposition_iters", self.num_sup_iters))) * gbs
+
+    @contextlib.contextmanager
+    def _parameters_gathered(self):
+        """Every parameter current on every rank, for an evaluation or a checkpoint.
+
+        With --overlap-param-gather the distributed optimizer's step updates only each rank's
+        shard; the other ranks' shards arrive during the next training forward, bucket by bucket,
+        through DDP's forward pre-hooks. A checkpoint written before then would hold half-old
+        weights. So, as Megatron-LM does around both: hooks off with a synchronous all-gather,
+        and back on after."""
+        if not self.cfg.parallel.overlap_param_gather:
+            yield
+            return
+        for chunk in self.model:
+            chunk.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            for chunk in self.model:
+                chunk.enable_forward_pre_hook()
 
     # ---------------------------------------------------------------- steps
     def phase(self, iteration: int) -> str:
@@ -464,7 +486,7 @@ class Trainer:
         for chunk in self.model:
             chunk.eval()
         values = []
-        with torch.no_grad():
+        with torch.no_grad(), self._parameters_gathered():
             iterators = [self._build_iterator(dataset, 0, cfg.optim.micro_batch_size, self.dp_rank, self.dp_size,
                                               total_samples=steps * gbs) for _ in self.model]
             for _ in range(steps):

@@ -183,7 +183,7 @@ tst_paper_launch() {
     if [[ ${1:-} == -- ]]; then shift; fi
     local parallel_args=(--tensor-model-parallel-size "${TP:-1}" --pipeline-model-parallel-size "${PP:-1}")
     if [[ -n ${EXPERT_PARALLEL:-} ]]; then parallel_args+=(--expert-model-parallel-size "$EXPERT_PARALLEL"); fi
-    parallel_args+=(--use-distributed-optimizer)
+    parallel_args+=(--use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather)
     # shellcheck disable=SC2207
     local train_args=(
         --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE"
