@@ -459,6 +459,18 @@ def test_load_dir_that_does_not_exist(corpus, workdir, save, capsys):
     assert_clean(workdir, save)
 
 
+def test_exit_on_missing_checkpoint(corpus, workdir, save, capsys):
+    """--load == --save starts fresh when nothing is there yet (a requeue-friendly first start);
+    with --exit-on-missing-checkpoint that is an error: a job that lost its checkpoints stops."""
+    save.mkdir()
+    msg = refuse(base(corpus, save, **{"--load": save, "--exit-on-missing-checkpoint": ""}), capsys,
+                 watch=[workdir])
+    assert msg == (f"error: --load {save}: no checkpoint there (no latest_checkpointed_iteration.txt and no iter_* "
+                   "directories) and --exit-on-missing-checkpoint is set; stopping before any compute"), msg
+    assert not list(save.iterdir())
+    assert not list(workdir.rglob("metrics.jsonl"))
+
+
 @pytest.fixture(scope="module")
 def trained(corpus, tmp_path_factory):
     """A run of --train-iters 4 (s=4) stopped by --exit-interval 2 with its checkpoint at 2."""

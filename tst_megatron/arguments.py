@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from .config import MODES, WEIGHTINGS, TSTConfig
+from .megatron_compat import add_compat_flags, check_compat_flags
 
 
 @dataclass
@@ -58,6 +59,7 @@ class ModelArgs:
     recompute_granularity: Optional[str] = None
     recompute_method: Optional[str] = None
     recompute_num_layers: Optional[int] = None
+    transformer_impl: Optional[str] = None  # None: Transformer Engine when available, else local
 
     def resolved_ffn_hidden_size(self) -> int:
         if self.ffn_hidden_size is not None:
@@ -77,6 +79,7 @@ class ParallelArgs:
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    distributed_timeout_minutes: int = 30
 
 
 @dataclass
@@ -88,6 +91,7 @@ class OptimArgs:
     min_lr: float = 0.0
     lr_decay_style: str = "cosine"
     lr_warmup_iters: int = 0
+    lr_warmup_fraction: Optional[float] = None
     lr_decay_iters: Optional[int] = None
     lr_wsd_decay_iters: Optional[int] = None
     lr_wsd_decay_style: str = "linear"
@@ -123,6 +127,7 @@ class CheckpointArgs:
     exit_interval: Optional[int] = None
     exit_duration_in_mins: Optional[float] = None
     exit_signal_handler: bool = False
+    exit_on_missing_checkpoint: bool = False
 
 
 @dataclass
@@ -238,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="shard optimizer state over the data-parallel ranks (ZeRO-1)")
     par.add_argument("--overlap-grad-reduce", action="store_true",
                      help="start each gradient bucket's data-parallel reduction during the backward pass")
+    par.add_argument("--distributed-timeout-minutes", type=int, default=30,
+                     help="timeout of the process-group collectives")
     par.add_argument("--overlap-param-gather", action="store_true",
                      help="distributed optimizer: all-gather each bucket's updated parameters during the next "
                           "forward pass (needs --use-distributed-optimizer and --overlap-grad-reduce)")
@@ -259,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "WSD"], default="cosine",
                    help="one schedule over all iterations (no re-warmup at the TST switch)")
     o.add_argument("--lr-warmup-iters", type=int, default=0, help="linear warmup steps from 0")
+    o.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="warmup as a fraction of --lr-decay-iters (instead of --lr-warmup-iters)")
     o.add_argument("--lr-decay-iters", type=int, default=None, help="default --train-iters")
     o.add_argument("--lr-wsd-decay-iters", type=int, default=None,
                    help="WSD: length of the final decay; default --train-iters // 10")
@@ -277,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-path", nargs="*", default=[], help="prefixes, optionally weighted: 0.7 a 0.3 b")
     d.add_argument("--split", default="969,30,1", help="train,valid,test weights of each --data-path prefix")
     d.add_argument("--tokenizer-type", default="NullTokenizer",
-                   choices=["NullTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "ByteTokenizer"],
+                   choices=["NullTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "ByteTokenizer",
+                            "Llama2Tokenizer", "GPTSentencePieceTokenizer"],
                    help="NullTokenizer: pre-tokenized ids, needs --vocab-size; ByteTokenizer: UTF-8 bytes, no file")
     d.add_argument("--tokenizer-model", default=None,
                    help="SentencePiece .model file, or tokenizer.json / directory for HuggingFaceTokenizer")
@@ -308,11 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save and exit 0 after this many minutes of training")
     c.add_argument("--exit-signal-handler", action="store_true",
                    help="also save and exit 0 on SIGINT (SIGTERM always does)")
+    c.add_argument("--exit-on-missing-checkpoint", action="store_true",
+                   help="with --load: stop if it holds no checkpoint, also when --load is --save (a requeued "
+                        "job that lost its checkpoints must not silently start over)")
 
     lg = p.add_argument_group("logging and evaluation")
     lg.add_argument("--log-interval", type=int, default=10, help="iterations between log lines and metrics records")
     lg.add_argument("--eval-interval", type=int, default=None, help="default: at the start and at the end only")
-    lg.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
+    lg.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation (0: none)")
     lg.add_argument("--metrics-path", default=None,
                     help="JSONL metrics; default <save>/metrics.jsonl (./metrics.jsonl without --save)")
     lg.add_argument("--tensorboard-dir", default=None, help="write TensorBoard scalars here (needs tensorboard)")
@@ -327,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--inject-nonfinite-kind", choices=("loss", "grad"), default="loss", help=argparse.SUPPRESS)
     lg.add_argument("--print-model-size", action="store_true",
                     help="print total and active parameters for the config and exit")
+
+    add_compat_flags(p)
 
     t = p.add_argument_group("token superposition (TST)")
     t.add_argument("--tst-bag-size", type=int, default=None,
@@ -391,6 +406,7 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{_suggestions(parser, unknown)} -- this "
                      "trainer does not know these flags (a Megatron-LM flag it does not implement, or a "
                      "typo); see `pretrain_tst.py --help` for the supported ones")
+    check_compat_flags(ns)
     bag_given = ns.tst_bag_size is not None
     if not bag_given:
         ns.tst_bag_size = 1
@@ -426,7 +442,8 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     for name, value in (("--num-layers", m.num_layers), ("--hidden-size", m.hidden_size),
                         ("--num-attention-heads", m.num_attention_heads), ("--seq-length", m.seq_length),
                         ("--micro-batch-size", o.micro_batch_size), ("--train-iters", o.train_iters),
-                        ("--log-interval", cfg.logging.log_interval), ("--eval-iters", cfg.logging.eval_iters),
+                        ("--log-interval", cfg.logging.log_interval),
+                        ("--distributed-timeout-minutes", par.distributed_timeout_minutes),
                         ("--tensor-model-parallel-size", par.tensor_model_parallel_size),
                         ("--pipeline-model-parallel-size", par.pipeline_model_parallel_size),
                         ("--expert-model-parallel-size", par.expert_model_parallel_size)):
@@ -530,6 +547,13 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         fail(f"--min-lr ({o.min_lr}) must not exceed --lr ({o.lr})")
     if o.lr_warmup_iters < 0 or o.lr_warmup_iters > o.train_iters:
         fail(f"--lr-warmup-iters ({o.lr_warmup_iters}) must be in [0, --train-iters]")
+    if o.lr_warmup_fraction is not None:
+        if o.lr_warmup_iters:
+            fail("give one of --lr-warmup-fraction and --lr-warmup-iters (as in Megatron-LM)")
+        if not 0.0 <= o.lr_warmup_fraction < 1.0:
+            fail(f"--lr-warmup-fraction must be in [0, 1) (got {o.lr_warmup_fraction})")
+    if cfg.logging.eval_iters < 0:
+        fail(f"--eval-iters must be >= 0 (got {cfg.logging.eval_iters}; 0 = no validation)")
     if o.lr_decay_style == "WSD" and o.lr_wsd_decay_iters is None:
         o.lr_wsd_decay_iters = max(1, o.train_iters // 10)
     for name, value in (("--hidden-dropout", m.hidden_dropout), ("--attention-dropout", m.attention_dropout)):

@@ -95,7 +95,9 @@ def build_model_chunks(cfg: RunConfig, tconfig, vocab_size: int) -> List[torch.n
         post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
         model = TSTGPTModel(
             config=tconfig,
-            transformer_layer_spec=gpt_block_spec(tconfig, vp_stage=vp_stage),
+            transformer_layer_spec=gpt_block_spec(
+                tconfig, use_transformer_engine=None if m.transformer_impl is None
+                else m.transformer_impl == "transformer_engine", vp_stage=vp_stage),
             vocab_size=vocab_size,
             max_sequence_length=m.max_position_embeddings or m.seq_length,
             pre_process=pre,
@@ -112,20 +114,27 @@ def build_model_chunks(cfg: RunConfig, tconfig, vocab_size: int) -> List[torch.n
     return chunks
 
 
-def wrap_ddp(chunks, tconfig, par: ParallelArgs):
-    """megatron DDP around each chunk (grad buffers, bucketed reduce, distributed optimizer)."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+def ddp_config(par: ParallelArgs):
+    """megatron-core's DDP settings: gradients accumulated and reduced in fp32, always."""
+    from megatron.core.distributed import DistributedDataParallelConfig
 
-    ddp_config = DistributedDataParallelConfig(
+    return DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=par.overlap_grad_reduce,
         overlap_param_gather=par.overlap_param_gather,
         use_distributed_optimizer=par.use_distributed_optimizer,
     )
+
+
+def wrap_ddp(chunks, tconfig, par: ParallelArgs):
+    """megatron DDP around each chunk (grad buffers, bucketed reduce, distributed optimizer)."""
+    from megatron.core.distributed import DistributedDataParallel
+
+    config = ddp_config(par)
     wrapped = []
     for i, chunk in enumerate(chunks):
         wrapped.append(DistributedDataParallel(
-            config=tconfig, ddp_config=ddp_config, module=chunk,
+            config=tconfig, ddp_config=config, module=chunk,
             # Only the first chunk keeps its buckets' grads in step with megatron's own default.
             disable_bucketing=i > 0,
         ))
@@ -157,13 +166,15 @@ def build_scheduler(optimizer, o: OptimArgs):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     decay_iters = o.lr_decay_iters or o.train_iters
+    # Megatron-LM's --lr-warmup-fraction: a fraction of the decay steps (a float count is fine)
+    warmup = o.lr_warmup_iters if o.lr_warmup_fraction is None else o.lr_warmup_fraction * decay_iters
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=o.lr,
         min_lr=o.min_lr,
-        lr_warmup_steps=o.lr_warmup_iters,
-        lr_decay_steps=max(decay_iters, o.lr_warmup_iters + 1),
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(decay_iters, math.floor(warmup) + 1),
         lr_decay_style=o.lr_decay_style,
         start_wd=o.weight_decay,
         end_wd=o.weight_decay,

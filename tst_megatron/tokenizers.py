@@ -31,8 +31,11 @@ import numpy as np
 from megatron.core.tokenizers import MegatronTokenizerBase
 
 TOKENIZER_TYPES = ("ByteTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
-# Accepted spellings -> canonical type (megatron-core calls its byte tokenizer "ByteLevel").
-_TYPE_ALIASES = {"ByteLevelTokenizer": "ByteTokenizer"}
+# Accepted spellings -> canonical type (megatron-core calls its byte tokenizer "ByteLevel";
+# Megatron-LM's Llama2Tokenizer and GPTSentencePieceTokenizer are a SentencePiece model whose EOD
+# is its EOS, which is what SentencePieceTokenizer does for a model without an <eod> piece).
+_TYPE_ALIASES = {"ByteLevelTokenizer": "ByteTokenizer", "Llama2Tokenizer": "SentencePieceTokenizer",
+                 "GPTSentencePieceTokenizer": "SentencePieceTokenizer"}
 
 NO_PAD = -1  # megatron-core's _PAD_TOKEN_ID: "this tokenizer has no pad token"
 

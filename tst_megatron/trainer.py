@@ -75,7 +75,7 @@ class Trainer:
         cfg = self.cfg
         self._install_signal_handlers()  # a preemption during setup stops at the first iteration
         enable_cpu_support()
-        init_distributed()
+        init_distributed(cfg.parallel.distributed_timeout_minutes)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         validate(cfg, self.world)
         self.log = RunLogger(False, None)  # replaced below once paths are known
@@ -124,6 +124,9 @@ class Trainer:
             except ckpt.CheckpointError as exc:
                 fail(str(exc))
             if found is None:
+                if cfg.ckpt.exit_on_missing_checkpoint:
+                    fail(f"--load {cfg.ckpt.load}: no checkpoint there (no {ckpt.TRACKER} and no iter_* "
+                         "directories) and --exit-on-missing-checkpoint is set; stopping before any compute")
                 if same_dir(cfg.ckpt.load, cfg.ckpt.save):
                     found = None  # first start of a requeue-friendly job: nothing yet
                 elif os.path.isfile(os.path.join(cfg.ckpt.load, ckpt.MARKER)):

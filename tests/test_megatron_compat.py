@@ -1,0 +1,149 @@
+"""Megatron-LM flags accepted for copied scripts (tst_megatron/megatron_compat.py) and the small
+Megatron-LM features next to them (--lr-warmup-fraction, --eval-iters 0,
+--distributed-timeout-minutes, --recompute-activations, tokenizer aliases).
+
+An accepted flag must change nothing (the run config is the one without it) and its reason must
+be true of what the trainer builds: the fusions it names are off in the TransformerConfig, the
+gradients are reduced in fp32, no attention mask is built, torch_dist is the only format.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tst_megatron.arguments import build_parser, parse_args, validate
+from tst_megatron.builders import build_scheduler, ddp_config, transformer_config
+from tst_megatron.megatron_compat import SATISFIED
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+
+BASE = ["--data-path", "x", "--num-layers", "2", "--vocab-size", "256"]
+
+
+def _error(argv, world_size=1) -> str:
+    with pytest.raises(SystemExit) as exc:
+        validate(parse_args(BASE + argv), world_size)
+    return str(exc.value.code)
+
+
+@pytest.mark.parametrize("flag", sorted(SATISFIED))
+def test_accepted_flag_changes_nothing(flag):
+    assert parse_args(BASE + [flag]).to_dict() == parse_args(BASE).to_dict()
+
+
+def test_the_reasons_hold_for_what_the_trainer_builds():
+    cfg = parse_args(BASE + ["--swiglu", "--bf16"])
+    validate(cfg, 1)
+    tc = transformer_config(cfg.model, cfg.parallel, cfg.optim, use_cpu_init=True)
+    off = ("masked_softmax_fusion", "bias_activation_fusion", "bias_dropout_fusion", "apply_rope_fusion",
+           "gradient_accumulation_fusion", "persist_layer_norm")
+    assert {name: getattr(tc, name) for name in off} == dict.fromkeys(off, False)
+    assert ddp_config(cfg.parallel).grad_reduce_in_fp32 is True
+    ckpt_format = next(a for a in build_parser()._actions if "--ckpt-format" in a.option_strings)
+    assert list(ckpt_format.choices) == ["torch_dist"]
+
+    from tst_megatron.data import _gpt_config
+    from tst_megatron.tokenizers import build_tokenizer
+    data = _gpt_config(16, 1, build_tokenizer("NullTokenizer", None, 64), (["x"], None), None, "1,0,0", None,
+                       False, False, False, 0.005, 1)
+    assert data.create_attention_mask is False
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rotary-percent", "0.5"], "--rotary-percent 0.5: partial rotary embeddings are not implemented (1.0 only)"),
+    (["--context-parallel-size", "2"], "--context-parallel-size 2: context parallelism is not implemented; use 1"),
+    (["--no-position-embedding", "--position-embedding-type", "learned_absolute"],
+     "--no-position-embedding with --position-embedding-type learned_absolute would train without any position "
+     "information; use --position-embedding-type rope"),
+    (["--recompute-activations", "--recompute-granularity", "full"],
+     "--recompute-activations (selective recomputation) conflicts with --recompute-granularity full"),
+    (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "5"],
+     "give one of --lr-warmup-fraction and --lr-warmup-iters"),
+    (["--lr-warmup-fraction", "1.5"], "--lr-warmup-fraction must be in [0, 1) (got 1.5)"),
+    (["--eval-iters", "-1"], "--eval-iters must be >= 0 (got -1; 0 = no validation)"),
+    (["--distributed-timeout-minutes", "0"], "--distributed-timeout-minutes must be >= 1 (got 0)"),
+])
+def test_values_that_ask_for_something_else_are_refused(argv, message):
+    assert _error(argv).startswith(f"error: {message}"), _error(argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU side of the backend / implementation checks")
+def test_backend_and_implementation_must_match_the_machine():
+    assert _error(["--distributed-backend", "nccl"]) == (
+        "error: --distributed-backend nccl: this machine has no CUDA device; gloo is the backend on CPU; drop the "
+        "flag (the backend follows the device)")
+    assert _error(["--transformer-impl", "transformer_engine"]).startswith(
+        "error: --transformer-impl transformer_engine: Transformer Engine needs a CUDA device; use "
+        "--transformer-impl local")
+    cfg = parse_args(BASE + ["--distributed-backend", "gloo", "--transformer-impl", "local"])
+    assert cfg.model.transformer_impl == "local"
+
+
+def test_recompute_activations_is_selective_recomputation():
+    assert parse_args(BASE + ["--recompute-activations"]).model == \
+        parse_args(BASE + ["--recompute-granularity", "selective"]).model
+
+
+def _lrs(argv, steps=12):
+    cfg = parse_args(BASE + ["--train-iters", "12", "--lr", "1e-3", "--lr-decay-style", "linear"] + argv)
+    validate(cfg, 1)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    sched = build_scheduler(opt, cfg.optim)
+    out = []
+    for _ in range(steps):
+        sched.step(1)
+        out.append(opt.param_groups[0]["lr"])
+    return out
+
+
+def test_lr_warmup_fraction_is_a_fraction_of_the_decay_iterations():
+    assert _lrs(["--lr-warmup-fraction", "0.25"]) == _lrs(["--lr-warmup-iters", "3"])  # 0.25 x 12
+    # Megatron-LM keeps a fractional count: 0.2 x 12 = 2.4 warmup steps, lr x step / 2.4
+    assert _lrs(["--lr-warmup-fraction", "0.2"])[:2] == pytest.approx([1e-3 / 2.4, 2e-3 / 2.4], rel=1e-12)
+
+
+def test_llama2_tokenizer_is_sentencepiece_with_eos_as_eod(tmp_path):
+    import sentencepiece as spm
+    from test_tokenizers import train_sp
+
+    from tst_megatron.tokenizers import SentencePieceTokenizer, build_tokenizer
+
+    model = train_sp(str(tmp_path))
+    for name in ("Llama2Tokenizer", "GPTSentencePieceTokenizer"):
+        tok = build_tokenizer(name, model)
+        assert isinstance(tok, SentencePieceTokenizer)
+        # Megatron-LM's Llama2Tokenizer: vocabulary = the model's pieces, EOD = its EOS
+        sp = spm.SentencePieceProcessor(model_file=model)
+        assert (tok.vocab_size, tok.eod) == (sp.get_piece_size(), sp.eos_id())
+    assert parse_args(BASE + ["--tokenizer-type", "Llama2Tokenizer"]).data.tokenizer_type == "Llama2Tokenizer"
+
+
+def test_eval_iters_zero_runs_without_validation(tmp_path):
+    from trainer_utils import assert_ok, base_args, make_data, run_trainer
+
+    prefix = make_data(str(tmp_path / "data"), num_docs=200)
+    res = assert_ok(run_trainer(base_args(prefix, eval_iters=0, train_iters=6, split="80,10,10",
+                                          metrics_path=tmp_path / "m.jsonl")))
+    assert "validation loss" not in res.stdout
+    assert [r["type"] for r in res.records] == ["run"] + ["train"] * 6
+
+
+def test_distributed_timeout_minutes_reaches_the_process_group(tmp_path, monkeypatch):
+    import torch.distributed as dist
+    from test_bad_inputs import isolated, write_corpus
+
+    from tst_megatron.trainer import Trainer
+
+    prefix = write_corpus(str(tmp_path / "c"), 20)
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_args(["--data-path", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size", "256",
+                      "--seq-length", "16", "--micro-batch-size", "2", "--train-iters", "2", "--split", "90,10,0",
+                      "--distributed-timeout-minutes", "7"])
+    with isolated():
+        trainer = Trainer(cfg)
+        try:
+            trainer.setup()
+            backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+            assert backend.options._timeout.total_seconds() == 7 * 60
+        finally:
+            trainer.close()
