@@ -107,6 +107,9 @@ class OptimArgs:
 @dataclass
 class DataArgs:
     data_path: List[str] = field(default_factory=list)
+    train_data_path: Optional[List[str]] = None
+    valid_data_path: Optional[List[str]] = None
+    test_data_path: Optional[List[str]] = None
     split: str = "969,30,1"
     tokenizer_type: str = "NullTokenizer"
     tokenizer_model: Optional[str] = None
@@ -285,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("data")
     d.add_argument("--data-path", nargs="*", default=[], help="prefixes, optionally weighted: 0.7 a 0.3 b")
     d.add_argument("--split", default="969,30,1", help="train,valid,test weights of each --data-path prefix")
+    for name, what in (("train", "training"), ("valid", "validation"), ("test", "test (evaluated once, at the end)")):
+        d.add_argument(f"--{name}-data-path", nargs="+", default=None,
+                       help=f"instead of --data-path/--split: the {what} data itself (prefixes, optionally weighted)")
     d.add_argument("--tokenizer-type", default="NullTokenizer",
                    choices=["NullTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "ByteTokenizer",
                             "Llama2Tokenizer", "GPTSentencePieceTokenizer"],
@@ -570,8 +576,19 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         print(f"warning: --tst-bag-size {cfg.tst.bag_size} with 0 superposition iterations (--tst-superposition-"
               f"ratio {cfg.tst.superposition_ratio} of --train-iters {o.train_iters}, rounded down, or "
               "--tst-superposition-iters 0): this is a plain run", file=sys.stderr)
-    if not cfg.data.data_path:
-        fail("give --data-path PREFIX [PREFIX ...] (from tools/preprocess_data.py)")
+    d = cfg.data
+    per_split = any(x is not None for x in (d.train_data_path, d.valid_data_path, d.test_data_path))
+    if d.data_path and per_split:
+        fail("give --data-path (cut by --split) or --train-data-path / --valid-data-path / --test-data-path, "
+             "not both")
+    if per_split and not d.train_data_path:
+        fail("--valid-data-path / --test-data-path need --train-data-path (the data to train on)")
+    if per_split and d.split != DataArgs.split:
+        fail(f"--split {d.split} cuts --data-path; with --train-data-path / --valid-data-path / --test-data-path "
+             "each split is its own data: drop --split")
+    if not d.data_path and not per_split:
+        fail("give --data-path PREFIX [PREFIX ...] (from tools/preprocess_data.py), or --train-data-path "
+             "(with --valid-data-path / --test-data-path)")
     if cfg.data.tokenizer_type == "NullTokenizer" and m.vocab_size is None:
         fail("--tokenizer-type NullTokenizer needs --vocab-size (the pre-tokenized data's vocabulary)")
     if cfg.data.tokenizer_type != "NullTokenizer" and m.vocab_size is not None:

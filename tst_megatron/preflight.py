@@ -43,25 +43,39 @@ def _document_range(bounds, num_documents: int):
     return int(round(bounds[0] * num_documents)), int(round(bounds[1] * num_documents))
 
 
+def data_sources(cfg: RunConfig):
+    """(flag, its list, [train, valid, test] document bounds of each of its prefixes) for every data
+    flag given: --data-path cut by --split, or each --<split>-data-path whole for its split."""
+    d = cfg.data
+    if d.data_path:
+        return [("--data-path", d.data_path, _split_bounds(d.split))]
+    out = []
+    for k, (flag, paths) in enumerate((("--train-data-path", d.train_data_path),
+                                       ("--valid-data-path", d.valid_data_path),
+                                       ("--test-data-path", d.test_data_path))):
+        if paths:
+            out.append((flag, paths, [(0.0, 1.0) if i == k else None for i in range(3)]))
+    return out
+
+
 def check_data(cfg: RunConfig, tokenizer_vocab_size: int) -> None:
-    """Every `--data-path` prefix: parsable blend, both files present and matching, every split
-    non-empty, one training sample fits in the train split, token ids below the vocabulary."""
+    """Every data prefix: parsable blend, both files present and matching, every split it feeds
+    non-empty, one sample fits in each split, token ids below the vocabulary."""
     from megatron.core.datasets.utils import get_blend_from_list
 
-    paths = cfg.data.data_path
-    try:
-        prefixes, _ = get_blend_from_list(paths)
-    except Exception as exc:
-        fail(f"--data-path {' '.join(paths)}: cannot parse ({exc}); use PREFIX ... or W1 PREFIX1 W2 PREFIX2 ...")
-    split = _split_bounds(cfg.data.split)  # parsed once, checked against every prefix
-    if len(paths) % 2 == 1 and len(paths) > 1 and _is_number(paths[0]):
-        fail(f"--data-path {' '.join(paths)}: a weighted blend is pairs WEIGHT PREFIX; this list has "
-             f"{len(paths)} items (a weight or a prefix is missing)")
-    for prefix in prefixes:
-        for ext in (".bin", ".idx"):
-            if not os.path.isfile(prefix + ext):
-                fail(f"--data-path: {prefix + ext} not found{_prefix_hint(prefix)}")
-        _check_prefix(cfg, prefix, split, tokenizer_vocab_size)
+    for flag, paths, split in data_sources(cfg):
+        try:
+            prefixes, _ = get_blend_from_list(paths)
+        except Exception as exc:
+            fail(f"{flag} {' '.join(paths)}: cannot parse ({exc}); use PREFIX ... or W1 PREFIX1 W2 PREFIX2 ...")
+        if len(paths) % 2 == 1 and len(paths) > 1 and _is_number(paths[0]):
+            fail(f"{flag} {' '.join(paths)}: a weighted blend is pairs WEIGHT PREFIX; this list has "
+                 f"{len(paths)} items (a weight or a prefix is missing)")
+        for prefix in prefixes:
+            for ext in (".bin", ".idx"):
+                if not os.path.isfile(prefix + ext):
+                    fail(f"{flag}: {prefix + ext} not found{_prefix_hint(prefix, flag)}")
+            _check_prefix(cfg, flag, prefix, split, tokenizer_vocab_size)
 
 
 def _is_number(text: str) -> bool:
@@ -72,32 +86,32 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _prefix_hint(prefix: str) -> str:
+def _prefix_hint(prefix: str, flag: str = "--data-path") -> str:
     """What the user most likely meant by a prefix whose .bin/.idx do not exist."""
     import glob
 
     for ext in (".bin", ".idx"):
         if prefix.endswith(ext) and os.path.isfile(prefix):
-            return f"; --data-path takes the prefix without {ext}: {prefix[:-len(ext)]}"
+            return f"; {flag} takes the prefix without {ext}: {prefix[:-len(ext)]}"
     near = sorted(glob.glob(glob.escape(prefix) + "_*_document.bin"))
     if near:
         return f"; did you mean {' or '.join(n[:-4] for n in near[:3])}? (tools/preprocess_data.py adds _<key>_document)"
     return " (make it with tools/preprocess_data.py)"
 
 
-def _check_prefix(cfg: RunConfig, prefix: str, split, tokenizer_vocab_size: int) -> None:
+def _check_prefix(cfg: RunConfig, flag: str, prefix: str, split, tokenizer_vocab_size: int) -> None:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     try:
         ds = IndexedDataset(prefix)
     except Exception as exc:
-        fail(f"--data-path {prefix}: .bin/.idx do not match or are damaged ({type(exc).__name__}: {exc})")
-    _check_split(cfg, prefix, split, len(ds.document_indices) - 1)
-    _check_samples_fit(cfg, prefix, split, ds)
+        fail(f"{flag} {prefix}: .bin/.idx do not match or are damaged ({type(exc).__name__}: {exc})")
+    _check_split(cfg, flag, prefix, split, len(ds.document_indices) - 1)
+    _check_samples_fit(cfg, flag, prefix, split, ds)
     expected = int(ds.sequence_lengths.sum()) * ds.index.dtype_size
     actual = os.path.getsize(prefix + ".bin")
     if actual != expected:
-        fail(f"--data-path {prefix}: {prefix}.bin holds {actual} bytes but {prefix}.idx describes "
+        fail(f"{flag} {prefix}: {prefix}.bin holds {actual} bytes but {prefix}.idx describes "
              f"{expected}; the pair does not match (re-run tools/preprocess_data.py)")
     if not hasattr(ds, "bin_reader"):
         return
@@ -105,24 +119,30 @@ def _check_prefix(cfg: RunConfig, prefix: str, split, tokenizer_vocab_size: int)
                                 offset=0)
     max_id = int(tokens.max()) if len(tokens) else -1
     if max_id >= tokenizer_vocab_size:
-        fail(f"--data-path {prefix}: token id {max_id} >= vocabulary size {tokenizer_vocab_size} "
+        fail(f"{flag} {prefix}: token id {max_id} >= vocabulary size {tokenizer_vocab_size} "
              f"of --tokenizer-type {cfg.data.tokenizer_type}; use the tokenizer the data was made "
              "with, or a larger --vocab-size")
 
 
-def _check_split(cfg: RunConfig, prefix: str, split, num_documents: int) -> None:
+_SPLIT_NAMES = ("train", "validation", "test")
+
+
+def _check_split(cfg: RunConfig, flag: str, prefix: str, split, num_documents: int) -> None:
     """megatron's GPTDataset loops forever on a split that holds no tokens: refuse it here."""
-    for name, bounds in zip(("train", "validation", "test"), split):
+    for name, bounds in zip(_SPLIT_NAMES, split):
         if bounds is None:
             continue
         beg, end = _document_range(bounds, num_documents)
-        if end <= beg:
-            fail(f"--split {cfg.data.split}: the {name} split of {prefix} gets no documents "
-                 f"({num_documents} documents in all); give that split more weight, set it to 0 "
-                 "(e.g. --split 98,2,0), or use more data")
+        if end > beg:
+            continue
+        if flag != "--data-path":
+            fail(f"{flag} {prefix}: the data holds no documents")
+        fail(f"--split {cfg.data.split}: the {name} split of {prefix} gets no documents "
+             f"({num_documents} documents in all); give that split more weight, set it to 0 "
+             "(e.g. --split 98,2,0), or use more data")
 
 
-def _check_samples_fit(cfg: RunConfig, prefix: str, split, ds) -> None:
+def _check_samples_fit(cfg: RunConfig, flag: str, prefix: str, split, ds) -> None:
     """One sample must fit in the tokens of the split it is read from, or megatron silently
     repeats the split inside a single sample (a validation loss on repeated text reads low: the
     model copies from its own context). Train and the validation MCE read superposition windows
@@ -147,6 +167,9 @@ def _check_samples_fit(cfg: RunConfig, prefix: str, split, ds) -> None:
             continue
         what = (f"--tst-bag-size {s} with --seq-length {L}: one superposition sample reads {need} tokens"
                 if need == bag and cfg.tst.enabled else f"--seq-length {L}: one sample reads {need} tokens")
+        if flag != "--data-path":
+            fail(f"{what}, but {flag} {prefix} holds only {have} tokens; use a smaller "
+                 f"{'--tst-bag-size / ' if need == bag and cfg.tst.enabled else ''}--seq-length or more data")
         fix = ("use a smaller --tst-bag-size / --seq-length or more data" if name == "train" else
                f"give the test split more weight in --split (now {cfg.data.split}) or none (a last weight "
                "of 0: no test evaluation), use a smaller --seq-length, or more data" if name == "test" else
@@ -227,7 +250,8 @@ def check_resume_data(cfg: RunConfig, meta: dict, path: str, verbose: bool) -> N
     changed = [f"--{key.replace('_', '-')} {_flag_value(now[group].get(key))} "
                f"(checkpoint: {_flag_value(saved[group].get(key))})"
                for group, key in (("optim", "seed"), ("data", "data_path"), ("data", "split"),
-                                  ("data", "tokenizer_model"))
+                                  ("data", "train_data_path"), ("data", "valid_data_path"),
+                                  ("data", "test_data_path"), ("data", "tokenizer_model"))
                if group in saved and key in saved[group] and saved[group][key] != now[group].get(key)]
     if changed:
         print(f"> warning: resuming {path} with {'; '.join(changed)}: unless that is the same data (or "

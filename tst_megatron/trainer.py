@@ -191,6 +191,7 @@ class Trainer:
                            resume_sample_plan)
 
         cfg = self.cfg
+        d = cfg.data
         eval_interval = cfg.logging.eval_interval or cfg.optim.train_iters
         try:
             plan = resume_sample_plan(iteration=self.iteration, consumed_samples=self.consumed_samples,
@@ -203,7 +204,11 @@ class Trainer:
             cfg.tst, seq_length=cfg.model.seq_length, train_iters=cfg.optim.train_iters,
             global_batch_size=cfg.optim.global_batch_size, eval_iters=cfg.logging.eval_iters,
             eval_interval=eval_interval, tokenizer=self.tokenizer, seed=cfg.optim.seed,
-            blend=get_blend_from_list(cfg.data.data_path), split=cfg.data.split,
+            blend=get_blend_from_list(d.data_path) if d.data_path else None,
+            blend_per_split=None if d.data_path else [
+                get_blend_from_list(paths) if paths else None
+                for paths in (d.train_data_path, d.valid_data_path, d.test_data_path)],
+            split=cfg.data.split,
             data_cache_path=cfg.data.data_cache_path, sample_plan=plan,
             base_train_samples=self._checkpoint_stream_length(num_base_samples(cfg.tst, plan[0], plan[1] - plan[0])))
         if self.datasets.train is None:
