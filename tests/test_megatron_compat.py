@@ -8,6 +8,8 @@ gradients are reduced in fp32, no attention mask is built, torch_dist is the onl
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -147,3 +149,59 @@ def test_distributed_timeout_minutes_reaches_the_process_group(tmp_path, monkeyp
             assert backend.options._timeout.total_seconds() == 7 * 60
         finally:
             trainer.close()
+
+
+def _datasets(tmp_path, *flags):
+    """The trainer's datasets (set up in this process) over a corpus whose documents end in EOD."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from test_bad_inputs import isolated
+
+    from tst_megatron.trainer import Trainer
+
+    prefix = str(tmp_path / "eod")
+    if not os.path.exists(prefix + ".idx"):
+        rng = np.random.default_rng(0)
+        builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+        for _ in range(60):
+            doc = np.append(rng.integers(0, 256, int(rng.integers(5, 30))), 256)  # NullTokenizer's EOD
+            builder.add_item(torch.from_numpy(doc.astype(np.int64)))
+            builder.end_document()
+        builder.finalize(prefix + ".idx")
+    cfg = parse_args(["--data-path", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size", "256",
+                      "--seq-length", "32", "--micro-batch-size", "2", "--train-iters", "4", "--split", "80,20,0",
+                      "--tst-bag-size", "4", "--tst-superposition-iters", "2", "--eval-iters", "1", *flags])
+    with isolated():
+        trainer = Trainer(cfg)
+        try:
+            trainer.setup()
+            return trainer.datasets
+        finally:
+            trainer.close()
+
+
+def test_eod_mask_loss_and_reset_position_ids_reach_the_data(tmp_path, monkeypatch):
+    """megatron's --eod-mask-loss masks the positions whose *input* is the EOD (the first token of
+    the next document is not predicted from the last one); in superposition that target is an
+    invalid bag slot. --reset-position-ids restarts positions after every EOD."""
+    monkeypatch.chdir(tmp_path)
+    plain = _datasets(tmp_path)
+    flagged = _datasets(tmp_path, "--eod-mask-loss", "--reset-position-ids")
+    eod = 256
+    for index in range(4):
+        a, b = plain.valid_lm[index], flagged.valid_lm[index]
+        assert torch.equal(a["tokens"], b["tokens"]) and (a["tokens"] == eod).any()
+        assert torch.equal(b["loss_mask"] == 0, b["tokens"] == eod)
+        assert bool((a["loss_mask"] == 1).all())
+        after_eod = torch.nonzero(b["tokens"][:-1] == eod).flatten() + 1
+        assert bool((b["position_ids"][after_eod] == 0).all()) and len(after_eod) > 0
+        assert torch.equal(a["position_ids"], torch.arange(len(a["tokens"])))
+        # superposition samples [L, s]: the slot whose preceding raw token is an EOD becomes -100
+        ta, tb = plain.train[index], flagged.train[index]
+        s = ta["tokens"].shape[1]
+        assert not (ta["labels"] == -100).any()
+        text = torch.cat([ta["tokens"].flatten()[:s], ta["labels"].flatten()])  # raw window from token s
+        previous = text[s - 1: s - 1 + ta["labels"].numel()].reshape(ta["labels"].shape)
+        assert (previous == eod).any()
+        assert torch.equal(tb["labels"] == -100, previous == eod)
+        assert torch.equal(tb["tokens"], ta["tokens"])

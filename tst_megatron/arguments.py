@@ -110,6 +110,8 @@ class DataArgs:
     train_data_path: Optional[List[str]] = None
     valid_data_path: Optional[List[str]] = None
     test_data_path: Optional[List[str]] = None
+    eod_mask_loss: bool = False
+    reset_position_ids: bool = False
     split: str = "969,30,1"
     tokenizer_type: str = "NullTokenizer"
     tokenizer_model: Optional[str] = None
@@ -295,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["NullTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "ByteTokenizer",
                             "Llama2Tokenizer", "GPTSentencePieceTokenizer"],
                    help="NullTokenizer: pre-tokenized ids, needs --vocab-size; ByteTokenizer: UTF-8 bytes, no file")
+    d.add_argument("--eod-mask-loss", action="store_true",
+                   help="no loss on predicting the end-of-document token (megatron's GPTDataset loss mask)")
+    d.add_argument("--reset-position-ids", action="store_true",
+                   help="position ids restart after every end-of-document token (matters for learned positions)")
     d.add_argument("--tokenizer-model", default=None,
                    help="SentencePiece .model file, or tokenizer.json / directory for HuggingFaceTokenizer")
     d.add_argument("--data-cache-path", default=None,

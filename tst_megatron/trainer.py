@@ -208,7 +208,7 @@ class Trainer:
             blend_per_split=None if d.data_path else [
                 get_blend_from_list(paths) if paths else None
                 for paths in (d.train_data_path, d.valid_data_path, d.test_data_path)],
-            split=cfg.data.split,
+            split=cfg.data.split, eod_mask_loss=d.eod_mask_loss, reset_position_ids=d.reset_position_ids,
             data_cache_path=cfg.data.data_cache_path, sample_plan=plan,
             base_train_samples=self._checkpoint_stream_length(num_base_samples(cfg.tst, plan[0], plan[1] - plan[0])))
         if self.datasets.train is None:
