@@ -205,3 +205,28 @@ def test_eod_mask_loss_and_reset_position_ids_reach_the_data(tmp_path, monkeypat
         assert (previous == eod).any()
         assert torch.equal(tb["labels"] == -100, previous == eod)
         assert torch.equal(tb["tokens"], ta["tokens"])
+
+
+def test_moe_router_z_loss_and_dtype(tmp_path):
+    """--moe-z-loss-coeff adds megatron's router z-loss to the gradient only (the logged LM loss of
+    the first step is the same, its gradient is not); --moe-router-dtype reaches the config and a
+    bf16 run with an fp32 router trains."""
+    from trainer_utils import assert_ok, base_args, make_data, run_many, train_records
+
+    cfg = parse_args(BASE + ["--num-experts", "4", "--moe-z-loss-coeff", "0.5", "--moe-router-dtype", "fp32"])
+    validate(cfg, 1)
+    tc = transformer_config(cfg.model, cfg.parallel, cfg.optim, use_cpu_init=True)
+    assert (tc.moe_z_loss_coeff, tc.moe_router_dtype) == (0.5, "fp32")
+    assert _error(["--moe-z-loss-coeff", "0.1"]) == ("error: --moe-z-loss-coeff configure the MoE router: they need "
+                                                     "--num-experts")
+
+    prefix = make_data(str(tmp_path / "data"), num_docs=200)
+    moe = dict(num_experts=4, moe_router_topk=2, disable_bias_linear=True, train_iters=2, eval_iters=0,
+               tst_superposition_iters=1)
+    plain, z, bf16 = (train_records(assert_ok(r).records) for r in run_many([
+        base_args(prefix, metrics_path=tmp_path / "plain.jsonl", **moe),
+        base_args(prefix, metrics_path=tmp_path / "z.jsonl", moe_z_loss_coeff=1.0, **moe),
+        base_args(prefix, metrics_path=tmp_path / "bf16.jsonl", moe_router_dtype="fp32", bf16=True, **moe)]))
+    assert z[1]["loss"] == plain[1]["loss"]
+    assert z[1]["grad_norm"] > 2 * plain[1]["grad_norm"]
+    assert sorted(bf16) == [1, 2] and all(0 < r["loss"] < 20 for r in bf16.values())

@@ -55,6 +55,8 @@ class ModelArgs:
     moe_shared_expert_intermediate_size: Optional[int] = None
     moe_layer_freq: int = 1
     moe_router_pre_softmax: bool = False
+    moe_z_loss_coeff: Optional[float] = None
+    moe_router_dtype: Optional[str] = None
     # activation recomputation (memory for compute; the function computed is the same)
     recompute_granularity: Optional[str] = None
     recompute_method: Optional[str] = None
@@ -230,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None,
                    help="width of an always-on shared expert (needs --disable-bias-linear)")
     e.add_argument("--moe-layer-freq", type=int, default=1, help="every Nth layer is MoE (1 = all)")
+    e.add_argument("--moe-z-loss-coeff", type=float, default=None,
+                   help="weight of the router z-loss (squared log-sum-exp of the router logits)")
+    e.add_argument("--moe-router-dtype", choices=["fp32", "fp64"], default=None,
+                   help="compute the router logits and their softmax in this precision (default: the model's)")
     e.add_argument("--moe-router-pre-softmax", action="store_true",
                    help="softmax over all experts before the top-k selection")
 
@@ -509,6 +515,8 @@ def validate(cfg: RunConfig, world_size: int) -> None:
                  "tensor parallelism")
         if not (1 <= m.moe_router_topk <= m.num_experts):
             fail(f"--moe-router-topk ({m.moe_router_topk}) must be in [1, --num-experts]")
+        if m.moe_z_loss_coeff is not None and not (math.isfinite(m.moe_z_loss_coeff) and m.moe_z_loss_coeff >= 0):
+            fail(f"--moe-z-loss-coeff must be a finite number >= 0 (got {m.moe_z_loss_coeff})")
         # megatron-core's own refusals, moved before any compute (it would raise deep in model build)
         if m.moe_router_topk == 1 and not m.moe_router_pre_softmax and m.num_experts > 1:
             fail("--moe-router-topk 1 needs --moe-router-pre-softmax (megatron-core: a softmax over one "
@@ -524,6 +532,11 @@ def validate(cfg: RunConfig, world_size: int) -> None:
                  "experts have no bias)")
     elif ep > 1:
         fail("--expert-model-parallel-size > 1 needs --num-experts")
+    else:
+        given = [flag for flag, value in (("--moe-z-loss-coeff", m.moe_z_loss_coeff),
+                                          ("--moe-router-dtype", m.moe_router_dtype)) if value is not None]
+        if given:
+            fail(f"{' and '.join(given)} configure the MoE router: they need --num-experts")
     gbs = o.global_batch_size if o.global_batch_size is not None else o.micro_batch_size * dp
     if gbs % (o.micro_batch_size * dp):
         fail(f"--global-batch-size ({gbs}) must be divisible by --micro-batch-size ({o.micro_batch_size}) x "

@@ -43,6 +43,8 @@ def transformer_config(m: ModelArgs, par: ParallelArgs, o: OptimArgs, use_cpu_in
             moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
             moe_layer_freq=m.moe_layer_freq,
             moe_router_pre_softmax=m.moe_router_pre_softmax,
+            moe_z_loss_coeff=m.moe_z_loss_coeff,
+            moe_router_dtype=m.moe_router_dtype,
             moe_grouped_gemm=False,
         )
     return TransformerConfig(
