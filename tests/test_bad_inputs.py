@@ -535,6 +535,21 @@ def test_resume_with_another_seed_and_split_warns(corpus, trained, tmp_path, mon
     assert ckpt.find_checkpoint(str(run), fallback=False)[0] == 4
 
 
+def test_finetune_checks_only_the_weight_shape(corpus, trained, tmp_path, monkeypatch, capsys):
+    """--finetune from the checkpoint: another bag size, schedule and sequence length are a new run's
+    own choice; another --hidden-size cannot take the weights."""
+    monkeypatch.chdir(tmp_path)
+    msg = refuse(base(corpus, tmp_path / "ft", **{"--load": trained, "--finetune": "", "--hidden-size": 32}), capsys,
+                 watch=[trained, tmp_path])
+    assert msg.startswith(f"error: --load {trained}/iter_0000002: the checkpoint was trained with a different "
+                          "configuration: --hidden-size 32 (checkpoint: 64). The weights have the checkpoint's shape"), msg
+    with isolated():
+        assert main(base(corpus, tmp_path / "ft", **{"--load": trained, "--finetune": "", "--tst-bag-size": 2,
+                                                     "--seq-length": 8, "--lr": 0.01, "--train-iters": 3})) == 0
+    assert f"> fine-tuning from the weights of {trained}/iter_0000002" in capsys.readouterr().out
+    assert ckpt.find_checkpoint(str(tmp_path / "ft"), fallback=False)[0] == 3
+
+
 def test_resume_with_defaults_given_explicitly_is_the_same_run(corpus, trained, tmp_path, monkeypatch, capsys):
     """Flags given explicitly at their derived defaults (--ffn-hidden-size 4h, --kv-channels h/heads,
     --lr-decay-iters = --train-iters) describe the same run as leaving them unset: resumed."""

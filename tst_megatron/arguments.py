@@ -135,6 +135,7 @@ class CheckpointArgs:
     exit_duration_in_mins: Optional[float] = None
     exit_signal_handler: bool = False
     exit_on_missing_checkpoint: bool = False
+    finetune: bool = False
 
 
 @dataclass
@@ -325,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load the weights but not the optimizer state (Adam restarts; the LR schedule "
                         "continues from the loaded iteration)")
     c.add_argument("--no-load-rng", action="store_true", help="do not restore the RNG states")
+    c.add_argument("--finetune", action="store_true",
+                   help="with --load: a new run that starts from the checkpoint's weights (iteration 0, fresh "
+                        "optimizer, LR schedule and data stream, as in Megatron-LM); TST settings, schedule and "
+                        "sequence length are free, the model shape must match")
     c.add_argument("--ckpt-fallback", action="store_true",
                    help="if the latest checkpoint is damaged, load the newest complete one")
     c.add_argument("--override-checkpoint-args", action="store_true",
@@ -630,6 +635,11 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         fail(f"--save-interval must be >= 1 (got {c.save_interval})")
     if c.save_interval is not None and not c.save:
         fail("--save-interval needs --save DIR")
+    if c.finetune and not c.load:
+        fail("--finetune needs --load DIR (the checkpoint whose weights the new run starts from)")
+    if c.finetune and same_dir(c.load, c.save):
+        fail(f"--finetune starts a new run from the weights in --load {c.load}: give it another --save directory "
+             "(to continue that fine-tuning run later, --load its --save without --finetune)")
     # --load == --save with no directory yet is the first start of a requeued job: start fresh
     if c.load is not None and not os.path.isdir(c.load) and not same_dir(c.load, c.save):
         fail(f"--load {c.load}: directory does not exist")

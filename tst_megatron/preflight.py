@@ -200,13 +200,16 @@ def _resolved(args: dict) -> dict:
 
 
 def check_resume_compatible(cfg: RunConfig, meta: dict, path: str) -> None:
-    """Refuse to resume with another model shape, bag size or LR schedule, unless overridden."""
+    """Refuse to resume with another model shape, bag size or LR schedule, unless overridden;
+    with --finetune (a new run from the weights) only another weight shape is refused."""
     raw_saved, raw_now = meta.get("args", {}), cfg.to_dict()
     saved, now = _resolved(raw_saved), _resolved(raw_now)
     diffs, shape = [], False
     for group, key in _RESUME_KEYS:
         if key == "seq_length" and meta.get("imported_from"):
             continue  # weights from Hugging Face: no data stream cut at that length to continue
+        if cfg.ckpt.finetune and (group != "model" or key in ("seq_length", "moe_router_topk")):
+            continue
         a, b = saved.get(group, {}).get(key), now[group].get(key)
         # a difference the user typed (a derived default that moved with another flag is reported
         # through that flag; an explicit value equal to the default is no difference)
@@ -215,7 +218,7 @@ def check_resume_compatible(cfg: RunConfig, meta: dict, path: str) -> None:
             flag = "--tst-" + key.replace("_", "-") if group == "tst" else "--" + key.replace("_", "-")
             diffs.append(f"{flag} {b} (checkpoint: {a})")
             shape |= group == "model" and key not in ("seq_length", "moe_router_topk")
-    sup_saved = meta.get("superposition_iters")
+    sup_saved = None if cfg.ckpt.finetune else meta.get("superposition_iters")
     sup_now = cfg.tst.num_superposition_iters(cfg.optim.train_iters)
     if sup_saved is not None and sup_saved != sup_now:
         diffs.append(f"{sup_now} superposition iterations from --tst-superposition-iters/-ratio "

@@ -117,7 +117,8 @@ class Trainer:
         preflight.check_data(cfg, self.tokenizer.vocab_size)
 
         # Resume target, validated before building anything heavy.
-        self.resume = None
+        self.resume = None  # (iteration, path, meta) of the checkpoint this run continues
+        self.finetune_from = None  # the same for --finetune: only its weights are taken
         if cfg.ckpt.load:
             try:
                 found = ckpt.find_checkpoint(cfg.ckpt.load, cfg.ckpt.ckpt_fallback)
@@ -138,10 +139,14 @@ class Trainer:
                          f"(no {ckpt.TRACKER} and no iter_* directories)")
             if found is not None:
                 preflight.check_resume_compatible(cfg, found[2], found[1])
-                preflight.check_resume_data(cfg, found[2], found[1], self.rank == 0)
+                # a fine-tuning run starts its own data stream: only the tokenizer must be the same
+                preflight.check_resume_data(cfg, found[2], found[1], self.rank == 0 and not cfg.ckpt.finetune)
                 self.vocab_size = preflight.resume_vocab_size(cfg, found[2], found[1], self.vocab_size,
                                                               self.tokenizer.vocab_size, self.rank == 0)
-            self.resume = found
+            if cfg.ckpt.finetune:
+                self.finetune_from, self.resume = found, None
+            else:
+                self.resume = found
         save = cfg.ckpt.save
         if save and not (cfg.ckpt.load and same_dir(cfg.ckpt.load, save)) and (
                 os.path.isfile(os.path.join(save, ckpt.TRACKER)) or ckpt.list_checkpoints(save)):
@@ -176,6 +181,8 @@ class Trainer:
         self.num_sup_iters = cfg.tst.num_superposition_iters(cfg.optim.train_iters)
         if self.resume is not None:
             self._load(self.resume[1])
+        elif self.finetune_from is not None:
+            self._load_weights(self.finetune_from[1])
         # Creating a DataLoader iterator draws its base seed from the global torch RNG. Keep that
         # draw out of the training stream (dropout), so that a resumed run continues from exactly
         # the RNG state its checkpoint restored.
@@ -297,7 +304,8 @@ class Trainer:
                 # at the switch itself the model has had no next-token step yet
                 "superposition_checkpoint": 0 < self.num_sup_iters and self.iteration <= self.num_sup_iters,
                 "superposition_iters": self.num_sup_iters, "vocab_size": self.vocab_size,
-                "tokenizer_vocab_size": self.tokenizer.vocab_size, "args": self.cfg.to_dict()}
+                "tokenizer_vocab_size": self.tokenizer.vocab_size, "args": self.cfg.to_dict(),
+                "finetuned_from": self.finetune_from[1] if self.finetune_from else None}
 
     def save(self) -> None:
         c = self.cfg.ckpt
@@ -366,6 +374,19 @@ class Trainer:
                   f"({common['phase']} phase, {self.consumed_samples} samples consumed)"
                   + ("" if load_rng or c.no_load_rng else "; RNG state not restored (parallel layout changed)"),
                   flush=True)
+
+    def _load_weights(self, path: str) -> None:
+        """--finetune: the checkpoint's weights into a run at iteration 0 (its optimizer, LR schedule,
+        RNG and data position are not taken)."""
+        try:
+            ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler, load_optim=False, load_rng=False,
+                                 use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer)
+        except ckpt.CheckpointError as exc:
+            fail(str(exc))
+        self.optimizer.reload_model_params()  # fp32 main weights from the loaded model (see _load)
+        if self.rank == 0:
+            print(f"> fine-tuning from the weights of {path}: iteration, optimizer, LR schedule and data stream "
+                  "start fresh", flush=True)
 
     def _saved_superposition_samples(self, meta: dict) -> int:
         """For checkpoints written before `superposition_samples` was saved: those runs kept one

@@ -1,0 +1,58 @@
+"""--finetune: a new run from a checkpoint's weights (Megatron-LM's flag).
+
+A plain baseline run A saves its final weights; run B fine-tunes from them with TST (s=4) and the
+same schedule flags. B's validation before its first step is A's final validation (same weights,
+same validation samples); B's iterations, LR schedule and data stream are those of a fresh run C
+with B's flags, from iteration 1; only the losses differ (other starting weights).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from trainer_utils import (BAG, GBS, SEQ, SUP_ITERS, TRAIN_ITERS, assert_ok, base_args, eval_records, make_data,
+                           run_many, run_trainer, train_records)
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+
+
+def test_finetune_starts_a_new_run_from_the_weights(tmp_path):
+    from tst_megatron import checkpointing as ckpt
+
+    prefix = make_data(str(tmp_path / "data"), num_docs=400)
+    a_save, b_save = tmp_path / "a", tmp_path / "b"
+    a = assert_ok(run_trainer(base_args(prefix, tst=False, save=a_save)), "A (baseline)")
+    b, c = (assert_ok(r) for r in run_many([
+        base_args(prefix, load=a_save, save=b_save, finetune=True),
+        base_args(prefix, metrics_path=tmp_path / "c.jsonl")]))
+    assert f"> fine-tuning from the weights of {a_save}/iter_{TRAIN_ITERS:07d}" in b.stdout
+
+    assert eval_records(b.records)[0]["val_lm_loss"] == eval_records(a.records)[TRAIN_ITERS]["val_lm_loss"]
+    got, fresh = train_records(b.records), train_records(c.records)
+    assert sorted(got) == sorted(fresh) == list(range(1, TRAIN_ITERS + 1))
+    for it in fresh:
+        for key in ("phase", "lr", "data_tokens", "consumed_samples"):
+            assert got[it][key] == fresh[it][key], (it, key)
+    assert got[1]["phase"] == "superposition" and got[1]["data_tokens"] == GBS * SEQ * BAG
+    assert got[SUP_ITERS + 1]["phase"] == "recovery"
+    # the trained weights predict the recovery data better than a fresh start
+    assert got[SUP_ITERS + 1]["loss"] < fresh[SUP_ITERS + 1]["loss"] and math.isfinite(got[TRAIN_ITERS]["loss"])
+    meta = ckpt.read_meta(str(b_save / f"iter_{TRAIN_ITERS:07d}"))
+    assert meta["finetuned_from"] == f"{a_save}/iter_{TRAIN_ITERS:07d}" and meta["consumed_samples"] == TRAIN_ITERS * GBS
+
+
+@pytest.mark.parametrize("over, message", [
+    (dict(load=None), "--finetune needs --load DIR (the checkpoint whose weights the new run starts from)"),
+    (dict(save="LOAD"), "--finetune starts a new run from the weights in --load LOAD: give it another --save directory"),
+])
+def test_finetune_refusals(tmp_path, over, message):
+    from tst_megatron.arguments import parse_args, validate
+
+    load = tmp_path / "load"
+    load.mkdir()
+    kw = dict(load=load, save=tmp_path / "save", finetune=True)
+    kw.update({k: (load if v == "LOAD" else v) for k, v in over.items()})
+    with pytest.raises(SystemExit) as exc:
+        validate(parse_args(base_args("x", **kw)), 1)
+    assert str(exc.value.code).startswith("error: " + message.replace("LOAD", str(load))), exc.value.code
