@@ -230,3 +230,43 @@ def test_moe_router_z_loss_and_dtype(tmp_path):
     assert z[1]["loss"] == plain[1]["loss"]
     assert z[1]["grad_norm"] > 2 * plain[1]["grad_norm"]
     assert sorted(bf16) == [1, 2] and all(0 < r["loss"] < 20 for r in bf16.values())
+
+
+def test_sample_based_schedule_is_the_iteration_schedule_in_samples():
+    """--train-samples 96 at global batch 8 is --train-iters 12; warmup 16 / decay 80 samples are 2 / 10
+    steps. 20 warmup samples are 2.5 steps: Megatron-LM's scheduler counts samples, so the LR after
+    step 1 is lr x 8 / 20."""
+    def lrs(argv):
+        cfg = parse_args(BASE + ["--global-batch-size", "8", "--micro-batch-size", "4", "--lr", "1e-3",
+                                 "--lr-decay-style", "cosine"] + argv)
+        validate(cfg, 1)
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+        sched = build_scheduler(opt, cfg.optim)
+        out = []
+        for _ in range(cfg.optim.train_iters):
+            sched.step(1)
+            out.append(opt.param_groups[0]["lr"])
+        return cfg.optim.train_iters, out
+
+    by_iters = lrs(["--train-iters", "12", "--lr-warmup-iters", "2", "--lr-decay-iters", "10"])
+    by_samples = lrs(["--train-samples", "96", "--lr-warmup-samples", "16", "--lr-decay-samples", "80"])
+    assert by_samples[0] == 12 and by_samples[1] == pytest.approx(by_iters[1], rel=1e-12)
+    assert lrs(["--train-samples", "100", "--lr-warmup-samples", "20"])[0] == 12  # 100 // 8, as Megatron-LM
+    assert lrs(["--train-samples", "100", "--lr-warmup-samples", "20"])[1][0] == pytest.approx(1e-3 * 8 / 20)
+    wsd = lrs(["--train-samples", "96", "--lr-decay-style", "WSD", "--lr-wsd-decay-samples", "32"])[1]
+    assert wsd[7] == pytest.approx(1e-3) and wsd[8] < 1e-3  # stable until 96 - 32 samples = step 8
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train-samples", "96", "--train-iters", "12"], "give one of --train-iters and --train-samples"),
+    (["--lr-decay-samples", "80"], "--lr-decay-samples need --train-samples"),
+    (["--train-samples", "96", "--lr-warmup-iters", "2"],
+     "--lr-warmup-iters with --train-samples: give the schedule in samples"),
+    (["--train-samples", "4", "--global-batch-size", "8", "--micro-batch-size", "4"],
+     "--train-samples (4) is less than one --global-batch-size (8)"),
+    (["--train-samples", "96", "--lr-warmup-samples", "200"], "--lr-warmup-samples must be in [0, --train-samples]"),
+])
+def test_sample_based_flag_refusals(argv, message):
+    with pytest.raises(SystemExit) as exc:
+        validate(parse_args(BASE + argv), 1)
+    assert str(exc.value.code).startswith(f"error: {message}"), exc.value.code

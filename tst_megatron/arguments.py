@@ -96,6 +96,12 @@ class OptimArgs:
     lr_warmup_fraction: Optional[float] = None
     lr_decay_iters: Optional[int] = None
     lr_wsd_decay_iters: Optional[int] = None
+    # Megatron-LM's sample-based form: --train-samples sets --train-iters (samples // global batch);
+    # the LR schedule then counts samples (build_scheduler divides by the global batch)
+    train_samples: Optional[int] = None
+    lr_decay_samples: Optional[int] = None
+    lr_warmup_samples: Optional[int] = None
+    lr_wsd_decay_samples: Optional[int] = None
     lr_wsd_decay_style: str = "linear"
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
@@ -272,7 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("batch and optimisation")
     o.add_argument("--micro-batch-size", type=int, default=4, help="samples per forward/backward on one rank")
     o.add_argument("--global-batch-size", type=int, default=None, help="default micro-batch x data-parallel size")
-    o.add_argument("--train-iters", type=int, default=100, help="optimizer steps in total, both TST phases included")
+    o.add_argument("--train-iters", type=int, default=None,
+                   help="optimizer steps in total, both TST phases included (default 100, or from --train-samples)")
+    o.add_argument("--train-samples", type=int, default=None,
+                   help="Megatron-LM's sample-based form: --train-iters = samples // --global-batch-size, and the LR "
+                        "schedule is given in samples (--lr-decay-samples, --lr-warmup-samples, --lr-wsd-decay-samples)")
+    o.add_argument("--lr-decay-samples", type=int, default=None, help="with --train-samples; default --train-samples")
+    o.add_argument("--lr-warmup-samples", type=int, default=None, help="with --train-samples")
+    o.add_argument("--lr-wsd-decay-samples", type=int, default=None, help="with --train-samples and WSD")
     o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     o.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the decay")
     o.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "WSD"], default="cosine",
@@ -430,6 +443,10 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
                      "trainer does not know these flags (a Megatron-LM flag it does not implement, or a "
                      "typo); see `pretrain_tst.py --help` for the supported ones")
     check_compat_flags(ns)
+    if ns.train_samples is not None and ns.train_iters is not None:
+        raise SystemExit("error: give one of --train-iters and --train-samples (as in Megatron-LM)")
+    if ns.train_samples is None:
+        ns.train_iters = 100 if ns.train_iters is None else ns.train_iters
     bag_given = ns.tst_bag_size is not None
     if not bag_given:
         ns.tst_bag_size = 1
@@ -459,12 +476,39 @@ def fail(message: str) -> None:
     raise SystemExit(f"error: {message}")
 
 
+def _resolve_samples(o: OptimArgs) -> None:
+    """Megatron-LM's sample-based flags: either all in samples (with --train-samples) or all in
+    iterations. --train-iters becomes --train-samples // --global-batch-size, as Megatron-LM does."""
+    by_samples = (("--lr-decay-samples", o.lr_decay_samples), ("--lr-warmup-samples", o.lr_warmup_samples),
+                  ("--lr-wsd-decay-samples", o.lr_wsd_decay_samples))
+    if o.train_samples is None:
+        given = [flag for flag, value in by_samples if value is not None]
+        if given:
+            fail(f"{', '.join(given)} need --train-samples (with --train-iters the schedule is in iterations: "
+                 "--lr-decay-iters, --lr-warmup-iters, --lr-wsd-decay-iters)")
+        return
+    given = [flag for flag, value in (("--lr-decay-iters", o.lr_decay_iters),
+                                      ("--lr-warmup-iters", o.lr_warmup_iters or None),
+                                      ("--lr-wsd-decay-iters", o.lr_wsd_decay_iters)) if value is not None]
+    if given:
+        fail(f"{', '.join(given)} with --train-samples: give the schedule in samples (--lr-decay-samples, "
+             "--lr-warmup-samples, --lr-wsd-decay-samples)")
+    if o.train_samples < o.global_batch_size:
+        fail(f"--train-samples ({o.train_samples}) is less than one --global-batch-size ({o.global_batch_size})")
+    for flag, value in by_samples:
+        if value is not None and not 0 <= value <= o.train_samples:
+            fail(f"{flag} must be in [0, --train-samples] (got {value})")
+    o.train_iters = o.train_samples // o.global_batch_size
+
+
 def validate(cfg: RunConfig, world_size: int) -> None:
     """Argument checks that need no data or model: run on every rank before anything is built."""
     m, par, o, c = cfg.model, cfg.parallel, cfg.optim, cfg.ckpt
     for name, value in (("--num-layers", m.num_layers), ("--hidden-size", m.hidden_size),
                         ("--num-attention-heads", m.num_attention_heads), ("--seq-length", m.seq_length),
-                        ("--micro-batch-size", o.micro_batch_size), ("--train-iters", o.train_iters),
+                        ("--micro-batch-size", o.micro_batch_size),
+                        ("--train-iters", o.train_iters) if o.train_samples is None
+                        else ("--train-samples", o.train_samples),
                         ("--log-interval", cfg.logging.log_interval),
                         ("--distributed-timeout-minutes", par.distributed_timeout_minutes),
                         ("--tensor-model-parallel-size", par.tensor_model_parallel_size),
@@ -547,6 +591,7 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         fail(f"--global-batch-size ({gbs}) must be divisible by --micro-batch-size ({o.micro_batch_size}) x "
              f"data-parallel size ({dp})")
     o.global_batch_size = gbs
+    _resolve_samples(o)
     v = par.num_layers_per_virtual_pipeline_stage
     micro = gbs // (o.micro_batch_size * dp)
     if v and (m.num_layers // pp) // v > 1 and micro % pp:  # megatron-core's interleaved 1F1B groups

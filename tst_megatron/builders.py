@@ -168,8 +168,18 @@ def build_scheduler(optimizer, o: OptimArgs):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     decay_iters = o.lr_decay_iters or o.train_iters
-    # Megatron-LM's --lr-warmup-fraction: a fraction of the decay steps (a float count is fine)
-    warmup = o.lr_warmup_iters if o.lr_warmup_fraction is None else o.lr_warmup_fraction * decay_iters
+    warmup = o.lr_warmup_iters
+    wsd_decay = o.lr_wsd_decay_iters
+    if o.train_samples is not None:
+        # Megatron-LM counts this schedule in samples, a global batch per step: in steps that is
+        # samples / batch, a fractional count where the batch does not divide it (as in Megatron)
+        per_step = o.global_batch_size
+        decay_iters = (o.lr_decay_samples or o.train_samples) / per_step
+        warmup = (o.lr_warmup_samples or 0) / per_step
+        if o.lr_wsd_decay_samples is not None:
+            wsd_decay = o.lr_wsd_decay_samples / per_step
+    if o.lr_warmup_fraction is not None:  # Megatron-LM's: a fraction of the decay steps (may be fractional)
+        warmup = o.lr_warmup_fraction * decay_iters
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
@@ -180,11 +190,11 @@ def build_scheduler(optimizer, o: OptimArgs):
         lr_decay_style=o.lr_decay_style,
         start_wd=o.weight_decay,
         end_wd=o.weight_decay,
-        wd_incr_steps=max(decay_iters, 1),
+        wd_incr_steps=max(math.ceil(decay_iters), 1),
         wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=False,
         override_opt_param_scheduler=False,
-        wsd_decay_steps=o.lr_wsd_decay_iters,
+        wsd_decay_steps=wsd_decay,
         lr_wsd_decay_style=o.lr_wsd_decay_style,
     )
 

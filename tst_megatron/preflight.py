@@ -26,7 +26,8 @@ _RESUME_KEYS = (
                             "moe_router_topk")]
     + [("model", "seq_length"), ("tst", "bag_size"), ("tst", "mode")]
     + [("optim", k) for k in ("train_iters", "lr", "min_lr", "lr_decay_style", "lr_warmup_iters", "lr_warmup_fraction",
-                              "lr_decay_iters", "lr_wsd_decay_iters", "lr_wsd_decay_style", "weight_decay")])
+                              "lr_decay_iters", "lr_wsd_decay_iters", "lr_wsd_decay_style", "weight_decay",
+                              "lr_decay_samples", "lr_warmup_samples", "lr_wsd_decay_samples")])
 
 
 def _split_bounds(split: str):

@@ -274,6 +274,9 @@ def import_checkpoint(hf_dir: str, save: str, run_argv: Sequence[str] = (), *, i
             arch = hc.arch_of(hf_cfg)
 
             cfg, given = _parse_run_flags(run_argv)
+            if cfg.optim.train_samples is not None:
+                raise ConversionError("--train-samples: the import writes the run's schedule in iterations; give "
+                                      "--train-iters (= samples // global batch) and the --lr-*-iters flags")
             _apply_hf_model(cfg.model, mc, given)
             tok = _choose_tokenizer(cfg, given, hf_dir)
             hf_vocab = int(mc["vocab_size"])
