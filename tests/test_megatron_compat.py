@@ -270,3 +270,29 @@ def test_sample_based_flag_refusals(argv, message):
     with pytest.raises(SystemExit) as exc:
         validate(parse_args(BASE + argv), 1)
     assert str(exc.value.code).startswith(f"error: {message}"), exc.value.code
+
+
+def test_gpt2_bpe_tokenizer_flags(tmp_path):
+    """Megatron-LM's GPT-3 example flags: --tokenizer-type GPT2BPETokenizer --vocab-file --merge-file."""
+    from test_tokenizers import make_hf_tokenizer
+    from tokenizers import Tokenizer
+
+    from tst_megatron.tokenizers import GPT2BPETokenizer
+
+    vocab, merges = Tokenizer.from_file(make_hf_tokenizer(str(tmp_path), specials=("<|endoftext|>",))).model.save(
+        str(tmp_path))
+    gpt2 = ["--data-path", "x", "--tokenizer-type", "GPT2BPETokenizer"]
+    cfg = parse_args(gpt2 + ["--vocab-file", vocab, "--merge-file", merges])
+    validate(cfg, 1)
+    tok = cfg.data.build_tokenizer(cfg.model.vocab_size)
+    assert isinstance(tok, GPT2BPETokenizer) and tok.tokenize("hello") == tok._tok.encode("hello").ids
+    for argv, message in (
+            (gpt2 + ["--vocab-file", vocab], "--tokenizer-type GPT2BPETokenizer needs --merge-file"),
+            (gpt2 + ["--vocab-file", vocab, "--merge-file", str(tmp_path / "nope.txt")],
+             f"--merge-file {tmp_path / 'nope.txt'}: no such file"),
+            (["--data-path", "x", "--vocab-size", "256", "--vocab-file", vocab],
+             "--vocab-file / --merge-file are GPT2BPETokenizer's files; --tokenizer-type NullTokenizer does not "
+             "read them")):
+        with pytest.raises(SystemExit) as exc:
+            validate(parse_args(argv), 1)
+        assert str(exc.value.code).startswith(f"error: {message}"), exc.value.code

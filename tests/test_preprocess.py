@@ -83,11 +83,30 @@ def hf_dir(tmp_path_factory):
     return str(tmp)
 
 
+@pytest.fixture(scope="module")
+def gpt2_files(hf_dir, tmp_path_factory):
+    """The hf_dir tokenizer's BPE as GPT-2-style vocab.json + merges.txt (Megatron's GPT2BPETokenizer)."""
+    from tokenizers import Tokenizer
+
+    tmp = tmp_path_factory.mktemp("gpt2")
+    vocab, merges = Tokenizer.from_file(os.path.join(hf_dir, "tokenizer.json")).model.save(str(tmp))
+    return vocab, merges
+
+
 @pytest.fixture
-def tokenizer_flags(sp_model, hf_dir):
+def tokenizer_flags(sp_model, hf_dir, gpt2_files):
     return {"byte": ["--tokenizer-type", "ByteTokenizer"],
             "sp": ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", sp_model],
-            "hf": ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_dir]}
+            "hf": ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_dir],
+            "gpt2": ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", gpt2_files[0],
+                     "--merge-file", gpt2_files[1]]}
+
+
+def tokenizer_of(flags):
+    """The tokenizer preprocess_data builds from these flags, built here directly."""
+    given = dict(zip(flags[0::2], flags[1::2]))
+    return build_tokenizer(given["--tokenizer-type"], given.get("--tokenizer-model") or given.get("--vocab-file"),
+                           merge_file=given.get("--merge-file"))
 
 
 def run(input_path, prefix, flags, *extra):
@@ -125,7 +144,7 @@ def check_gpt_dataset(prefix, tokenizer, expected, tmp_path, seq_len=16):
         assert sample["labels"].tolist() == text[1:].tolist()
 
 
-@pytest.mark.parametrize("kind", ["byte", "sp", "hf"])
+@pytest.mark.parametrize("kind", ["byte", "sp", "hf", "gpt2"])
 @pytest.mark.parametrize("form", ["jsonl", "dir"])
 def test_preprocess_exact_ids(kind, form, tokenizer_flags, tmp_path):
     docs = make_docs()
@@ -134,7 +153,7 @@ def test_preprocess_exact_ids(kind, form, tokenizer_flags, tmp_path):
     flags = tokenizer_flags[kind]
     summary = run(source, tmp_path / "out" / "data", flags, "--append-eod")
 
-    tokenizer = build_tokenizer(*flags[1::2])
+    tokenizer = tokenizer_of(flags)
     expected = expected_ids(tokenizer, docs, append_eod=True)
     prefix = str(tmp_path / "out" / "data_text_document")
     assert summary["prefixes"]["text"] == prefix
@@ -193,7 +212,7 @@ def test_preprocess_single_text_file(kind, tokenizer_flags, tmp_path):
     flags = tokenizer_flags[kind]
     summary = run(path, tmp_path / "out" / "data", flags, "--append-eod")
 
-    tokenizer = build_tokenizer(*flags[1::2])
+    tokenizer = tokenizer_of(flags)
     expected = tokenizer.tokenize(text) + [tokenizer.eod]
     prefix = summary["prefixes"]["text"]
     assert summary["records"] == 1 and summary["documents"]["text"] == 1

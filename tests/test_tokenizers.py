@@ -188,10 +188,37 @@ def test_build_tokenizer(sp_model, hf_json):
     assert isinstance(build_tokenizer("SentencePieceTokenizer", sp_model), SentencePieceTokenizer)
     assert isinstance(build_tokenizer("HuggingFaceTokenizer", hf_json), HuggingFaceTokenizer)
     assert build_tokenizer("NullTokenizer", vocab_size=50).eod == 50
-    with pytest.raises(ValueError, match=r"--tokenizer-type 'GPT2BPETokenizer'.*ByteTokenizer.*"
-                                         r"SentencePieceTokenizer.*HuggingFaceTokenizer.*NullTokenizer"):
-        build_tokenizer("GPT2BPETokenizer")
+    with pytest.raises(ValueError, match=r"--tokenizer-type 'TikTokenizer'.*ByteTokenizer.*"
+                                         r"SentencePieceTokenizer.*HuggingFaceTokenizer.*GPT2BPETokenizer.*NullTokenizer"):
+        build_tokenizer("TikTokenizer")
     with pytest.raises(ValueError, match="--tokenizer-model"):
         build_tokenizer("SentencePieceTokenizer")
     with pytest.raises(ValueError, match="--vocab-size"):
         build_tokenizer("NullTokenizer")
+
+
+def test_gpt2_bpe_tokenizer_matches_transformers_gpt2(tmp_path):
+    """Megatron-LM's GPT2BPETokenizer from vocab.json + merges.txt: the ids of transformers' own
+    GPT2Tokenizer loaded from the same two files, EOD = <|endoftext|>, vocabulary = the encoder."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer
+
+    from tst_megatron.tokenizers import GPT2BPETokenizer
+
+    trained = Tokenizer.from_file(make_hf_tokenizer(str(tmp_path / "hf"), specials=("<|endoftext|>",)))
+    vocab, merges = trained.model.save(str(tmp_path))
+    tok = build_tokenizer("GPT2BPETokenizer", vocab, merge_file=merges)
+    assert isinstance(tok, GPT2BPETokenizer)
+    check_common(tok)
+    ref = transformers.GPT2Tokenizer.from_pretrained(str(tmp_path))  # reads vocab.json and merges.txt
+    text = generated_text()[:2000] + "  double  spaces,\ttabs\n\nnewlines, don't it's 3.14 émigré 東京 🙂"
+    assert tok.tokenize(text) == ref.encode(text)
+    assert tok.detokenize(tok.tokenize(text)) == text
+    assert tok.eod == ref.convert_tokens_to_ids("<|endoftext|>") and tok.pad == -1
+    assert tok.vocab_size == len(ref)
+    with pytest.raises(ValueError, match="--merge-file"):
+        build_tokenizer("GPT2BPETokenizer", vocab)
+    with pytest.raises(ValueError, match="no <\\|endoftext\\|> entry"):
+        plain = Tokenizer.from_file(make_hf_tokenizer(str(tmp_path / "plain"), specials=("<pad>",)))
+        v2, m2 = plain.model.save(str(tmp_path / "plain"))
+        build_tokenizer("GPT2BPETokenizer", v2, merge_file=m2)

@@ -59,6 +59,8 @@ def get_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     group.add_argument("--tokenizer-model", default=None,
                        help="SentencePiece .model, or HuggingFace tokenizer.json / its directory")
     group.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer only")
+    group.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: GPT-2's vocab.json")
+    group.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: GPT-2's merges.txt")
     group.add_argument("--append-eod", action="store_true",
                        help="append the tokenizer's end-of-document token to every document")
     group = parser.add_argument_group("output data")
@@ -207,7 +209,7 @@ def _encoded_stream(args, tokenizer, records):
             yield encoder.encode(record)
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # HF tokenizers vs fork
-    tokenizer_args = (args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+    tokenizer_args = (args.tokenizer_type, args.tokenizer_model or args.vocab_file, args.vocab_size, args.merge_file)
     with multiprocessing.Pool(args.workers, initializer=_init_worker,
                               initargs=(tokenizer_args, args.json_keys, args.append_eod)) as pool:
         yield from pool.imap(_encode_in_worker, records, chunksize=CHUNK_SIZE)
@@ -221,7 +223,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     if len(set(args.json_keys)) != len(args.json_keys):
         raise _fail(f"--json-keys has duplicates: {args.json_keys}")
     try:
-        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model or args.vocab_file, args.vocab_size,
+                                    merge_file=args.merge_file)
     except (ValueError, OSError, ImportError) as exc:
         raise _fail(str(exc)) from None
     try:

@@ -120,6 +120,15 @@ class DataArgs:
     test_data_path: Optional[List[str]] = None
     eod_mask_loss: bool = False
     reset_position_ids: bool = False
+    vocab_file: Optional[str] = None
+    merge_file: Optional[str] = None
+
+    def build_tokenizer(self, vocab_size: Optional[int]):
+        """The tokenizer these flags name (--vocab-file is GPT2BPETokenizer's model file)."""
+        from .tokenizers import build_tokenizer
+
+        return build_tokenizer(self.tokenizer_type, self.tokenizer_model or self.vocab_file, vocab_size,
+                               merge_file=self.merge_file)
     split: str = "969,30,1"
     tokenizer_type: str = "NullTokenizer"
     tokenizer_model: Optional[str] = None
@@ -315,8 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"instead of --data-path/--split: the {what} data itself (prefixes, optionally weighted)")
     d.add_argument("--tokenizer-type", default="NullTokenizer",
                    choices=["NullTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "ByteTokenizer",
-                            "Llama2Tokenizer", "GPTSentencePieceTokenizer"],
+                            "Llama2Tokenizer", "GPTSentencePieceTokenizer", "GPT2BPETokenizer"],
                    help="NullTokenizer: pre-tokenized ids, needs --vocab-size; ByteTokenizer: UTF-8 bytes, no file")
+    d.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: GPT-2's vocab.json")
+    d.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: GPT-2's merges.txt")
     d.add_argument("--eod-mask-loss", action="store_true",
                    help="no loss on predicting the end-of-document token (megatron's GPTDataset loss mask)")
     d.add_argument("--reset-position-ids", action="store_true",
@@ -663,13 +674,25 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     if cfg.data.tokenizer_type != "NullTokenizer" and m.vocab_size is not None:
         fail(f"--vocab-size is for --tokenizer-type NullTokenizer only; with {cfg.data.tokenizer_type} the "
              "vocabulary comes from the tokenizer: drop --vocab-size")
-    if cfg.data.tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer"):
+    from .tokenizers import canonical_tokenizer_type
+
+    kind = canonical_tokenizer_type(cfg.data.tokenizer_type)
+    if kind in ("SentencePieceTokenizer", "HuggingFaceTokenizer"):
         if not cfg.data.tokenizer_model:
             fail(f"--tokenizer-type {cfg.data.tokenizer_type} needs --tokenizer-model PATH")
         if not os.path.exists(cfg.data.tokenizer_model):
             fail(f"--tokenizer-model {cfg.data.tokenizer_model}: no such file or directory")
-    if cfg.data.tokenizer_type == "HuggingFaceTokenizer" and importlib.util.find_spec("tokenizers") is None:
-        fail("--tokenizer-type HuggingFaceTokenizer needs the `tokenizers` package: pip install 'tst-megatron[hf]'")
+    if kind == "GPT2BPETokenizer":
+        for flag, path in (("--vocab-file", cfg.data.vocab_file), ("--merge-file", cfg.data.merge_file)):
+            if not path:
+                fail(f"--tokenizer-type GPT2BPETokenizer needs {flag} (GPT-2's vocab.json and merges.txt)")
+            if not os.path.isfile(path):
+                fail(f"{flag} {path}: no such file")
+    elif cfg.data.vocab_file or cfg.data.merge_file:
+        fail(f"--vocab-file / --merge-file are GPT2BPETokenizer's files; --tokenizer-type {cfg.data.tokenizer_type} "
+             "does not read them")
+    if kind in ("HuggingFaceTokenizer", "GPT2BPETokenizer") and importlib.util.find_spec("tokenizers") is None:
+        fail(f"--tokenizer-type {cfg.data.tokenizer_type} needs the `tokenizers` package: pip install 'tst-megatron[hf]'")
     for flag, path in (("--save", c.save), ("--load", c.load), ("--metrics-path", cfg.logging.metrics_path),
                        ("--tensorboard-dir", cfg.logging.tensorboard_dir)):
         if path and flag != "--metrics-path" and os.path.exists(path) and not os.path.isdir(path):

@@ -7,13 +7,15 @@ sentinel) and `vocab_size`. The `MegatronLegacyTokenizer` in `megatron.core.data
 and logs a warning per instance, so these classes subclass the new base and add the legacy
 properties themselves.
 
-Four tokenizers, chosen with `build_tokenizer(--tokenizer-type, --tokenizer-model, --vocab-size)`:
+Five tokenizers, chosen with `build_tokenizer(--tokenizer-type, --tokenizer-model, --vocab-size)`:
 
 - `ByteTokenizer`: UTF-8 bytes 0..255, EOD = 256, PAD = 257; needs no file, so demos and tests
   run anywhere.
 - `SentencePieceTokenizer`: a `.model` file (train one with `tools/train_tokenizer.py`).
 - `HuggingFaceTokenizer`: a local `tokenizer.json` (or a directory holding one), loaded with the
   `tokenizers` library; nothing is fetched from a hub.
+- `GPT2BPETokenizer`: Megatron-LM's GPT-2 byte-level BPE from `--vocab-file` (vocab.json) and
+  `--merge-file` (merges.txt), built with the `tokenizers` library; EOD = `<|endoftext|>`.
 - `NullTokenizer`: pre-tokenized data (space-separated ids), megatron's semantics: ids
   0..V-1 are data, EOD = V, `vocab_size` = V + 1.
 
@@ -30,7 +32,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from megatron.core.tokenizers import MegatronTokenizerBase
 
-TOKENIZER_TYPES = ("ByteTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
+TOKENIZER_TYPES = ("ByteTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer",
+                   "NullTokenizer")
 # Accepted spellings -> canonical type (megatron-core calls its byte tokenizer "ByteLevel";
 # Megatron-LM's Llama2Tokenizer and GPTSentencePieceTokenizer are a SentencePiece model whose EOD
 # is its EOS, which is what SentencePieceTokenizer does for a model without an <eod> piece).
@@ -330,6 +333,39 @@ class HuggingFaceTokenizer(TSTTokenizer):
         return self._pad
 
 
+class GPT2BPETokenizer(HuggingFaceTokenizer):
+    """Megatron-LM's `GPT2BPETokenizer`: GPT-2's byte-level BPE from its vocab.json and merges.txt.
+
+    Built as GPT-2's fast tokenizer is (a BPE model behind the byte-level pre-tokenizer with
+    GPT-2's split pattern, no prefix space); EOD is `<|endoftext|>`, the vocabulary the encoder's
+    size (50257 for GPT-2's own files), as in Megatron-LM. No pad (-1).
+    """
+
+    def __init__(self, vocab_file: Optional[str], merge_file: Optional[str]) -> None:
+        try:
+            from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        except ImportError as exc:
+            raise ImportError("GPT2BPETokenizer needs the `tokenizers` package: pip install tokenizers") from exc
+        for flag, path in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
+            if not path:
+                raise ValueError(f"GPT2BPETokenizer needs {flag} (GPT-2's vocab.json and merges.txt)")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"GPT2BPETokenizer: {flag} {path!r} does not exist")
+        TSTTokenizer.__init__(self, vocab_file, merge_file=os.path.abspath(merge_file))
+        self.json_path = None  # no tokenizer.json to copy on export
+        try:
+            self._tok = Tokenizer(models.BPE.from_file(vocab_file, merge_file))
+        except Exception as exc:
+            raise ValueError(f"GPT2BPETokenizer: --vocab-file {vocab_file!r} / --merge-file {merge_file!r} do not "
+                             f"load as GPT-2 BPE files: {exc}") from exc
+        self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        self._tok.decoder = decoders.ByteLevel()
+        self._eod = self._tok.token_to_id("<|endoftext|>")
+        if self._eod is None:
+            raise ValueError(f"GPT2BPETokenizer: --vocab-file {vocab_file!r} has no <|endoftext|> entry (GPT-2's EOD)")
+        self._pad = NO_PAD
+
+
 class NullTokenizer(TSTTokenizer):
     """Pre-tokenized data: text is space-separated ids. Megatron's semantics, exactly.
 
@@ -374,7 +410,7 @@ def canonical_tokenizer_type(tokenizer_type: str) -> str:
 
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None,
-                    vocab_size: Optional[int] = None) -> TSTTokenizer:
+                    vocab_size: Optional[int] = None, merge_file: Optional[str] = None) -> TSTTokenizer:
     """Build a tokenizer from Megatron-style flags.
 
     --tokenizer-type picks the class; --tokenizer-model is the file for SentencePiece/HuggingFace;
@@ -388,6 +424,8 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None,
         return SentencePieceTokenizer(tokenizer_model)
     if canonical == "HuggingFaceTokenizer":
         return HuggingFaceTokenizer(tokenizer_model)
+    if canonical == "GPT2BPETokenizer":  # its --vocab-file arrives as the model file
+        return GPT2BPETokenizer(tokenizer_model, merge_file)
     if canonical == "NullTokenizer":
         if vocab_size is None:
             raise ValueError("--tokenizer-type NullTokenizer needs --vocab-size (the number of data "

@@ -105,11 +105,9 @@ class Trainer:
         self.device = default_device()
 
         # Tokenizer and vocabulary (checked against the data before any model is built).
-        from .tokenizers import build_tokenizer
-
         d = cfg.data
         try:
-            self.tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, cfg.model.vocab_size)
+            self.tokenizer = d.build_tokenizer(cfg.model.vocab_size)
         except (OSError, ValueError, RuntimeError) as exc:
             fail(f"--tokenizer-model {d.tokenizer_model}: tokenizer does not load ({exc})")
         self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by,
@@ -708,11 +706,9 @@ class Trainer:
 
 
 def print_model_size(cfg: RunConfig) -> None:
-    from .tokenizers import build_tokenizer
-
     # The tokenizer's vocabulary, exactly as the trainer builds it (NullTokenizer adds EOD).
     try:
-        vocab = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model, cfg.model.vocab_size).vocab_size
+        vocab = cfg.data.build_tokenizer(cfg.model.vocab_size).vocab_size
     except (OSError, ValueError, RuntimeError, TypeError) as exc:
         fail(f"--print-model-size needs the vocabulary of --tokenizer-type {cfg.data.tokenizer_type} ({exc})")
     vocab = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_model_parallel_size)

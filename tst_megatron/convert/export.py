@@ -41,7 +41,8 @@ def _build_tokenizer_for_export(cfg, tokenizer_model: Optional[str]):
             raise ConversionError(f"--tokenizer-model {path}: {exc}") from None
         return tok, tok.json_path, None
     try:
-        tok = build_tokenizer(kind, path, cfg.model.vocab_size)
+        tok = build_tokenizer(kind, path or getattr(d, "vocab_file", None), cfg.model.vocab_size,
+                              merge_file=getattr(d, "merge_file", None))
     except (OSError, ValueError, ImportError, TypeError) as exc:
         return None, None, (f"{kind} not loadable here ({exc}); config.json gets no eos_token_id "
                             "and no tokenizer is written")

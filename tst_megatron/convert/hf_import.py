@@ -175,8 +175,6 @@ def _check_vocab(tokenizer_vocab: int, hf_vocab: int, tp: int) -> None:
 
 def _choose_tokenizer(cfg, given: Set[str], hf_dir: str):
     """The tokenizer the continued run will use (from the flags, else the HF dir's tokenizer.json)."""
-    from ..tokenizers import build_tokenizer
-
     d = cfg.data
     if not ({"tokenizer_type", "tokenizer_model", "vocab_size"} & given):
         if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
@@ -187,7 +185,7 @@ def _choose_tokenizer(cfg, given: Set[str], hf_dir: str):
                 "(--tokenizer-type/--tokenizer-model, or --vocab-size for NullTokenizer) so that its "
                 "padded vocabulary can be checked against the model's")
     try:
-        return build_tokenizer(d.tokenizer_type, d.tokenizer_model, cfg.model.vocab_size)
+        return d.build_tokenizer(cfg.model.vocab_size)
     except (OSError, ValueError, ImportError, TypeError) as exc:
         raise ConversionError(f"--tokenizer-type {d.tokenizer_type}: {exc}") from None
 
