@@ -64,6 +64,8 @@ def test_the_reasons_hold_for_what_the_trainer_builds():
     (["--lr-warmup-fraction", "1.5"], "--lr-warmup-fraction must be in [0, 1) (got 1.5)"),
     (["--eval-iters", "-1"], "--eval-iters must be >= 0 (got -1; 0 = no validation)"),
     (["--distributed-timeout-minutes", "0"], "--distributed-timeout-minutes must be >= 1 (got 0)"),
+    (["--attention-backend", "flash"], "--attention-backend flash: choosing the attention kernel is not implemented"),
+    (["--dataloader-type", "cyclic"], "--dataloader-type cyclic: only single is implemented"),
 ])
 def test_values_that_ask_for_something_else_are_refused(argv, message):
     assert _error(argv).startswith(f"error: {message}"), _error(argv)
@@ -79,6 +81,13 @@ def test_backend_and_implementation_must_match_the_machine():
         "--transformer-impl local")
     cfg = parse_args(BASE + ["--distributed-backend", "gloo", "--transformer-impl", "local"])
     assert cfg.model.transformer_impl == "local"
+
+
+@pytest.mark.parametrize("argv", [["--attention-backend", "auto"], ["--dataloader-type", "single"],
+                                  ["--rotary-percent", "1.0"], ["--context-parallel-size", "1"],
+                                  ["--no-position-embedding"]])
+def test_values_that_hold_change_nothing(argv):
+    assert parse_args(BASE + argv).to_dict() == parse_args(BASE).to_dict()
 
 
 def test_recompute_activations_is_selective_recomputation():

@@ -45,6 +45,10 @@ def add_compat_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--context-parallel-size", type=int, default=1, help="only 1 (no context parallelism)")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
                    help="default: nccl with CUDA, gloo on CPU; a value that does not match the machine is refused")
+    g.add_argument("--attention-backend", choices=["auto", "flash", "fused", "unfused", "local"], default="auto",
+                   help="only auto: SDPA / Transformer Engine pick the attention kernel")
+    g.add_argument("--dataloader-type", choices=["single", "cyclic", "external"], default="single",
+                   help="only single: megatron's pretraining sampler order, resumable by consumed samples")
     g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default=None,
                    help="layer implementation; default: transformer_engine when it is installed and CUDA is "
                         "present, else local")
@@ -69,6 +73,12 @@ def check_compat_flags(ns: argparse.Namespace) -> None:
     if ns.context_parallel_size != 1:
         fail(f"--context-parallel-size {ns.context_parallel_size}: context parallelism is not implemented; "
              "use 1 (split long sequences with --tensor-model-parallel-size and --sequence-parallel)")
+    if ns.attention_backend != "auto":
+        fail(f"--attention-backend {ns.attention_backend}: choosing the attention kernel is not implemented; use auto "
+             "(the default: SDPA on CPU, Transformer Engine's choice on GPU)")
+    if ns.dataloader_type != "single":
+        fail(f"--dataloader-type {ns.dataloader_type}: only single is implemented (megatron's pretraining order, "
+             "which the TST phases and exact resumes rely on)")
     if ns.distributed_backend is None and ns.transformer_impl != "transformer_engine":
         return
     import torch
