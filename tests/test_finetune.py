@@ -1,4 +1,5 @@
-"""--finetune: a new run from a checkpoint's weights (Megatron-LM's flag).
+"""--finetune (a new run from a checkpoint's weights) and --no-save-optim / --no-save-rng (weights-only
+checkpoints), Megatron-LM's flags.
 
 A plain baseline run A saves its final weights; run B fine-tunes from them with TST (s=4) and the
 same schedule flags. B's validation before its first step is A's final validation (same weights,
@@ -56,3 +57,30 @@ def test_finetune_refusals(tmp_path, over, message):
     with pytest.raises(SystemExit) as exc:
         validate(parse_args(base_args("x", **kw)), 1)
     assert str(exc.value.code).startswith("error: " + message.replace("LOAD", str(load))), exc.value.code
+
+
+def test_no_save_optim_and_rng_checkpoints_resume_with_fresh_state(tmp_path):
+    """--no-save-optim --no-save-rng: the checkpoint holds weights and progress only; resuming from it
+    says so, starts Adam afresh and keeps the LR schedule: its first step's loss (computed before
+    the update, from weights and data) is the uninterrupted run's."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from tst_megatron import checkpointing as ckpt
+
+    prefix = make_data(str(tmp_path / "data"), num_docs=400)
+    full, part = tmp_path / "full", tmp_path / "part"
+    ref, first = (assert_ok(r) for r in run_many([
+        base_args(prefix, metrics_path=tmp_path / "ref.jsonl", save=full, save_interval=6),
+        base_args(prefix, save=part, exit_interval=6, no_save_optim=True, no_save_rng=True)]))
+    keys = set(FileSystemReader(str(part / "iter_0000006")).read_metadata().state_dict_metadata)
+    full_keys = set(FileSystemReader(str(full / "iter_0000006")).read_metadata().state_dict_metadata)
+    assert not [k for k in keys if "optimizer" in k or "rng" in k]
+    assert [k for k in full_keys if "optimizer" in k] and [k for k in full_keys if "rng" in k]
+    meta = ckpt.read_meta(str(part / "iter_0000006"))
+    assert (meta["optimizer_state"], meta["rng_state"]) == (False, False)
+
+    resumed = assert_ok(run_trainer(base_args(prefix, load=part, save=part)))
+    assert "carries no optimizer state (imported, or saved with --no-save-optim)" in resumed.stdout
+    got, want = train_records(resumed.records), train_records(ref.records)
+    assert got[7]["loss"] == want[7]["loss"] and got[7]["lr"] == want[7]["lr"]
+    assert got[8]["loss"] != want[8]["loss"]  # Adam restarted

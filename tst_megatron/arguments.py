@@ -144,6 +144,8 @@ class CheckpointArgs:
     ckpt_format: str = "torch_dist"
     no_load_optim: bool = False
     no_load_rng: bool = False
+    no_save_optim: bool = False
+    no_save_rng: bool = False
     ckpt_fallback: bool = False
     override_checkpoint_args: bool = False
     exit_interval: Optional[int] = None
@@ -350,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load the weights but not the optimizer state (Adam restarts; the LR schedule "
                         "continues from the loaded iteration)")
     c.add_argument("--no-load-rng", action="store_true", help="do not restore the RNG states")
+    c.add_argument("--no-save-optim", action="store_true",
+                   help="checkpoints without optimizer state and LR-schedule state (a resume starts Adam afresh and "
+                        "continues the schedule from the iteration)")
+    c.add_argument("--no-save-rng", action="store_true", help="checkpoints without RNG states")
     c.add_argument("--finetune", action="store_true",
                    help="with --load: a new run that starts from the checkpoint's weights (iteration 0, fresh "
                         "optimizer, LR schedule and data stream, as in Megatron-LM); TST settings, schedule and "

@@ -148,12 +148,19 @@ def _test_kill_in_save_hook(iteration: int, stage: str) -> None:
 
 # ---------------------------------------------------------------------------------- save
 def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, common: dict,
-                    use_distributed_optimizer: bool) -> str:
-    """Save atomically; returns the final directory. Collective: call on every rank."""
+                    use_distributed_optimizer: bool, save_optim: bool = True, save_rng: bool = True) -> str:
+    """Save atomically; returns the final directory. Collective: call on every rank.
+    save_optim / save_rng False (--no-save-optim / --no-save-rng): weights and progress only; the
+    marker says so, and a resume then starts a fresh optimizer / keeps its own RNG."""
     from megatron.core import dist_checkpointing
 
     # how many optimizers megatron chained (dense + expert parameters when EP > 1): a resume
     # whose optimizer is split differently cannot load this Adam state (see optimizer_parts)
+    if not save_optim:
+        optimizer = scheduler = None
+        common = dict(common, optimizer_state=False)
+    if not save_rng:
+        common = dict(common, rng_state=False)
     common = dict(common, optimizer_parts=optimizer_parts(optimizer) if optimizer is not None else None)
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
@@ -168,7 +175,8 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, com
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
             state, metadata=_optimizer_metadata(use_distributed_optimizer))
-    state["rng_state"] = _rng_sharded_object(_rng_state())
+    if save_rng:
+        state["rng_state"] = _rng_sharded_object(_rng_state())
     state["opt_param_scheduler"] = scheduler.state_dict() if scheduler is not None else None
     state["tst_common"] = dict(common, iteration=iteration, format_version=FORMAT_VERSION)
     dist_checkpointing.save(state, tmp)

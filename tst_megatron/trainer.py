@@ -319,7 +319,8 @@ class Trainer:
         t0 = time.time()
         with self._parameters_gathered():
             path = ckpt.save_checkpoint(c.save, self.iteration, self.model, self.optimizer, self.scheduler,
-                                        self._common_state(), self.cfg.parallel.use_distributed_optimizer)
+                                        self._common_state(), self.cfg.parallel.use_distributed_optimizer,
+                                        save_optim=not c.no_save_optim, save_rng=not c.no_save_rng)
         self.last_checkpoint = path
         self._on_disk = self.iteration
         note = (" (superposition phase: not a usable next-token model yet)"
@@ -332,7 +333,7 @@ class Trainer:
         saved_par = meta.get("args", {}).get("parallel", {})
         same_layout = (saved_par.get("tensor_model_parallel_size") == self.cfg.parallel.tensor_model_parallel_size
                        and saved_par.get("pipeline_model_parallel_size") == self.cfg.parallel.pipeline_model_parallel_size)
-        load_rng = not c.no_load_rng and same_layout
+        load_rng = not c.no_load_rng and same_layout and meta.get("rng_state") is not False
         if c.override_checkpoint_args:  # the LR schedule of the new flags, from the saved step on
             self.scheduler.override_opt_param_scheduler = True
         load_optim = not c.no_load_optim
@@ -340,7 +341,8 @@ class Trainer:
             # e.g. a checkpoint imported from Hugging Face: weights only, fresh optimizer
             load_optim = False
             if self.rank == 0:
-                print(f"> {path} carries no optimizer state (imported); starting a fresh optimizer", flush=True)
+                print(f"> {path} carries no optimizer state (imported, or saved with --no-save-optim); starting a "
+                      "fresh optimizer", flush=True)
         if load_optim:
             preflight.check_resume_optimizer(meta, path, self.cfg.parallel.use_distributed_optimizer,
                                              ckpt.optimizer_parts(self.optimizer))
@@ -370,7 +372,9 @@ class Trainer:
         if self.rank == 0:
             print(f"> resumed from {path} at iteration {self.iteration} "
                   f"({common['phase']} phase, {self.consumed_samples} samples consumed)"
-                  + ("" if load_rng or c.no_load_rng else "; RNG state not restored (parallel layout changed)"),
+                  + ("" if load_rng or c.no_load_rng else "; RNG state not restored ("
+                     + ("saved with --no-save-rng" if meta.get("rng_state") is False else "parallel layout changed")
+                     + ")"),
                   flush=True)
 
     def _load_weights(self, path: str) -> None:
