@@ -269,6 +269,20 @@ def test_sample_longer_than_the_test_split(corpus, workdir, save, capsys):
     assert_clean(workdir, save)
 
 
+def test_unweighted_blend_shorter_than_the_run(corpus, workdir, save, capsys):
+    """megatron-core reads an unweighted list of several prefixes once (no epochs): a run that needs
+    more samples is refused, naming the flag, instead of a traceback from the dataset builder."""
+    other = write_corpus(str(workdir / "other"), 20, seed=1)
+    argv = base(corpus, save, **{"--train-iters": 40, "--tst-superposition-iters": 20})
+    i = argv.index("--data-path")
+    argv[i + 1:i + 2] = [corpus, other]
+    msg = refuse(argv, capsys)  # megatron's dataset index cache under the data is written, as by any run
+    assert msg.startswith(f"error: --data-path {corpus} {other}: the train stream built from "), msg
+    assert msg.endswith("megatron-core reads an unweighted list of several prefixes once, without epochs: give "
+                        "weights (e.g. 0.5 A 0.5 B) or train on fewer samples"), msg
+    assert_clean(workdir, save)
+
+
 # ------------------------------------------------------------------------------ parallel layout
 def test_world_size_not_divisible_by_model_parallel_size(corpus, workdir, save, capsys):
     msg = refuse(base(corpus, save, **{"--tensor-model-parallel-size": 2}), capsys, watch=[workdir])
@@ -521,33 +535,44 @@ def test_resume_with_another_tokenizer_refused(corpus, trained, workdir, capsys)
                    "to train the weights on another one"), msg
 
 
-def test_resume_with_another_seed_and_split_warns(corpus, trained, tmp_path, monkeypatch, capsys):
-    """A new data order for the rest of a run is allowed (e.g. another mix), and said."""
+@pytest.mark.parametrize("over, changed", [
+    ({"--seed": 99, "--split": "80,20,0"}, "--seed 99 (checkpoint: 1234); --split 80,20,0 (checkpoint: 90,10,0)"),
+    ({"--data-path": "OTHER"}, "--data-path OTHER (checkpoint: CORPUS)"),
+])
+def test_resume_with_another_seed_split_or_data_warns(corpus, trained, tmp_path, monkeypatch, capsys, over, changed):
+    """A new data order for the rest of a run is allowed (e.g. another mix), and said; the stream
+    checks that keep a resume on the checkpoint's own stream do not apply to other data (these
+    splits and corpus give another number of train windows than the checkpoint's 11)."""
     run = tmp_path / "run"
     shutil.copytree(trained, run)
+    other = write_corpus(str(tmp_path / "other"), 40, seed=3)
+    over = {k: (other if v == "OTHER" else v) for k, v in over.items()}
+    changed = changed.replace("OTHER", other).replace("CORPUS", corpus)
     monkeypatch.chdir(tmp_path)
     with isolated():
-        assert main(base(corpus, run, **{"--load": run, "--seed": 99, "--split": "85,15,0"})) == 0
+        assert main(base(corpus, run, **{"--load": run, **over})) == 0
     out = capsys.readouterr().out
-    assert (f"> warning: resuming {run}/iter_0000002 with --seed 99 (checkpoint: 1234); --split 85,15,0 "
-            "(checkpoint: 90,10,0): unless that is the same data (or tokenizer file) moved, this run does not "
-            "see the samples an uninterrupted run would") in out, out
+    assert (f"> warning: resuming {run}/iter_0000002 with {changed}: unless that is the same data (or "
+            "tokenizer file) moved, this run does not see the samples an uninterrupted run would") in out, out
     assert ckpt.find_checkpoint(str(run), fallback=False)[0] == 4
 
 
-def test_finetune_checks_only_the_weight_shape(corpus, trained, tmp_path, monkeypatch, capsys):
-    """--finetune from the checkpoint: another bag size, schedule and sequence length are a new run's
-    own choice; another --hidden-size cannot take the weights."""
+def test_finetune_keeps_a_learned_position_table(corpus, tmp_path, monkeypatch, capsys):
+    """With learned positions the table has --max-position-embeddings (else --seq-length) rows: a
+    fine-tune with a longer sequence cannot take the weights; one within the table can."""
     monkeypatch.chdir(tmp_path)
-    msg = refuse(base(corpus, tmp_path / "ft", **{"--load": trained, "--finetune": "", "--hidden-size": 32}), capsys,
-                 watch=[trained, tmp_path])
-    assert msg.startswith(f"error: --load {trained}/iter_0000002: the checkpoint was trained with a different "
-                          "configuration: --hidden-size 32 (checkpoint: 64). The weights have the checkpoint's shape"), msg
+    learned = {"--position-embedding-type": "learned_absolute", "--max-position-embeddings": 16}
     with isolated():
-        assert main(base(corpus, tmp_path / "ft", **{"--load": trained, "--finetune": "", "--tst-bag-size": 2,
-                                                     "--seq-length": 8, "--lr": 0.01, "--train-iters": 3})) == 0
-    assert f"> fine-tuning from the weights of {trained}/iter_0000002" in capsys.readouterr().out
-    assert ckpt.find_checkpoint(str(tmp_path / "ft"), fallback=False)[0] == 3
+        assert main(base(corpus, tmp_path / "src", **learned)) == 0
+    msg = refuse(base(corpus, tmp_path / "ft", **{**learned, "--load": tmp_path / "src", "--finetune": "",
+                                                   "--seq-length": 24, "--max-position-embeddings": None}),
+                 capsys, watch=[tmp_path / "src"])
+    assert msg.startswith(f"error: --load {tmp_path / 'src'}/iter_0000004: the checkpoint was trained with a different "
+                          "configuration: a learned position table of 24 rows (--max-position-embeddings, else "
+                          "--seq-length; checkpoint: 16). The weights have the checkpoint's shape"), msg
+    with isolated():
+        assert main(base(corpus, tmp_path / "ft", **{**learned, "--load": tmp_path / "src", "--finetune": "",
+                                                     "--seq-length": 8})) == 0
 
 
 def test_resume_with_defaults_given_explicitly_is_the_same_run(corpus, trained, tmp_path, monkeypatch, capsys):

@@ -41,6 +41,11 @@ def test_finetune_starts_a_new_run_from_the_weights(tmp_path):
     assert got[SUP_ITERS + 1]["loss"] < fresh[SUP_ITERS + 1]["loss"] and math.isfinite(got[TRAIN_ITERS]["loss"])
     meta = ckpt.read_meta(str(b_save / f"iter_{TRAIN_ITERS:07d}"))
     assert meta["finetuned_from"] == f"{a_save}/iter_{TRAIN_ITERS:07d}" and meta["consumed_samples"] == TRAIN_ITERS * GBS
+    # resumed later (without --finetune, as a requeued job would): the provenance stays
+    more = assert_ok(run_trainer(base_args(prefix, load=b_save, save=b_save, train_iters=TRAIN_ITERS + 2,
+                                           override_checkpoint_args=True)))
+    assert f"resumed from {b_save}/iter_{TRAIN_ITERS:07d}" in more.stdout
+    assert ckpt.read_meta(str(b_save / f"iter_{TRAIN_ITERS + 2:07d}"))["finetuned_from"] == meta["finetuned_from"]
 
 
 @pytest.mark.parametrize("over, message", [

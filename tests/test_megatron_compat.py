@@ -90,6 +90,17 @@ def test_values_that_hold_change_nothing(argv):
     assert parse_args(BASE + argv).to_dict() == parse_args(BASE).to_dict()
 
 
+def test_use_flash_attn():
+    """Accepted on CPU (nothing to choose: SDPA) and changes nothing; on a GPU it needs Transformer Engine."""
+    if not torch.cuda.is_available():
+        assert parse_args(BASE + ["--use-flash-attn"]).to_dict() == parse_args(BASE).to_dict()
+    else:  # pragma: no cover - GPU machines
+        from tst_megatron.specs import transformer_engine_available
+
+        if not transformer_engine_available():
+            assert _error(["--use-flash-attn"]).startswith("error: --use-flash-attn: without Transformer Engine")
+
+
 def test_recompute_activations_is_selective_recomputation():
     assert parse_args(BASE + ["--recompute-activations"]).model == \
         parse_args(BASE + ["--recompute-granularity", "selective"]).model
@@ -154,8 +165,12 @@ def test_distributed_timeout_minutes_reaches_the_process_group(tmp_path, monkeyp
         trainer = Trainer(cfg)
         try:
             trainer.setup()
-            backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
-            assert backend.options._timeout.total_seconds() == 7 * 60
+            from megatron.core import parallel_state as ps
+
+            for group in (dist.distributed_c10d._get_default_group(), ps.get_data_parallel_group(),
+                          ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()):
+                backend = group._get_backend(torch.device("cpu"))
+                assert backend.options._timeout.total_seconds() == 7 * 60
         finally:
             trainer.close()
 

@@ -163,6 +163,17 @@ def test_sequence_parallel_matches_tp2_and_bf16_trains(ws):
     assert dtypes["decoder.layers.self_attention.linear_proj.weight"] == torch.bfloat16, dtypes
 
 
+def test_bf16_with_learned_positions(ws):
+    """megatron-core builds the learned position table in fp32 whatever the params dtype; in a bf16
+    run it is bf16 like every other weight (as Megatron-LM's Float16Module makes it), and the run trains."""
+    run = ws.run("bf16_learned", base_args(ws.data, bf16=True, position_embedding_type="learned_absolute",
+                                           save=ws.path("bf16_learned")))
+    _, ev = check_tst_run(run)
+    check_learned(ev)
+    dtypes = _checkpoint_dtypes(os.path.join(ws.path("bf16_learned"), f"iter_{TRAIN_ITERS:07d}"))
+    assert dtypes["embedding.position_embeddings.weight"] == torch.bfloat16, dtypes
+
+
 def _checkpoint_dtypes(ckpt_dir):
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata

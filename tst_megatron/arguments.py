@@ -331,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: GPT-2's vocab.json")
     d.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: GPT-2's merges.txt")
     d.add_argument("--eod-mask-loss", action="store_true",
-                   help="no loss on predicting the end-of-document token (megatron's GPTDataset loss mask)")
+                   help="no loss at positions whose input is the end-of-document token, i.e. on predicting the "
+                        "next document's first token (megatron's GPTDataset loss mask)")
     d.add_argument("--reset-position-ids", action="store_true",
                    help="position ids restart after every end-of-document token (matters for learned positions)")
     d.add_argument("--tokenizer-model", default=None,

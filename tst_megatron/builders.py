@@ -110,6 +110,12 @@ def build_model_chunks(cfg: RunConfig, tconfig, vocab_size: int) -> List[torch.n
             vp_stage=vp_stage,
             bag_weights=bag_weights,
         )
+        table = getattr(getattr(model, "embedding", None), "position_embeddings", None)
+        if table is not None:
+            # megatron-core builds the learned position table as a plain torch Embedding (fp32 whatever
+            # params_dtype); Megatron-LM casts it with its Float16Module. Its sum with bf16 word
+            # embeddings would otherwise reach the bf16 layers as fp32.
+            table.to(tconfig.params_dtype)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)

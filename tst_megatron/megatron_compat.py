@@ -25,7 +25,6 @@ SATISFIED = {
     "--accumulate-allreduce-grads-in-fp32": "gradients are accumulated and reduced in fp32 (always)",
     "--no-async-tensor-model-parallel-allreduce": "deprecated, and ignored by Megatron-LM itself",
     "--log-throughput": "tokens/s and TFLOP/s per device are always logged",
-    "--use-flash-attn": "SDPA / Transformer Engine choose flash-attention kernels by themselves on GPU",
     "--no-create-attention-mask-in-dataloader": "no attention mask is built (the kernels are causal)",
     "--use-dist-ckpt": "torch_dist (dist_checkpointing) is the checkpoint format",
 }
@@ -36,6 +35,9 @@ def add_compat_flags(parser: argparse.ArgumentParser) -> None:
         "Megatron-LM compatibility", "accepted so that Megatron-LM scripts run unchanged; each holds here as said")
     for flag, why in SATISFIED.items():
         g.add_argument(flag, action="store_true", help=f"accepted: {why}")
+    g.add_argument("--use-flash-attn", action="store_true",
+                   help="accepted where it holds: on GPU with Transformer Engine (its attention picks flash "
+                        "kernels), and on CPU (SDPA, no flash kernel exists); refused on GPU without it")
     g.add_argument("--recompute-activations", action="store_true",
                    help="Megatron-LM's short form of --recompute-granularity selective")
     g.add_argument("--no-position-embedding", action="store_true",
@@ -79,7 +81,7 @@ def check_compat_flags(ns: argparse.Namespace) -> None:
     if ns.dataloader_type != "single":
         fail(f"--dataloader-type {ns.dataloader_type}: only single is implemented (megatron's pretraining order, "
              "which the TST phases and exact resumes rely on)")
-    if ns.distributed_backend is None and ns.transformer_impl != "transformer_engine":
+    if ns.distributed_backend is None and ns.transformer_impl != "transformer_engine" and not ns.use_flash_attn:
         return
     import torch
 
@@ -91,6 +93,10 @@ def check_compat_flags(ns: argparse.Namespace) -> None:
         fail(f"--distributed-backend {ns.distributed_backend}: this machine "
              f"{'has CUDA, which uses nccl' if cuda_available else 'has no CUDA device; gloo is the backend on CPU'}"
              "; drop the flag (the backend follows the device)")
+    if ns.use_flash_attn and cuda_available and (ns.transformer_impl == "local" or not transformer_engine_available()):
+        fail("--use-flash-attn: without Transformer Engine the GPU attention is megatron-core's unfused "
+             "DotProductAttention; install it (pip install 'tst-megatron[gpu]') and drop --transformer-impl local, "
+             "or drop --use-flash-attn")
     if ns.transformer_impl == "transformer_engine" and not transformer_engine_available():
         fail("--transformer-impl transformer_engine: Transformer Engine "
              + ("is not installed (pip install 'tst-megatron[gpu]')" if cuda_available else "needs a CUDA device")

@@ -219,6 +219,13 @@ def check_resume_compatible(cfg: RunConfig, meta: dict, path: str) -> None:
             flag = "--tst-" + key.replace("_", "-") if group == "tst" else "--" + key.replace("_", "-")
             diffs.append(f"{flag} {b} (checkpoint: {a})")
             shape |= group == "model" and key not in ("seq_length", "moe_router_topk")
+    sm, nm = saved.get("model", {}), now["model"]
+    if sm.get("position_embedding_type") == nm.get("position_embedding_type") == "learned_absolute":
+        rows = [m.get("max_position_embeddings") or m.get("seq_length") for m in (sm, nm)]
+        if rows[0] != rows[1]:  # the learned position table has that many rows
+            diffs.append(f"a learned position table of {rows[1]} rows (--max-position-embeddings, else "
+                         f"--seq-length; checkpoint: {rows[0]})")
+            shape = True
     sup_saved = None if cfg.ckpt.finetune else meta.get("superposition_iters")
     sup_now = cfg.tst.num_superposition_iters(cfg.optim.train_iters)
     if sup_saved is not None and sup_saved != sup_now:
@@ -229,6 +236,18 @@ def check_resume_compatible(cfg: RunConfig, meta: dict, path: str) -> None:
                "for a new run" if shape else "Use the checkpoint's values, or pass --override-checkpoint-args")
         fail(f"--load {path}: the checkpoint was trained with a different configuration: "
              + "; ".join(diffs) + ". " + fix)
+
+
+# What orders the train stream: megatron shuffles with --seed over the documents of the train split.
+_TRAIN_STREAM_KEYS = (("optim", "seed"), ("data", "data_path"), ("data", "split"), ("data", "train_data_path"))
+
+
+def same_train_data(cfg: RunConfig, meta: dict) -> bool:
+    """Whether this run's train stream is cut from the same data in the same order as the checkpoint's
+    (a flag the checkpoint did not record counts as unchanged)."""
+    saved, now = meta.get("args", {}), cfg.to_dict()
+    return all(saved.get(group, {}).get(key, now[group].get(key)) == now[group].get(key)
+               for group, key in _TRAIN_STREAM_KEYS)
 
 
 def check_resume_data(cfg: RunConfig, meta: dict, path: str, verbose: bool) -> None:
@@ -289,7 +308,8 @@ def check_resume_optimizer(meta: dict, path: str, use_distributed_optimizer: boo
 
 
 def check_resume_stream(meta: dict, path: str, *, consumed_samples: int, base_windows: int,
-                        same_batch_and_length: bool, override: bool = False, verbose: bool = True) -> None:
+                        same_batch_and_length: bool, override: bool = False, verbose: bool = True,
+                        same_data: bool = True) -> None:
     """A resumed run must deal from the very stream the run it continues consumed from.
 
     megatron's order of the train windows depends on how many it was asked for (the epochs it
@@ -299,8 +319,8 @@ def check_resume_stream(meta: dict, path: str, *, consumed_samples: int, base_wi
     --train-iters that reaches past it -- would get another order: samples already consumed
     would be read again and others skipped, in either phase. Refused, with what to do; with
     --override-checkpoint-args (another bag size gives another stream anyway) only a warning."""
-    if consumed_samples == 0 or meta.get("imported_from"):
-        return  # nothing consumed yet / weights from elsewhere: no stream position to keep
+    if consumed_samples == 0 or meta.get("imported_from") or not same_data:
+        return  # nothing consumed yet / weights from elsewhere / other data (warned): no stream to keep
     saved = meta.get("train_base_windows")
     if saved is None:  # a checkpoint from before this was recorded: safe only if nothing changed
         if same_batch_and_length:

@@ -94,6 +94,7 @@ class Trainer:
             pipeline_model_parallel_size=par.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=vpp,
             expert_model_parallel_size=par.expert_model_parallel_size,
+            distributed_timeout_minutes=par.distributed_timeout_minutes,  # its groups carry most traffic
         )
         self.ps = ps
         self.dp_rank = ps.get_data_parallel_rank()
@@ -117,21 +118,22 @@ class Trainer:
         # Resume target, validated before building anything heavy.
         self.resume = None  # (iteration, path, meta) of the checkpoint this run continues
         self.finetune_from = None  # the same for --finetune: only its weights are taken
+        self.finetuned_from: Optional[str] = None  # provenance kept in every checkpoint of a fine-tuned run
         if cfg.ckpt.load:
             try:
                 found = ckpt.find_checkpoint(cfg.ckpt.load, cfg.ckpt.ckpt_fallback)
             except ckpt.CheckpointError as exc:
                 fail(str(exc))
             if found is None:
-                if cfg.ckpt.exit_on_missing_checkpoint:
-                    fail(f"--load {cfg.ckpt.load}: no checkpoint there (no {ckpt.TRACKER} and no iter_* "
-                         "directories) and --exit-on-missing-checkpoint is set; stopping before any compute")
-                if same_dir(cfg.ckpt.load, cfg.ckpt.save):
-                    found = None  # first start of a requeue-friendly job: nothing yet
-                elif os.path.isfile(os.path.join(cfg.ckpt.load, ckpt.MARKER)):
+                if os.path.isfile(os.path.join(cfg.ckpt.load, ckpt.MARKER)):
                     fail(f"--load {cfg.ckpt.load}: this is one checkpoint's iteration directory; give the "
                          f"directory that holds it (--load {os.path.dirname(os.path.abspath(cfg.ckpt.load))}), "
                          f"whose {ckpt.TRACKER} names the iteration to resume")
+                elif cfg.ckpt.exit_on_missing_checkpoint:
+                    fail(f"--load {cfg.ckpt.load}: no checkpoint there (no {ckpt.TRACKER} and no iter_* "
+                         "directories) and --exit-on-missing-checkpoint is set; stopping before any compute")
+                elif same_dir(cfg.ckpt.load, cfg.ckpt.save):
+                    found = None  # first start of a requeue-friendly job: nothing yet
                 else:
                     fail(f"--load {cfg.ckpt.load}: the directory holds no checkpoint "
                          f"(no {ckpt.TRACKER} and no iter_* directories)")
@@ -141,16 +143,17 @@ class Trainer:
                 preflight.check_resume_data(cfg, found[2], found[1], self.rank == 0 and not cfg.ckpt.finetune)
                 self.vocab_size = preflight.resume_vocab_size(cfg, found[2], found[1], self.vocab_size,
                                                               self.tokenizer.vocab_size, self.rank == 0)
-            if cfg.ckpt.finetune:
+            if cfg.ckpt.finetune and found is not None:
                 self.finetune_from, self.resume = found, None
+                self.finetuned_from = found[1]
             else:
                 self.resume = found
         save = cfg.ckpt.save
         if save and not (cfg.ckpt.load and same_dir(cfg.ckpt.load, save)) and (
                 os.path.isfile(os.path.join(save, ckpt.TRACKER)) or ckpt.list_checkpoints(save)):
             fail(f"--save {save}: the directory already holds checkpoints of a run; resume it with --load "
-                 f"{save}, or choose a new --save directory (this run would mix its checkpoints with those "
-                 "and replace their tracker)")
+                 f"{save}{' (without --finetune)' if cfg.ckpt.finetune else ''}, or choose a new --save directory "
+                 "(this run would mix its checkpoints with those and replace their tracker)")
 
         # Model, DDP, optimizer, LR schedule: all megatron-core.
         self.tconfig = transformer_config(cfg.model, par, cfg.optim, use_cpu_init=self.device.type == "cpu")
@@ -205,17 +208,26 @@ class Trainer:
                                       global_batch_size=cfg.optim.global_batch_size)
         except ValueError as exc:
             fail(f"--load {cfg.ckpt.load}: {exc}; keep the checkpoint's --tst-superposition-iters/-ratio")
-        self.datasets = build_tst_datasets(
-            cfg.tst, seq_length=cfg.model.seq_length, train_iters=cfg.optim.train_iters,
-            global_batch_size=cfg.optim.global_batch_size, eval_iters=cfg.logging.eval_iters,
-            eval_interval=eval_interval, tokenizer=self.tokenizer, seed=cfg.optim.seed,
-            blend=get_blend_from_list(d.data_path) if d.data_path else None,
-            blend_per_split=None if d.data_path else [
-                get_blend_from_list(paths) if paths else None
-                for paths in (d.train_data_path, d.valid_data_path, d.test_data_path)],
-            split=cfg.data.split, eod_mask_loss=d.eod_mask_loss, reset_position_ids=d.reset_position_ids,
-            data_cache_path=cfg.data.data_cache_path, sample_plan=plan,
-            base_train_samples=self._checkpoint_stream_length(num_base_samples(cfg.tst, plan[0], plan[1] - plan[0])))
+        try:
+            self.datasets = build_tst_datasets(
+                cfg.tst, seq_length=cfg.model.seq_length, train_iters=cfg.optim.train_iters,
+                global_batch_size=cfg.optim.global_batch_size, eval_iters=cfg.logging.eval_iters,
+                eval_interval=eval_interval, tokenizer=self.tokenizer, seed=cfg.optim.seed,
+                blend=get_blend_from_list(d.data_path) if d.data_path else None,
+                blend_per_split=None if d.data_path else [
+                    get_blend_from_list(paths) if paths else None
+                    for paths in (d.train_data_path, d.valid_data_path, d.test_data_path)],
+                split=cfg.data.split, eod_mask_loss=d.eod_mask_loss, reset_position_ids=d.reset_position_ids,
+                data_cache_path=cfg.data.data_cache_path, sample_plan=plan,
+                base_train_samples=self._checkpoint_stream_length(
+                    num_base_samples(cfg.tst, plan[0], plan[1] - plan[0])))
+        except ValueError as exc:  # the train stream megatron built is shorter than the run
+            flag, paths = ("--data-path", d.data_path) if d.data_path else ("--train-data-path", d.train_data_path)
+            prefixes, weights = get_blend_from_list(paths)
+            why = ("; megatron-core reads an unweighted list of several prefixes once, without epochs: give "
+                   "weights (e.g. 0.5 A 0.5 B) or train on fewer samples" if weights is None and len(prefixes) > 1
+                   else "")
+            fail(f"{flag} {' '.join(paths)}: {exc}{why}")
         if self.datasets.train is None:
             fail(f"--split {cfg.data.split}: the training split is empty")
         if self.resume is not None:
@@ -225,7 +237,8 @@ class Trainer:
                 base_windows=len(self.datasets.train.base),
                 same_batch_and_length=(saved.get("global_batch_size") == cfg.optim.global_batch_size
                                        and saved.get("train_iters") == cfg.optim.train_iters),
-                override=cfg.ckpt.override_checkpoint_args, verbose=self.rank == 0)
+                override=cfg.ckpt.override_checkpoint_args, verbose=self.rank == 0,
+                same_data=preflight.same_train_data(cfg, self.resume[2]))
         self._build_iterator = build_data_iterator
         vpp = len(self.model)
         self.train_iters_data = [
@@ -250,7 +263,8 @@ class Trainer:
         saved_tst, saved_model = meta.get("args", {}).get("tst", {}), meta.get("args", {}).get("model", {})
         same_window = ((saved_tst.get("bag_size"), saved_tst.get("mode"), saved_model.get("seq_length"))
                        == (cfg.tst.bag_size, cfg.tst.mode, cfg.model.seq_length))
-        if same_window and requested is not None and windows is not None and windows >= needed:
+        if (same_window and preflight.same_train_data(cfg, meta) and requested is not None and windows is not None
+                and windows >= needed):
             return int(requested)
         return None
 
@@ -303,7 +317,7 @@ class Trainer:
                 "superposition_checkpoint": 0 < self.num_sup_iters and self.iteration <= self.num_sup_iters,
                 "superposition_iters": self.num_sup_iters, "vocab_size": self.vocab_size,
                 "tokenizer_vocab_size": self.tokenizer.vocab_size, "args": self.cfg.to_dict(),
-                "finetuned_from": self.finetune_from[1] if self.finetune_from else None}
+                "finetuned_from": self.finetuned_from}
 
     def save(self) -> None:
         c = self.cfg.ckpt
@@ -361,6 +375,7 @@ class Trainer:
         self.superposition_samples = (int(saved_sup) if saved_sup is not None
                                       else self._saved_superposition_samples(meta))
         self.last_checkpoint = path
+        self.finetuned_from = meta.get("finetuned_from")
         if c.save and same_dir(os.path.dirname(os.path.normpath(path)), c.save):
             self._on_disk = self.iteration
         if not load_optim:
