@@ -320,3 +320,24 @@ def test_gpt2_bpe_tokenizer_flags(tmp_path):
         with pytest.raises(SystemExit) as exc:
             validate(parse_args(argv), 1)
         assert str(exc.value.code).startswith(f"error: {message}"), exc.value.code
+
+
+def test_mock_data(tmp_path):
+    """--mock-data: megatron-core's MockGPTDataset (counting sequences, an EOD after each) through
+    both TST phases; the run learns the pattern. Refused together with real data."""
+    from trainer_utils import BAG, GBS, SEQ, SUP_ITERS, TRAIN_ITERS, assert_ok, base_args, run_trainer, train_records
+
+    args = base_args("x", split=None, metrics_path=tmp_path / "m.jsonl")
+    i = args.index("--data-path")
+    res = assert_ok(run_trainer(args[:i] + args[i + 2:] + ["--mock-data"]))
+    tr = train_records(res.records)
+    assert sorted(tr) == list(range(1, TRAIN_ITERS + 1))
+    assert tr[SUP_ITERS]["data_tokens"] == SUP_ITERS * GBS * SEQ * BAG and tr[SUP_ITERS + 1]["phase"] == "recovery"
+    assert tr[TRAIN_ITERS]["loss"] < tr[SUP_ITERS + 1]["loss"] < tr[1]["loss"]
+    assert "on test set" in res.stdout  # megatron's mock split 1,1,1 has a test part
+    assert _error(["--mock-data"]) == ("error: --mock-data replaces --data-path / --train-data-path: give one or "
+                                       "the other")
+    with pytest.raises(SystemExit) as exc:
+        validate(parse_args(["--mock-data", "--vocab-size", "256", "--split", "90,10,0"]), 1)
+    assert str(exc.value.code) == ("error: --split 90,10,0 with --mock-data: megatron-core splits mock data 1,1,1 "
+                                   "itself; drop --split")

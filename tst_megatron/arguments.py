@@ -122,6 +122,7 @@ class DataArgs:
     reset_position_ids: bool = False
     vocab_file: Optional[str] = None
     merge_file: Optional[str] = None
+    mock_data: bool = False
 
     def build_tokenizer(self, vocab_size: Optional[int]):
         """The tokenizer these flags name (--vocab-file is GPT2BPETokenizer's model file)."""
@@ -328,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["NullTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "ByteTokenizer",
                             "Llama2Tokenizer", "GPTSentencePieceTokenizer", "GPT2BPETokenizer"],
                    help="NullTokenizer: pre-tokenized ids, needs --vocab-size; ByteTokenizer: UTF-8 bytes, no file")
+    d.add_argument("--mock-data", action="store_true",
+                   help="megatron-core's mock data (counting sequences of random length) instead of --data-path: "
+                        "for throughput and set-up checks, not for learning anything")
     d.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: GPT-2's vocab.json")
     d.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: GPT-2's merges.txt")
     d.add_argument("--eod-mask-loss", action="store_true",
@@ -665,6 +669,10 @@ def validate(cfg: RunConfig, world_size: int) -> None:
               "--tst-superposition-iters 0): this is a plain run", file=sys.stderr)
     d = cfg.data
     per_split = any(x is not None for x in (d.train_data_path, d.valid_data_path, d.test_data_path))
+    if d.mock_data and (d.data_path or per_split):
+        fail("--mock-data replaces --data-path / --train-data-path: give one or the other")
+    if d.mock_data and d.split != DataArgs.split:
+        fail(f"--split {d.split} with --mock-data: megatron-core splits mock data 1,1,1 itself; drop --split")
     if d.data_path and per_split:
         fail("give --data-path (cut by --split) or --train-data-path / --valid-data-path / --test-data-path, "
              "not both")
@@ -673,7 +681,7 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     if per_split and d.split != DataArgs.split:
         fail(f"--split {d.split} cuts --data-path; with --train-data-path / --valid-data-path / --test-data-path "
              "each split is its own data: drop --split")
-    if not d.data_path and not per_split:
+    if not d.data_path and not per_split and not d.mock_data:
         fail("give --data-path PREFIX [PREFIX ...] (from tools/preprocess_data.py), or --train-data-path "
              "(with --valid-data-path / --test-data-path)")
     if cfg.data.tokenizer_type == "NullTokenizer" and m.vocab_size is None:

@@ -361,10 +361,12 @@ def _build_splits(config, sizes: Sequence[int]) -> List[Optional[Dataset]]:
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
-    from megatron.core.datasets.gpt_dataset import GPTDataset
+    from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
 
-    # every rank builds (rank 0 first, through megatron's own barrier): no pipeline/TP filter
-    return BlendedMegatronDatasetBuilder(GPTDataset, list(sizes), lambda: True, config).build()
+    # every rank builds (rank 0 first, through megatron's own barrier): no pipeline/TP filter;
+    # no blend at all is megatron's mock data (--mock-data)
+    cls = MockGPTDataset if config.mock else GPTDataset
+    return BlendedMegatronDatasetBuilder(cls, list(sizes), lambda: True, config).build()
 
 
 def build_tst_datasets(

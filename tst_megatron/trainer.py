@@ -214,7 +214,7 @@ class Trainer:
                 global_batch_size=cfg.optim.global_batch_size, eval_iters=cfg.logging.eval_iters,
                 eval_interval=eval_interval, tokenizer=self.tokenizer, seed=cfg.optim.seed,
                 blend=get_blend_from_list(d.data_path) if d.data_path else None,
-                blend_per_split=None if d.data_path else [
+                blend_per_split=None if d.data_path or d.mock_data else [  # neither blend: mock data
                     get_blend_from_list(paths) if paths else None
                     for paths in (d.train_data_path, d.valid_data_path, d.test_data_path)],
                 split=cfg.data.split, eod_mask_loss=d.eod_mask_loss, reset_position_ids=d.reset_position_ids,
@@ -222,6 +222,8 @@ class Trainer:
                 base_train_samples=self._checkpoint_stream_length(
                     num_base_samples(cfg.tst, plan[0], plan[1] - plan[0])))
         except ValueError as exc:  # the train stream megatron built is shorter than the run
+            if d.mock_data:
+                fail(f"--mock-data: {exc}")
             flag, paths = ("--data-path", d.data_path) if d.data_path else ("--train-data-path", d.train_data_path)
             prefixes, weights = get_blend_from_list(paths)
             why = ("; megatron-core reads an unweighted list of several prefixes once, without epochs: give "
