@@ -341,3 +341,34 @@ def test_mock_data(tmp_path):
         validate(parse_args(["--mock-data", "--vocab-size", "256", "--split", "90,10,0"]), 1)
     assert str(exc.value.code) == ("error: --split 90,10,0 with --mock-data: megatron-core splits mock data 1,1,1 "
                                    "itself; drop --split")
+
+
+def test_profile_with_the_pytorch_profiler(tmp_path):
+    """--profile --use-pytorch-profiler: one torch.profiler trace of the iteration window in
+    --tensorboard-dir, holding the model's matmuls."""
+    import glob
+    import json
+
+    from trainer_utils import assert_ok, base_args, make_data, run_trainer
+
+    prefix = make_data(str(tmp_path / "data"), num_docs=200)
+    tb = tmp_path / "tb"
+    assert_ok(run_trainer(base_args(prefix, train_iters=6, tst_superposition_iters=2, eval_iters=0,
+                                    metrics_path=tmp_path / "m.jsonl", tensorboard_dir=tb, profile=True,
+                                    use_pytorch_profiler=True, profile_step_start=1, profile_step_end=3)))
+    traces = glob.glob(str(tb / "*.pt.trace.json"))
+    assert len(traces) == 1, os.listdir(tb)
+    names = {e.get("name") for e in json.load(open(traces[0]))["traceEvents"]}
+    assert any(n in names for n in ("aten::mm", "aten::matmul", "aten::addmm")), sorted(n for n in names if n)[:40]
+
+    for argv, message in (
+            (["--profile", "--use-pytorch-profiler", "--tensorboard-dir", str(tb), "--profile-step-start", "5",
+              "--profile-step-end", "5"], "--profile-step-start (5) / --profile-step-end (5) must satisfy"),
+            (["--profile", "--use-pytorch-profiler", "--tensorboard-dir", str(tb), "--profile-ranks", "1"],
+             "--profile-ranks 1: not ranks of this world of 1"),
+            (["--profile", "--use-pytorch-profiler"], "--use-pytorch-profiler writes its traces into --tensorboard-dir"),
+            (["--use-pytorch-profiler"], "--use-pytorch-profiler is a mode of --profile"),
+    ):
+        assert _error(argv + ["--train-iters", "20"]).startswith(f"error: {message}"), _error(argv)
+    if not torch.cuda.is_available():
+        assert _error(["--profile"]).startswith("error: --profile without --use-pytorch-profiler brackets")

@@ -170,6 +170,11 @@ class LoggingArgs:
     inject_nonfinite_at: Optional[List[int]] = None
     inject_nonfinite_kind: str = "loss"
     print_model_size: bool = False
+    profile: bool = False
+    use_pytorch_profiler: bool = False
+    profile_step_start: int = 10
+    profile_step_end: int = 12
+    profile_ranks: List[int] = field(default_factory=lambda: [0])
 
 
 @dataclass
@@ -396,6 +401,14 @@ def build_parser() -> argparse.ArgumentParser:
     # data gives), "grad": one gradient element Inf with a finite loss (what an overflow gives)
     lg.add_argument("--inject-nonfinite-at", type=int, nargs="+", default=None, help=argparse.SUPPRESS)
     lg.add_argument("--inject-nonfinite-kind", choices=("loss", "grad"), default="loss", help=argparse.SUPPRESS)
+    lg.add_argument("--profile", action="store_true",
+                    help="profile iterations [--profile-step-start, --profile-step-end) on --profile-ranks")
+    lg.add_argument("--use-pytorch-profiler", action="store_true",
+                    help="with --profile: torch.profiler, a trace per rank into --tensorboard-dir (else "
+                         "cudaProfilerStart/Stop for nsys, CUDA only)")
+    lg.add_argument("--profile-step-start", type=int, default=10, help="first profiled iteration (0-based)")
+    lg.add_argument("--profile-step-end", type=int, default=12, help="profiling stops after this many iterations")
+    lg.add_argument("--profile-ranks", type=int, nargs="+", default=[0], help="global ranks to profile")
     lg.add_argument("--print-model-size", action="store_true",
                     help="print total and active parameters for the config and exit")
 
@@ -730,6 +743,24 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         fail(f"--eval-interval must be >= 1 (got {cfg.logging.eval_interval})")
     if cfg.logging.skip_nonfinite_steps < 0:
         fail("--skip-nonfinite-steps must be >= 0")
+    lgc = cfg.logging
+    if lgc.profile:
+        if not 0 <= lgc.profile_step_start < lgc.profile_step_end <= o.train_iters:
+            fail(f"--profile-step-start ({lgc.profile_step_start}) / --profile-step-end ({lgc.profile_step_end}) must "
+                 f"satisfy 0 <= start < end <= --train-iters ({o.train_iters})")
+        bad = [r for r in lgc.profile_ranks if not 0 <= r < world_size]
+        if bad:
+            fail(f"--profile-ranks {' '.join(map(str, bad))}: not ranks of this world of {world_size}")
+        if lgc.use_pytorch_profiler and not lgc.tensorboard_dir:
+            fail("--use-pytorch-profiler writes its traces into --tensorboard-dir: give one")
+        if not lgc.use_pytorch_profiler:
+            import torch
+
+            if not torch.cuda.is_available():
+                fail("--profile without --use-pytorch-profiler brackets the window for nsys (cudaProfilerStart/"
+                     "Stop), which needs CUDA; add --use-pytorch-profiler")
+    elif lgc.use_pytorch_profiler:
+        fail("--use-pytorch-profiler is a mode of --profile: give --profile too")
     # optional logging back-ends: refused here, before a metrics file or checkpoint directory exists
     for flag, value, module, extra in (("--wandb-project", cfg.logging.wandb_project, "wandb", "wandb"),
                                        ("--tensorboard-dir", cfg.logging.tensorboard_dir, "tensorboard",

@@ -29,6 +29,7 @@ from .cpu import default_device, distributed_backend, enable_cpu_support, model_
 from .distributed import init_distributed
 from .metrics import IntervalStats, RunLogger, Stopwatch, format_duration
 from .metrics_io import truncate_metrics
+from .profiling import StepProfiler
 
 SUPERPOSITION, RECOVERY = "superposition", "recovery"
 
@@ -611,14 +612,23 @@ class Trainer:
         return None
 
     def train(self) -> int:
+        lg = self.cfg.logging
+        self.timer = Stopwatch()
+        self._train_time = 0.0
+        if self.iteration == 0:
+            self.run_evaluation()
+        profiler = StepProfiler(lg.profile and self.rank in lg.profile_ranks, lg.use_pytorch_profiler,
+                                lg.profile_step_start, lg.profile_step_end, lg.tensorboard_dir)
+        try:
+            return self._train_loop(profiler)
+        finally:
+            profiler.stop()  # an early exit inside the window still writes its trace
+
+    def _train_loop(self, profiler: StepProfiler) -> int:
         cfg = self.cfg
         o, lg = cfg.optim, cfg.logging
         gbs, L = o.global_batch_size, cfg.model.seq_length
-        self.timer = Stopwatch()
-        self._train_time = 0.0
         eval_interval = lg.eval_interval
-        if self.iteration == 0:
-            self.run_evaluation()
         skipped_nonfinite = 0
         interval = IntervalStats()
         start_iteration = self.iteration
@@ -629,6 +639,7 @@ class Trainer:
                                f"(next-token training of the same model, optimizer state and LR schedule; "
                                f"{self.data_tokens} data tokens consumed so far)")
             step_start = time.time()
+            profiler.before_step(self.iteration)
             try:
                 out = self.train_step()
             except NonFiniteError as exc:
@@ -650,6 +661,7 @@ class Trainer:
             self.superposition_samples += gbs if phase == SUPERPOSITION else 0
             self.data_tokens += tokens
             self.positions += gbs * L
+            profiler.after_step(self.iteration)
 
             # also at the switch: one record never averages the bag loss with the next-token loss
             if (self.iteration % lg.log_interval == 0 or self.iteration == o.train_iters
