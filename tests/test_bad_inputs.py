@@ -5,7 +5,7 @@ checkpoint touched).
 The trainer runs in this process (`tst_megatron.trainer.main(argv)`), which raises SystemExit
 with the message; a refused setup tears its process group down again (main's try/finally), so
 cases run back to back. Divisibility checks that need a world size > 1 call
-`arguments.validate(cfg, world_size)` -- the same function every rank runs first.
+`validation.validate(cfg, world_size)` (also importable from arguments) -- the same function every rank runs first.
 docs/reliability.md lists these messages; `pytest -rP tests/test_bad_inputs.py` prints them.
 """
 import contextlib

@@ -1,6 +1,6 @@
 """Checks of the data and of a resume target, run before any model is built.
 
-Each check reads files (the `.bin/.idx` pairs, a checkpoint's metadata) that `arguments.validate`
+Each check reads files (the `.bin/.idx` pairs, a checkpoint's metadata) that `validation.validate`
 cannot see, and stops with a message naming the flag or file and what to do -- before any
 compute, so that a bad input costs seconds, not a failed allocation or a silent wrong run.
 Pure functions of the run config and what they read: the trainer calls them, tests can too.

@@ -1,0 +1,192 @@
+"""The run's configuration: one small dataclass per concern, built by `arguments.parse_args` from
+Megatron-LM flag names and checked by `validation.validate`. Nothing in the package reads global
+arguments; every piece gets the part it needs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from .config import TSTConfig
+
+
+@dataclass
+class ModelArgs:
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: Optional[int] = None
+    num_attention_heads: int = 4
+    group_query_attention: bool = False
+    num_query_groups: Optional[int] = None
+    kv_channels: Optional[int] = None
+    seq_length: int = 128
+    max_position_embeddings: Optional[int] = None
+    position_embedding_type: str = "rope"
+    rotary_base: int = 10000
+    normalization: str = "RMSNorm"
+    norm_epsilon: float = 1e-5
+    swiglu: bool = False
+    qk_layernorm: bool = False
+    untie_embeddings_and_output_weights: bool = False
+    disable_bias_linear: bool = False
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_method_std: float = 0.02
+    vocab_size: Optional[int] = None
+    make_vocab_size_divisible_by: int = 128
+    # MoE
+    num_experts: Optional[int] = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_aux_loss_coeff: float = 0.0
+    moe_router_load_balancing_type: str = "aux_loss"
+    moe_token_dispatcher_type: str = "allgather"
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    moe_layer_freq: int = 1
+    moe_router_pre_softmax: bool = False
+    moe_z_loss_coeff: Optional[float] = None
+    moe_router_dtype: Optional[str] = None
+    # activation recomputation (memory for compute; the function computed is the same)
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
+    transformer_impl: Optional[str] = None  # None: Transformer Engine when available, else local
+
+    def resolved_ffn_hidden_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        if self.swiglu:  # Megatron-LM's default for SwiGLU: 2/3 of 4h, rounded down to 64
+            return max(64, int((4 * self.hidden_size * 2 / 3) / 64) * 64)
+        return 4 * self.hidden_size
+
+
+@dataclass
+class ParallelArgs:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    num_layers_per_virtual_pipeline_stage: Optional[int] = None
+    expert_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    distributed_timeout_minutes: int = 30
+
+
+@dataclass
+class OptimArgs:
+    micro_batch_size: int = 4
+    global_batch_size: Optional[int] = None
+    train_iters: int = 100
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    lr_decay_style: str = "cosine"
+    lr_warmup_iters: int = 0
+    lr_warmup_fraction: Optional[float] = None
+    lr_decay_iters: Optional[int] = None
+    lr_wsd_decay_iters: Optional[int] = None
+    # Megatron-LM's sample-based form: --train-samples sets --train-iters (samples // global batch);
+    # the LR schedule then counts samples (build_scheduler divides by the global batch)
+    train_samples: Optional[int] = None
+    lr_decay_samples: Optional[int] = None
+    lr_warmup_samples: Optional[int] = None
+    lr_wsd_decay_samples: Optional[int] = None
+    lr_wsd_decay_style: str = "linear"
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    bf16: bool = False
+    seed: int = 1234
+
+
+@dataclass
+class DataArgs:
+    data_path: List[str] = field(default_factory=list)
+    train_data_path: Optional[List[str]] = None
+    valid_data_path: Optional[List[str]] = None
+    test_data_path: Optional[List[str]] = None
+    eod_mask_loss: bool = False
+    reset_position_ids: bool = False
+    vocab_file: Optional[str] = None
+    merge_file: Optional[str] = None
+    mock_data: bool = False
+
+    def build_tokenizer(self, vocab_size: Optional[int]):
+        """The tokenizer these flags name (--vocab-file is GPT2BPETokenizer's model file)."""
+        from .tokenizers import build_tokenizer
+
+        return build_tokenizer(self.tokenizer_type, self.tokenizer_model or self.vocab_file, vocab_size,
+                               merge_file=self.merge_file)
+    split: str = "969,30,1"
+    tokenizer_type: str = "NullTokenizer"
+    tokenizer_model: Optional[str] = None
+    data_cache_path: Optional[str] = None
+    num_workers: int = 0
+
+
+@dataclass
+class CheckpointArgs:
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: Optional[int] = None
+    ckpt_format: str = "torch_dist"
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+    no_save_optim: bool = False
+    no_save_rng: bool = False
+    ckpt_fallback: bool = False
+    override_checkpoint_args: bool = False
+    exit_interval: Optional[int] = None
+    exit_duration_in_mins: Optional[float] = None
+    exit_signal_handler: bool = False
+    exit_on_missing_checkpoint: bool = False
+    finetune: bool = False
+
+
+@dataclass
+class LoggingArgs:
+    log_interval: int = 10
+    eval_interval: Optional[int] = None
+    eval_iters: int = 10
+    metrics_path: Optional[str] = None
+    tensorboard_dir: Optional[str] = None
+    wandb_project: Optional[str] = None
+    wandb_exp_name: Optional[str] = None
+    run_name: Optional[str] = None
+    skip_nonfinite_steps: int = 0
+    inject_nonfinite_at: Optional[List[int]] = None
+    inject_nonfinite_kind: str = "loss"
+    print_model_size: bool = False
+    profile: bool = False
+    use_pytorch_profiler: bool = False
+    profile_step_start: int = 10
+    profile_step_end: int = 12
+    profile_ranks: List[int] = field(default_factory=lambda: [0])
+
+
+@dataclass
+class RunConfig:
+    model: ModelArgs
+    parallel: ParallelArgs
+    optim: OptimArgs
+    data: DataArgs
+    ckpt: CheckpointArgs
+    logging: LoggingArgs
+    tst: TSTConfig
+
+    def to_dict(self) -> dict:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in
+                ("model", "parallel", "optim", "data", "ckpt", "logging", "tst")}
+
+
+def same_dir(a: Optional[str], b: Optional[str]) -> bool:
+    return a is not None and b is not None and os.path.abspath(a) == os.path.abspath(b)
+
+
+def fail(message: str) -> None:
+    """Stop before any compute with a message that names the flag or file and what to do."""
+    raise SystemExit(f"error: {message}")

@@ -1,0 +1,269 @@
+"""Checks of a `RunConfig` that need no data or model: every rank runs `validate` first, before
+anything is built, so a bad flag stops the run with a message that names it (data files and
+checkpoints are checked next, in `preflight`)."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+
+from .run_config import DataArgs, OptimArgs, RunConfig, fail, same_dir
+
+
+def _resolve_samples(o: OptimArgs) -> None:
+    """Megatron-LM's sample-based flags: either all in samples (with --train-samples) or all in
+    iterations. --train-iters becomes --train-samples // --global-batch-size, as Megatron-LM does."""
+    by_samples = (("--lr-decay-samples", o.lr_decay_samples), ("--lr-warmup-samples", o.lr_warmup_samples),
+                  ("--lr-wsd-decay-samples", o.lr_wsd_decay_samples))
+    if o.train_samples is None:
+        given = [flag for flag, value in by_samples if value is not None]
+        if given:
+            fail(f"{', '.join(given)} need --train-samples (with --train-iters the schedule is in iterations: "
+                 "--lr-decay-iters, --lr-warmup-iters, --lr-wsd-decay-iters)")
+        return
+    given = [flag for flag, value in (("--lr-decay-iters", o.lr_decay_iters),
+                                      ("--lr-warmup-iters", o.lr_warmup_iters or None),
+                                      ("--lr-wsd-decay-iters", o.lr_wsd_decay_iters)) if value is not None]
+    if given:
+        fail(f"{', '.join(given)} with --train-samples: give the schedule in samples (--lr-decay-samples, "
+             "--lr-warmup-samples, --lr-wsd-decay-samples)")
+    if o.train_samples < o.global_batch_size:
+        fail(f"--train-samples ({o.train_samples}) is less than one --global-batch-size ({o.global_batch_size})")
+    for flag, value in by_samples:
+        if value is not None and not 0 <= value <= o.train_samples:
+            fail(f"{flag} must be in [0, --train-samples] (got {value})")
+    o.train_iters = o.train_samples // o.global_batch_size
+
+
+def validate(cfg: RunConfig, world_size: int) -> None:
+    """Argument checks that need no data or model: run on every rank before anything is built."""
+    m, par, o, c = cfg.model, cfg.parallel, cfg.optim, cfg.ckpt
+    for name, value in (("--num-layers", m.num_layers), ("--hidden-size", m.hidden_size),
+                        ("--num-attention-heads", m.num_attention_heads), ("--seq-length", m.seq_length),
+                        ("--micro-batch-size", o.micro_batch_size),
+                        ("--train-iters", o.train_iters) if o.train_samples is None
+                        else ("--train-samples", o.train_samples),
+                        ("--log-interval", cfg.logging.log_interval),
+                        ("--distributed-timeout-minutes", par.distributed_timeout_minutes),
+                        ("--tensor-model-parallel-size", par.tensor_model_parallel_size),
+                        ("--pipeline-model-parallel-size", par.pipeline_model_parallel_size),
+                        ("--expert-model-parallel-size", par.expert_model_parallel_size)):
+        if value is None or value < 1:
+            fail(f"{name} must be >= 1 (got {value})")
+    tp, pp, ep = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.expert_model_parallel_size
+    if world_size % (tp * pp) != 0:
+        fail(f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
+             f"--pipeline-model-parallel-size ({pp}); launch a multiple of {tp * pp} processes")
+    dp = world_size // (tp * pp)
+    if m.num_attention_heads % tp:
+        fail(f"--num-attention-heads ({m.num_attention_heads}) must be divisible by "
+             f"--tensor-model-parallel-size ({tp})")
+    if m.hidden_size % m.num_attention_heads and m.kv_channels is None:
+        fail(f"--hidden-size ({m.hidden_size}) must be divisible by --num-attention-heads "
+             f"({m.num_attention_heads}), or give --kv-channels")
+    groups = m.num_query_groups if m.group_query_attention else None
+    if m.num_query_groups is not None and not m.group_query_attention:
+        fail("--num-query-groups needs --group-query-attention")
+    if groups is not None:
+        if groups < 1 or m.num_attention_heads % groups:
+            fail(f"--num-query-groups ({groups}) must divide --num-attention-heads ({m.num_attention_heads})")
+        if groups % tp:
+            fail(f"--num-query-groups ({groups}) must be divisible by --tensor-model-parallel-size ({tp})")
+    for flag, size in (("--ffn-hidden-size", m.resolved_ffn_hidden_size()),
+                       ("--moe-ffn-hidden-size", m.moe_ffn_hidden_size),
+                       ("--moe-shared-expert-intermediate-size", m.moe_shared_expert_intermediate_size)):
+        if size is not None and size % tp:
+            fail(f"{flag} ({size}) must be divisible by --tensor-model-parallel-size ({tp}): the MLP is split "
+                 "column-wise over the tensor-parallel ranks")
+    if m.num_layers % pp:
+        fail(f"--num-layers ({m.num_layers}) must be divisible by --pipeline-model-parallel-size ({pp})")
+    if par.num_layers_per_virtual_pipeline_stage is not None:
+        v = par.num_layers_per_virtual_pipeline_stage
+        if pp < 2 or v < 1 or (m.num_layers // pp) % v:
+            fail(f"--num-layers-per-virtual-pipeline-stage ({v}) must divide the layers per pipeline "
+                 f"stage ({m.num_layers // pp}) and needs --pipeline-model-parallel-size > 1")
+    if par.sequence_parallel and tp == 1:
+        fail("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if par.sequence_parallel and m.seq_length % tp:
+        fail(f"--seq-length ({m.seq_length}) must be divisible by --tensor-model-parallel-size ({tp}) "
+             "with --sequence-parallel")
+    if m.num_experts is not None:
+        if m.num_experts < 1:
+            fail(f"--num-experts must be >= 1 (got {m.num_experts})")
+        if m.num_experts % ep:
+            fail(f"--num-experts ({m.num_experts}) must be divisible by --expert-model-parallel-size ({ep})")
+        if dp % ep:  # megatron-core: world % (expert TP (= TP) x EP x PP) == 0
+            fail(f"--expert-model-parallel-size ({ep}) must divide the data-parallel size ({dp}): megatron-core "
+                 "lays the experts over data-parallel ranks, with --tensor-model-parallel-size as the experts' "
+                 "tensor parallelism")
+        if not (1 <= m.moe_router_topk <= m.num_experts):
+            fail(f"--moe-router-topk ({m.moe_router_topk}) must be in [1, --num-experts]")
+        if m.moe_z_loss_coeff is not None and not (math.isfinite(m.moe_z_loss_coeff) and m.moe_z_loss_coeff >= 0):
+            fail(f"--moe-z-loss-coeff must be a finite number >= 0 (got {m.moe_z_loss_coeff})")
+        # megatron-core's own refusals, moved before any compute (it would raise deep in model build)
+        if m.moe_router_topk == 1 and not m.moe_router_pre_softmax and m.num_experts > 1:
+            fail("--moe-router-topk 1 needs --moe-router-pre-softmax (megatron-core: a softmax over one "
+                 "selected expert is always 1, so the router would get no gradient)")
+        if tp > 1 and not par.sequence_parallel:
+            fail("an MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel (megatron-core's MoE "
+                 "layer refuses tensor parallelism without it, at the first training step)")
+        if tp > 1 and not m.disable_bias_linear:
+            fail("an MoE with --tensor-model-parallel-size > 1 needs --disable-bias-linear (megatron-core has "
+                 "expert biases only without expert tensor parallelism)")
+        if m.moe_shared_expert_intermediate_size is not None and not m.disable_bias_linear:
+            fail("--moe-shared-expert-intermediate-size needs --disable-bias-linear (megatron-core's shared "
+                 "experts have no bias)")
+    elif ep > 1:
+        fail("--expert-model-parallel-size > 1 needs --num-experts")
+    else:
+        given = [flag for flag, value in (("--moe-z-loss-coeff", m.moe_z_loss_coeff),
+                                          ("--moe-router-dtype", m.moe_router_dtype)) if value is not None]
+        if given:
+            fail(f"{' and '.join(given)} configure the MoE router: they need --num-experts")
+    gbs = o.global_batch_size if o.global_batch_size is not None else o.micro_batch_size * dp
+    if gbs % (o.micro_batch_size * dp):
+        fail(f"--global-batch-size ({gbs}) must be divisible by --micro-batch-size ({o.micro_batch_size}) x "
+             f"data-parallel size ({dp})")
+    o.global_batch_size = gbs
+    _resolve_samples(o)
+    v = par.num_layers_per_virtual_pipeline_stage
+    micro = gbs // (o.micro_batch_size * dp)
+    if v and (m.num_layers // pp) // v > 1 and micro % pp:  # megatron-core's interleaved 1F1B groups
+        fail(f"interleaved pipelining (--num-layers-per-virtual-pipeline-stage) needs the micro-batches per "
+             f"step (--global-batch-size / (--micro-batch-size x data-parallel size) = {micro}) to be a "
+             f"multiple of --pipeline-model-parallel-size ({pp})")
+    if par.overlap_param_gather and not (par.use_distributed_optimizer and par.overlap_grad_reduce):
+        fail("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce (as in "
+             "Megatron-LM: it overlaps the distributed optimizer's parameter all-gather)")
+    if m.recompute_granularity == "full" and (m.recompute_method is None or not m.recompute_num_layers
+                                              or m.recompute_num_layers < 1):
+        fail("--recompute-granularity full needs --recompute-method uniform|block and --recompute-num-layers N >= 1")
+    if m.recompute_granularity != "full" and (m.recompute_method or m.recompute_num_layers):
+        fail("--recompute-method / --recompute-num-layers are for --recompute-granularity full "
+             f"(got --recompute-granularity {m.recompute_granularity})")
+    if m.recompute_method == "uniform" and m.recompute_num_layers and \
+            (m.num_layers // pp) % m.recompute_num_layers:
+        fail(f"--recompute-method uniform needs --recompute-num-layers ({m.recompute_num_layers}) to divide the "
+             f"layers per pipeline stage ({m.num_layers // pp})")
+    if m.recompute_method == "block" and m.recompute_num_layers and m.recompute_num_layers > m.num_layers // pp:
+        fail(f"--recompute-num-layers ({m.recompute_num_layers}) exceeds the layers per pipeline stage "
+             f"({m.num_layers // pp})")
+    for name, value in (("--lr", o.lr), ("--min-lr", o.min_lr), ("--weight-decay", o.weight_decay),
+                        ("--clip-grad", o.clip_grad)):
+        if not math.isfinite(value) or value < 0:
+            fail(f"{name} must be a finite number >= 0 (got {value})")
+    if o.min_lr > o.lr:
+        fail(f"--min-lr ({o.min_lr}) must not exceed --lr ({o.lr})")
+    if o.lr_warmup_iters < 0 or o.lr_warmup_iters > o.train_iters:
+        fail(f"--lr-warmup-iters ({o.lr_warmup_iters}) must be in [0, --train-iters]")
+    if o.lr_warmup_fraction is not None:
+        if o.lr_warmup_iters:
+            fail("give one of --lr-warmup-fraction and --lr-warmup-iters (as in Megatron-LM)")
+        if not 0.0 <= o.lr_warmup_fraction < 1.0:
+            fail(f"--lr-warmup-fraction must be in [0, 1) (got {o.lr_warmup_fraction})")
+    if cfg.logging.eval_iters < 0:
+        fail(f"--eval-iters must be >= 0 (got {cfg.logging.eval_iters}; 0 = no validation)")
+    if o.lr_decay_style == "WSD" and o.lr_wsd_decay_iters is None:
+        o.lr_wsd_decay_iters = max(1, o.train_iters // 10)
+    for name, value in (("--hidden-dropout", m.hidden_dropout), ("--attention-dropout", m.attention_dropout)):
+        if not (0.0 <= value < 1.0):
+            fail(f"{name} must be in [0, 1) (got {value})")
+    if m.max_position_embeddings is not None and m.position_embedding_type == "learned_absolute" \
+            and m.max_position_embeddings < m.seq_length:
+        fail(f"--max-position-embeddings ({m.max_position_embeddings}) < --seq-length ({m.seq_length})")
+    try:
+        cfg.tst.num_superposition_iters(o.train_iters)
+    except ValueError as exc:
+        fail(str(exc))
+    if cfg.tst.enabled and cfg.tst.num_superposition_iters(o.train_iters) == 0:
+        print(f"warning: --tst-bag-size {cfg.tst.bag_size} with 0 superposition iterations (--tst-superposition-"
+              f"ratio {cfg.tst.superposition_ratio} of --train-iters {o.train_iters}, rounded down, or "
+              "--tst-superposition-iters 0): this is a plain run", file=sys.stderr)
+    d = cfg.data
+    per_split = any(x is not None for x in (d.train_data_path, d.valid_data_path, d.test_data_path))
+    if d.mock_data and (d.data_path or per_split):
+        fail("--mock-data replaces --data-path / --train-data-path: give one or the other")
+    if d.mock_data and d.split != DataArgs.split:
+        fail(f"--split {d.split} with --mock-data: megatron-core splits mock data 1,1,1 itself; drop --split")
+    if d.data_path and per_split:
+        fail("give --data-path (cut by --split) or --train-data-path / --valid-data-path / --test-data-path, "
+             "not both")
+    if per_split and not d.train_data_path:
+        fail("--valid-data-path / --test-data-path need --train-data-path (the data to train on)")
+    if per_split and d.split != DataArgs.split:
+        fail(f"--split {d.split} cuts --data-path; with --train-data-path / --valid-data-path / --test-data-path "
+             "each split is its own data: drop --split")
+    if not d.data_path and not per_split and not d.mock_data:
+        fail("give --data-path PREFIX [PREFIX ...] (from tools/preprocess_data.py), or --train-data-path "
+             "(with --valid-data-path / --test-data-path)")
+    if cfg.data.tokenizer_type == "NullTokenizer" and m.vocab_size is None:
+        fail("--tokenizer-type NullTokenizer needs --vocab-size (the pre-tokenized data's vocabulary)")
+    if cfg.data.tokenizer_type != "NullTokenizer" and m.vocab_size is not None:
+        fail(f"--vocab-size is for --tokenizer-type NullTokenizer only; with {cfg.data.tokenizer_type} the "
+             "vocabulary comes from the tokenizer: drop --vocab-size")
+    from .tokenizers import canonical_tokenizer_type
+
+    kind = canonical_tokenizer_type(cfg.data.tokenizer_type)
+    if kind in ("SentencePieceTokenizer", "HuggingFaceTokenizer"):
+        if not cfg.data.tokenizer_model:
+            fail(f"--tokenizer-type {cfg.data.tokenizer_type} needs --tokenizer-model PATH")
+        if not os.path.exists(cfg.data.tokenizer_model):
+            fail(f"--tokenizer-model {cfg.data.tokenizer_model}: no such file or directory")
+    if kind == "GPT2BPETokenizer":
+        for flag, path in (("--vocab-file", cfg.data.vocab_file), ("--merge-file", cfg.data.merge_file)):
+            if not path:
+                fail(f"--tokenizer-type GPT2BPETokenizer needs {flag} (GPT-2's vocab.json and merges.txt)")
+            if not os.path.isfile(path):
+                fail(f"{flag} {path}: no such file")
+    elif cfg.data.vocab_file or cfg.data.merge_file:
+        fail(f"--vocab-file / --merge-file are GPT2BPETokenizer's files; --tokenizer-type {cfg.data.tokenizer_type} "
+             "does not read them")
+    if kind in ("HuggingFaceTokenizer", "GPT2BPETokenizer") and importlib.util.find_spec("tokenizers") is None:
+        fail(f"--tokenizer-type {cfg.data.tokenizer_type} needs the `tokenizers` package: pip install 'tst-megatron[hf]'")
+    for flag, path in (("--save", c.save), ("--load", c.load), ("--metrics-path", cfg.logging.metrics_path),
+                       ("--tensorboard-dir", cfg.logging.tensorboard_dir)):
+        if path and flag != "--metrics-path" and os.path.exists(path) and not os.path.isdir(path):
+            fail(f"{flag} {path}: is a file, not a directory; give a directory")
+        if path and flag == "--metrics-path" and os.path.isdir(path):
+            fail(f"--metrics-path {path}: is a directory; give a file path (e.g. {os.path.join(path, 'metrics.jsonl')})")
+    if c.save_interval is not None and c.save_interval < 1:
+        fail(f"--save-interval must be >= 1 (got {c.save_interval})")
+    if c.save_interval is not None and not c.save:
+        fail("--save-interval needs --save DIR")
+    if c.finetune and not c.load:
+        fail("--finetune needs --load DIR (the checkpoint whose weights the new run starts from)")
+    if c.finetune and same_dir(c.load, c.save):
+        fail(f"--finetune starts a new run from the weights in --load {c.load}: give it another --save directory "
+             "(to continue that fine-tuning run later, --load its --save without --finetune)")
+    # --load == --save with no directory yet is the first start of a requeued job: start fresh
+    if c.load is not None and not os.path.isdir(c.load) and not same_dir(c.load, c.save):
+        fail(f"--load {c.load}: directory does not exist")
+    if cfg.logging.eval_interval is not None and cfg.logging.eval_interval < 1:
+        fail(f"--eval-interval must be >= 1 (got {cfg.logging.eval_interval})")
+    if cfg.logging.skip_nonfinite_steps < 0:
+        fail("--skip-nonfinite-steps must be >= 0")
+    lgc = cfg.logging
+    if lgc.profile:
+        if not 0 <= lgc.profile_step_start < lgc.profile_step_end <= o.train_iters:
+            fail(f"--profile-step-start ({lgc.profile_step_start}) / --profile-step-end ({lgc.profile_step_end}) must "
+                 f"satisfy 0 <= start < end <= --train-iters ({o.train_iters})")
+        bad = [r for r in lgc.profile_ranks if not 0 <= r < world_size]
+        if bad:
+            fail(f"--profile-ranks {' '.join(map(str, bad))}: not ranks of this world of {world_size}")
+        if lgc.use_pytorch_profiler and not lgc.tensorboard_dir:
+            fail("--use-pytorch-profiler writes its traces into --tensorboard-dir: give one")
+        if not lgc.use_pytorch_profiler:
+            import torch
+
+            if not torch.cuda.is_available():
+                fail("--profile without --use-pytorch-profiler brackets the window for nsys (cudaProfilerStart/"
+                     "Stop), which needs CUDA; add --use-pytorch-profiler")
+    elif lgc.use_pytorch_profiler:
+        fail("--use-pytorch-profiler is a mode of --profile: give --profile too")
+    # optional logging back-ends: refused here, before a metrics file or checkpoint directory exists
+    for flag, value, module, extra in (("--wandb-project", cfg.logging.wandb_project, "wandb", "wandb"),
+                                       ("--tensorboard-dir", cfg.logging.tensorboard_dir, "tensorboard",
+                                        "tensorboard")):
+        if value and importlib.util.find_spec(module) is None:
+            fail(f"{flag} needs the `{module}` package: pip install 'tst-megatron[{extra}]' (or drop {flag})")
