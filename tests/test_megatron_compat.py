@@ -372,3 +372,27 @@ def test_profile_with_the_pytorch_profiler(tmp_path):
         assert _error(argv + ["--train-iters", "20"]).startswith(f"error: {message}"), _error(argv)
     if not torch.cuda.is_available():
         assert _error(["--profile"]).startswith("error: --profile without --use-pytorch-profiler brackets")
+
+
+def test_gpt2_bpe_tokenizer_exported_for_transformers(tmp_path):
+    """A GPT2BPETokenizer run's export writes tokenizer.json + tokenizer_config.json that
+    transformers' AutoTokenizer loads and that encodes exactly as the trainer's tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    from test_tokenizers import generated_text, make_hf_tokenizer
+    from tokenizers import Tokenizer
+
+    from tst_megatron.convert.export import _build_tokenizer_for_export, _copy_tokenizer
+
+    vocab, merges = Tokenizer.from_file(make_hf_tokenizer(str(tmp_path), specials=("<|endoftext|>",))).model.save(
+        str(tmp_path))
+    cfg = parse_args(["--data-path", "x", "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", vocab,
+                      "--merge-file", merges])
+    tok, json_path, note = _build_tokenizer_for_export(cfg, None)
+    assert note is None and json_path
+    out = tmp_path / "hf"
+    out.mkdir()
+    assert _copy_tokenizer(tok, json_path, str(out), 128) == ["tokenizer.json", "tokenizer_config.json"]
+    hf = transformers.AutoTokenizer.from_pretrained(str(out))
+    text = generated_text()[:1500] + " it's 3.14  émigré"
+    assert hf.encode(text, add_special_tokens=False) == tok.tokenize(text)
+    assert hf.eos_token_id == tok.eod

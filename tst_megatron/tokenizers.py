@@ -365,6 +365,10 @@ class GPT2BPETokenizer(HuggingFaceTokenizer):
             raise ValueError(f"GPT2BPETokenizer: --vocab-file {vocab_file!r} has no <|endoftext|> entry (GPT-2's EOD)")
         self._pad = NO_PAD
 
+    def save_tokenizer_json(self, path: str) -> None:
+        """This tokenizer as a `tokenizer.json` (what a converted Hugging Face model ships)."""
+        self._tok.save(path)
+
 
 class NullTokenizer(TSTTokenizer):
     """Pre-tokenized data: text is space-separated ids. Megatron's semantics, exactly.

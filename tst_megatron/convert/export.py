@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .common import (_DTYPES, ConversionError, _human, _say, _single_rank, _stages, load_megatron_model,
@@ -46,6 +47,12 @@ def _build_tokenizer_for_export(cfg, tokenizer_model: Optional[str]):
     except (OSError, ValueError, ImportError, TypeError) as exc:
         return None, None, (f"{kind} not loadable here ({exc}); config.json gets no eos_token_id "
                             "and no tokenizer is written")
+    if getattr(tok, "json_path", 0) is None and hasattr(tok, "save_tokenizer_json"):
+        # GPT2BPETokenizer: a `tokenizers` tokenizer built from vocab.json + merges.txt, written out
+        # as the tokenizer.json that transformers loads (PreTrainedTokenizerFast)
+        json_path = os.path.join(tempfile.mkdtemp(prefix="tst_export_tokenizer_"), "tokenizer.json")
+        tok.save_tokenizer_json(json_path)
+        return tok, json_path, None
     note = None
     if kind != "HuggingFaceTokenizer":
         note = (f"the run used --tokenizer-type {kind}, not a Hugging Face tokenizer: no tokenizer "
