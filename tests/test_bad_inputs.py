@@ -511,6 +511,10 @@ def trained(corpus, tmp_path_factory):
     ({"--lr": 0.01}, "--lr 0.01 (checkpoint: 0.001)"),
     ({"--tst-superposition-iters": 3}, "3 superposition iterations from --tst-superposition-iters/-ratio "
                                        "(checkpoint: 2)"),
+    # 18 samples at global batch 4: still 4 iterations, but a schedule of 4.5 steps (Megatron counts samples)
+    ({"--train-iters": None, "--train-samples": 18},
+     "an LR schedule of warmup 0, decay 4.5 steps from --train-iters/--train-samples and the "
+     "--lr-*-iters/-samples/--lr-warmup-fraction flags (checkpoint: warmup 0, decay 4)"),
 ])
 def test_resume_with_other_configuration_refused(corpus, trained, workdir, capsys, over, diff):
     over = dict({"--load": trained}, **over)
@@ -555,6 +559,21 @@ def test_resume_with_another_seed_split_or_data_warns(corpus, trained, tmp_path,
     assert (f"> warning: resuming {run}/iter_0000002 with {changed}: unless that is the same data (or "
             "tokenizer file) moved, this run does not see the samples an uninterrupted run would") in out, out
     assert ckpt.find_checkpoint(str(run), fallback=False)[0] == 4
+
+
+def test_finetune_checks_only_the_weight_shape(corpus, trained, tmp_path, monkeypatch, capsys):
+    """--finetune from the checkpoint: another bag size, schedule and sequence length are a new run's
+    own choice; another --hidden-size cannot take the weights."""
+    monkeypatch.chdir(tmp_path)
+    msg = refuse(base(corpus, tmp_path / "ft", **{"--load": trained, "--finetune": "", "--hidden-size": 32}), capsys,
+                 watch=[trained, tmp_path])
+    assert msg.startswith(f"error: --load {trained}/iter_0000002: the checkpoint was trained with a different "
+                          "configuration: --hidden-size 32 (checkpoint: 64). The weights have the checkpoint's shape"), msg
+    with isolated():
+        assert main(base(corpus, tmp_path / "ft", **{"--load": trained, "--finetune": "", "--tst-bag-size": 2,
+                                                     "--seq-length": 8, "--lr": 0.01, "--train-iters": 3})) == 0
+    assert f"> fine-tuning from the weights of {trained}/iter_0000002" in capsys.readouterr().out
+    assert ckpt.find_checkpoint(str(tmp_path / "ft"), fallback=False)[0] == 3
 
 
 def test_finetune_keeps_a_learned_position_table(corpus, tmp_path, monkeypatch, capsys):

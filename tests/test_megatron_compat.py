@@ -281,6 +281,20 @@ def test_sample_based_schedule_is_the_iteration_schedule_in_samples():
     assert wsd[7] == pytest.approx(1e-3) and wsd[8] < 1e-3  # stable until 96 - 32 samples = step 8
 
 
+def test_validate_twice_is_the_same_config():
+    """The trainer validates what a caller may have validated already: resolving samples and the WSD
+    default must be idempotent."""
+    from tst_megatron.builders import schedule_steps
+
+    cfg = parse_args(BASE + ["--train-samples", "800", "--global-batch-size", "8", "--micro-batch-size", "4",
+                             "--lr-decay-style", "WSD"])
+    validate(cfg, 1)
+    once = (cfg.to_dict(), schedule_steps(cfg.optim))
+    validate(cfg, 1)
+    assert (cfg.to_dict(), schedule_steps(cfg.optim)) == once
+    assert once[1] == {"warmup": 0.0, "decay": 100.0, "wsd_decay": 10.0}  # the last tenth, in samples 80 / 8
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--train-samples", "96", "--train-iters", "12"], "give one of --train-iters and --train-samples"),
     (["--lr-decay-samples", "80"], "--lr-decay-samples need --train-samples"),
@@ -289,6 +303,8 @@ def test_sample_based_schedule_is_the_iteration_schedule_in_samples():
     (["--train-samples", "4", "--global-batch-size", "8", "--micro-batch-size", "4"],
      "--train-samples (4) is less than one --global-batch-size (8)"),
     (["--train-samples", "96", "--lr-warmup-samples", "200"], "--lr-warmup-samples must be in [0, --train-samples]"),
+    (["--train-samples", "96", "--lr-warmup-samples", "16", "--lr-warmup-fraction", "0.1"],
+     "give one of --lr-warmup-fraction and --lr-warmup-iters / --lr-warmup-samples"),
 ])
 def test_sample_based_flag_refusals(argv, message):
     with pytest.raises(SystemExit) as exc:
@@ -393,6 +409,26 @@ def test_gpt2_bpe_tokenizer_exported_for_transformers(tmp_path):
     out.mkdir()
     assert _copy_tokenizer(tok, json_path, str(out), 128) == ["tokenizer.json", "tokenizer_config.json"]
     hf = transformers.AutoTokenizer.from_pretrained(str(out))
-    text = generated_text()[:1500] + " it's 3.14  émigré"
+    text = generated_text()[:1500] + " it's 3.14  émigré, a literal <|endoftext|> in the text"
     assert hf.encode(text, add_special_tokens=False) == tok.tokenize(text)
     assert hf.eos_token_id == tok.eod
+
+
+def test_resume_of_a_sample_based_run():
+    """The resume check compares the schedule in steps, however given: the same samples as an explicit
+    default resume; another global batch under --train-samples is refused (the schedule counts samples
+    in Megatron-LM, steps here); the same step schedule given in iterations resumes."""
+    from tst_megatron import preflight
+
+    def cfg(*argv):
+        c = parse_args(BASE + ["--micro-batch-size", "4"] + list(argv))
+        validate(c, 1)
+        return c
+
+    saved = {"args": cfg("--global-batch-size", "8", "--train-samples", "800").to_dict()}
+    preflight.check_resume_compatible(cfg("--global-batch-size", "8", "--train-samples", "800",
+                                          "--lr-decay-samples", "800"), saved, "ck")
+    with pytest.raises(SystemExit) as exc:
+        preflight.check_resume_compatible(cfg("--global-batch-size", "16", "--train-samples", "1600"), saved, "ck")
+    assert "--global-batch-size 16 (checkpoint: 8) with --train-samples" in str(exc.value.code)
+    preflight.check_resume_compatible(cfg("--global-batch-size", "8", "--train-iters", "100"), saved, "ck")

@@ -169,38 +169,46 @@ def build_optimizer(chunks, o: OptimArgs, par: ParallelArgs):
     return get_megatron_optimizer(config, chunks)
 
 
-def build_scheduler(optimizer, o: OptimArgs):
-    """One LR schedule over all iterations, both TST phases (the paper: no re-warmup)."""
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    decay_iters = o.lr_decay_iters or o.train_iters
+def schedule_steps(o: OptimArgs) -> dict:
+    """The LR schedule in optimizer steps, from the iteration or the sample flags (resolved by
+    `validate`): what OptimizerParamScheduler gets, and what a resume must keep."""
+    decay = o.lr_decay_iters or o.train_iters
     warmup = o.lr_warmup_iters
     wsd_decay = o.lr_wsd_decay_iters
     if o.train_samples is not None:
         # Megatron-LM counts this schedule in samples, a global batch per step: in steps that is
         # samples / batch, a fractional count where the batch does not divide it (as in Megatron)
         per_step = o.global_batch_size
-        decay_iters = (o.lr_decay_samples or o.train_samples) / per_step
+        decay = (o.lr_decay_samples or o.train_samples) / per_step
         warmup = (o.lr_warmup_samples or 0) / per_step
         if o.lr_wsd_decay_samples is not None:
             wsd_decay = o.lr_wsd_decay_samples / per_step
     if o.lr_warmup_fraction is not None:  # Megatron-LM's: a fraction of the decay steps (may be fractional)
-        warmup = o.lr_warmup_fraction * decay_iters
+        warmup = o.lr_warmup_fraction * decay
+    return {"warmup": warmup, "decay": max(decay, math.floor(warmup) + 1),
+            "wsd_decay": wsd_decay if o.lr_decay_style == "WSD" else None}
+
+
+def build_scheduler(optimizer, o: OptimArgs):
+    """One LR schedule over all iterations, both TST phases (the paper: no re-warmup)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    steps = schedule_steps(o)
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=o.lr,
         min_lr=o.min_lr,
-        lr_warmup_steps=warmup,
-        lr_decay_steps=max(decay_iters, math.floor(warmup) + 1),
+        lr_warmup_steps=steps["warmup"],
+        lr_decay_steps=steps["decay"],
         lr_decay_style=o.lr_decay_style,
         start_wd=o.weight_decay,
         end_wd=o.weight_decay,
-        wd_incr_steps=max(math.ceil(decay_iters), 1),
+        wd_incr_steps=max(math.ceil(steps["decay"]), 1),
         wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=False,
         override_opt_param_scheduler=False,
-        wsd_decay_steps=wsd_decay,
+        wsd_decay_steps=steps["wsd_decay"] if steps["wsd_decay"] is not None else o.lr_wsd_decay_iters,
         lr_wsd_decay_style=o.lr_wsd_decay_style,
     )
 

@@ -361,7 +361,11 @@ def load_checkpoint(ckpt_dir: str, chunks, optimizer, scheduler, load_optim: boo
         if use_distributed_optimizer:
             _unshare_adam_steps(optimizer)
     if scheduler is not None and load_optim and loaded.get("opt_param_scheduler"):
-        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+        try:
+            scheduler.load_state_dict(loaded["opt_param_scheduler"])
+        except AssertionError as exc:  # megatron's scheduler asserts on a schedule that differs
+            raise CheckpointError(f"checkpoint {ckpt_dir}: its LR schedule differs from this run's ({exc}); resume "
+                                  "with the checkpoint's schedule flags, or --override-checkpoint-args") from exc
     if load_rng and "rng_state" in loaded:
         _set_rng_state(loaded["rng_state"])
     return loaded["tst_common"]

@@ -11,7 +11,7 @@ import dataclasses
 import os
 from typing import Optional
 
-from .arguments import ModelArgs, RunConfig, fail
+from .arguments import ModelArgs, OptimArgs, RunConfig, fail
 
 _MAX_SCANNED_TOKENS = 64 * 1024 * 1024  # large corpora are checked on a prefix (memory-mapped)
 
@@ -26,8 +26,7 @@ _RESUME_KEYS = (
                             "moe_router_topk")]
     + [("model", "seq_length"), ("tst", "bag_size"), ("tst", "mode")]
     + [("optim", k) for k in ("train_iters", "lr", "min_lr", "lr_decay_style", "lr_warmup_iters", "lr_warmup_fraction",
-                              "lr_decay_iters", "lr_wsd_decay_iters", "lr_wsd_decay_style", "weight_decay",
-                              "lr_decay_samples", "lr_warmup_samples", "lr_wsd_decay_samples")])
+                              "lr_decay_iters", "lr_wsd_decay_iters", "lr_wsd_decay_style", "weight_decay")])
 
 
 def _split_bounds(split: str):
@@ -228,6 +227,23 @@ def check_resume_compatible(cfg: RunConfig, meta: dict, path: str) -> None:
             diffs.append(f"a learned position table of {rows[1]} rows (--max-position-embeddings, else "
                          f"--seq-length; checkpoint: {rows[0]})")
             shape = True
+    if not cfg.ckpt.finetune and "optim" in saved and not any(d.startswith(("--train-iters", "--lr")) for d in diffs):
+        # the schedule in steps, however it was given (iterations, samples, a warmup fraction)
+        from .builders import schedule_steps
+
+        fields = {f.name for f in dataclasses.fields(OptimArgs)}
+        was = schedule_steps(OptimArgs(**{k: v for k, v in raw_saved["optim"].items() if k in fields}))
+        will = schedule_steps(cfg.optim)
+        saved_gbs = raw_saved["optim"].get("global_batch_size")
+        if cfg.optim.train_samples is not None and saved_gbs not in (None, cfg.optim.global_batch_size):
+            diffs.append(f"--global-batch-size {cfg.optim.global_batch_size} (checkpoint: {saved_gbs}) with "
+                         "--train-samples, whose schedule this trainer steps per iteration (keep the batch, or "
+                         "give the rest of the run in iterations)")
+        elif was != will:
+            def steps(x):
+                return ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in x.items() if v is not None)
+            diffs.append(f"an LR schedule of {steps(will)} steps from --train-iters/--train-samples and the "
+                         f"--lr-*-iters/-samples/--lr-warmup-fraction flags (checkpoint: {steps(was)})")
     sup_saved = None if cfg.ckpt.finetune else meta.get("superposition_iters")
     sup_now = cfg.tst.num_superposition_iters(cfg.optim.train_iters)
     if sup_saved is not None and sup_saved != sup_now:
@@ -276,7 +292,8 @@ def check_resume_data(cfg: RunConfig, meta: dict, path: str, verbose: bool) -> N
                f"(checkpoint: {_flag_value(saved[group].get(key))})"
                for group, key in (("optim", "seed"), ("data", "data_path"), ("data", "split"),
                                   ("data", "train_data_path"), ("data", "valid_data_path"),
-                                  ("data", "test_data_path"), ("data", "tokenizer_model"))
+                                  ("data", "test_data_path"), ("data", "tokenizer_model"),
+                                  ("data", "vocab_file"), ("data", "merge_file"))
                if group in saved and key in saved[group] and saved[group][key] != now[group].get(key)]
     if changed:
         print(f"> warning: resuming {path} with {'; '.join(changed)}: unless that is the same data (or "

@@ -365,6 +365,10 @@ class GPT2BPETokenizer(HuggingFaceTokenizer):
             raise ValueError(f"GPT2BPETokenizer: --vocab-file {vocab_file!r} has no <|endoftext|> entry (GPT-2's EOD)")
         self._pad = NO_PAD
 
+    # "<|endoftext|>" written in a document is encoded as text (Megatron-LM's GPT-2 tokenizer does
+    # the same); only the EOD that preprocessing appends is the special id
+    splits_special_text = True
+
     def save_tokenizer_json(self, path: str) -> None:
         """This tokenizer as a `tokenizer.json` (what a converted Hugging Face model ships)."""
         self._tok.save(path)

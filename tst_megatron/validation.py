@@ -158,14 +158,17 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     if o.lr_warmup_iters < 0 or o.lr_warmup_iters > o.train_iters:
         fail(f"--lr-warmup-iters ({o.lr_warmup_iters}) must be in [0, --train-iters]")
     if o.lr_warmup_fraction is not None:
-        if o.lr_warmup_iters:
-            fail("give one of --lr-warmup-fraction and --lr-warmup-iters (as in Megatron-LM)")
+        if o.lr_warmup_iters or o.lr_warmup_samples:
+            fail("give one of --lr-warmup-fraction and --lr-warmup-iters / --lr-warmup-samples (as in Megatron-LM)")
         if not 0.0 <= o.lr_warmup_fraction < 1.0:
             fail(f"--lr-warmup-fraction must be in [0, 1) (got {o.lr_warmup_fraction})")
     if cfg.logging.eval_iters < 0:
         fail(f"--eval-iters must be >= 0 (got {cfg.logging.eval_iters}; 0 = no validation)")
-    if o.lr_decay_style == "WSD" and o.lr_wsd_decay_iters is None:
-        o.lr_wsd_decay_iters = max(1, o.train_iters // 10)
+    if o.lr_decay_style == "WSD":  # default: the last tenth of the run (in the unit the run is given in)
+        if o.train_samples is not None and o.lr_wsd_decay_samples is None:
+            o.lr_wsd_decay_samples = max(1, o.train_iters // 10) * o.global_batch_size
+        elif o.train_samples is None and o.lr_wsd_decay_iters is None:
+            o.lr_wsd_decay_iters = max(1, o.train_iters // 10)
     for name, value in (("--hidden-dropout", m.hidden_dropout), ("--attention-dropout", m.attention_dropout)):
         if not (0.0 <= value < 1.0):
             fail(f"{name} must be in [0, 1) (got {value})")

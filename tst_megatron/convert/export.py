@@ -1,6 +1,7 @@
 """Export: a trainer checkpoint (any TP/PP/EP) -> a Hugging Face model directory."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -50,7 +51,9 @@ def _build_tokenizer_for_export(cfg, tokenizer_model: Optional[str]):
     if getattr(tok, "json_path", 0) is None and hasattr(tok, "save_tokenizer_json"):
         # GPT2BPETokenizer: a `tokenizers` tokenizer built from vocab.json + merges.txt, written out
         # as the tokenizer.json that transformers loads (PreTrainedTokenizerFast)
-        json_path = os.path.join(tempfile.mkdtemp(prefix="tst_export_tokenizer_"), "tokenizer.json")
+        tmp = tempfile.mkdtemp(prefix="tst_export_tokenizer_")
+        atexit.register(shutil.rmtree, tmp, True)
+        json_path = os.path.join(tmp, "tokenizer.json")
         tok.save_tokenizer_json(json_path)
         return tok, json_path, None
     note = None
@@ -82,6 +85,9 @@ def _copy_tokenizer(tok, json_path: str, output: str, model_max_length: int) -> 
             config["pad_token"] = inv.get(tok.pad)
         if tok.bos >= 0:
             config["bos_token"] = inv.get(tok.bos)
+        if getattr(tok, "splits_special_text", False):
+            # GPT-2 BPE as Megatron-LM encodes it: "<|endoftext|>" typed in a document is text
+            config["split_special_tokens"] = True
         with open(os.path.join(output, "tokenizer_config.json"), "w") as fh:
             json.dump(config, fh, indent=2, sort_keys=True)
             fh.write("\n")

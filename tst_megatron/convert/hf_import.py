@@ -221,7 +221,7 @@ def trainer_flags(cfg) -> List[str]:
               "rotary_base", "swiglu"] + (["moe_router_topk"] if m.num_experts else [])
     flags = _flags_for(m, ModelArgs(), model_names, always)
     flags += ["--tokenizer-type", cfg.data.tokenizer_type]
-    flags += _flags_for(cfg.data, DataArgs(), ["tokenizer_model"])
+    flags += _flags_for(cfg.data, DataArgs(), ["tokenizer_model", "vocab_file", "merge_file"])
     flags += _flags_for(m, ModelArgs(), ["vocab_size", "make_vocab_size_divisible_by"])
     # the LR schedule: the trainer refuses to resume with other values
     flags += _flags_for(cfg.optim, OptimArgs(), list(_SCHEDULE_FIELDS), always=("train_iters", "lr"))
