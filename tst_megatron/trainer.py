@@ -118,8 +118,7 @@ class Trainer:
 
         # Resume target, validated before building anything heavy.
         self.resume = None  # (iteration, path, meta) of the checkpoint this run continues
-        self.finetune_from = None  # the same for --finetune: only its weights are taken
-        self.finetuned_from: Optional[str] = None  # provenance kept in every checkpoint of a fine-tuned run
+        self.finetuned_from: Optional[str] = None  # --finetune: the checkpoint whose weights the run started from
         if cfg.ckpt.load:
             try:
                 found = ckpt.find_checkpoint(cfg.ckpt.load, cfg.ckpt.ckpt_fallback)
@@ -145,8 +144,7 @@ class Trainer:
                 self.vocab_size = preflight.resume_vocab_size(cfg, found[2], found[1], self.vocab_size,
                                                               self.tokenizer.vocab_size, self.rank == 0)
             if cfg.ckpt.finetune and found is not None:
-                self.finetune_from, self.resume = found, None
-                self.finetuned_from = found[1]
+                self.finetuned_from = found[1]  # only its weights are taken (below)
             else:
                 self.resume = found
         save = cfg.ckpt.save
@@ -183,8 +181,8 @@ class Trainer:
         self.num_sup_iters = cfg.tst.num_superposition_iters(cfg.optim.train_iters)
         if self.resume is not None:
             self._load(self.resume[1])
-        elif self.finetune_from is not None:
-            self._load_weights(self.finetune_from[1])
+        elif self.finetuned_from is not None:
+            self._load_weights(self.finetuned_from)
         # Creating a DataLoader iterator draws its base seed from the global torch RNG. Keep that
         # draw out of the training stream (dropout), so that a resumed run continues from exactly
         # the RNG state its checkpoint restored.
@@ -535,7 +533,7 @@ class Trainer:
         for chunk in self.model:
             chunk.eval()
         values = []
-        with torch.no_grad(), self._parameters_gathered():
+        with torch.no_grad():
             iterators = [self._build_iterator(dataset, 0, cfg.optim.micro_batch_size, self.dp_rank, self.dp_size,
                                               total_samples=steps * gbs) for _ in self.model]
             for _ in range(steps):
@@ -543,6 +541,13 @@ class Trainer:
         for chunk in self.model:
             chunk.train()
         return sum(values) / len(values)
+
+    def evaluate_now(self, final: bool = False) -> None:
+        """Validation (and at the end of training the test split), with every parameter current."""
+        with self._parameters_gathered():
+            self.run_evaluation()
+            if final:
+                self.run_test_evaluation()
 
     def run_evaluation(self) -> None:
         cfg = self.cfg
@@ -616,7 +621,7 @@ class Trainer:
         self.timer = Stopwatch()
         self._train_time = 0.0
         if self.iteration == 0:
-            self.run_evaluation()
+            self.evaluate_now()
         profiler = StepProfiler(lg.profile and self.rank in lg.profile_ranks, lg.use_pytorch_profiler,
                                 lg.profile_step_start, lg.profile_step_end, lg.tensorboard_dir)
         try:
@@ -669,7 +674,7 @@ class Trainer:
                 self._log_train(phase, interval, start_iteration)
                 interval = IntervalStats()
             if eval_interval and self.iteration % eval_interval == 0 and self.iteration < o.train_iters:
-                self.run_evaluation()
+                self.evaluate_now()
             if cfg.ckpt.save_interval and self.iteration % cfg.ckpt.save_interval == 0:
                 self.save()
             reason = self._should_exit()
@@ -682,8 +687,7 @@ class Trainer:
                                f"{self.last_checkpoint or 'none (no --save)'}")
                 self.log.close()
                 return 0
-        self.run_evaluation()
-        self.run_test_evaluation()
+        self.evaluate_now(final=True)
         if cfg.ckpt.save and not (cfg.ckpt.save_interval and self.iteration % cfg.ckpt.save_interval == 0):
             self.save()
         self.log.print(f"> training done: {self.iteration} iterations, {self.data_tokens} data tokens, "
