@@ -172,14 +172,13 @@ def build_optimizer(chunks, o: OptimArgs, par: ParallelArgs):
 def schedule_steps(o: OptimArgs) -> dict:
     """The LR schedule in optimizer steps, from the iteration or the sample flags (resolved by
     `validate`): what OptimizerParamScheduler gets, and what a resume must keep."""
-    decay = o.lr_decay_iters or o.train_iters
+    decay = _decay_steps(o)
     warmup = o.lr_warmup_iters
     wsd_decay = o.lr_wsd_decay_iters
     if o.train_samples is not None:
         # Megatron-LM counts this schedule in samples, a global batch per step: in steps that is
         # samples / batch, a fractional count where the batch does not divide it (as in Megatron)
         per_step = o.global_batch_size
-        decay = (o.lr_decay_samples or o.train_samples) / per_step
         warmup = (o.lr_warmup_samples or 0) / per_step
         if o.lr_wsd_decay_samples is not None:
             wsd_decay = o.lr_wsd_decay_samples / per_step
@@ -187,6 +186,13 @@ def schedule_steps(o: OptimArgs) -> dict:
         warmup = o.lr_warmup_fraction * decay
     return {"warmup": warmup, "decay": max(decay, math.floor(warmup) + 1),
             "wsd_decay": wsd_decay if o.lr_decay_style == "WSD" else None}
+
+
+def _decay_steps(o: OptimArgs) -> float:
+    """The decay length as given (before the warmup floor schedule_steps applies)."""
+    if o.train_samples is not None:
+        return (o.lr_decay_samples or o.train_samples) / o.global_batch_size
+    return o.lr_decay_iters or o.train_iters
 
 
 def build_scheduler(optimizer, o: OptimArgs):
@@ -204,11 +210,11 @@ def build_scheduler(optimizer, o: OptimArgs):
         lr_decay_style=o.lr_decay_style,
         start_wd=o.weight_decay,
         end_wd=o.weight_decay,
-        wd_incr_steps=max(math.ceil(steps["decay"]), 1),
+        wd_incr_steps=max(math.ceil(_decay_steps(o)), 1),  # constant weight decay; megatron checks it on load
         wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=False,
         override_opt_param_scheduler=False,
-        wsd_decay_steps=steps["wsd_decay"] if steps["wsd_decay"] is not None else o.lr_wsd_decay_iters,
+        wsd_decay_steps=steps["wsd_decay"],  # read (and required) only by the WSD style
         lr_wsd_decay_style=o.lr_wsd_decay_style,
     )
 
