@@ -22,10 +22,10 @@ setup(
     ],
     extras_require={
         # triton: the MCE loss's CUDA kernels, checked on CPU in Triton's interpreter by the tests
-        "test": ["pytest", "transformers", "safetensors", "tokenizers", "matplotlib", "tensorboard",
+        "test": ["pytest", "transformers", "safetensors", "tokenizers", "protobuf", "matplotlib", "tensorboard",
                  "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "triton": ["triton>=3.2"],
-        "hf": ["transformers", "safetensors", "tokenizers"],
+        "hf": ["transformers", "safetensors", "tokenizers", "protobuf"],  # protobuf: reading .model files
         "plot": ["matplotlib"],
         "gpu": ["transformer-engine[pytorch]"],
         "tensorboard": ["tensorboard"],

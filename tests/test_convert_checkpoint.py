@@ -412,6 +412,36 @@ def test_huggingface_tokenizer_travels(trained, tmp_path):
     assert "tokenizer.json" in res["files"]
 
 
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_sentencepiece_tokenizer_travels(trained, tmp_path, model_type):
+    """A run trained with --tokenizer-type SentencePieceTokenizer exports a tokenizer.json (and its
+    tokenizer.model) that transformers loads and that gives the run's own ids."""
+    pytest.importorskip("sentencepiece")
+    from test_tokenizers import generated_text, train_sp
+
+    from tst_megatron.tokenizers import SentencePieceTokenizer
+
+    model = train_sp(str(tmp_path / "sp"), model_type, vocab_size=350)
+
+    def use_sp(args):
+        args["data"].update(tokenizer_type="SentencePieceTokenizer", tokenizer_model=model)
+
+    ckpt = _copy_ckpt(trained["root"] / "llama" / "iter_0000006", tmp_path / "iter_0000006", use_sp)
+    out = tmp_path / "hf"
+    res = cv.export_checkpoint(str(ckpt), str(out), progress=False, log=None)
+    assert {"tokenizer.json", "tokenizer.model", "tokenizer_config.json"} <= set(res["files"])
+    ours = SentencePieceTokenizer(model)
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == ours.eod == 2
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert (hf_tok.eos_token, hf_tok.pad_token, hf_tok.unk_token) == ("</s>", "<pad>", "<unk>")
+    text = generated_text(80, seed=3) + "  two  spaces\ttab \u00e9 \u6771\u4eac \U0001f642 and a typed </s> <s>"
+    ids = hf_tok(text, add_special_tokens=True)["input_ids"]  # no BOS: the run's documents have none
+    assert ids == ours.tokenize(text)
+    assert ours.eod not in ids  # "</s>" typed in the text stays text, as in training
+    assert hf_tok.decode(ids) == text
+    assert hf_tok.decode(ids + [ours.eod], skip_special_tokens=True) == text
+
+
 def test_import_refusals(exports, tmp_path):
     hf = exports("llama")["output"]
     base = ["--tokenizer-type", "NullTokenizer", "--vocab-size", "256"]

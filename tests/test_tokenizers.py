@@ -222,3 +222,58 @@ def test_gpt2_bpe_tokenizer_matches_transformers_gpt2(tmp_path):
         plain = Tokenizer.from_file(make_hf_tokenizer(str(tmp_path / "plain"), specials=("<pad>",)))
         v2, m2 = plain.model.save(str(tmp_path / "plain"))
         build_tokenizer("GPT2BPETokenizer", v2, merge_file=m2)
+
+
+def _sp_default_model(path, model_type, **extra):
+    """A SentencePiece model with SentencePiece's own defaults (nmt_nfkc, dummy prefix, extra
+    whitespace removed): the other normalizer settings the tokenizer.json must reproduce."""
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(generated_text().splitlines()), model_writer=buf,
+                                   vocab_size=200, model_type=model_type, minloglevel=2, **extra)
+    with open(path, "wb") as fh:
+        fh.write(buf.getvalue())
+    return path
+
+
+def test_sentencepiece_to_tokenizer_json(tmp_path):
+    """The export's tokenizer.json encodes like SentencePiece itself -- our trainer's models (no
+    dummy prefix, identity normalization, byte fallback) and SentencePiece's defaults, BPE and
+    unigram -- and decodes the same; what it cannot reproduce is refused, not written wrong."""
+    pytest.importorskip("tokenizers")
+    from tst_megatron.hf_convert import spm_tokenizer as st
+
+    texts = TEXTS + [generated_text(200, seed=2), "x </s> <s> <pad> y", "<0x41> \u2581 ﬁ ①  a   b "]
+    models = {"ours_bpe": train_sp(str(tmp_path), "bpe"), "ours_unigram": train_sp(str(tmp_path), "unigram", vocab_size=350)}
+    for model_type in ("bpe", "unigram"):
+        models[f"default_{model_type}"] = _sp_default_model(str(tmp_path / f"d_{model_type}.model"), model_type)
+    for name, path in models.items():
+        tok = st.sentencepiece_to_tokenizers(path)
+        sp = SentencePieceTokenizer(path)
+        different, tied = st.check_against_sentencepiece(tok, path, texts)
+        assert different == [], name
+        if name.endswith("bpe"):  # no equal-score ties in BPE: the same ids on every text
+            assert tied == [] and all(tok.encode(t, add_special_tokens=False).ids == sp.tokenize(t)
+                                      for t in texts), name
+        out = tmp_path / name / "tokenizer.json"
+        out.parent.mkdir()
+        sp.save_tokenizer_json(str(out))
+        assert (out.parent / "tokenizer.model").read_bytes() == open(path, "rb").read()
+        # "</s>" typed in a document stays text, as SentencePiece encodes it
+        assert tok.encode("a </s> b", add_special_tokens=False).ids == sp.tokenize("a </s> b")
+        assert sp.eod not in sp.tokenize("a </s> b")
+
+    # a converter that would encode differently is caught by the check...
+    broken = st.sentencepiece_to_tokenizers(models["default_bpe"])
+    from tokenizers import normalizers
+    broken.normalizer = normalizers.Sequence([])  # drops the dummy prefix and NFKC
+    different, _ = st.check_against_sentencepiece(broken, models["default_bpe"], texts)
+    assert different
+    # ...and user-defined pieces, which it cannot reproduce, are refused by name
+    with_user = _sp_default_model(str(tmp_path / "user.model"), "bpe", user_defined_symbols=["<tool>"])
+    with pytest.raises(ValueError, match="user-defined pieces \\(<tool>\\)"):
+        SentencePieceTokenizer(with_user).save_tokenizer_json(str(tmp_path / "user.json"))
+    assert not (tmp_path / "user.json").exists()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
@@ -242,6 +243,27 @@ class SentencePieceTokenizer(TSTTokenizer):
     @property
     def bos(self) -> int:
         return self._sp.bos_id()
+
+    @property
+    def unk(self) -> int:
+        return self._sp.unk_id()
+
+    # "</s>" written in a document is encoded as text: SentencePiece never emits a control piece
+    # for text; only the EOD that preprocessing appends is the special id
+    splits_special_text = True
+    json_path = None  # no tokenizer.json to copy on export: save_tokenizer_json converts the model
+
+    def save_tokenizer_json(self, path: str) -> int:
+        """This model as a `tokenizer.json` with the same ids, its `.model` beside it as
+        tokenizer.model; returns the sample texts whose equal-score segmentation differs.
+
+        Raises ValueError (nothing written) when the conversion would encode text differently.
+        """
+        from .hf_convert.spm_tokenizer import write_tokenizer_json
+
+        ties = write_tokenizer_json(self.model_path, path)
+        shutil.copyfile(self.model_path, os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer.model"))
+        return ties
 
 
 def _special_token_from_config(config: dict, key: str) -> Optional[str]:

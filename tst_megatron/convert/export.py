@@ -49,13 +49,22 @@ def _build_tokenizer_for_export(cfg, tokenizer_model: Optional[str]):
         return None, None, (f"{kind} not loadable here ({exc}); config.json gets no eos_token_id "
                             "and no tokenizer is written")
     if getattr(tok, "json_path", 0) is None and hasattr(tok, "save_tokenizer_json"):
-        # GPT2BPETokenizer: a `tokenizers` tokenizer built from vocab.json + merges.txt, written out
-        # as the tokenizer.json that transformers loads (PreTrainedTokenizerFast)
+        # GPT2BPETokenizer (vocab.json + merges.txt) and SentencePieceTokenizer (a .model file):
+        # converted to the tokenizer.json that transformers loads (PreTrainedTokenizerFast)
         tmp = tempfile.mkdtemp(prefix="tst_export_tokenizer_")
         atexit.register(shutil.rmtree, tmp, True)
         json_path = os.path.join(tmp, "tokenizer.json")
-        tok.save_tokenizer_json(json_path)
-        return tok, json_path, None
+        try:
+            ties = tok.save_tokenizer_json(json_path)
+        except (ValueError, ImportError) as exc:
+            return tok, None, (f"--tokenizer-type {kind} could not be converted to a tokenizer.json "
+                               f"({exc}); no tokenizer files are written (eos_token_id in "
+                               f"config.json is its end-of-document id {tok.eod})")
+        note = None
+        if ties:
+            note = (f"the tokenizer.json gives SentencePiece's ids on every sample text except {ties} "
+                    "where the two break a tie between equally likely segmentations differently")
+        return tok, json_path, note
     note = None
     if kind != "HuggingFaceTokenizer":
         note = (f"the run used --tokenizer-type {kind}, not a Hugging Face tokenizer: no tokenizer "
@@ -85,8 +94,11 @@ def _copy_tokenizer(tok, json_path: str, output: str, model_max_length: int) -> 
             config["pad_token"] = inv.get(tok.pad)
         if tok.bos >= 0:
             config["bos_token"] = inv.get(tok.bos)
+        if getattr(tok, "unk", -1) >= 0:
+            config["unk_token"] = inv.get(tok.unk)
         if getattr(tok, "splits_special_text", False):
-            # GPT-2 BPE as Megatron-LM encodes it: "<|endoftext|>" typed in a document is text
+            # as Megatron-LM encodes GPT-2 BPE and SentencePiece: "<|endoftext|>"/"</s>" typed in a
+            # document is text
             config["split_special_tokens"] = True
         with open(os.path.join(output, "tokenizer_config.json"), "w") as fh:
             json.dump(config, fh, indent=2, sort_keys=True)
