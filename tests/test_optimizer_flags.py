@@ -113,3 +113,44 @@ def test_lr_wsd_decay_style_follows_its_formula(style):
         want = low + (peak - low) * f(t)
         got = optimizer.param_groups[0]["lr"]
         assert got == pytest.approx(want, rel=1e-9, abs=1e-15), (style, n, got, want)
+
+
+def test_decoupled_lr_drives_the_embedding_and_output_layer():
+    """--decoupled-lr / --decoupled-min-lr: the input embedding and output layer follow the same
+    cosine schedule between their own peak and floor, every other weight between --lr and --min-lr
+    (Megatron-LM's semantics), and the first Adam step moves each weight by its own lr."""
+    iters, peak, low, dpeak, dlow = 10, 0.01, 0.001, 0.05, 0.004
+    cfg, _, model, optimizer = _build(["--train-iters", str(iters), "--lr-decay-style", "cosine",
+                                       "--lr", str(peak), "--min-lr", str(low), "--decoupled-lr", str(dpeak),
+                                       "--decoupled-min-lr", str(dlow), "--untie-embeddings-and-output-weights",
+                                       "--weight-decay", "0", "--clip-grad", "0"])
+    scheduler = build_scheduler(optimizer, cfg.optim)
+    named = list(model[0].named_parameters())
+    decoupled = {"module.embedding.word_embeddings.weight", "module.output_layer.weight"}
+    assert decoupled <= {n for n, _ in named}
+
+    def group_lr(name):
+        param = dict(named)[name]
+        (group,) = [g for g in optimizer.param_groups if any(q is param for q in g["params"])]
+        return group["lr"]
+
+    def cosine(hi, lo, step):
+        return lo + (hi - lo) * 0.5 * (1 + math.cos(math.pi * step / iters))
+
+    for step in range(iters + 1):
+        for name, _ in named:
+            hi, lo = (dpeak, dlow) if name in decoupled else (peak, low)
+            assert group_lr(name) == pytest.approx(cosine(hi, lo, step), rel=1e-9), (name, step)
+        if step == 0:  # one Adam step at step 0's lr: -lr * g / (|g| + eps) (m_hat = g, v_hat = g^2)
+            before = {n: p.detach().clone() for n, p in named}
+            grads = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) for n, p in named}
+            for chunk in model:
+                chunk.zero_grad_buffer()
+            for n, p in named:
+                p.main_grad.copy_(grads[n])
+            assert optimizer.step()[0]
+            for n, p in named:
+                lr = dpeak if n in decoupled else peak
+                want = before[n] - lr * grads[n] / (grads[n].abs() + EPS)
+                torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-7, msg=n)
+        scheduler.step(1)

@@ -273,6 +273,8 @@ def test_parallel_layout_checked(world, argv, message):
      "--moe-shared-expert-intermediate-size needs --disable-bias-linear"),
     (["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", "x.model"],
      "--vocab-size is for --tokenizer-type NullTokenizer only"),
+    (["--decoupled-min-lr", "1e-4"], "--decoupled-min-lr needs --decoupled-lr"),
+    (["--decoupled-lr", "1e-4", "--min-lr", "1e-3"], "--min-lr (0.001) must not exceed --decoupled-lr (0.0001)"),
 ])
 def test_combinations_megatron_core_would_refuse(argv, message):
     """Refused before anything is built (megatron-core would raise deep inside model construction,
@@ -316,9 +318,11 @@ def expected_lr(n, style, lr, min_lr, warmup, decay_iters, wsd_iters=None):
 
 
 LR_CASES = {  # the schedule flags of each run checked
-    # own run: linear decay ending before the run does (--lr-decay-iters 8 of 10), TST switch at 3
+    # own run: linear decay ending before the run does (--lr-decay-iters 8 of 10), TST switch at 3,
+    # and a --decoupled-lr schedule for the embedding/output layer beside it
     "linear_decay_iters_8": dict(train_iters=10, tst_superposition_iters=3, eval_interval=None, eval_iters=1,
-                                 lr=3e-3, min_lr=3e-4, lr_warmup_iters=3, lr_decay_style="linear", lr_decay_iters=8),
+                                 lr=3e-3, min_lr=3e-4, lr_warmup_iters=3, lr_decay_style="linear", lr_decay_iters=8,
+                                 decoupled_lr=1e-2, decoupled_min_lr=1e-4),
     # shared runs: the plain (TST-off) run, the reference chain run (cosine, warmup 2, min-lr 3e-4,
     # 12 iterations, switch at 4) and the distributed-optimizer run (WSD: decay over the last 4 of 12)
     "constant": dict(PLAIN_FLAGS),
@@ -349,6 +353,14 @@ def test_lr_schedules_follow_the_formulas(ws):
                 for n in range(1, iters + 1)]
         for n, (g, w) in enumerate(zip(got, want), start=1):
             assert abs(g - w) <= 1e-9 * kw["lr"], f"{name}: lr at iteration {n}: {g!r}, expected {w!r}"
+        if "decoupled_lr" in kw:  # logged beside the lr, same schedule between its own peak and floor
+            for n in range(1, iters + 1):
+                w = expected_lr(n, kw["lr_decay_style"], kw["decoupled_lr"], kw["decoupled_min_lr"],
+                                kw["lr_warmup_iters"], kw.get("lr_decay_iters", iters), None)
+                assert abs(tr[n]["decoupled_lr"] - w) <= 1e-9 * kw["decoupled_lr"], (n, tr[n]["decoupled_lr"], w)
+            assert "decoupled learning rate:" in res.stdout
+        else:
+            assert all("decoupled_lr" not in r for r in tr.values())
         assert all(math.isfinite(tr[n]["loss"]) for n in tr)
         seen[name] = tuple(got)
     assert len(set(seen.values())) == len(LR_CASES)  # the styles really differ

@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--lr-wsd-decay-samples", type=int, default=None, help="with --train-samples and WSD")
     o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     o.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the decay")
+    o.add_argument("--decoupled-lr", type=float, default=None,
+                   help="peak learning rate of the input embedding and output layer (same schedule)")
+    o.add_argument("--decoupled-min-lr", type=float, default=None,
+                   help="their learning rate at the end of the decay (default: --min-lr)")
     o.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "WSD"], default="cosine",
                    help="one schedule over all iterations (no re-warmup at the TST switch)")
     o.add_argument("--lr-warmup-iters", type=int, default=0, help="linear warmup steps from 0")

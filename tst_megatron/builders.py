@@ -156,6 +156,8 @@ def build_optimizer(chunks, o: OptimArgs, par: ParallelArgs):
         optimizer="adam",
         lr=o.lr,
         min_lr=o.min_lr,
+        decoupled_lr=o.decoupled_lr,  # megatron's own param group for is_embedding_or_output_parameter
+        decoupled_min_lr=o.decoupled_min_lr,
         weight_decay=o.weight_decay,
         adam_beta1=o.adam_beta1,
         adam_beta2=o.adam_beta2,

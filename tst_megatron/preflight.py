@@ -25,8 +25,9 @@ _RESUME_KEYS = (
                             "disable_bias_linear", "position_embedding_type", "moe_ffn_hidden_size",
                             "moe_router_topk")]
     + [("model", "seq_length"), ("tst", "bag_size"), ("tst", "mode")]
-    + [("optim", k) for k in ("train_iters", "lr", "min_lr", "lr_decay_style", "lr_warmup_iters", "lr_warmup_fraction",
-                              "lr_decay_iters", "lr_wsd_decay_iters", "lr_wsd_decay_style", "weight_decay")])
+    + [("optim", k) for k in ("train_iters", "lr", "min_lr", "decoupled_lr", "decoupled_min_lr", "lr_decay_style",
+                              "lr_warmup_iters", "lr_warmup_fraction", "lr_decay_iters", "lr_wsd_decay_iters",
+                              "lr_wsd_decay_style", "weight_decay")])
 
 
 def _split_bounds(split: str):

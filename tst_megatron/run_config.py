@@ -82,6 +82,9 @@ class OptimArgs:
     train_iters: int = 100
     lr: float = 1e-3
     min_lr: float = 0.0
+    # Megatron-LM's separate peak/final LR for the input embedding and output layer (one schedule)
+    decoupled_lr: Optional[float] = None
+    decoupled_min_lr: Optional[float] = None
     lr_decay_style: str = "cosine"
     lr_warmup_iters: int = 0
     lr_warmup_fraction: Optional[float] = None

@@ -709,7 +709,7 @@ class Trainer:
         dt = max(interval.time, 1e-9)
         self._train_time += dt
         loss, grad_norm = interval.mean_loss(), interval.mean_grad_norm()
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr, decoupled_lr = self._learning_rates()
         tok_s = interval.tokens / dt
         pos_s = interval.positions / dt
         tflops = pos_s * self.flops_per_position / self.world / 1e12
@@ -721,7 +721,9 @@ class Trainer:
             f" [{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] iteration {self.iteration:8d}/{o.train_iters:8d} |"
             f" phase: {phase} | consumed samples: {self.consumed_samples:10d} |"
             f" elapsed time per iteration (ms): {1000 * dt / max(interval.steps, 1):.1f} |"
-            f" learning rate: {lr:.6E} | global batch size: {o.global_batch_size:5d} |"
+            f" learning rate: {lr:.6E} |"
+            + (f" decoupled learning rate: {decoupled_lr:.6E} |" if decoupled_lr is not None else "")
+            + f" global batch size: {o.global_batch_size:5d} |"
             f" {label}: {loss:.6E} | grad norm: {grad_norm:.3f} |"
             f" data tokens: {self.data_tokens} | positions: {self.positions} |"
             f" tokens/s: {tok_s:.0f} (positions/s: {pos_s:.0f}) | TFLOP/s/device: {tflops:.4f} |"
@@ -730,7 +732,22 @@ class Trainer:
                          "loss_kind": "mce" if label == "mce loss" else "lm", "lr": lr, "grad_norm": grad_norm,
                          "data_tokens": self.data_tokens, "positions": self.positions,
                          "tokens_per_s": tok_s, "positions_per_s": pos_s, "tflops_per_device": tflops,
-                         "elapsed_s": elapsed, "consumed_samples": self.consumed_samples})
+                         "elapsed_s": elapsed, "consumed_samples": self.consumed_samples,
+                         **({"decoupled_lr": decoupled_lr} if decoupled_lr is not None else {})})
+
+    def _learning_rates(self):
+        """(lr, decoupled lr or None): megatron's default-schedule param group, and the group its
+        --decoupled-lr override made for the embedding and output layer."""
+        lr = decoupled = None
+        for group in self.optimizer.param_groups:
+            if not group["params"]:
+                continue
+            if group.get("default_config", True):
+                lr = group["lr"] if lr is None else lr
+            elif decoupled is None and self.cfg.optim.decoupled_lr is not None \
+                    and group.get("max_lr") == self.cfg.optim.decoupled_lr:
+                decoupled = group["lr"]
+        return (self.optimizer.param_groups[0]["lr"] if lr is None else lr), decoupled
 
     def close(self) -> None:
         from megatron.core import parallel_state as ps

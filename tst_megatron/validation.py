@@ -155,6 +155,16 @@ def validate(cfg: RunConfig, world_size: int) -> None:
             fail(f"{name} must be a finite number >= 0 (got {value})")
     if o.min_lr > o.lr:
         fail(f"--min-lr ({o.min_lr}) must not exceed --lr ({o.lr})")
+    if o.decoupled_min_lr is not None and o.decoupled_lr is None:
+        fail("--decoupled-min-lr needs --decoupled-lr (the embedding/output layer's peak LR)")
+    if o.decoupled_lr is not None:
+        for name, value in (("--decoupled-lr", o.decoupled_lr), ("--decoupled-min-lr", o.decoupled_min_lr)):
+            if value is not None and (not math.isfinite(value) or value < 0):
+                fail(f"{name} must be a finite number >= 0 (got {value})")
+        low = o.min_lr if o.decoupled_min_lr is None else o.decoupled_min_lr
+        if low > o.decoupled_lr:
+            fail(f"{'--decoupled-min-lr' if o.decoupled_min_lr is not None else '--min-lr'} ({low}) must not "
+                 f"exceed --decoupled-lr ({o.decoupled_lr}); give --decoupled-min-lr")
     if o.lr_warmup_iters < 0 or o.lr_warmup_iters > o.train_iters:
         fail(f"--lr-warmup-iters ({o.lr_warmup_iters}) must be in [0, --train-iters]")
     if o.lr_warmup_fraction is not None:
