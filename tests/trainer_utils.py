@@ -44,9 +44,11 @@ class RunResult(NamedTuple):
 
 
 # --------------------------------------------------------------------------- data
-def make_data(prefix: str, num_docs: int = 400, seed: int = 0, doc_lengths=(50, 401)) -> str:
+def make_data(prefix: str, num_docs: int = 400, seed: int = 0, doc_lengths=(50, 401),
+              eod: Optional[int] = None) -> str:
     """Write `<prefix>.bin/.idx` with megatron's IndexedDatasetBuilder; returns the prefix.
-    A learnable corpus: x[t+1] = (7 x[t] + noise) % 200; document lengths in [lo, hi)."""
+    A learnable corpus: x[t+1] = (7 x[t] + noise) % 200; document lengths in [lo, hi); `eod`
+    ends every document with that id (as preprocessing's --append-eod does)."""
     import numpy as np
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -60,6 +62,8 @@ def make_data(prefix: str, num_docs: int = 400, seed: int = 0, doc_lengths=(50, 
         noise = rng.integers(0, 3, size=n)
         for t in range(n - 1):
             x[t + 1] = (7 * x[t] + noise[t]) % 200
+        if eod is not None:
+            x[-1] = eod
         builder.add_document(torch.from_numpy(x.astype(np.uint16)), [n])
     builder.finalize(prefix + ".idx")
     return prefix

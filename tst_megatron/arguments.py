@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--adam-beta2", type=float, default=0.95, help="AdamW beta2")
     o.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
     o.add_argument("--clip-grad", type=float, default=1.0, help="clip the global gradient norm to this (0 = off)")
+    o.add_argument("--calculate-per-token-loss", action="store_true",
+                   help="the step's loss is the mean over every trained position of the global batch "
+                        "(default: the mean of the micro-batches' means; differs when --eod-mask-loss "
+                        "leaves micro-batches with unequal counts)")
     o.add_argument("--bf16", action="store_true", help="bf16 parameters and compute with fp32 main weights")
     o.add_argument("--seed", type=int, default=1234, help="seed of the weights, dropout and data order")
 

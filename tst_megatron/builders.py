@@ -72,6 +72,7 @@ def transformer_config(m: ModelArgs, par: ParallelArgs, o: OptimArgs, use_cpu_in
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=o.bf16,
+        calculate_per_token_loss=o.calculate_per_token_loss,  # the schedule, DDP and MoE aux losses read it
         use_cpu_initialization=use_cpu_init,
         recompute_granularity=m.recompute_granularity,
         recompute_method=m.recompute_method,

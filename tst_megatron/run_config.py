@@ -98,6 +98,9 @@ class OptimArgs:
     lr_wsd_decay_samples: Optional[int] = None
     lr_wsd_decay_style: str = "linear"
     weight_decay: float = 0.01
+    # Megatron-LM's per-token normalisation: the loss of a step is the mean over every trained
+    # position of the global batch (not the mean of per-micro-batch means)
+    calculate_per_token_loss: bool = False
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8

@@ -52,11 +52,22 @@ def _masked_mean(loss_mask: torch.Tensor, output: torch.Tensor):
     return loss, {"loss": loss.detach().clone()}
 
 
-def make_forward_step(device):
+def _masked_sum(loss_mask: torch.Tensor, output: torch.Tensor):
+    """--calculate-per-token-loss: megatron's schedule sums these and finalize_model_grads divides
+    the gradients by the global batch's count of trained positions (over micro-batches and DP)."""
+    mask = loss_mask.float()
+    total = (output.float() * mask).sum()
+    count = mask.sum()
+    return total, count.to(torch.int), {"loss_sum": total.detach().clone(), "count": count.detach()}
+
+
+def make_forward_step(device, per_token: bool = False):
+    reduce = _masked_sum if per_token else _masked_mean
+
     def forward_step(data_iterator, model):
         batch = _to_device(next(data_iterator), device)
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        return output, partial(_masked_mean, batch["loss_mask"])
+        return output, partial(reduce, batch["loss_mask"])
 
     return forward_step
 
@@ -443,7 +454,7 @@ class Trainer:
 
         fb = get_forward_backward_func()
         cfg = self.cfg
-        losses = fb(forward_step_func=make_forward_step(self.device),
+        losses = fb(forward_step_func=make_forward_step(self.device, cfg.optim.calculate_per_token_loss),
                     data_iterator=data_iterators if len(self.model) > 1 else data_iterators[0],
                     model=self.model if len(self.model) > 1 else self.model[0],
                     num_microbatches=num_microbatches, seq_length=cfg.model.seq_length,
@@ -451,19 +462,27 @@ class Trainer:
         return losses
 
     def _reduce_loss(self, losses: List[dict], counts=(0, 0)) -> List[float]:
-        """[loss, input elements, label elements] of the step, made known to every rank (rank 0
-        logs them): the mean micro-batch loss of the last pipeline stage averaged over data
-        parallelism, and what the first stage's data stream fed, summed over data parallelism.
-        One all-reduce and one host sync per step (the .tolist() below)."""
+        """[loss, input elements, label elements, trained positions] of the step, made known to
+        every rank (rank 0 logs them): the mean micro-batch loss of the last pipeline stage averaged
+        over data parallelism (with --calculate-per-token-loss: the mean over every trained position
+        of the global batch), and what the first stage's data stream fed, summed over data
+        parallelism. One all-reduce and one host sync per step (the .tolist() below)."""
         ps = self.ps
-        value = torch.zeros(3, dtype=torch.float64, device=self.device)
+        value = torch.zeros(4, dtype=torch.float64, device=self.device)
         tp0 = ps.get_tensor_model_parallel_rank() == 0
         if tp0 and ps.is_pipeline_last_stage(ignore_virtual=True) and losses:
-            value[0] = torch.stack([x["loss"].detach().double() for x in losses]).mean() / self.dp_size
+            if "loss_sum" in losses[0]:
+                value[0] = torch.stack([x["loss_sum"].double() for x in losses]).sum()
+                value[3] = torch.stack([x["count"].double() for x in losses]).sum()
+            else:
+                value[0] = torch.stack([x["loss"].detach().double() for x in losses]).mean() / self.dp_size
         if tp0 and ps.is_pipeline_first_stage(ignore_virtual=True):
             value[1], value[2] = counts
         dist.all_reduce(value)
-        return value.tolist()
+        out = value.tolist()
+        if self.cfg.optim.calculate_per_token_loss:
+            out[0] = out[0] / out[3] if out[3] > 0 else float("nan")
+        return out
 
     def _check_fed(self, tokens: int, labels: int) -> None:
         """What the data stream fed this step must have the layout of the step's phase: a run whose
@@ -498,7 +517,7 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self._forward_backward(self.train_iters_data, False, self.num_microbatches)
-        loss, fed_tokens, fed_labels = self._reduce_loss(losses, self.train_iters_data[0].take_counts())
+        loss, fed_tokens, fed_labels, _ = self._reduce_loss(losses, self.train_iters_data[0].take_counts())
         self._check_fed(int(fed_tokens), int(fed_labels))
         lg = self.cfg.logging
         if self.iteration in (lg.inject_nonfinite_at or ()):  # test hook (0-based iterations)
@@ -532,15 +551,20 @@ class Trainer:
             return None
         for chunk in self.model:
             chunk.eval()
-        values = []
+        values, weights = [], []
         with torch.no_grad():
             iterators = [self._build_iterator(dataset, 0, cfg.optim.micro_batch_size, self.dp_rank, self.dp_size,
                                               total_samples=steps * gbs) for _ in self.model]
             for _ in range(steps):
-                values.append(self._reduce_loss(self._forward_backward(iterators, True, self.num_microbatches))[0])
+                loss, _, _, positions = self._reduce_loss(self._forward_backward(iterators, True, self.num_microbatches))
+                values.append(loss)
+                # per-token loss: every trained position of the evaluation weighs the same
+                weights.append(positions if cfg.optim.calculate_per_token_loss else 1.0)
         for chunk in self.model:
             chunk.train()
-        return sum(values) / len(values)
+        if not sum(weights):
+            return float("nan")
+        return sum(v * w for v, w in zip(values, weights) if w) / sum(weights)
 
     def evaluate_now(self, final: bool = False) -> None:
         """Validation (and at the end of training the test split), with every parameter current."""
