@@ -132,7 +132,7 @@ def test_custom_ignore_index_int32_labels_and_non_contiguous_logits():
     torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("contiguous", [True, False])
 def test_inplace_backward_writes_the_same_gradient_into_the_logits(dtype, contiguous, monkeypatch):
     """The model's form (inplace_backward=True): the gradient is bit-identical to the out-of-place

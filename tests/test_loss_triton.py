@@ -43,7 +43,7 @@ def small_blocks(monkeypatch):
 
 @pytest.mark.skipif(CUDA, reason="interpreter test; CUDA machines run test_cuda_kernel_matches_cpu")
 @pytest.mark.parametrize("inplace", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("s,weighting", [(1, "uniform"), (4, "power"), (16, "fitted")])
 def test_interpreted_kernel_matches_loop_and_torch(s, weighting, dtype, inplace, small_blocks):
     weights = TSTConfig(bag_size=s, bag_weighting=weighting).bag_weights()
@@ -62,7 +62,7 @@ def test_interpreted_kernel_matches_loop_and_torch(s, weighting, dtype, inplace,
     if dtype == torch.float32:
         torch.testing.assert_close(grad_t, xr.grad, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(grad_t, grad_c, atol=1e-6, rtol=1e-5)
-    else:  # one rounding of the fp32 gradient to bf16 in both paths: at most one bf16 ulp apart
+    else:  # one rounding of the fp32 gradient to bf16/fp16 in both paths: at most one ulp apart
         torch.testing.assert_close(grad_t.float(), xr.grad, atol=1e-2, rtol=8e-3)
         torch.testing.assert_close(grad_t.float(), grad_c.float(), atol=1e-2, rtol=8e-3)
     assert torch.count_nonzero(grad_t[-1, -1]).item() == 0  # the fully ignored position
@@ -187,7 +187,7 @@ def test_tensor_parallel_2_with_triton_kernel(tmp_path):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run on the GPU machine)")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("s", [1, 16])
 def test_cuda_kernel_matches_cpu(s, dtype):
     """Compiled kernels on the GPU (chosen automatically) vs the torch implementation on CPU, at

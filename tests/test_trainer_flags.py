@@ -144,7 +144,7 @@ def test_help_explains_every_flag():
     assert "(default: 1234)" in text and "(default: cosine)" in text and "(default: None)" not in text
 
 
-@pytest.mark.parametrize("flag", [["--fp16"], ["--foo", "1"]])
+@pytest.mark.parametrize("flag", [["--fp8-format", "hybrid"], ["--foo", "1"]])
 def test_unsupported_flags_rejected(ws, flag):
     res = run_trainer(base_args(ws.data, metrics_path=os.path.join(str(ws.root), "never.jsonl")) + flag)
     assert res.returncode != 0
@@ -274,6 +274,11 @@ def test_parallel_layout_checked(world, argv, message):
     (["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", "x.model"],
      "--vocab-size is for --tokenizer-type NullTokenizer only"),
     (["--decoupled-min-lr", "1e-4"], "--decoupled-min-lr needs --decoupled-lr"),
+    (["--fp16", "--bf16"], "give one of --fp16 and --bf16"),
+    (["--loss-scale", "1024"], "--loss-scale is for --fp16"),
+    (["--fp16", "--min-loss-scale", "8", "--initial-loss-scale", "4"],
+     "--min-loss-scale (8.0) must not exceed --initial-loss-scale (4.0)"),
+    (["--fp16", "--hysteresis", "0"], "--hysteresis must be >= 1 (got 0)"),
     (["--decoupled-lr", "1e-4", "--min-lr", "1e-3"], "--min-lr (0.001) must not exceed --decoupled-lr (0.0001)"),
 ])
 def test_combinations_megatron_core_would_refuse(argv, message):

@@ -160,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the mean of the micro-batches' means; differs when --eod-mask-loss "
                         "leaves micro-batches with unequal counts)")
     o.add_argument("--bf16", action="store_true", help="bf16 parameters and compute with fp32 main weights")
+    o.add_argument("--fp16", action="store_true",
+                   help="fp16 parameters and compute with fp32 main weights and a loss scaler (a step whose "
+                        "gradients overflow is skipped and the scale lowered, as in Megatron-LM)")
+    o.add_argument("--loss-scale", type=float, default=None, help="--fp16: a fixed loss scale (default: dynamic)")
+    o.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32, help="--fp16: the dynamic scale's start")
+    o.add_argument("--min-loss-scale", type=float, default=1.0, help="--fp16: the dynamic scale's floor")
+    o.add_argument("--loss-scale-window", type=int, default=1000,
+                   help="--fp16: steps without overflow before the dynamic scale doubles")
+    o.add_argument("--hysteresis", type=int, default=2, help="--fp16: overflows tolerated before the scale halves")
     o.add_argument("--seed", type=int, default=1234, help="seed of the weights, dropout and data order")
 
     d = p.add_argument_group("data")

@@ -26,7 +26,7 @@ def transformer_config(m: ModelArgs, par: ParallelArgs, o: OptimArgs, use_cpu_in
     """megatron-core TransformerConfig from the model / parallel / precision flags."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    dtype = torch.bfloat16 if o.bf16 else torch.float32
+    dtype = o.params_dtype
     vpp = None
     if par.num_layers_per_virtual_pipeline_stage:
         vpp = (m.num_layers // par.pipeline_model_parallel_size) // par.num_layers_per_virtual_pipeline_stage
@@ -72,6 +72,7 @@ def transformer_config(m: ModelArgs, par: ParallelArgs, o: OptimArgs, use_cpu_in
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=o.bf16,
+        fp16=o.fp16,
         calculate_per_token_loss=o.calculate_per_token_loss,  # the schedule, DDP and MoE aux losses read it
         use_cpu_initialization=use_cpu_init,
         recompute_granularity=m.recompute_granularity,
@@ -114,8 +115,8 @@ def build_model_chunks(cfg: RunConfig, tconfig, vocab_size: int) -> List[torch.n
         table = getattr(getattr(model, "embedding", None), "position_embeddings", None)
         if table is not None:
             # megatron-core builds the learned position table as a plain torch Embedding (fp32 whatever
-            # params_dtype); Megatron-LM casts it with its Float16Module. Its sum with bf16 word
-            # embeddings would otherwise reach the bf16 layers as fp32.
+            # params_dtype); Megatron-LM casts it with its Float16Module. Its sum with bf16/fp16 word
+            # embeddings would otherwise reach the half-precision layers as fp32.
             table.to(tconfig.params_dtype)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
@@ -165,7 +166,13 @@ def build_optimizer(chunks, o: OptimArgs, par: ParallelArgs):
         adam_eps=o.adam_eps,
         clip_grad=o.clip_grad,
         bf16=o.bf16,
-        params_dtype=torch.bfloat16 if o.bf16 else torch.float32,
+        fp16=o.fp16,
+        loss_scale=o.loss_scale,
+        initial_loss_scale=o.initial_loss_scale,
+        min_loss_scale=o.min_loss_scale,
+        loss_scale_window=o.loss_scale_window,
+        hysteresis=o.hysteresis,
+        params_dtype=o.params_dtype,
         use_distributed_optimizer=par.use_distributed_optimizer,
         overlap_param_gather=par.overlap_param_gather,  # megatron reads the DDP value through both
     )

@@ -173,6 +173,8 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, com
 
     state = _model_sharded_state_dict(chunks)
     if optimizer is not None:
+        if use_distributed_optimizer:
+            _materialize_fresh_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(
             state, metadata=_optimizer_metadata(use_distributed_optimizer))
     if save_rng:
@@ -387,6 +389,26 @@ def optimizer_parts(optimizer) -> int:
     1 otherwise. megatron-core 0.16.1 keys Adam state by part (`chained_<i>.optimizer...`), so state
     saved with one split does not load into the other."""
     return len(_inner_optimizers(optimizer))
+
+
+def _materialize_fresh_adam_state(optimizer) -> None:
+    """Give a torch Adam that has not stepped yet the state its first step would create.
+
+    megatron 0.16.1's distributed optimizer reads the one `step` shared by all Adam states when it
+    saves (torch Adam, no Apex/TE); before the first update -- an fp16 run whose every step so far
+    overflowed -- there is none and it asserts. `step` 0 with zero moments is exactly what torch
+    Adam initialises on its first step, so this changes nothing but makes the save possible."""
+    for opt in _inner_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam) and not isinstance(inner, torch.optim.AdamW):
+            continue
+        if inner.state or any(g.get("amsgrad") for g in inner.param_groups):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if p.numel():
+                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
 
 
 def _init_distributed_optimizer_state(optimizer) -> None:

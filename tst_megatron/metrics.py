@@ -7,6 +7,7 @@ The JSONL file is the contract with tools (`tools/plot_runs.py`): one JSON objec
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -101,16 +102,20 @@ class IntervalStats:
     loss: float = 0.0
     grad_norm: float = 0.0
     finite_steps: int = 0  # steps whose loss entered the sums (a skipped non-finite step does not)
+    grad_steps: int = 0  # steps whose grad norm entered its sum (an fp16 overflow step has none)
     steps: int = 0
     tokens: int = 0  # raw data tokens consumed
     positions: int = 0  # model positions processed
     time: float = 0.0
+    overflow_skips: int = 0  # --fp16 steps the loss scaler skipped (overflowing gradients)
 
     def add(self, loss: float, grad_norm: float, finite: bool, tokens: int, positions: int, seconds: float) -> None:
         if finite:
             self.loss += loss
-            self.grad_norm += grad_norm
             self.finite_steps += 1
+            if math.isfinite(grad_norm):
+                self.grad_norm += grad_norm
+                self.grad_steps += 1
         self.steps += 1
         self.tokens += tokens
         self.positions += positions
@@ -120,4 +125,4 @@ class IntervalStats:
         return self.loss / self.finite_steps if self.finite_steps else float("nan")
 
     def mean_grad_norm(self) -> float:
-        return self.grad_norm / self.finite_steps if self.finite_steps else float("nan")
+        return self.grad_norm / self.grad_steps if self.grad_steps else float("nan")

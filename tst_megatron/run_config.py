@@ -106,7 +106,22 @@ class OptimArgs:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     bf16: bool = False
+    # fp16 with megatron-core's loss scaler (Megatron-LM's flags and defaults): dynamic unless
+    # --loss-scale fixes it; an overflowing step is skipped and the scale lowered
+    fp16: bool = False
+    loss_scale: Optional[float] = None
+    initial_loss_scale: float = 2.0 ** 32
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
     seed: int = 1234
+
+    @property
+    def params_dtype(self):
+        """The model's torch dtype (the optimizer keeps fp32 main weights for bf16 and fp16)."""
+        import torch
+
+        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
 
 
 @dataclass

@@ -529,16 +529,28 @@ class Trainer:
             else:  # as if one gradient overflowed
                 self.model[0].buffers[0].grad_data.view(-1)[0] = float("inf")
         # What was non-finite, for the message (None: nothing). No optimizer step on a bad step.
+        # Under --fp16 an overflowing gradient is the loss scaler's business (below), not an error.
         nonfinite = (f"loss {loss}" if not math.isfinite(loss)
-                     else None if self._grads_finite() else f"NaN/Inf gradient, loss {loss:.4f}")
+                     else None if self.cfg.optim.fp16 or self._grads_finite()
+                     else f"NaN/Inf gradient, loss {loss:.4f}")
         if nonfinite:
             return {"loss": loss, "grad_norm": float("nan"), "skipped": True, "nonfinite": nonfinite}
+        scale = self._loss_scale() if self.cfg.optim.fp16 else None
         ok, grad_norm, _ = self.optimizer.step()
+        if not ok:  # fp16: the scaled gradients overflowed; no update, the scaler lowers its scale...
+            o = self.cfg.optim
+            stuck = o.loss_scale is not None or scale <= o.min_loss_scale
+            # ...unless it cannot: at a fixed scale or at the floor the gradients are not finite
+            return {"loss": loss, "grad_norm": float("nan"), "skipped": True,
+                    "nonfinite": None if not stuck else
+                    f"gradients overflow at the fixed --loss-scale {scale:g} (lower it, or drop it for the dynamic "
+                    f"scaler), loss {loss:.4f}" if o.loss_scale is not None else
+                    f"gradients overflow at the minimum loss scale {scale:g} (--min-loss-scale), loss {loss:.4f}"}
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         if not math.isfinite(grad_norm):
             raise NonFiniteError(f"grad norm {grad_norm}")
-        self.scheduler.step(increment=1)
-        return {"loss": loss, "grad_norm": grad_norm, "skipped": not ok, "nonfinite": None}
+        self.scheduler.step(increment=1)  # as in Megatron-LM, a skipped step does not advance the LR
+        return {"loss": loss, "grad_norm": grad_norm, "skipped": False, "nonfinite": None}
 
     def evaluate(self, dataset, iters: int) -> Optional[float]:
         if dataset is None:
@@ -682,9 +694,11 @@ class Trainer:
                 self.log.print(f" WARNING: skipped iteration {self.iteration + 1} ({phase}): non-finite loss "
                                f"or gradient ({skipped_nonfinite}/{lg.skip_nonfinite_steps} allowed)")
             tokens = gbs * tst_data_tokens_per_sample(cfg.tst, L, phase)
-            # a skipped step (NaN loss, or a finite loss with a NaN/Inf gradient) enters neither mean
+            # a skipped non-finite step (NaN loss, or a finite loss with a NaN/Inf gradient) enters
+            # neither mean; an fp16 overflow step's loss is a real loss, its gradient norm unknown
             interval.add(out["loss"], out["grad_norm"], out["nonfinite"] is None, tokens, gbs * L,
                          time.time() - step_start)
+            interval.overflow_skips += bool(out["skipped"] and out["nonfinite"] is None)
             self.iteration += 1
             self.consumed_samples += gbs
             self.superposition_samples += gbs if phase == SUPERPOSITION else 0
@@ -748,7 +762,10 @@ class Trainer:
             f" learning rate: {lr:.6E} |"
             + (f" decoupled learning rate: {decoupled_lr:.6E} |" if decoupled_lr is not None else "")
             + f" global batch size: {o.global_batch_size:5d} |"
-            f" {label}: {loss:.6E} | grad norm: {grad_norm:.3f} |"
+            f" {label}: {loss:.6E} |"
+            + (f" loss scale: {self._loss_scale():.1f} | number of skipped iterations: {interval.overflow_skips:3d} |"
+               if o.fp16 else "")
+            + f" grad norm: {grad_norm:.3f} |"
             f" data tokens: {self.data_tokens} | positions: {self.positions} |"
             f" tokens/s: {tok_s:.0f} (positions/s: {pos_s:.0f}) | TFLOP/s/device: {tflops:.4f} |"
             f" elapsed: {format_duration(elapsed)} | ETA: {format_duration(eta)}")
@@ -757,7 +774,12 @@ class Trainer:
                          "data_tokens": self.data_tokens, "positions": self.positions,
                          "tokens_per_s": tok_s, "positions_per_s": pos_s, "tflops_per_device": tflops,
                          "elapsed_s": elapsed, "consumed_samples": self.consumed_samples,
-                         **({"decoupled_lr": decoupled_lr} if decoupled_lr is not None else {})})
+                         **({"decoupled_lr": decoupled_lr} if decoupled_lr is not None else {}),
+                         **({"loss_scale": self._loss_scale(), "skipped_iterations": interval.overflow_skips}
+                            if o.fp16 else {})})
+
+    def _loss_scale(self) -> float:
+        return float(self.optimizer.get_loss_scale())
 
     def _learning_rates(self):
         """(lr, decoupled lr or None): megatron's default-schedule param group, and the group its

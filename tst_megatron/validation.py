@@ -155,6 +155,20 @@ def validate(cfg: RunConfig, world_size: int) -> None:
             fail(f"{name} must be a finite number >= 0 (got {value})")
     if o.min_lr > o.lr:
         fail(f"--min-lr ({o.min_lr}) must not exceed --lr ({o.lr})")
+    if o.fp16 and o.bf16:
+        fail("give one of --fp16 and --bf16")
+    if o.loss_scale is not None and not o.fp16:
+        fail("--loss-scale is for --fp16 (bf16 and fp32 need no loss scaling)")
+    if o.fp16:
+        for name, value in (("--loss-scale", o.loss_scale), ("--initial-loss-scale", o.initial_loss_scale),
+                            ("--min-loss-scale", o.min_loss_scale)):
+            if value is not None and (not math.isfinite(value) or value <= 0):
+                fail(f"{name} must be a finite number > 0 (got {value})")
+        if o.min_loss_scale > o.initial_loss_scale:
+            fail(f"--min-loss-scale ({o.min_loss_scale}) must not exceed --initial-loss-scale ({o.initial_loss_scale})")
+        for name, value in (("--loss-scale-window", o.loss_scale_window), ("--hysteresis", o.hysteresis)):
+            if value < 1:
+                fail(f"{name} must be >= 1 (got {value})")
     if o.decoupled_min_lr is not None and o.decoupled_lr is None:
         fail("--decoupled-min-lr needs --decoupled-lr (the embedding/output layer's peak LR)")
     if o.decoupled_lr is not None:

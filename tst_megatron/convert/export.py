@@ -118,7 +118,7 @@ def _readable(output: str, files: Sequence[str]) -> None:
 
 def _resolve_dtype(dtype: Optional[str], cfg) -> str:
     if dtype in (None, "auto"):
-        return "bfloat16" if cfg.optim.bf16 else "float32"
+        return "bfloat16" if cfg.optim.bf16 else "float16" if cfg.optim.fp16 else "float32"
     if dtype not in _DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: one of auto, {', '.join(sorted(set(_DTYPES.values())))}")
     return _DTYPES[dtype]
