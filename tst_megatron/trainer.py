@@ -7,13 +7,10 @@ bag and token inputs alike, so the pipeline shapes stay [L, micro-batch, hidden]
 """
 from __future__ import annotations
 
-import contextlib
-import datetime
 import math
 import os
 import signal
 import time
-from functools import partial
 from typing import Dict, List, Optional
 
 import torch
@@ -22,60 +19,33 @@ import torch.distributed as dist
 from . import checkpointing as ckpt
 from . import preflight
 from .arguments import RunConfig, fail, same_dir, validate
-from .builders import (build_model_chunks, build_optimizer, build_scheduler, count_parameters,
-                       flops_per_position, padded_vocab_size, transformer_config, tst_data_tokens_per_sample,
-                       wrap_ddp)
-from .cpu import default_device, distributed_backend, enable_cpu_support, model_parallel_manual_seed
+from .builders import (build_model_chunks, build_optimizer, build_scheduler, count_parameters, flops_per_position,
+                       padded_vocab_size, transformer_config, tst_data_tokens_per_sample, wrap_ddp)
+from .cpu import default_device, enable_cpu_support, model_parallel_manual_seed
+from .data import RECOVERY, SUPERPOSITION
 from .distributed import init_distributed
+from .evaluation import Evaluation
 from .metrics import IntervalStats, RunLogger, Stopwatch, format_duration
-from .metrics_io import truncate_metrics
 from .profiling import StepProfiler
+from .run_checkpoints import RunCheckpoints
+from .step import make_forward_step
+from .train_log import TrainLog
 
-SUPERPOSITION, RECOVERY = "superposition", "recovery"
+__all__ = ["Trainer", "NonFiniteError", "main", "print_model_size", "SUPERPOSITION", "RECOVERY"]
 
 
 class NonFiniteError(RuntimeError):
     pass
 
 
-# ------------------------------------------------------------------------------ step functions
-def _to_device(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
-    if device.type == "cpu":
-        return batch
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _masked_mean(loss_mask: torch.Tensor, output: torch.Tensor):
-    mask = loss_mask.float()
-    loss = (output.float() * mask).sum() / mask.sum().clamp_min(1.0)
-    # clone: megatron's schedule divides the returned loss by the micro-batch count in place
-    return loss, {"loss": loss.detach().clone()}
-
-
-def _masked_sum(loss_mask: torch.Tensor, output: torch.Tensor):
-    """--calculate-per-token-loss: megatron's schedule sums these and finalize_model_grads divides
-    the gradients by the global batch's count of trained positions (over micro-batches and DP)."""
-    mask = loss_mask.float()
-    total = (output.float() * mask).sum()
-    count = mask.sum()
-    return total, count.to(torch.int), {"loss_sum": total.detach().clone(), "count": count.detach()}
-
-
-def make_forward_step(device, per_token: bool = False):
-    reduce = _masked_sum if per_token else _masked_mean
-
-    def forward_step(data_iterator, model):
-        batch = _to_device(next(data_iterator), device)
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        return output, partial(reduce, batch["loss_mask"])
-
-    return forward_step
-
-
 # ------------------------------------------------------------------------------ the trainer
-class Trainer:
+class Trainer(RunCheckpoints, Evaluation, TrainLog):
     """One pretraining run: `setup()` builds everything and validates the inputs before any compute,
-    `train()` runs the two phases, `close()` tears the process groups down (also after a refusal)."""
+    `train()` runs the two phases, `close()` tears the process groups down (also after a refusal).
+
+    Its checkpoint side (save, resume, --finetune) is in run_checkpoints.py, evaluation in
+    evaluation.py, the log line and metrics records in train_log.py, the per-micro-batch forward
+    step in step.py."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -260,190 +230,6 @@ class Trainer:
                                                  total_samples=self.datasets.num_train_samples))
             for _ in range(vpp)]
 
-    def _checkpoint_stream_length(self, needed: int) -> Optional[int]:
-        """The base-sample count the checkpoint's train stream was built with, when this run can
-        deal from that very stream (same window length, enough windows for `needed`); else None.
-
-        megatron orders the windows by how many it is asked for (the epochs it shuffles together,
-        a blend's length), so a resume with another --global-batch-size / --train-iters rebuilds
-        the old stream rather than one of the new length; preflight.check_resume_stream refuses
-        the resumes that cannot."""
-        if self.resume is None:
-            return None
-        meta, cfg = self.resume[2], self.cfg
-        windows, requested = meta.get("train_base_windows"), meta.get("train_base_samples")
-        saved_tst, saved_model = meta.get("args", {}).get("tst", {}), meta.get("args", {}).get("model", {})
-        same_window = ((saved_tst.get("bag_size"), saved_tst.get("mode"), saved_model.get("seq_length"))
-                       == (cfg.tst.bag_size, cfg.tst.mode, cfg.model.seq_length))
-        if (same_window and preflight.same_train_data(cfg, meta) and requested is not None and windows is not None
-                and windows >= needed):
-            return int(requested)
-        return None
-
-    def _setup_logger(self) -> None:
-        cfg = self.cfg
-        path = cfg.logging.metrics_path
-        if path is None:
-            path = os.path.join(cfg.ckpt.save, "metrics.jsonl") if cfg.ckpt.save else "metrics.jsonl"
-        self.metrics_path = path
-        resuming = self.iteration > 0
-        if self.rank == 0 and resuming and os.path.exists(path):
-            # resumed at the end: the final evaluation runs again, so its old record goes
-            truncate_metrics(path, self.iteration, keep_evals_at_end=self.iteration < cfg.optim.train_iters)
-        elif self.rank == 0 and os.path.isfile(path) and os.path.getsize(path) > 0:
-            kept = next(f"{path}.{k}" for k in range(1, 10 ** 6) if not os.path.exists(f"{path}.{k}"))
-            os.replace(path, kept)  # a fresh run never overwrites another run's curve
-            print(f"> {path} held the metrics of an earlier run: kept as {kept}", flush=True)
-        self.log = RunLogger(self.rank == 0, path, cfg.logging.tensorboard_dir, cfg.logging.wandb_project,
-                             cfg.logging.wandb_exp_name or cfg.logging.run_name, resume=resuming)
-        total, active = count_parameters(cfg.model, self.vocab_size)
-        self.flops_per_position = flops_per_position(cfg.model, self.vocab_size)
-        if not resuming:
-            self.log.record({"type": "run", "name": cfg.logging.run_name, "tst_bag_size": cfg.tst.bag_size,
-                             "tst_mode": cfg.tst.mode, "superposition_iters": self.num_sup_iters,
-                             "train_iters": cfg.optim.train_iters, "global_batch_size": cfg.optim.global_batch_size,
-                             "seq_length": cfg.model.seq_length, "parameters": total, "active_parameters": active,
-                             "world_size": self.world})
-        par = cfg.parallel
-        self.log.print(
-            f"> tst-megatron: world {self.world} (TP={par.tensor_model_parallel_size} "
-            f"PP={par.pipeline_model_parallel_size} EP={par.expert_model_parallel_size} DP={self.dp_size}"
-            f"{', sequence parallel' if self.tconfig.sequence_parallel else ''}) "
-            f"backend {distributed_backend()} device {self.device.type}; params {total / 1e6:.2f}M "
-            f"(active {active / 1e6:.2f}M), vocab {self.vocab_size}; micro-batches/step {self.num_microbatches}")
-        if cfg.tst.enabled:
-            self.log.print(
-                f"> TST: bag size s={cfg.tst.bag_size}, mode {cfg.tst.mode}, weighting {cfg.tst.bag_weighting}; "
-                f"superposition iterations [0, {self.num_sup_iters}) of {cfg.optim.train_iters}")
-        self.log.print(f"> metrics: {self.metrics_path}")
-
-    # ---------------------------------------------------------------- checkpoints
-    def _common_state(self) -> dict:
-        return {"consumed_samples": self.consumed_samples, "data_tokens": self.data_tokens,
-                "positions": self.positions, "phase": self.phase(self.iteration),
-                "superposition_samples": self.superposition_samples,
-                "train_base_windows": len(self.datasets.train.base),
-                "train_base_samples": self.datasets.num_base_train_samples,
-                "elapsed_s": self.elapsed_before + self.timer.elapsed(),
-                # at the switch itself the model has had no next-token step yet
-                "superposition_checkpoint": 0 < self.num_sup_iters and self.iteration <= self.num_sup_iters,
-                "superposition_iters": self.num_sup_iters, "vocab_size": self.vocab_size,
-                "tokenizer_vocab_size": self.tokenizer.vocab_size, "args": self.cfg.to_dict(),
-                "finetuned_from": self.finetuned_from}
-
-    def save(self) -> None:
-        c = self.cfg.ckpt
-        if not c.save:
-            return
-        if self._on_disk == self.iteration:
-            # Resumed from this very checkpoint and took no step since: what is on disk is this
-            # state (with its optimizer moments even under --no-load-optim), so writing it again
-            # could only lose something.
-            self.log.print(f"  checkpoint of iteration {self.iteration} is already on disk ({self.last_checkpoint}); "
-                           "not saved again")
-            return
-        t0 = time.time()
-        with self._parameters_gathered():
-            path = ckpt.save_checkpoint(c.save, self.iteration, self.model, self.optimizer, self.scheduler,
-                                        self._common_state(), self.cfg.parallel.use_distributed_optimizer,
-                                        save_optim=not c.no_save_optim, save_rng=not c.no_save_rng)
-        self.last_checkpoint = path
-        self._on_disk = self.iteration
-        note = (" (superposition phase: not a usable next-token model yet)"
-                if 0 < self.num_sup_iters and self.iteration <= self.num_sup_iters else "")
-        self.log.print(f"  saved checkpoint at iteration {self.iteration} to {path} in {time.time() - t0:.1f}s{note}")
-
-    def _load(self, path: str) -> None:
-        c = self.cfg.ckpt
-        meta = ckpt.read_meta(path)
-        saved_par = meta.get("args", {}).get("parallel", {})
-        same_layout = (saved_par.get("tensor_model_parallel_size") == self.cfg.parallel.tensor_model_parallel_size
-                       and saved_par.get("pipeline_model_parallel_size") == self.cfg.parallel.pipeline_model_parallel_size)
-        load_rng = not c.no_load_rng and same_layout and meta.get("rng_state") is not False
-        if c.override_checkpoint_args:  # the LR schedule of the new flags, from the saved step on
-            self.scheduler.override_opt_param_scheduler = True
-        load_optim = not c.no_load_optim
-        if load_optim and meta.get("optimizer_state") is False:
-            # e.g. a checkpoint imported from Hugging Face: weights only, fresh optimizer
-            load_optim = False
-            if self.rank == 0:
-                print(f"> {path} carries no optimizer state (imported, or saved with --no-save-optim); starting a "
-                      "fresh optimizer", flush=True)
-        if load_optim:
-            preflight.check_resume_optimizer(meta, path, self.cfg.parallel.use_distributed_optimizer,
-                                             ckpt.optimizer_parts(self.optimizer))
-        try:
-            common = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler,
-                                          load_optim=load_optim, load_rng=load_rng,
-                                          use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer)
-        except ckpt.CheckpointError as exc:
-            fail(str(exc))
-        self.iteration = int(common["iteration"])
-        self.consumed_samples = int(common["consumed_samples"])
-        self.data_tokens = int(common["data_tokens"])
-        self.positions = int(common["positions"])
-        self.elapsed_before = float(common.get("elapsed_s", 0.0))
-        saved_sup = common.get("superposition_samples")
-        self.superposition_samples = (int(saved_sup) if saved_sup is not None
-                                      else self._saved_superposition_samples(meta))
-        self.last_checkpoint = path
-        self.finetuned_from = meta.get("finetuned_from")
-        if c.save and same_dir(os.path.dirname(os.path.normpath(path)), c.save):
-            self._on_disk = self.iteration
-        if not load_optim:
-            # Mixed precision keeps fp32 master copies made from the *initial* weights: refresh
-            # them from the loaded model, or the first step would write the init back.
-            self.optimizer.reload_model_params()
-            if self.iteration:  # fresh optimizer: continue the LR schedule where the run was
-                self.scheduler.step(self.iteration)
-        if self.rank == 0:
-            print(f"> resumed from {path} at iteration {self.iteration} "
-                  f"({common['phase']} phase, {self.consumed_samples} samples consumed)"
-                  + ("" if load_rng or c.no_load_rng else "; RNG state not restored ("
-                     + ("saved with --no-save-rng" if meta.get("rng_state") is False else "parallel layout changed")
-                     + ")"),
-                  flush=True)
-
-    def _load_weights(self, path: str) -> None:
-        """--finetune: the checkpoint's weights into a run at iteration 0 (its optimizer, LR schedule,
-        RNG and data position are not taken)."""
-        try:
-            ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler, load_optim=False, load_rng=False,
-                                 use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer)
-        except ckpt.CheckpointError as exc:
-            fail(str(exc))
-        self.optimizer.reload_model_params()  # fp32 main weights from the loaded model (see _load)
-        if self.rank == 0:
-            print(f"> fine-tuning from the weights of {path}: iteration, optimizer, LR schedule and data stream "
-                  "start fresh", flush=True)
-
-    def _saved_superposition_samples(self, meta: dict) -> int:
-        """For checkpoints written before `superposition_samples` was saved: those runs kept one
-        global batch size, so the superposition steps taken times that batch."""
-        saved = meta.get("args", {}).get("optim", {})
-        gbs = int(saved.get("global_batch_size") or self.cfg.optim.global_batch_size)
-        return min(self.iteration, int(meta.get("superposition_iters", self.num_sup_iters))) * gbs
-
-    @contextlib.contextmanager
-    def _parameters_gathered(self):
-        """Every parameter current on every rank, for an evaluation or a checkpoint.
-
-        With --overlap-param-gather the distributed optimizer's step updates only each rank's
-        shard; the other ranks' shards arrive during the next training forward, bucket by bucket,
-        through DDP's forward pre-hooks. A checkpoint written before then would hold half-old
-        weights. So, as Megatron-LM does around both: hooks off with a synchronous all-gather,
-        and back on after."""
-        if not self.cfg.parallel.overlap_param_gather:
-            yield
-            return
-        for chunk in self.model:
-            chunk.disable_forward_pre_hook(param_sync=True)
-        try:
-            yield
-        finally:
-            for chunk in self.model:
-                chunk.enable_forward_pre_hook()
-
     # ---------------------------------------------------------------- steps
     def phase(self, iteration: int) -> str:
         return SUPERPOSITION if iteration < self.num_sup_iters else RECOVERY
@@ -551,78 +337,6 @@ class Trainer:
             raise NonFiniteError(f"grad norm {grad_norm}")
         self.scheduler.step(increment=1)  # as in Megatron-LM, a skipped step does not advance the LR
         return {"loss": loss, "grad_norm": grad_norm, "skipped": False, "nonfinite": None}
-
-    def evaluate(self, dataset, iters: int) -> Optional[float]:
-        if dataset is None:
-            return None
-        cfg = self.cfg
-        gbs = cfg.optim.global_batch_size
-        total = min(len(dataset), iters * gbs)
-        steps = total // gbs
-        if steps == 0:
-            return None
-        for chunk in self.model:
-            chunk.eval()
-        values, weights = [], []
-        with torch.no_grad():
-            iterators = [self._build_iterator(dataset, 0, cfg.optim.micro_batch_size, self.dp_rank, self.dp_size,
-                                              total_samples=steps * gbs) for _ in self.model]
-            for _ in range(steps):
-                loss, _, _, positions = self._reduce_loss(self._forward_backward(iterators, True, self.num_microbatches))
-                values.append(loss)
-                # per-token loss: every trained position of the evaluation weighs the same
-                weights.append(positions if cfg.optim.calculate_per_token_loss else 1.0)
-        for chunk in self.model:
-            chunk.train()
-        if not sum(weights):
-            return float("nan")
-        return sum(v * w for v, w in zip(values, weights) if w) / sum(weights)
-
-    def evaluate_now(self, final: bool = False) -> None:
-        """Validation (and at the end of training the test split), with every parameter current."""
-        with self._parameters_gathered():
-            self.run_evaluation()
-            if final:
-                self.run_test_evaluation()
-
-    def run_evaluation(self) -> None:
-        cfg = self.cfg
-        phase = self.phase(self.iteration)
-        lm = self.evaluate(self.datasets.valid_lm, cfg.logging.eval_iters)
-        # The bag loss while the model is a superposition model: during the phase and at the switch
-        # itself (the evaluation after the last superposition step reports where that phase ended).
-        at_or_before_switch = 0 < self.num_sup_iters and self.iteration <= self.num_sup_iters
-        mce = self.evaluate(self.datasets.valid_mce, cfg.logging.eval_iters) if at_or_before_switch else None
-        if lm is None:
-            return
-        record = {"type": "eval", "iteration": self.iteration, "phase": phase, "val_lm_loss": lm,
-                  "val_lm_ppl": math.exp(min(lm, 50.0)), "data_tokens": self.data_tokens,
-                  "elapsed_s": self.timer.elapsed() + self.elapsed_before}
-        # Megatron-LM's wording, so that log parsers written for it read this line too
-        text = (f" validation loss at iteration {self.iteration} | lm loss value: {lm:.6E} | "
-                f"lm loss PPL: {record['val_lm_ppl']:.6E} |")
-        if mce is not None:
-            record["val_mce_loss"] = mce
-            text += f" mce loss value: {mce:.6E} |"
-        self.log.record(record)
-        self._print_boxed(text)
-
-    def run_test_evaluation(self) -> None:
-        """The test split, once at the end of training, as Megatron-LM does when the split gives it
-        documents (the default --split 969,30,1 does). Next-token loss only: the final model is a
-        plain GPT, and the test samples are the ones a baseline run of the same data tests on."""
-        lm = self.evaluate(self.datasets.test_lm, self.cfg.logging.eval_iters)
-        if lm is None:
-            return
-        ppl = math.exp(min(lm, 50.0))
-        self.log.record({"type": "test", "iteration": self.iteration, "test_lm_loss": lm, "test_lm_ppl": ppl,
-                         "data_tokens": self.data_tokens, "elapsed_s": self.timer.elapsed() + self.elapsed_before})
-        self._print_boxed(f" validation loss at iteration {self.iteration} on test set | lm loss value: {lm:.6E} | "
-                          f"lm loss PPL: {ppl:.6E} |")
-
-    def _print_boxed(self, text: str) -> None:
-        bar = "-" * (len(text) + 1)
-        self.log.print(f"{bar}\n{text}\n{bar}")
 
     # ---------------------------------------------------------------- the loop
     def _install_signal_handlers(self) -> None:
@@ -732,68 +446,6 @@ class Trainer:
                        f"elapsed {format_duration(self.timer.elapsed())}")
         self.log.close()
         return 0
-
-    def _stop_nonfinite(self, what: str, phase: str) -> None:
-        msg = (f"error: non-finite value ({what}) at iteration {self.iteration + 1} in the {phase} phase; "
-               f"stopping without saving. Last good checkpoint: {self.last_checkpoint or 'none'}. "
-               "Lower --lr, check the data, or allow skips with --skip-nonfinite-steps N")
-        if self.rank == 0:
-            print(msg, flush=True)
-        self.log.record({"type": "error", "iteration": self.iteration + 1, "phase": phase, "message": msg})
-        self.log.close()
-
-    def _log_train(self, phase: str, interval: IntervalStats, start_iteration: int) -> None:
-        o = self.cfg.optim
-        dt = max(interval.time, 1e-9)
-        self._train_time += dt
-        loss, grad_norm = interval.mean_loss(), interval.mean_grad_norm()
-        lr, decoupled_lr = self._learning_rates()
-        tok_s = interval.tokens / dt
-        pos_s = interval.positions / dt
-        tflops = pos_s * self.flops_per_position / self.world / 1e12
-        elapsed = self.elapsed_before + self.timer.elapsed()
-        done = self.iteration - start_iteration
-        eta = self._train_time / max(done, 1) * (o.train_iters - self.iteration)
-        label = "mce loss" if phase == SUPERPOSITION and self.cfg.tst.mode != "input" else "lm loss"
-        self.log.print(
-            f" [{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] iteration {self.iteration:8d}/{o.train_iters:8d} |"
-            f" phase: {phase} | consumed samples: {self.consumed_samples:10d} |"
-            f" elapsed time per iteration (ms): {1000 * dt / max(interval.steps, 1):.1f} |"
-            f" learning rate: {lr:.6E} |"
-            + (f" decoupled learning rate: {decoupled_lr:.6E} |" if decoupled_lr is not None else "")
-            + f" global batch size: {o.global_batch_size:5d} |"
-            f" {label}: {loss:.6E} |"
-            + (f" loss scale: {self._loss_scale():.1f} | number of skipped iterations: {interval.overflow_skips:3d} |"
-               if o.fp16 else "")
-            + f" grad norm: {grad_norm:.3f} |"
-            f" data tokens: {self.data_tokens} | positions: {self.positions} |"
-            f" tokens/s: {tok_s:.0f} (positions/s: {pos_s:.0f}) | TFLOP/s/device: {tflops:.4f} |"
-            f" elapsed: {format_duration(elapsed)} | ETA: {format_duration(eta)}")
-        self.log.record({"type": "train", "iteration": self.iteration, "phase": phase, "loss": loss,
-                         "loss_kind": "mce" if label == "mce loss" else "lm", "lr": lr, "grad_norm": grad_norm,
-                         "data_tokens": self.data_tokens, "positions": self.positions,
-                         "tokens_per_s": tok_s, "positions_per_s": pos_s, "tflops_per_device": tflops,
-                         "elapsed_s": elapsed, "consumed_samples": self.consumed_samples,
-                         **({"decoupled_lr": decoupled_lr} if decoupled_lr is not None else {}),
-                         **({"loss_scale": self._loss_scale(), "skipped_iterations": interval.overflow_skips}
-                            if o.fp16 else {})})
-
-    def _loss_scale(self) -> float:
-        return float(self.optimizer.get_loss_scale())
-
-    def _learning_rates(self):
-        """(lr, decoupled lr or None): megatron's default-schedule param group, and the group its
-        --decoupled-lr override made for the embedding and output layer."""
-        lr = decoupled = None
-        for group in self.optimizer.param_groups:
-            if not group["params"]:
-                continue
-            if group.get("default_config", True):
-                lr = group["lr"] if lr is None else lr
-            elif decoupled is None and self.cfg.optim.decoupled_lr is not None \
-                    and group.get("max_lr") == self.cfg.optim.decoupled_lr:
-                decoupled = group["lr"]
-        return (self.optimizer.param_groups[0]["lr"] if lr is None else lr), decoupled
 
     def close(self) -> None:
         from megatron.core import parallel_state as ps

@@ -1,0 +1,164 @@
+"""The trainer's checkpoint side: what a checkpoint records of the run, saving, resuming, and
+taking only the weights (--finetune).
+
+A mixin of `Trainer` (tst_megatron/trainer.py), kept apart so that the loop reads on its own; it
+uses the trainer's model, optimizer, scheduler, datasets and progress counters.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Optional
+
+from . import checkpointing as ckpt
+from . import preflight
+from .arguments import fail, same_dir
+
+
+class RunCheckpoints:
+    def _common_state(self) -> dict:
+        return {"consumed_samples": self.consumed_samples, "data_tokens": self.data_tokens,
+                "positions": self.positions, "phase": self.phase(self.iteration),
+                "superposition_samples": self.superposition_samples,
+                "train_base_windows": len(self.datasets.train.base),
+                "train_base_samples": self.datasets.num_base_train_samples,
+                "elapsed_s": self.elapsed_before + self.timer.elapsed(),
+                # at the switch itself the model has had no next-token step yet
+                "superposition_checkpoint": 0 < self.num_sup_iters and self.iteration <= self.num_sup_iters,
+                "superposition_iters": self.num_sup_iters, "vocab_size": self.vocab_size,
+                "tokenizer_vocab_size": self.tokenizer.vocab_size, "args": self.cfg.to_dict(),
+                "finetuned_from": self.finetuned_from}
+
+    def save(self) -> None:
+        c = self.cfg.ckpt
+        if not c.save:
+            return
+        if self._on_disk == self.iteration:
+            # Resumed from this very checkpoint and took no step since: what is on disk is this
+            # state (with its optimizer moments even under --no-load-optim), so writing it again
+            # could only lose something.
+            self.log.print(f"  checkpoint of iteration {self.iteration} is already on disk ({self.last_checkpoint}); "
+                           "not saved again")
+            return
+        t0 = time.time()
+        with self._parameters_gathered():
+            path = ckpt.save_checkpoint(c.save, self.iteration, self.model, self.optimizer, self.scheduler,
+                                        self._common_state(), self.cfg.parallel.use_distributed_optimizer,
+                                        save_optim=not c.no_save_optim, save_rng=not c.no_save_rng)
+        self.last_checkpoint = path
+        self._on_disk = self.iteration
+        note = (" (superposition phase: not a usable next-token model yet)"
+                if 0 < self.num_sup_iters and self.iteration <= self.num_sup_iters else "")
+        self.log.print(f"  saved checkpoint at iteration {self.iteration} to {path} in {time.time() - t0:.1f}s{note}")
+
+    def _load(self, path: str) -> None:
+        c = self.cfg.ckpt
+        meta = ckpt.read_meta(path)
+        saved_par = meta.get("args", {}).get("parallel", {})
+        same_layout = (saved_par.get("tensor_model_parallel_size") == self.cfg.parallel.tensor_model_parallel_size
+                       and saved_par.get("pipeline_model_parallel_size") == self.cfg.parallel.pipeline_model_parallel_size)
+        load_rng = not c.no_load_rng and same_layout and meta.get("rng_state") is not False
+        if c.override_checkpoint_args:  # the LR schedule of the new flags, from the saved step on
+            self.scheduler.override_opt_param_scheduler = True
+        load_optim = not c.no_load_optim
+        if load_optim and meta.get("optimizer_state") is False:
+            # e.g. a checkpoint imported from Hugging Face: weights only, fresh optimizer
+            load_optim = False
+            if self.rank == 0:
+                print(f"> {path} carries no optimizer state (imported, or saved with --no-save-optim); starting a "
+                      "fresh optimizer", flush=True)
+        if load_optim:
+            preflight.check_resume_optimizer(meta, path, self.cfg.parallel.use_distributed_optimizer,
+                                             ckpt.optimizer_parts(self.optimizer))
+        try:
+            common = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler,
+                                          load_optim=load_optim, load_rng=load_rng,
+                                          use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer)
+        except ckpt.CheckpointError as exc:
+            fail(str(exc))
+        self.iteration = int(common["iteration"])
+        self.consumed_samples = int(common["consumed_samples"])
+        self.data_tokens = int(common["data_tokens"])
+        self.positions = int(common["positions"])
+        self.elapsed_before = float(common.get("elapsed_s", 0.0))
+        saved_sup = common.get("superposition_samples")
+        self.superposition_samples = (int(saved_sup) if saved_sup is not None
+                                      else self._saved_superposition_samples(meta))
+        self.last_checkpoint = path
+        self.finetuned_from = meta.get("finetuned_from")
+        if c.save and same_dir(os.path.dirname(os.path.normpath(path)), c.save):
+            self._on_disk = self.iteration
+        if not load_optim:
+            # Mixed precision keeps fp32 master copies made from the *initial* weights: refresh
+            # them from the loaded model, or the first step would write the init back.
+            self.optimizer.reload_model_params()
+            if self.iteration:  # fresh optimizer: continue the LR schedule where the run was
+                self.scheduler.step(self.iteration)
+        if self.rank == 0:
+            print(f"> resumed from {path} at iteration {self.iteration} "
+                  f"({common['phase']} phase, {self.consumed_samples} samples consumed)"
+                  + ("" if load_rng or c.no_load_rng else "; RNG state not restored ("
+                     + ("saved with --no-save-rng" if meta.get("rng_state") is False else "parallel layout changed")
+                     + ")"),
+                  flush=True)
+
+    def _load_weights(self, path: str) -> None:
+        """--finetune: the checkpoint's weights into a run at iteration 0 (its optimizer, LR schedule,
+        RNG and data position are not taken)."""
+        try:
+            ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler, load_optim=False, load_rng=False,
+                                 use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer)
+        except ckpt.CheckpointError as exc:
+            fail(str(exc))
+        self.optimizer.reload_model_params()  # fp32 main weights from the loaded model (see _load)
+        if self.rank == 0:
+            print(f"> fine-tuning from the weights of {path}: iteration, optimizer, LR schedule and data stream "
+                  "start fresh", flush=True)
+
+    def _saved_superposition_samples(self, meta: dict) -> int:
+        """For checkpoints written before `superposition_samples` was saved: those runs kept one
+        global batch size, so the superposition steps taken times that batch."""
+        saved = meta.get("args", {}).get("optim", {})
+        gbs = int(saved.get("global_batch_size") or self.cfg.optim.global_batch_size)
+        return min(self.iteration, int(meta.get("superposition_iters", self.num_sup_iters))) * gbs
+
+    @contextlib.contextmanager
+    def _parameters_gathered(self):
+        """Every parameter current on every rank, for an evaluation or a checkpoint.
+
+        With --overlap-param-gather the distributed optimizer's step updates only each rank's
+        shard; the other ranks' shards arrive during the next training forward, bucket by bucket,
+        through DDP's forward pre-hooks. A checkpoint written before then would hold half-old
+        weights. So, as Megatron-LM does around both: hooks off with a synchronous all-gather,
+        and back on after."""
+        if not self.cfg.parallel.overlap_param_gather:
+            yield
+            return
+        for chunk in self.model:
+            chunk.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            for chunk in self.model:
+                chunk.enable_forward_pre_hook()
+
+    def _checkpoint_stream_length(self, needed: int) -> Optional[int]:
+        """The base-sample count the checkpoint's train stream was built with, when this run can
+        deal from that very stream (same window length, enough windows for `needed`); else None.
+
+        megatron orders the windows by how many it is asked for (the epochs it shuffles together,
+        a blend's length), so a resume with another --global-batch-size / --train-iters rebuilds
+        the old stream rather than one of the new length; preflight.check_resume_stream refuses
+        the resumes that cannot."""
+        if self.resume is None:
+            return None
+        meta, cfg = self.resume[2], self.cfg
+        windows, requested = meta.get("train_base_windows"), meta.get("train_base_samples")
+        saved_tst, saved_model = meta.get("args", {}).get("tst", {}), meta.get("args", {}).get("model", {})
+        same_window = ((saved_tst.get("bag_size"), saved_tst.get("mode"), saved_model.get("seq_length"))
+                       == (cfg.tst.bag_size, cfg.tst.mode, cfg.model.seq_length))
+        if (same_window and preflight.same_train_data(cfg, meta) and requested is not None and windows is not None
+                and windows >= needed):
+            return int(requested)
+        return None

@@ -1,0 +1,116 @@
+"""What the trainer tells its user: the log line per --log-interval (Megatron-LM's fields plus
+the TST phase, data tokens and positions), the metrics records, and the non-finite stop message.
+
+A mixin of `Trainer` (tst_megatron/trainer.py).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+from .builders import count_parameters, flops_per_position
+from .cpu import distributed_backend
+from .data import SUPERPOSITION
+from .metrics import IntervalStats, RunLogger, format_duration
+from .metrics_io import truncate_metrics
+
+
+class TrainLog:
+    def _setup_logger(self) -> None:
+        cfg = self.cfg
+        path = cfg.logging.metrics_path
+        if path is None:
+            path = os.path.join(cfg.ckpt.save, "metrics.jsonl") if cfg.ckpt.save else "metrics.jsonl"
+        self.metrics_path = path
+        resuming = self.iteration > 0
+        if self.rank == 0 and resuming and os.path.exists(path):
+            # resumed at the end: the final evaluation runs again, so its old record goes
+            truncate_metrics(path, self.iteration, keep_evals_at_end=self.iteration < cfg.optim.train_iters)
+        elif self.rank == 0 and os.path.isfile(path) and os.path.getsize(path) > 0:
+            kept = next(f"{path}.{k}" for k in range(1, 10 ** 6) if not os.path.exists(f"{path}.{k}"))
+            os.replace(path, kept)  # a fresh run never overwrites another run's curve
+            print(f"> {path} held the metrics of an earlier run: kept as {kept}", flush=True)
+        self.log = RunLogger(self.rank == 0, path, cfg.logging.tensorboard_dir, cfg.logging.wandb_project,
+                             cfg.logging.wandb_exp_name or cfg.logging.run_name, resume=resuming)
+        total, active = count_parameters(cfg.model, self.vocab_size)
+        self.flops_per_position = flops_per_position(cfg.model, self.vocab_size)
+        if not resuming:
+            self.log.record({"type": "run", "name": cfg.logging.run_name, "tst_bag_size": cfg.tst.bag_size,
+                             "tst_mode": cfg.tst.mode, "superposition_iters": self.num_sup_iters,
+                             "train_iters": cfg.optim.train_iters, "global_batch_size": cfg.optim.global_batch_size,
+                             "seq_length": cfg.model.seq_length, "parameters": total, "active_parameters": active,
+                             "world_size": self.world})
+        par = cfg.parallel
+        self.log.print(
+            f"> tst-megatron: world {self.world} (TP={par.tensor_model_parallel_size} "
+            f"PP={par.pipeline_model_parallel_size} EP={par.expert_model_parallel_size} DP={self.dp_size}"
+            f"{', sequence parallel' if self.tconfig.sequence_parallel else ''}) "
+            f"backend {distributed_backend()} device {self.device.type}; params {total / 1e6:.2f}M "
+            f"(active {active / 1e6:.2f}M), vocab {self.vocab_size}; micro-batches/step {self.num_microbatches}")
+        if cfg.tst.enabled:
+            self.log.print(
+                f"> TST: bag size s={cfg.tst.bag_size}, mode {cfg.tst.mode}, weighting {cfg.tst.bag_weighting}; "
+                f"superposition iterations [0, {self.num_sup_iters}) of {cfg.optim.train_iters}")
+        self.log.print(f"> metrics: {self.metrics_path}")
+
+    def _stop_nonfinite(self, what: str, phase: str) -> None:
+        msg = (f"error: non-finite value ({what}) at iteration {self.iteration + 1} in the {phase} phase; "
+               f"stopping without saving. Last good checkpoint: {self.last_checkpoint or 'none'}. "
+               "Lower --lr, check the data, or allow skips with --skip-nonfinite-steps N")
+        if self.rank == 0:
+            print(msg, flush=True)
+        self.log.record({"type": "error", "iteration": self.iteration + 1, "phase": phase, "message": msg})
+        self.log.close()
+
+    def _log_train(self, phase: str, interval: IntervalStats, start_iteration: int) -> None:
+        o = self.cfg.optim
+        dt = max(interval.time, 1e-9)
+        self._train_time += dt
+        loss, grad_norm = interval.mean_loss(), interval.mean_grad_norm()
+        lr, decoupled_lr = self._learning_rates()
+        tok_s = interval.tokens / dt
+        pos_s = interval.positions / dt
+        tflops = pos_s * self.flops_per_position / self.world / 1e12
+        elapsed = self.elapsed_before + self.timer.elapsed()
+        done = self.iteration - start_iteration
+        eta = self._train_time / max(done, 1) * (o.train_iters - self.iteration)
+        label = "mce loss" if phase == SUPERPOSITION and self.cfg.tst.mode != "input" else "lm loss"
+        self.log.print(
+            f" [{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] iteration {self.iteration:8d}/{o.train_iters:8d} |"
+            f" phase: {phase} | consumed samples: {self.consumed_samples:10d} |"
+            f" elapsed time per iteration (ms): {1000 * dt / max(interval.steps, 1):.1f} |"
+            f" learning rate: {lr:.6E} |"
+            + (f" decoupled learning rate: {decoupled_lr:.6E} |" if decoupled_lr is not None else "")
+            + f" global batch size: {o.global_batch_size:5d} |"
+            f" {label}: {loss:.6E} |"
+            + (f" loss scale: {self._loss_scale():.1f} | number of skipped iterations: {interval.overflow_skips:3d} |"
+               if o.fp16 else "")
+            + f" grad norm: {grad_norm:.3f} |"
+            f" data tokens: {self.data_tokens} | positions: {self.positions} |"
+            f" tokens/s: {tok_s:.0f} (positions/s: {pos_s:.0f}) | TFLOP/s/device: {tflops:.4f} |"
+            f" elapsed: {format_duration(elapsed)} | ETA: {format_duration(eta)}")
+        self.log.record({"type": "train", "iteration": self.iteration, "phase": phase, "loss": loss,
+                         "loss_kind": "mce" if label == "mce loss" else "lm", "lr": lr, "grad_norm": grad_norm,
+                         "data_tokens": self.data_tokens, "positions": self.positions,
+                         "tokens_per_s": tok_s, "positions_per_s": pos_s, "tflops_per_device": tflops,
+                         "elapsed_s": elapsed, "consumed_samples": self.consumed_samples,
+                         **({"decoupled_lr": decoupled_lr} if decoupled_lr is not None else {}),
+                         **({"loss_scale": self._loss_scale(), "skipped_iterations": interval.overflow_skips}
+                            if o.fp16 else {})})
+
+    def _loss_scale(self) -> float:
+        return float(self.optimizer.get_loss_scale())
+
+    def _learning_rates(self):
+        """(lr, decoupled lr or None): megatron's default-schedule param group, and the group its
+        --decoupled-lr override made for the embedding and output layer."""
+        lr = decoupled = None
+        for group in self.optimizer.param_groups:
+            if not group["params"]:
+                continue
+            if group.get("default_config", True):
+                lr = group["lr"] if lr is None else lr
+            elif decoupled is None and self.cfg.optim.decoupled_lr is not None \
+                    and group.get("max_lr") == self.cfg.optim.decoupled_lr:
+                decoupled = group["lr"]
+        return (self.optimizer.param_groups[0]["lr"] if lr is None else lr), decoupled
