@@ -47,21 +47,44 @@ def test_finetune_starts_a_new_run_from_the_weights(tmp_path):
     assert f"resumed from {b_save}/iter_{TRAIN_ITERS:07d}" in more.stdout
     assert ckpt.read_meta(str(b_save / f"iter_{TRAIN_ITERS + 2:07d}"))["finetuned_from"] == meta["finetuned_from"]
 
+    # --pretrained-checkpoint, the requeue-safe form: the same job command twice (--load = --save);
+    # the first start fine-tunes from A and is stopped at 3, the second resumes its own checkpoint.
+    # Together they are run B exactly.
+    d_save = tmp_path / "d"
+    job = base_args(prefix, load=d_save, save=d_save, pretrained_checkpoint=a_save)
+    first = assert_ok(run_trainer(job + ["--exit-interval", "3"]), "first start")
+    assert f"> no checkpoint in --load {d_save}: fine-tuning from --pretrained-checkpoint {a_save}" in first.stdout
+    assert f"> fine-tuning from the weights of {a_save}/iter_{TRAIN_ITERS:07d}" in first.stdout
+    second = assert_ok(run_trainer(job), "requeued")
+    assert f"resumed from {d_save}/iter_0000003" in second.stdout and "fine-tuning" not in second.stdout
+    legs = {**train_records(first.records), **train_records(second.records)}
+    assert sorted(legs) == list(range(1, TRAIN_ITERS + 1))
+    for it in got:
+        assert (legs[it]["loss"], legs[it]["lr"]) == (got[it]["loss"], got[it]["lr"]), it
+    assert ckpt.read_meta(str(d_save / f"iter_{TRAIN_ITERS:07d}"))["finetuned_from"] == meta["finetuned_from"]
+
 
 @pytest.mark.parametrize("over, message", [
     (dict(load=None), "--finetune needs --load DIR (the checkpoint whose weights the new run starts from)"),
     (dict(save="LOAD"), "--finetune starts a new run from the weights in --load LOAD: give it another --save directory"),
+    (dict(pretrained_checkpoint="LOAD"), "give one of --finetune (fine-tune from --load, every start) and "
+                                         "--pretrained-checkpoint"),
+    (dict(finetune=False, pretrained_checkpoint="SAVE"),
+     "--pretrained-checkpoint SAVE: give the fine-tuning run another --save directory"),
+    (dict(finetune=False, pretrained_checkpoint="nowhere"), "--pretrained-checkpoint nowhere: directory does not exist"),
 ])
 def test_finetune_refusals(tmp_path, over, message):
     from tst_megatron.arguments import parse_args, validate
 
-    load = tmp_path / "load"
+    load, save = tmp_path / "load", tmp_path / "save"
     load.mkdir()
-    kw = dict(load=load, save=tmp_path / "save", finetune=True)
-    kw.update({k: (load if v == "LOAD" else v) for k, v in over.items()})
+    save.mkdir()
+    kw = dict(load=load, save=save, finetune=True)
+    kw.update({k: {"LOAD": load, "SAVE": save}.get(v, v) for k, v in over.items()})
     with pytest.raises(SystemExit) as exc:
         validate(parse_args(base_args("x", **kw)), 1)
-    assert str(exc.value.code).startswith("error: " + message.replace("LOAD", str(load))), exc.value.code
+    want = message.replace("LOAD", str(load)).replace("SAVE", str(save))
+    assert str(exc.value.code).startswith("error: " + want), exc.value.code
 
 
 def test_no_save_optim_and_rng_checkpoints_resume_with_fresh_state(tmp_path):

@@ -217,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --load: a new run that starts from the checkpoint's weights (iteration 0, fresh "
                         "optimizer, LR schedule and data stream, as in Megatron-LM); TST settings, schedule and "
                         "sequence length are free, the model shape must match")
+    c.add_argument("--pretrained-checkpoint", default=None, metavar="DIR",
+                   help="when --load holds no checkpoint (or is not given): start from this checkpoint's weights "
+                        "as --finetune does; a requeued job (--load = --save) then resumes its own checkpoint")
     c.add_argument("--ckpt-fallback", action="store_true",
                    help="if the latest checkpoint is damaged, load the newest complete one")
     c.add_argument("--override-checkpoint-args", action="store_true",

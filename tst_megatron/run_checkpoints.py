@@ -17,6 +17,57 @@ from .arguments import fail, same_dir
 
 
 class RunCheckpoints:
+    def _start_point(self):
+        """(resume, finetune source): the checkpoint this run continues, as (iteration, path, meta),
+        or the path of the one whose weights it starts from (--finetune; --pretrained-checkpoint
+        when --load holds none). Both checked against this run's flags; may set self.vocab_size to
+        the checkpoint's padded vocabulary."""
+        c = self.cfg.ckpt
+        found = None
+        if c.load and (os.path.isdir(c.load) or c.pretrained_checkpoint is None):
+            found = self._find(c.load, "--load")
+            if found is None:
+                if os.path.isfile(os.path.join(c.load, ckpt.MARKER)):
+                    fail(f"--load {c.load}: this is one checkpoint's iteration directory; give the directory that "
+                         f"holds it (--load {os.path.dirname(os.path.abspath(c.load))}), whose {ckpt.TRACKER} names "
+                         "the iteration to resume")
+                elif c.pretrained_checkpoint:
+                    pass  # the first start of a fine-tuning job: from the pretrained weights (below)
+                elif c.exit_on_missing_checkpoint:
+                    fail(f"--load {c.load}: no checkpoint there (no {ckpt.TRACKER} and no iter_* directories) and "
+                         "--exit-on-missing-checkpoint is set; stopping before any compute")
+                elif not same_dir(c.load, c.save):  # else: the first start of a requeue-friendly job
+                    fail(f"--load {c.load}: the directory holds no checkpoint (no {ckpt.TRACKER} and no iter_* "
+                         "directories)")
+        if found is None and c.pretrained_checkpoint:
+            found = self._find(c.pretrained_checkpoint, "--pretrained-checkpoint")
+            if found is None:
+                hint = (f"; this is one checkpoint's iteration directory: give the directory that holds it "
+                        f"({os.path.dirname(os.path.abspath(c.pretrained_checkpoint))})"
+                        if os.path.isfile(os.path.join(c.pretrained_checkpoint, ckpt.MARKER)) else "")
+                fail(f"--pretrained-checkpoint {c.pretrained_checkpoint}: the directory holds no checkpoint (no "
+                     f"{ckpt.TRACKER} and no iter_* directories){hint}")
+            c.finetune = True  # as Megatron-LM does: its weights start a new run (the checks below relax)
+            if self.rank == 0:
+                print(f"> no checkpoint in --load {c.load}: fine-tuning from --pretrained-checkpoint "
+                      f"{c.pretrained_checkpoint}" if c.load else
+                      f"> fine-tuning from --pretrained-checkpoint {c.pretrained_checkpoint}", flush=True)
+        if found is None:
+            return None, None
+        cfg = self.cfg
+        preflight.check_resume_compatible(cfg, found[2], found[1])
+        # a fine-tuning run starts its own data stream: only the tokenizer must be the same
+        preflight.check_resume_data(cfg, found[2], found[1], self.rank == 0 and not c.finetune)
+        self.vocab_size = preflight.resume_vocab_size(cfg, found[2], found[1], self.vocab_size,
+                                                      self.tokenizer.vocab_size, self.rank == 0)
+        return (None, found[1]) if c.finetune else (found, None)
+
+    def _find(self, directory: str, flag: str):
+        try:
+            return ckpt.find_checkpoint(directory, self.cfg.ckpt.ckpt_fallback)
+        except ckpt.CheckpointError as exc:
+            fail(str(exc) if flag == "--load" else f"{flag}: {exc}")
+
     def _common_state(self) -> dict:
         return {"consumed_samples": self.consumed_samples, "data_tokens": self.data_tokens,
                 "positions": self.positions, "phase": self.phase(self.iteration),

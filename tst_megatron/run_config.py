@@ -166,6 +166,9 @@ class CheckpointArgs:
     exit_signal_handler: bool = False
     exit_on_missing_checkpoint: bool = False
     finetune: bool = False
+    # Megatron-LM's requeue-safe fine-tuning: when --load holds no checkpoint, start from this
+    # one's weights as --finetune does; once --load holds one, resume it
+    pretrained_checkpoint: Optional[str] = None
 
 
 @dataclass

@@ -97,37 +97,8 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
                                             par.tensor_model_parallel_size)
         preflight.check_data(cfg, self.tokenizer.vocab_size)
 
-        # Resume target, validated before building anything heavy.
-        self.resume = None  # (iteration, path, meta) of the checkpoint this run continues
-        self.finetuned_from: Optional[str] = None  # --finetune: the checkpoint whose weights the run started from
-        if cfg.ckpt.load:
-            try:
-                found = ckpt.find_checkpoint(cfg.ckpt.load, cfg.ckpt.ckpt_fallback)
-            except ckpt.CheckpointError as exc:
-                fail(str(exc))
-            if found is None:
-                if os.path.isfile(os.path.join(cfg.ckpt.load, ckpt.MARKER)):
-                    fail(f"--load {cfg.ckpt.load}: this is one checkpoint's iteration directory; give the "
-                         f"directory that holds it (--load {os.path.dirname(os.path.abspath(cfg.ckpt.load))}), "
-                         f"whose {ckpt.TRACKER} names the iteration to resume")
-                elif cfg.ckpt.exit_on_missing_checkpoint:
-                    fail(f"--load {cfg.ckpt.load}: no checkpoint there (no {ckpt.TRACKER} and no iter_* "
-                         "directories) and --exit-on-missing-checkpoint is set; stopping before any compute")
-                elif same_dir(cfg.ckpt.load, cfg.ckpt.save):
-                    found = None  # first start of a requeue-friendly job: nothing yet
-                else:
-                    fail(f"--load {cfg.ckpt.load}: the directory holds no checkpoint "
-                         f"(no {ckpt.TRACKER} and no iter_* directories)")
-            if found is not None:
-                preflight.check_resume_compatible(cfg, found[2], found[1])
-                # a fine-tuning run starts its own data stream: only the tokenizer must be the same
-                preflight.check_resume_data(cfg, found[2], found[1], self.rank == 0 and not cfg.ckpt.finetune)
-                self.vocab_size = preflight.resume_vocab_size(cfg, found[2], found[1], self.vocab_size,
-                                                              self.tokenizer.vocab_size, self.rank == 0)
-            if cfg.ckpt.finetune and found is not None:
-                self.finetuned_from = found[1]  # only its weights are taken (below)
-            else:
-                self.resume = found
+        # Resume target (or fine-tuning source), validated before building anything heavy.
+        self.resume, self.finetuned_from = self._start_point()
         save = cfg.ckpt.save
         if save and not (cfg.ckpt.load and same_dir(cfg.ckpt.load, save)) and (
                 os.path.isfile(os.path.join(save, ckpt.TRACKER)) or ckpt.list_checkpoints(save)):

@@ -263,8 +263,19 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     if c.finetune and same_dir(c.load, c.save):
         fail(f"--finetune starts a new run from the weights in --load {c.load}: give it another --save directory "
              "(to continue that fine-tuning run later, --load its --save without --finetune)")
+    if c.pretrained_checkpoint is not None:
+        if c.finetune:
+            fail("give one of --finetune (fine-tune from --load, every start) and --pretrained-checkpoint (fine-tune "
+                 "from it on the first start, resume --load after)")
+        if not os.path.isdir(c.pretrained_checkpoint):
+            fail(f"--pretrained-checkpoint {c.pretrained_checkpoint}: directory does not exist")
+        if same_dir(c.pretrained_checkpoint, c.save):
+            fail(f"--pretrained-checkpoint {c.pretrained_checkpoint}: give the fine-tuning run another --save "
+                 "directory (it would write into the pretrained run's)")
     # --load == --save with no directory yet is the first start of a requeued job: start fresh
-    if c.load is not None and not os.path.isdir(c.load) and not same_dir(c.load, c.save):
+    # (or from --pretrained-checkpoint)
+    if c.load is not None and not os.path.isdir(c.load) and not same_dir(c.load, c.save) \
+            and c.pretrained_checkpoint is None:
         fail(f"--load {c.load}: directory does not exist")
     if cfg.logging.eval_interval is not None and cfg.logging.eval_interval < 1:
         fail(f"--eval-interval must be >= 1 (got {cfg.logging.eval_interval})")
