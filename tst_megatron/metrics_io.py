@@ -8,8 +8,10 @@ Records, told apart by "type":
 - "test" (once, at the end of training, when the --split gives the test split documents):
   `iteration`, `test_lm_loss`, `test_lm_ppl`, `data_tokens`, `elapsed_s`.
 
-`data_tokens` counts tokens consumed so far (a TST step consumes s times more than a baseline
-step); `elapsed_s` is training wall-clock seconds since the run started, carried across resumes
+`data_tokens` counts the input tokens consumed so far: L*s per superposition sample in the full and
+input modes (a TST step consumes s times more than a baseline step), L per sample otherwise. (The
+data stream advances a little further: a window's last bag, or in output mode its s-1 look-ahead
+tokens, serve only as targets.) `elapsed_s` is training wall-clock seconds since the run started, carried across resumes
 in the checkpoint (time lost between a checkpoint and a crash, and time waiting in a queue, do
 not count). Records without "type" (older
 files) are classified by their fields. Having the format in one module keeps writer and readers
