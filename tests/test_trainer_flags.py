@@ -404,6 +404,24 @@ def test_calculate_per_token_loss_weighs_every_position_of_the_global_batch(tmp_
     assert max(rel_gap("mean_of_means")) > 1e-5, rel_gap("mean_of_means")
 
 
+def test_decoupled_lr_resumes_exactly(ws, tmp_path):
+    """A --decoupled-lr run with the distributed optimizer, stopped at 5 and resumed, continues the
+    uninterrupted run exactly: the embedding/output group's LR and state load into that group, not
+    into the default one (megatron-core 0.16.1 would give both the same param-group key)."""
+    kw = dict(LR_CASES["linear_decay_iters_8"], use_distributed_optimizer=True)
+    straight = assert_ok(run_trainer(base_args(ws.data, **kw, metrics_path=str(tmp_path / "straight.jsonl"))))
+    save = str(tmp_path / "ckpt")
+    assert_ok(run_trainer(base_args(ws.data, **kw, save=save, exit_interval=5,
+                                    metrics_path=str(tmp_path / "leg.jsonl"))))
+    resumed = assert_ok(run_trainer(base_args(ws.data, **kw, save=save, load=save,
+                                              metrics_path=str(tmp_path / "leg.jsonl"))))
+    assert "resumed from" in resumed.stdout and "iter_0000005" in resumed.stdout
+    a, b = train_records(straight.records), train_records(resumed.records)  # b: both legs' records
+    assert sorted(b) == sorted(a) == list(range(1, kw["train_iters"] + 1))
+    for it in b:
+        assert [b[it][k] for k in ("loss", "lr", "decoupled_lr")] == [a[it][k] for k in ("loss", "lr", "decoupled_lr")], it
+
+
 # ------------------------------------------------------------------------------ checkpoint loading flags
 def test_no_load_optim_and_no_load_rng(ws):
     """From the iteration-3 checkpoint (dropout on): --no-load-optim keeps weights, RNG and the LR

@@ -152,7 +152,7 @@ def wrap_ddp(chunks, tconfig, par: ParallelArgs):
 
 
 def build_optimizer(chunks, o: OptimArgs, par: ParallelArgs):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
 
     config = OptimizerConfig(
         optimizer="adam",
@@ -176,7 +176,14 @@ def build_optimizer(chunks, o: OptimArgs, par: ParallelArgs):
         use_distributed_optimizer=par.use_distributed_optimizer,
         overlap_param_gather=par.overlap_param_gather,  # megatron reads the DDP value through both
     )
-    return get_megatron_optimizer(config, chunks)
+    overrides = get_standard_config_overrides(config)  # what megatron uses by default...
+    for override in overrides.values():
+        if "max_lr" in override:
+            # ...except that 0.16.1 leaves the --decoupled-lr group's is_decoupled_lr False, so the
+            # embedding/output group and the default one share megatron's param-group key and a
+            # checkpoint's groups load into the wrong ones: mark it, as the key expects
+            override["is_decoupled_lr"] = True
+    return get_megatron_optimizer(config, chunks, config_overrides=overrides)
 
 
 def schedule_steps(o: OptimArgs) -> dict:

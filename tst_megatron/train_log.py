@@ -105,12 +105,9 @@ class TrainLog:
         """(lr, decoupled lr or None): megatron's default-schedule param group, and the group its
         --decoupled-lr override made for the embedding and output layer."""
         lr = decoupled = None
-        for group in self.optimizer.param_groups:
-            if not group["params"]:
-                continue
-            if group.get("default_config", True):
+        for group in self.optimizer.param_groups:  # the scheduler sets every group, empty or not
+            if group.get("is_decoupled_lr"):
+                decoupled = group["lr"] if decoupled is None else decoupled
+            elif group.get("default_config", True):
                 lr = group["lr"] if lr is None else lr
-            elif decoupled is None and self.cfg.optim.decoupled_lr is not None \
-                    and group.get("max_lr") == self.cfg.optim.decoupled_lr:
-                decoupled = group["lr"]
         return (self.optimizer.param_groups[0]["lr"] if lr is None else lr), decoupled
