@@ -90,7 +90,9 @@ def test_fp16_resume_with_distributed_optimizer_is_exact(data, tmp_path):
                                    nproc=2), "resumed")
     a, b = train_records(straight.records), train_records(second.records)
     assert sorted(b) == list(range(7, ITERS + 1)), sorted(b)
-    assert any(a[n]["skipped_iterations"] for n in a) and a[6]["loss_scale"] != a[ITERS]["loss_scale"]
+    # the checkpoint at 6 was written before the first update (every step so far overflowed: the
+    # distributed optimizer then has no Adam state yet), and the scale still moves after it
+    assert all(a[n]["skipped_iterations"] for n in range(1, 7)) and a[6]["loss_scale"] != a[ITERS]["loss_scale"]
     for n in range(7, ITERS + 1):
         assert (b[n]["loss"], b[n]["loss_scale"], b[n]["lr"]) == (a[n]["loss"], a[n]["loss_scale"], a[n]["lr"]), n
 

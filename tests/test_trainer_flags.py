@@ -254,6 +254,8 @@ def test_moe_flags_reach_the_model(ws):
     (2, ["--expert-model-parallel-size", "2", "--num-experts", "3"],
      "--num-experts (3) must be divisible by --expert-model-parallel-size (2)"),
     (1, ["--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+    (2, ["--fp16", "--num-experts", "4", "--expert-model-parallel-size", "2", "--global-batch-size", "8"],
+     "--fp16 with --expert-model-parallel-size > 1 is not supported"),
     (2, ["--global-batch-size", "4"], "--global-batch-size (4) must be divisible by --micro-batch-size (4) x "
                                       "data-parallel size (2)"),
 ])

@@ -392,23 +392,21 @@ def optimizer_parts(optimizer) -> int:
 
 
 def _materialize_fresh_adam_state(optimizer) -> None:
-    """Give a torch Adam that has not stepped yet the state its first step would create.
+    """Give an Adam that has not stepped yet the state its first step would create.
 
     megatron 0.16.1's distributed optimizer reads the one `step` shared by all Adam states when it
     saves (torch Adam, no Apex/TE); before the first update -- an fp16 run whose every step so far
-    overflowed -- there is none and it asserts. `step` 0 with zero moments is exactly what torch
-    Adam initialises on its first step, so this changes nothing but makes the save possible."""
+    overflowed -- there is none and it asserts. Zero moments (megatron's own `init_state_fn`, for
+    any Adam) and, for torch Adam, `step` 0 are exactly what the first step initialises, so this
+    changes nothing but makes the save possible."""
     for opt in _inner_optimizers(optimizer):
-        inner = getattr(opt, "optimizer", None)
-        if not isinstance(inner, torch.optim.Adam) and not isinstance(inner, torch.optim.AdamW):
+        inner, init = getattr(opt, "optimizer", None), getattr(opt, "init_state_fn", None)
+        if inner is None or init is None or any(len(st) for st in inner.state.values()):
             continue
-        if inner.state or any(g.get("amsgrad") for g in inner.param_groups):
-            continue
-        for group in inner.param_groups:
-            for p in group["params"]:
-                if p.numel():
-                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                      "exp_avg_sq": torch.zeros_like(p)}
+        init(inner, opt.config)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):  # torch Adam keeps `step` per parameter
+            for st in inner.state.values():
+                st.setdefault("step", torch.tensor(0.0))
 
 
 def _init_distributed_optimizer_state(optimizer) -> None:

@@ -7,6 +7,7 @@ uses the trainer's model, optimizer, scheduler, datasets and progress counters.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from typing import Optional
@@ -22,7 +23,8 @@ class RunCheckpoints:
         or the path of the one whose weights it starts from (--finetune; --pretrained-checkpoint
         when --load holds none). Both checked against this run's flags; may set self.vocab_size to
         the checkpoint's padded vocabulary."""
-        c = self.cfg.ckpt
+        cfg = check_cfg = self.cfg  # check_cfg: the flags the checks see
+        c = cfg.ckpt
         found = None
         if c.load and (os.path.isdir(c.load) or c.pretrained_checkpoint is None):
             found = self._find(c.load, "--load")
@@ -47,20 +49,21 @@ class RunCheckpoints:
                         if os.path.isfile(os.path.join(c.pretrained_checkpoint, ckpt.MARKER)) else "")
                 fail(f"--pretrained-checkpoint {c.pretrained_checkpoint}: the directory holds no checkpoint (no "
                      f"{ckpt.TRACKER} and no iter_* directories){hint}")
-            c.finetune = True  # as Megatron-LM does: its weights start a new run (the checks below relax)
+            # as Megatron-LM does: its weights start a new run (the checks below relax as for --finetune)
+            check_cfg = dataclasses.replace(cfg, ckpt=dataclasses.replace(c, finetune=True))
             if self.rank == 0:
                 print(f"> no checkpoint in --load {c.load}: fine-tuning from --pretrained-checkpoint "
                       f"{c.pretrained_checkpoint}" if c.load else
                       f"> fine-tuning from --pretrained-checkpoint {c.pretrained_checkpoint}", flush=True)
         if found is None:
             return None, None
-        cfg = self.cfg
-        preflight.check_resume_compatible(cfg, found[2], found[1])
+        finetune = check_cfg.ckpt.finetune
+        preflight.check_resume_compatible(check_cfg, found[2], found[1])
         # a fine-tuning run starts its own data stream: only the tokenizer must be the same
-        preflight.check_resume_data(cfg, found[2], found[1], self.rank == 0 and not c.finetune)
-        self.vocab_size = preflight.resume_vocab_size(cfg, found[2], found[1], self.vocab_size,
+        preflight.check_resume_data(check_cfg, found[2], found[1], self.rank == 0 and not finetune)
+        self.vocab_size = preflight.resume_vocab_size(check_cfg, found[2], found[1], self.vocab_size,
                                                       self.tokenizer.vocab_size, self.rank == 0)
-        return (None, found[1]) if c.finetune else (found, None)
+        return (None, found[1]) if finetune else (found, None)
 
     def _find(self, directory: str, flag: str):
         try:

@@ -102,8 +102,11 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
         save = cfg.ckpt.save
         if save and not (cfg.ckpt.load and same_dir(cfg.ckpt.load, save)) and (
                 os.path.isfile(os.path.join(save, ckpt.TRACKER)) or ckpt.list_checkpoints(save)):
+            how = (" (without --finetune)" if cfg.ckpt.finetune else
+                   " (--pretrained-checkpoint is used only while --load holds no checkpoint)"
+                   if cfg.ckpt.pretrained_checkpoint else "")
             fail(f"--save {save}: the directory already holds checkpoints of a run; resume it with --load "
-                 f"{save}{' (without --finetune)' if cfg.ckpt.finetune else ''}, or choose a new --save directory "
+                 f"{save}{how}, or choose a new --save directory "
                  "(this run would mix its checkpoints with those and replace their tracker)")
 
         # Model, DDP, optimizer, LR schedule: all megatron-core.

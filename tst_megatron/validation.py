@@ -169,6 +169,12 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         for name, value in (("--loss-scale-window", o.loss_scale_window), ("--hysteresis", o.hysteresis)):
             if value < 1:
                 fail(f"{name} must be >= 1 (got {value})")
+        if cfg.parallel.expert_model_parallel_size > 1:
+            # megatron-core 0.16.1 chains a dense and an expert optimizer here, each with its own loss
+            # scaler: an overflow in one part alone desynchronises them, and the loss is scaled by the
+            # first while the experts' gradients are unscaled by the second
+            fail("--fp16 with --expert-model-parallel-size > 1 is not supported (two loss scalers that drift "
+                 "apart); use --bf16, or --expert-model-parallel-size 1")
     if o.decoupled_min_lr is not None and o.decoupled_lr is None:
         fail("--decoupled-min-lr needs --decoupled-lr (the embedding/output layer's peak LR)")
     if o.decoupled_lr is not None:
