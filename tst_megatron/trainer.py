@@ -241,7 +241,7 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
         dist.all_reduce(value)
         out = value.tolist()
         if self.cfg.optim.calculate_per_token_loss:
-            out[0] = out[0] / out[3] if out[3] > 0 else float("nan")
+            out[0] = out[0] / out[3] if out[3] > 0 else 0.0  # nothing trained: 0, as the masked mean gives
         return out
 
     def _check_fed(self, tokens: int, labels: int) -> None:
