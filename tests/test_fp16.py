@@ -7,6 +7,7 @@ iteration and the data still move on, as in Megatron-LM); the fp16 model compute
 model's loss; a resumed run (scaler state in the checkpoint) continues exactly; a fixed scale
 that overflows stops the run with a message instead of skipping forever.
 """
+import importlib.util
 import math
 import os
 
@@ -54,7 +55,9 @@ def _cosine(step, total, peak, low=0.0):
 
 
 def test_fp16_loss_scaler_skips_and_recovers(data, tmp_path):
-    runs = {"fp16": _args(data, str(tmp_path), "fp16", **SCALER), "fp32": _args(data, str(tmp_path), "fp32")}
+    tb = str(tmp_path / "tb")
+    runs = {"fp16": _args(data, str(tmp_path), "fp16", tensorboard_dir=tb, **SCALER),
+            "fp32": _args(data, str(tmp_path), "fp32")}
     res = {name: assert_ok(run_trainer(args), name) for name, args in runs.items()}
     tr = train_records(res["fp16"].records)
     assert sorted(tr) == list(range(1, ITERS + 1))
@@ -75,6 +78,12 @@ def test_fp16_loss_scaler_skips_and_recovers(data, tmp_path):
     assert tr[ITERS]["loss"] < tr[1]["loss"] - 0.1  # and it learns
     assert "loss scale:" in res["fp16"].stdout and "number of skipped iterations:" in res["fp16"].stdout
     assert "loss scale" not in res["fp32"].stdout
+    if importlib.util.find_spec("tensorboard"):  # what the accepted --log-loss-scale-to-tensorboard asks for
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(tb)
+        acc.Reload()
+        assert {e.step: e.value for e in acc.Scalars("train/loss_scale")} == {n: tr[n]["loss_scale"] for n in tr}
 
 
 def test_fp16_resume_with_distributed_optimizer_is_exact(data, tmp_path):

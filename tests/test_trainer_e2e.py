@@ -18,8 +18,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::U
 
 from trainer_utils import (BAG, DISTOPT_FLAGS, GBS, MOE_FLAGS, PLAIN_FLAGS, SEQ, SUP_ITERS, TRAIN_ITERS, assert_ok, base_args,
                            chain_args, chain_first_leg, checkpoint_model_tensors, copy_checkpoint, distopt_run,
-                           eval_records, moe_run, plain_args, reference_runs, rel_diff, run_record, tail, train_records,
-                           workspace)
+                           eval_records, moe_run, plain_args, reference_runs, rel_diff, run_record, tail, tp2_run,
+                           train_records, workspace)
 
 
 @pytest.fixture(scope="session")
@@ -98,8 +98,7 @@ def test_tp2_through_switch_then_resume_at_tp1(ws):
     """TP=2 on 2 ranks through the switch; its iteration-6 (recovery) and iteration-3
     (superposition) checkpoints resume at TP=1 with the same next-iteration loss (fp32 tolerance)
     and the same continuation, through the switch for the second."""
-    tp2 = ws.run("tp2", base_args(ws.data, tensor_model_parallel_size=2, save=ws.path("tp2"), save_interval=3),
-                 nproc=2)
+    tp2 = tp2_run(ws)
     tr, ev = check_tst_run(tp2, layout="TP=2 PP=1 EP=1 DP=1")
     check_learned(ev)
     # checkpoints: Megatron layout, atomic (no leftovers), tracker on the last one
@@ -139,8 +138,7 @@ def test_sequence_parallel_matches_tp2_and_bf16_trains(ws):
     """--sequence-parallel (TP=2, 2 ranks) gives the TP=2 run's losses through the switch (fp32:
     only the reduction order differs); --bf16 trains through the switch with bf16 weights in its
     checkpoint and losses close to, but not equal to, the fp32 run's."""
-    tp2 = ws.run("tp2", base_args(ws.data, tensor_model_parallel_size=2, save=ws.path("tp2"), save_interval=3),
-                 nproc=2)
+    tp2 = tp2_run(ws)
     sp = ws.run("tp2_sp", base_args(ws.data, tensor_model_parallel_size=2, sequence_parallel=True,
                                     metrics_path=ws.path("tp2_sp.jsonl")), nproc=2)
     tr, _ = check_tst_run(tp2)

@@ -14,7 +14,7 @@ import pytest
 
 from trainer_utils import (DISTOPT_FLAGS, PLAIN_FLAGS, TRAIN_ITERS, assert_ok, base_args, chain_args, checkpoint_at_3,
                            checkpoint_model_tensors, distopt_run, eval_records, make_data, moe_run, numel, plain_args,
-                           reference_runs, run_record, run_trainer, tail, train_records, workspace)
+                           reference_runs, run_record, run_trainer, tail, tp2_run, train_records, workspace)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
@@ -464,12 +464,17 @@ def test_tensorboard_and_data_cache_flags(ws):
     data_dir = os.path.dirname(ws.data)
     before = set(os.listdir(data_dir))
     res = assert_ok(ws.run("tb_cache", base_args(ws.data, tensorboard_dir=tb, data_cache_path=cache,
-                                                 metrics_path=ws.path("tb_cache.jsonl"))))
+                                                 metrics_path=ws.path("tb_cache.jsonl"), log_memory_to_tensorboard=True)))
     tr, ev = train_records(res.records), eval_records(res.records)
     acc = EventAccumulator(tb)
     acc.Reload()
     tags = acc.Tags()["scalars"]
     assert "train/loss" in tags and "eval/val_lm_loss" in tags and "eval/val_mce_loss" in tags, tags
+    # what the accepted --log-validation-ppl-/--log-world-size-to-tensorboard ask for, and the memory
+    # --log-memory-to-tensorboard adds (CPU: the peak resident set, in bytes)
+    assert "eval/val_lm_ppl" in tags and "train/world_size" in tags, tags
+    rss = {e.step: e.value for e in acc.Scalars("train/max_rss_bytes")}
+    assert sorted(rss) == sorted(tr) and all(v > 50e6 for v in rss.values()), rss
     loss = {e.step: e.value for e in acc.Scalars("train/loss")}
     assert sorted(loss) == sorted(tr)
     assert all(loss[i] == pytest.approx(tr[i]["loss"], rel=1e-6) for i in tr)
@@ -480,6 +485,29 @@ def test_tensorboard_and_data_cache_flags(ws):
     assert any(f.endswith("document_index.npy") for f in cached), cached
     assert any(f.endswith("shuffle_index.npy") for f in cached), cached
     assert set(os.listdir(data_dir)) == before, "index caches written next to the data"
+
+
+@pytest.mark.parametrize("layout", ["tp2", "distopt_dp2", "moe_ep2"])
+def test_log_params_norm_is_the_norm_of_the_saved_weights(ws, tmp_path, layout):
+    """--log-params-norm at the last iteration equals the L2 norm of the model tensors in that
+    iteration's checkpoint, read with torch's own DCP converter (every tensor once: TP shards joined,
+    a tied embedding stored once, all experts), whatever the layout the run was sharded in;
+    --log-num-zeros-in-grad logs megatron's count."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    res, save = {"tp2": (tp2_run, "tp2"), "distopt_dp2": (distopt_run, "distopt"),
+                 "moe_ep2": (lambda w: moe_run(w, "allgather"), "moe_allgather")}[layout]
+    res = assert_ok(res(ws), layout)
+    last = train_records(res.records)[TRAIN_ITERS]
+    dcp_to_torch_save(os.path.join(ws.path(save), f"iter_{TRAIN_ITERS:07d}"), str(tmp_path / "full.pt"))
+    sd = torch.load(str(tmp_path / "full.pt"), weights_only=False)
+    tensors = [v for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point() and "optimizer" not in k]
+    assert tensors
+    norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
+    assert last["params_norm"] == pytest.approx(norm, rel=1e-9), (last["params_norm"], norm)
+    assert isinstance(last["num_zeros_in_grad"], int) and last["num_zeros_in_grad"] >= 0
+    assert "params norm:" in res.stdout and "number of zeros in grad:" in res.stdout
 
 
 def test_log_interval_records_never_mix_the_phases(ws):

@@ -276,6 +276,12 @@ def workspace(tmp_path_factory) -> Workspace:
 # --------------------------------------------------------------------------- shared scenarios
 # Runs needed by tests in both files are defined once here, under fixed names, so that a session
 # launches each of them once whatever the test selection.
+def tp2_run(ws: Workspace) -> RunResult:
+    """TP=2 over 2 ranks; saves every 3 iterations to `tp2/`."""
+    return ws.run("tp2", base_args(ws.data, tensor_model_parallel_size=2, save=ws.path("tp2"), save_interval=3,
+                                   **LOG_FLAGS), nproc=2)
+
+
 def chain_args(ws: Workspace, **overrides) -> List[str]:
     """The determinism / resume configuration: TST switch at 4, cosine LR with warmup, and dropout
     (hidden and attention), so that the RNG state has to be saved and restored for exact resumes."""
@@ -305,14 +311,16 @@ def checkpoint_at_3(ws: Workspace) -> str:
 
 
 MOE_FLAGS = dict(num_experts=4, moe_router_topk=2, expert_model_parallel_size=2, disable_bias_linear=True)
+# logging-only flags carried by the shared multi-rank runs that save (test_trainer_flags checks them)
+LOG_FLAGS = dict(log_params_norm=True, log_num_zeros_in_grad=True)
 
 
 def moe_run(ws: Workspace, dispatcher: str) -> RunResult:
     """Tiny MoE (4 experts, top-2, EP=2 over 2 ranks); the allgather run saves at 6 and 12."""
     extra = {"save": ws.path("moe_allgather"), "save_interval": 6} if dispatcher == "allgather" else \
         {"metrics_path": ws.path(f"moe_{dispatcher}.jsonl")}
-    return ws.run(f"moe_{dispatcher}", base_args(ws.data, moe_token_dispatcher_type=dispatcher, **MOE_FLAGS, **extra),
-                  nproc=2)
+    return ws.run(f"moe_{dispatcher}", base_args(ws.data, moe_token_dispatcher_type=dispatcher, **MOE_FLAGS, **extra,
+                                                 **LOG_FLAGS), nproc=2)
 
 
 DISTOPT_FLAGS = dict(use_distributed_optimizer=True, lr_decay_style="WSD", lr_warmup_iters=2, lr_wsd_decay_iters=4)
@@ -320,7 +328,8 @@ DISTOPT_FLAGS = dict(use_distributed_optimizer=True, lr_decay_style="WSD", lr_wa
 
 def distopt_run(ws: Workspace) -> RunResult:
     """DP=2 with the distributed optimizer and a WSD schedule; saves at 6 and 12 to `distopt/`."""
-    return ws.run("distopt", base_args(ws.data, save=ws.path("distopt"), save_interval=6, **DISTOPT_FLAGS), nproc=2)
+    return ws.run("distopt", base_args(ws.data, save=ws.path("distopt"), save_interval=6, **DISTOPT_FLAGS, **LOG_FLAGS),
+                  nproc=2)
 
 
 # A plain run (no TST flags) with a constant LR after warmup: the TST-off test compares it with

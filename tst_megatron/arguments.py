@@ -245,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--wandb-project", default=None, help="log to Weights & Biases (needs wandb)")
     lg.add_argument("--wandb-exp-name", default=None, help="W&B run name; default --run-name")
     lg.add_argument("--run-name", default=None, help="label of the run in logs and metrics")
+    lg.add_argument("--log-params-norm", action="store_true",
+                    help="log the L2 norm of all parameters (over every model-parallel shard, shared ones once)")
+    lg.add_argument("--log-num-zeros-in-grad", action="store_true", help="log the number of zero gradient entries")
+    lg.add_argument("--log-memory-to-tensorboard", action="store_true",
+                    help="memory in the metrics/TensorBoard: CUDA allocated and reserved bytes on GPU, the "
+                         "process's peak resident memory on CPU")
     lg.add_argument("--skip-nonfinite-steps", type=int, default=0,
                     help="skip up to N steps with a NaN/Inf loss or grad norm instead of stopping")
     # test hooks: make 0-based iteration(s) N [M ...] non-finite -- "loss": NaN loss and gradients (what bad

@@ -165,6 +165,7 @@ def build_optimizer(chunks, o: OptimArgs, par: ParallelArgs):
         adam_beta2=o.adam_beta2,
         adam_eps=o.adam_eps,
         clip_grad=o.clip_grad,
+        log_num_zeros_in_grad=o.log_num_zeros_in_grad,
         bf16=o.bf16,
         fp16=o.fp16,
         loss_scale=o.loss_scale,

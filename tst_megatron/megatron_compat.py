@@ -27,6 +27,10 @@ SATISFIED = {
     "--log-throughput": "tokens/s and TFLOP/s per device are always logged",
     "--no-create-attention-mask-in-dataloader": "no attention mask is built (the kernels are causal)",
     "--use-dist-ckpt": "torch_dist (dist_checkpointing) is the checkpoint format",
+    "--log-validation-ppl-to-tensorboard": "validation perplexity (eval/val_lm_ppl) is always a TensorBoard scalar",
+    "--log-world-size-to-tensorboard": "the world size (train/world_size) is always a TensorBoard scalar",
+    "--log-loss-scale-to-tensorboard": "the loss scale (train/loss_scale) is a TensorBoard scalar whenever there "
+                                       "is one (--fp16)",
 }
 
 

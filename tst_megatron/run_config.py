@@ -101,6 +101,7 @@ class OptimArgs:
     # Megatron-LM's per-token normalisation: the loss of a step is the mean over every trained
     # position of the global batch (not the mean of per-micro-batch means)
     calculate_per_token_loss: bool = False
+    log_num_zeros_in_grad: bool = False  # megatron's optimizer counts them (a logging flag in Megatron-LM)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
@@ -185,6 +186,8 @@ class LoggingArgs:
     inject_nonfinite_at: Optional[List[int]] = None
     inject_nonfinite_kind: str = "loss"
     print_model_size: bool = False
+    log_params_norm: bool = False
+    log_memory_to_tensorboard: bool = False
     profile: bool = False
     use_pytorch_profiler: bool = False
     profile_step_start: int = 10

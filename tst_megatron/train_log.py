@@ -15,6 +15,24 @@ from .metrics import IntervalStats, RunLogger, format_duration
 from .metrics_io import truncate_metrics
 
 
+# log-line labels of the optional record fields (Megatron-LM's wording)
+_LABELS = {"params_norm": "params norm", "num_zeros_in_grad": "number of zeros in grad"}
+
+
+def memory_stats(device) -> dict:
+    """--log-memory-to-tensorboard: this rank's memory, in bytes. On CUDA what Megatron-LM logs
+    (allocated, peak allocated, reserved); on CPU the process's peak resident set size."""
+    import torch
+
+    if device.type == "cuda":
+        return {"mem_allocated_bytes": torch.cuda.memory_allocated(device),
+                "mem_max_allocated_bytes": torch.cuda.max_memory_allocated(device),
+                "mem_reserved_bytes": torch.cuda.memory_reserved(device)}
+    import resource
+
+    return {"max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
+
+
 class TrainLog:
     def _setup_logger(self) -> None:
         cfg = self.cfg
@@ -68,6 +86,14 @@ class TrainLog:
         self._train_time += dt
         loss, grad_norm = interval.mean_loss(), interval.mean_grad_norm()
         lr, decoupled_lr = self._learning_rates()
+        lg = self.cfg.logging
+        extra = {}  # the optional fields, in the log line and the record alike
+        if lg.log_params_norm:
+            extra["params_norm"] = self._params_norm()
+        if o.log_num_zeros_in_grad and getattr(self, "num_zeros_in_grad", None) is not None:
+            extra["num_zeros_in_grad"] = int(self.num_zeros_in_grad)  # the interval's last step, as Megatron-LM
+        if lg.log_memory_to_tensorboard:
+            extra.update(memory_stats(self.device))
         tok_s = interval.tokens / dt
         pos_s = interval.positions / dt
         tflops = pos_s * self.flops_per_position / self.world / 1e12
@@ -86,7 +112,9 @@ class TrainLog:
             + (f" loss scale: {self._loss_scale():.1f} | number of skipped iterations: {interval.overflow_skips:3d} |"
                if o.fp16 else "")
             + f" grad norm: {grad_norm:.3f} |"
-            f" data tokens: {self.data_tokens} | positions: {self.positions} |"
+            + "".join(f" {_LABELS.get(k, k)}: {v:.3f} |" if isinstance(v, float) else f" {_LABELS.get(k, k)}: {v} |"
+                      for k, v in extra.items())
+            + f" data tokens: {self.data_tokens} | positions: {self.positions} |"
             f" tokens/s: {tok_s:.0f} (positions/s: {pos_s:.0f}) | TFLOP/s/device: {tflops:.4f} |"
             f" elapsed: {format_duration(elapsed)} | ETA: {format_duration(eta)}")
         self.log.record({"type": "train", "iteration": self.iteration, "phase": phase, "loss": loss,
@@ -96,7 +124,32 @@ class TrainLog:
                          "elapsed_s": elapsed, "consumed_samples": self.consumed_samples,
                          **({"decoupled_lr": decoupled_lr} if decoupled_lr is not None else {}),
                          **({"loss_scale": self._loss_scale(), "skipped_iterations": interval.overflow_skips}
-                            if o.fp16 else {})})
+                            if o.fp16 else {}), **extra})
+
+    def _params_norm(self) -> float:
+        """L2 norm of all parameters, as Megatron-LM's --log-params-norm counts them: each tensor-
+        parallel shard once (a TP-replicated parameter, e.g. a norm weight, from TP rank 0 only),
+        the second copy of a tied embedding not again; dense parameters summed over the model-
+        parallel group (TP x PP), expert parameters over theirs (expert TP x EP x PP). Collective:
+        every rank calls it at the same iteration."""
+        import torch
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+        from megatron.core.transformer.module import param_is_not_shared
+
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # dense, expert
+        with self._parameters_gathered():
+            for chunk in self.model:
+                for p in chunk.parameters():
+                    if not param_is_not_tensor_parallel_duplicate(p):
+                        continue
+                    expert = not getattr(p, "allreduce", True)
+                    if expert or param_is_not_shared(p):
+                        sums[int(expert)] += torch.linalg.vector_norm(p.detach(), dtype=torch.float64) ** 2
+        dist.all_reduce(sums[0:1], group=ps.get_model_parallel_group())
+        dist.all_reduce(sums[1:2], group=ps.get_expert_tensor_model_pipeline_parallel_group())
+        return float(sums.sum().sqrt())
 
     def _loss_scale(self) -> float:
         return float(self.optimizer.get_loss_scale())

@@ -296,7 +296,8 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
         if nonfinite:
             return {"loss": loss, "grad_norm": float("nan"), "skipped": True, "nonfinite": nonfinite}
         scale = self._loss_scale() if self.cfg.optim.fp16 else None
-        ok, grad_norm, _ = self.optimizer.step()
+        ok, grad_norm, num_zeros = self.optimizer.step()
+        self.num_zeros_in_grad = num_zeros  # None unless --log-num-zeros-in-grad (megatron counts them)
         if not ok:  # fp16: the scaled gradients overflowed; no update, the scaler lowers its scale...
             o = self.cfg.optim
             stuck = o.loss_scale is not None or scale <= o.min_loss_scale
