@@ -4,11 +4,14 @@ checkpoints), Megatron-LM's flags.
 A plain baseline run A saves its final weights; run B fine-tunes from them with TST (s=4) and the
 same schedule flags. B's validation before its first step is A's final validation (same weights,
 same validation samples); B's iterations, LR schedule and data stream are those of a fresh run C
-with B's flags, from iteration 1; only the losses differ (other starting weights).
+with B's flags, from iteration 1; only the losses differ (other starting weights). On the same A:
+--skip-train evaluates A's weights and trains nothing; --pretrained-checkpoint started twice (a
+requeued job) is B exactly.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 
@@ -46,6 +49,15 @@ def test_finetune_starts_a_new_run_from_the_weights(tmp_path):
                                            override_checkpoint_args=True)))
     assert f"resumed from {b_save}/iter_{TRAIN_ITERS:07d}" in more.stdout
     assert ckpt.read_meta(str(b_save / f"iter_{TRAIN_ITERS + 2:07d}"))["finetuned_from"] == meta["finetuned_from"]
+
+    # --skip-train (Megatron-LM's evaluation-only run) on A's final checkpoint: A's final validation
+    # loss again (same weights, same validation samples), no training step, nothing written to A
+    before = sorted(os.listdir(a_save))
+    ev = assert_ok(run_trainer(base_args(prefix, tst=False, load=a_save, skip_train=True,
+                                         metrics_path=tmp_path / "eval_only.jsonl")), "--skip-train")
+    assert eval_records(ev.records)[TRAIN_ITERS]["val_lm_loss"] == eval_records(a.records)[TRAIN_ITERS]["val_lm_loss"]
+    assert not train_records(ev.records) and sorted(os.listdir(a_save)) == before
+    assert f"> --skip-train: evaluated the weights of iteration {TRAIN_ITERS} ({a_save}/iter_{TRAIN_ITERS:07d})" in ev.stdout
 
     # --pretrained-checkpoint, the requeue-safe form: the same job command twice (--load = --save);
     # the first start fine-tunes from A and is stopped at 3, the second resumes its own checkpoint.

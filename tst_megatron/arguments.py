@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--wandb-project", default=None, help="log to Weights & Biases (needs wandb)")
     lg.add_argument("--wandb-exp-name", default=None, help="W&B run name; default --run-name")
     lg.add_argument("--run-name", default=None, help="label of the run in logs and metrics")
+    lg.add_argument("--skip-train", action="store_true",
+                    help="no training: evaluate the --load checkpoint's weights on the validation and test splits, "
+                         "then exit (nothing is saved)")
     lg.add_argument("--log-params-norm", action="store_true",
                     help="log the L2 norm of all parameters (over every model-parallel shard, shared ones once)")
     lg.add_argument("--log-num-zeros-in-grad", action="store_true", help="log the number of zero gradient entries")

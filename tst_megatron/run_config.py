@@ -187,6 +187,7 @@ class LoggingArgs:
     inject_nonfinite_kind: str = "loss"
     print_model_size: bool = False
     log_params_norm: bool = False
+    skip_train: bool = False  # Megatron-LM's evaluation-only run
     log_memory_to_tensorboard: bool = False
     profile: bool = False
     use_pytorch_profiler: bool = False

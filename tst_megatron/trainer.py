@@ -345,6 +345,13 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
         lg = self.cfg.logging
         self.timer = Stopwatch()
         self._train_time = 0.0
+        if lg.skip_train:  # Megatron-LM's evaluation-only run: no step, no checkpoint
+            self.evaluate_now(final=True)
+            self.log.print(f"> --skip-train: evaluated the weights of iteration {self.iteration}"
+                           f"{' (' + self.last_checkpoint + ')' if self.last_checkpoint else ' (no --load: initial weights)'}"
+                           "; nothing trained or saved")
+            self.log.close()
+            return 0
         if self.iteration == 0:
             self.evaluate_now()
         profiler = StepProfiler(lg.profile and self.rank in lg.profile_ranks, lg.use_pytorch_profiler,
