@@ -72,7 +72,7 @@ def make_data(prefix: str, num_docs: int = 400, seed: int = 0, doc_lengths=(50, 
 def base_args(data_prefix: str, tst: bool = True, **overrides) -> List[str]:
     """The tiny e2e configuration: 2 layers, hidden 64, L=32, global batch 8, 12 iterations,
     validation every 4, a TST switch at iteration 4 with s=4. `overrides` replace or add flags
-    (key `lr_decay_style="WSD"` -> `--lr-decay-style WSD`; value True -> bare flag)."""
+    (key `lr_decay_style="WSD"` -> `--lr-decay-style WSD`; value True -> bare flag; a list -> its values)."""
     flags = {
         "data-path": data_prefix, "tokenizer-type": "NullTokenizer", "vocab-size": 256,
         "num-layers": 2, "hidden-size": 64, "num-attention-heads": 4, "seq-length": SEQ,
@@ -88,7 +88,9 @@ def base_args(data_prefix: str, tst: bool = True, **overrides) -> List[str]:
         if value is None or value is False:
             continue
         args.append("--" + key)
-        if value is not True:
+        if isinstance(value, (list, tuple)):  # a flag of several values (e.g. --rampup-batch-size)
+            args += [str(v) for v in value]
+        elif value is not True:
             args.append(str(value))
     return args
 

@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("batch and optimisation")
     o.add_argument("--micro-batch-size", type=int, default=4, help="samples per forward/backward on one rank")
     o.add_argument("--global-batch-size", type=int, default=None, help="default micro-batch x data-parallel size")
+    o.add_argument("--rampup-batch-size", type=int, nargs=3, default=None,
+                   metavar=("START", "INCREMENT", "RAMP_SAMPLES"),
+                   help="Megatron-LM's batch-size ramp (with --train-samples): start at a global batch of START, "
+                        "raise it by INCREMENT in equal slices of the first RAMP_SAMPLES samples up to "
+                        "--global-batch-size; the LR schedule then counts samples")
     o.add_argument("--train-iters", type=int, default=None,
                    help="optimizer steps in total, both TST phases included (default 100, or from --train-samples)")
     o.add_argument("--train-samples", type=int, default=None,

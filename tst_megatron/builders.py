@@ -195,8 +195,10 @@ def schedule_steps(o: OptimArgs) -> dict:
     wsd_decay = o.lr_wsd_decay_iters
     if o.train_samples is not None:
         # Megatron-LM counts this schedule in samples, a global batch per step: in steps that is
-        # samples / batch, a fractional count where the batch does not divide it (as in Megatron)
-        per_step = o.global_batch_size
+        # samples / batch, a fractional count where the batch does not divide it (as in Megatron).
+        # Under a batch-size ramp the steps differ in size: the schedule stays in samples and
+        # every step advances it by its own batch (`scheduler_increment`).
+        per_step = samples_per_schedule_step(o)
         warmup = (o.lr_warmup_samples or 0) / per_step
         if o.lr_wsd_decay_samples is not None:
             wsd_decay = o.lr_wsd_decay_samples / per_step
@@ -206,10 +208,21 @@ def schedule_steps(o: OptimArgs) -> dict:
             "wsd_decay": wsd_decay if o.lr_decay_style == "WSD" else None}
 
 
+def samples_per_schedule_step(o: OptimArgs) -> int:
+    """What one unit of the LR schedule is, in samples, for a sample-based run: a global batch
+    (the schedule counts optimizer steps), or 1 under --rampup-batch-size (it counts samples)."""
+    return 1 if o.rampup_batch_size else o.global_batch_size
+
+
+def scheduler_increment(o: OptimArgs, batch: int) -> int:
+    """How far one optimizer step of `batch` samples advances the LR schedule."""
+    return batch if o.rampup_batch_size else 1
+
+
 def _decay_steps(o: OptimArgs) -> float:
     """The decay length as given (before the warmup floor schedule_steps applies)."""
     if o.train_samples is not None:
-        return (o.lr_decay_samples or o.train_samples) / o.global_batch_size
+        return (o.lr_decay_samples or o.train_samples) / samples_per_schedule_step(o)
     return o.lr_decay_iters or o.train_iters
 
 

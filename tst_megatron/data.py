@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -292,7 +292,8 @@ def train_valid_test_num_samples(train_iters: int, global_batch_size: int, eval_
 
 
 def resume_sample_plan(*, iteration: int, consumed_samples: int, superposition_samples: int,
-                       superposition_iters: int, train_iters: int, global_batch_size: int) -> Tuple[int, int]:
+                       superposition_iters: int, train_iters: int, global_batch_size: int,
+                       samples_in: Optional[Callable[[int, int], int]] = None) -> Tuple[int, int]:
     """(superposition samples, train samples) of a run resumed at `iteration`.
 
     The train stream is indexed by consumed samples: superposition samples first, recovery after.
@@ -301,16 +302,24 @@ def resume_sample_plan(*, iteration: int, consumed_samples: int, superposition_s
     samples already consumed in superposition (`superposition_samples`, from the checkpoint) stay
     where they were, and only the steps still ahead use the new batch. A fresh run (iteration 0)
     gets superposition_iters x batch, as before.
+
+    samples_in(consumed, steps): the samples `steps` steps consume from `consumed` on, when the
+    batch is not constant (--rampup-batch-size, `BatchSchedule.samples_in`).
     """
+    if samples_in is None:
+        def samples_in(consumed: int, steps: int) -> int:
+            return steps * global_batch_size
     if superposition_samples < consumed_samples and iteration < superposition_iters:
         raise ValueError(
             f"the checkpoint at iteration {iteration} has already switched to recovery (after "
             f"{superposition_samples} superposition samples), but the run asks for {superposition_iters} "
             "superposition iterations: a run cannot go back to the superposition phase")
-    n_train = consumed_samples + max(0, train_iters - iteration) * global_batch_size
+    n_train = consumed_samples + samples_in(consumed_samples, max(0, train_iters - iteration))
     if superposition_iters == 0:  # TST off (e.g. a TST checkpoint continued as a plain run)
         return 0, n_train
-    return superposition_samples + max(0, superposition_iters - iteration) * global_batch_size, n_train
+    if iteration >= superposition_iters:
+        return superposition_samples, n_train
+    return superposition_samples + samples_in(consumed_samples, superposition_iters - iteration), n_train
 
 
 @dataclass

@@ -24,6 +24,8 @@ class Evaluation:
         steps = total // gbs
         if steps == 0:
             return None
+        # the full global batch, also while --rampup-batch-size makes the training steps smaller
+        micro = gbs // (cfg.optim.micro_batch_size * self.dp_size)
         for chunk in self.model:
             chunk.eval()
         values, weights = [], []
@@ -31,7 +33,7 @@ class Evaluation:
             iterators = [self._build_iterator(dataset, 0, cfg.optim.micro_batch_size, self.dp_rank, self.dp_size,
                                               total_samples=steps * gbs) for _ in self.model]
             for _ in range(steps):
-                loss, _, _, positions = self._reduce_loss(self._forward_backward(iterators, True, self.num_microbatches))
+                loss, _, _, positions = self._reduce_loss(self._forward_backward(iterators, True, micro))
                 values.append(loss)
                 # per-token loss: every trained position of the evaluation weighs the same
                 weights.append(positions if cfg.optim.calculate_per_token_loss else 1.0)

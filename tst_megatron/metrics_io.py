@@ -1,9 +1,11 @@
 """The metrics JSONL format: one JSON object per line, written by the trainer, read by tools.
 
 Records, told apart by "type":
-- "run" (optional, first): `name`, `tst_bag_size`, `superposition_iters`, any other settings;
+- "run" (optional, first): `name`, `tst_bag_size`, `superposition_iters`, `superposition_samples`,
+  any other settings;
 - "train": `iteration`, `phase` ("superposition" | "recovery"), `loss`, `lr`, `grad_norm`,
-  `data_tokens`, `tokens_per_s`, `elapsed_s`;
+  `data_tokens`, `tokens_per_s`, `elapsed_s`, `consumed_samples`, `global_batch_size` (the
+  step's: it grows under --rampup-batch-size);
 - "eval": `iteration`, `val_lm_loss`, `val_mce_loss` (evaluations up to and at the switch), `data_tokens`, `elapsed_s`;
 - "test" (once, at the end of training, when the --split gives the test split documents):
   `iteration`, `test_lm_loss`, `test_lm_ppl`, `data_tokens`, `elapsed_s`.
@@ -123,17 +125,18 @@ class RunMetrics:
     def phase_switch(self) -> Optional[Dict[str, Any]]:
         """Where the run switched to recovery (None for a baseline): iteration, data tokens, time.
 
-        The run record's superposition_iters is exact; data tokens follow from it (s*L tokens per
-        superposition sample) and the time is interpolated between the neighbouring train records.
+        The run record's superposition_iters is exact; data tokens follow from its superposition
+        samples (else iterations x global batch; s*L tokens per superposition sample) and the time is interpolated between the neighbouring train records.
         Without a run record, the first recovery training record after superposition ones.
         """
         iters = self.meta.get("superposition_iters")
         if self.uses_superposition and iters:
             point: Dict[str, Any] = {"iteration": iters}
             gbs, seq, s = (self.meta.get(k) for k in ("global_batch_size", "seq_length", "tst_bag_size"))
-            if gbs and seq and s:
+            samples = self.meta.get("superposition_samples") or (iters * gbs if gbs else None)
+            if samples and seq and s:
                 per_sample = seq * s if self.meta.get("tst_mode", "full") in ("full", "input") else seq
-                point["data_tokens"] = iters * gbs * per_sample
+                point["data_tokens"] = samples * per_sample
             before = [r for r in self.train if r.get("iteration", 0) <= iters and "elapsed_s" in r]
             after = [r for r in self.train if r.get("iteration", 0) > iters and "elapsed_s" in r]
             if before and after:

@@ -27,7 +27,7 @@ _RESUME_KEYS = (
     + [("model", "seq_length"), ("tst", "bag_size"), ("tst", "mode")]
     + [("optim", k) for k in ("train_iters", "lr", "min_lr", "decoupled_lr", "decoupled_min_lr", "lr_decay_style",
                               "lr_warmup_iters", "lr_warmup_fraction", "lr_decay_iters", "lr_wsd_decay_iters",
-                              "lr_wsd_decay_style", "weight_decay")])
+                              "lr_wsd_decay_style", "weight_decay", "rampup_batch_size")])
 
 
 def _split_bounds(split: str):

@@ -79,6 +79,7 @@ class ParallelArgs:
 class OptimArgs:
     micro_batch_size: int = 4
     global_batch_size: Optional[int] = None
+    rampup_batch_size: Optional[List[int]] = None  # Megatron-LM's [start, increment, ramp samples]
     train_iters: int = 100
     lr: float = 1e-3
     min_lr: float = 0.0
@@ -90,8 +91,9 @@ class OptimArgs:
     lr_warmup_fraction: Optional[float] = None
     lr_decay_iters: Optional[int] = None
     lr_wsd_decay_iters: Optional[int] = None
-    # Megatron-LM's sample-based form: --train-samples sets --train-iters (samples // global batch);
-    # the LR schedule then counts samples (build_scheduler divides by the global batch)
+    # Megatron-LM's sample-based form: --train-samples sets --train-iters (samples // global batch,
+    # or batch_schedule's count under --rampup-batch-size); the LR schedule then counts samples
+    # (build_scheduler divides by the global batch, except under a ramp)
     train_samples: Optional[int] = None
     lr_decay_samples: Optional[int] = None
     lr_warmup_samples: Optional[int] = None

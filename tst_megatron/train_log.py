@@ -57,7 +57,12 @@ class TrainLog:
                              "tst_mode": cfg.tst.mode, "superposition_iters": self.num_sup_iters,
                              "train_iters": cfg.optim.train_iters, "global_batch_size": cfg.optim.global_batch_size,
                              "seq_length": cfg.model.seq_length, "parameters": total, "active_parameters": active,
-                             "world_size": self.world})
+                             "world_size": self.world,
+                             # where the superposition samples of the data stream end (exact under
+                             # a batch-size ramp, where iterations x batch is not)
+                             "superposition_samples": self.datasets.num_superposition_samples,
+                             **({"rampup_batch_size": list(cfg.optim.rampup_batch_size)}
+                                if cfg.optim.rampup_batch_size else {})})
         par = cfg.parallel
         self.log.print(
             f"> tst-megatron: world {self.world} (TP={par.tensor_model_parallel_size} "
@@ -107,7 +112,7 @@ class TrainLog:
             f" elapsed time per iteration (ms): {1000 * dt / max(interval.steps, 1):.1f} |"
             f" learning rate: {lr:.6E} |"
             + (f" decoupled learning rate: {decoupled_lr:.6E} |" if decoupled_lr is not None else "")
-            + f" global batch size: {o.global_batch_size:5d} |"
+            + f" global batch size: {self.current_batch:5d} |"
             f" {label}: {loss:.6E} |"
             + (f" loss scale: {self._loss_scale():.1f} | number of skipped iterations: {interval.overflow_skips:3d} |"
                if o.fp16 else "")
@@ -122,6 +127,7 @@ class TrainLog:
                          "data_tokens": self.data_tokens, "positions": self.positions,
                          "tokens_per_s": tok_s, "positions_per_s": pos_s, "tflops_per_device": tflops,
                          "elapsed_s": elapsed, "consumed_samples": self.consumed_samples,
+                         "global_batch_size": self.current_batch,
                          **({"decoupled_lr": decoupled_lr} if decoupled_lr is not None else {}),
                          **({"loss_scale": self._loss_scale(), "skipped_iterations": interval.overflow_skips}
                             if o.fp16 else {}), **extra})

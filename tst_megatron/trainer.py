@@ -19,8 +19,10 @@ import torch.distributed as dist
 from . import checkpointing as ckpt
 from . import preflight
 from .arguments import RunConfig, fail, same_dir, validate
+from .batch_schedule import BatchSchedule
 from .builders import (build_model_chunks, build_optimizer, build_scheduler, count_parameters, flops_per_position,
-                       padded_vocab_size, transformer_config, tst_data_tokens_per_sample, wrap_ddp)
+                       padded_vocab_size, scheduler_increment, transformer_config, tst_data_tokens_per_sample,
+                       wrap_ddp)
 from .cpu import default_device, enable_cpu_support, model_parallel_manual_seed
 from .data import RECOVERY, SUPERPOSITION
 from .distributed import init_distributed
@@ -82,9 +84,11 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
         self.dp_rank = ps.get_data_parallel_rank()
         self.dp_size = ps.get_data_parallel_world_size()
         model_parallel_manual_seed(cfg.optim.seed + 100 * ps.get_pipeline_model_parallel_rank())
-        init_num_microbatches_calculator(self.rank, None, cfg.optim.global_batch_size,
-                                         cfg.optim.micro_batch_size, self.dp_size)
+        o = cfg.optim
+        init_num_microbatches_calculator(self.rank, o.rampup_batch_size, o.global_batch_size,
+                                         o.micro_batch_size, self.dp_size)
         self.num_microbatches = get_num_microbatches()
+        self.batches = BatchSchedule(o.global_batch_size, o.rampup_batch_size, o.micro_batch_size, self.dp_size)
         self.device = default_device()
 
         # Tokenizer and vocabulary (checked against the data before any model is built).
@@ -138,6 +142,11 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
             self._load(self.resume[1])
         elif self.finetuned_from is not None:
             self._load_weights(self.finetuned_from)
+        from megatron.core.num_microbatches_calculator import get_current_global_batch_size, update_num_microbatches
+
+        update_num_microbatches(self.consumed_samples, consistency_check=True)  # a resume mid-ramp
+        self.num_microbatches = get_num_microbatches()
+        self.current_batch = get_current_global_batch_size()
         # Creating a DataLoader iterator draws its base seed from the global torch RNG. Keep that
         # draw out of the training stream (dropout), so that a resumed run continues from exactly
         # the RNG state its checkpoint restored.
@@ -159,7 +168,8 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
             plan = resume_sample_plan(iteration=self.iteration, consumed_samples=self.consumed_samples,
                                       superposition_samples=self.superposition_samples,
                                       superposition_iters=self.num_sup_iters, train_iters=cfg.optim.train_iters,
-                                      global_batch_size=cfg.optim.global_batch_size)
+                                      global_batch_size=cfg.optim.global_batch_size,
+                                      samples_in=self.batches.samples_in)
         except ValueError as exc:
             fail(f"--load {cfg.ckpt.load}: {exc}; keep the checkpoint's --tst-superposition-iters/-ratio")
         try:
@@ -192,6 +202,7 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
                 self.resume[2], self.resume[1], consumed_samples=self.consumed_samples,
                 base_windows=len(self.datasets.train.base),
                 same_batch_and_length=(saved.get("global_batch_size") == cfg.optim.global_batch_size
+                                       and saved.get("rampup_batch_size") == cfg.optim.rampup_batch_size
                                        and saved.get("train_iters") == cfg.optim.train_iters),
                 override=cfg.ckpt.override_checkpoint_args, verbose=self.rank == 0,
                 same_data=preflight.same_train_data(cfg, self.resume[2]))
@@ -244,13 +255,13 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
             out[0] = out[0] / out[3] if out[3] > 0 else 0.0  # nothing trained: 0, as the masked mean gives
         return out
 
-    def _check_fed(self, tokens: int, labels: int) -> None:
+    def _check_fed(self, tokens: int, labels: int, batch: int) -> None:
         """What the data stream fed this step must have the layout of the step's phase: a run whose
         data is out of step with its iterations (a bug, or a resume the checks above missed) would
         otherwise train one objective while logging the other."""
         cfg = self.cfg
         phase = self.phase(self.iteration)
-        n = cfg.optim.global_batch_size * cfg.model.seq_length
+        n = batch * cfg.model.seq_length
         s = cfg.tst.bag_size if phase == SUPERPOSITION else 1
         want = (n * (s if cfg.tst.mode in ("full", "input") else 1), n * (s if cfg.tst.mode in ("full", "output") else 1))
         if (tokens, labels) != want:
@@ -272,13 +283,30 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return bool(ok.item() > 0)
 
+    def _update_batch(self) -> int:
+        """The global batch of the next step (it changes only under --rampup-batch-size):
+        megatron-core's calculator, updated with the consumed samples as Megatron-LM does."""
+        from megatron.core.num_microbatches_calculator import (get_current_global_batch_size, get_num_microbatches,
+                                                               update_num_microbatches)
+
+        before = get_current_global_batch_size()
+        update_num_microbatches(self.consumed_samples, consistency_check=True)
+        batch = self.current_batch = get_current_global_batch_size()
+        self.num_microbatches = get_num_microbatches()
+        if batch != before:
+            self.log.print(f"> global batch size ramps up from {before} to {batch} at iteration {self.iteration} "
+                           f"({self.consumed_samples} consumed samples; --rampup-batch-size)")
+        return batch
+
     def train_step(self) -> Dict[str, float]:
+        """One optimizer step of the current global batch (`_update_batch` sets it)."""
+        batch = self.current_batch
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self._forward_backward(self.train_iters_data, False, self.num_microbatches)
         loss, fed_tokens, fed_labels, _ = self._reduce_loss(losses, self.train_iters_data[0].take_counts())
-        self._check_fed(int(fed_tokens), int(fed_labels))
+        self._check_fed(int(fed_tokens), int(fed_labels), batch)
         lg = self.cfg.logging
         if self.iteration in (lg.inject_nonfinite_at or ()):  # test hook (0-based iterations)
             if lg.inject_nonfinite_kind == "loss":  # as if the data produced a NaN
@@ -310,7 +338,8 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         if not math.isfinite(grad_norm):
             raise NonFiniteError(f"grad norm {grad_norm}")
-        self.scheduler.step(increment=1)  # as in Megatron-LM, a skipped step does not advance the LR
+        # as in Megatron-LM, a skipped step does not advance the LR
+        self.scheduler.step(increment=scheduler_increment(self.cfg.optim, batch))
         return {"loss": loss, "grad_norm": grad_norm, "skipped": False, "nonfinite": None}
 
     # ---------------------------------------------------------------- the loop
@@ -364,7 +393,7 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
     def _train_loop(self, profiler: StepProfiler) -> int:
         cfg = self.cfg
         o, lg = cfg.optim, cfg.logging
-        gbs, L = o.global_batch_size, cfg.model.seq_length
+        L = cfg.model.seq_length
         eval_interval = lg.eval_interval
         skipped_nonfinite = 0
         interval = IntervalStats()
@@ -375,6 +404,7 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
                 self.log.print(f"[TST] phase switch at iteration {self.iteration}: superposition -> recovery "
                                f"(next-token training of the same model, optimizer state and LR schedule; "
                                f"{self.data_tokens} data tokens consumed so far)")
+            gbs = self._update_batch()
             step_start = time.time()
             profiler.before_step(self.iteration)
             try:

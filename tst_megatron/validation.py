@@ -11,9 +11,38 @@ import sys
 from .run_config import DataArgs, OptimArgs, RunConfig, fail, same_dir
 
 
-def _resolve_samples(o: OptimArgs) -> None:
+def _check_rampup(o: OptimArgs, dp: int, pp_interleaved: int) -> None:
+    """--rampup-batch-size START INCREMENT RAMP_SAMPLES: every batch of the ramp must split into
+    whole micro-batches on every data-parallel rank (megatron-core asserts it at the step that
+    reaches such a batch; here it is refused before anything is built)."""
+    if o.rampup_batch_size is None:
+        return
+    start, increment, ramp = o.rampup_batch_size
+    flag = f"--rampup-batch-size {start} {increment} {ramp}"
+    if o.train_samples is None:
+        fail(f"{flag} needs --train-samples (as in Megatron-LM: the ramp and the LR schedule count samples); "
+             "give the run length with --train-samples and the schedule with --lr-*-samples")
+    if start < 1 or increment < 1 or ramp < 1:  # (megatron-core divides by RAMP_SAMPLES)
+        fail(f"{flag}: START, INCREMENT and RAMP_SAMPLES must be >= 1")
+    if start >= o.global_batch_size:
+        fail(f"{flag}: START must be below --global-batch-size ({o.global_batch_size}), the batch it ramps up "
+             "to; without a ramp drop the flag")
+    if (o.global_batch_size - start) % increment:
+        fail(f"{flag}: --global-batch-size ({o.global_batch_size}) - START ({start}) must be a multiple of "
+             f"INCREMENT ({increment})")
+    group = o.micro_batch_size * dp
+    if start % group or increment % group:
+        fail(f"{flag}: every batch of the ramp must be a multiple of --micro-batch-size ({o.micro_batch_size}) x "
+             f"data-parallel size ({dp}) = {group}; START and INCREMENT are not")
+    if pp_interleaved > 1 and ((start // group) % pp_interleaved or (increment // group) % pp_interleaved):
+        fail(f"{flag}: interleaved pipelining needs the micro-batches of every step of the ramp "
+             f"(batch / {group}) to be a multiple of --pipeline-model-parallel-size ({pp_interleaved})")
+
+
+def _resolve_samples(o: OptimArgs, dp: int = 1) -> None:
     """Megatron-LM's sample-based flags: either all in samples (with --train-samples) or all in
-    iterations. --train-iters becomes --train-samples // --global-batch-size, as Megatron-LM does."""
+    iterations. --train-iters becomes --train-samples // --global-batch-size, as Megatron-LM does
+    (with --rampup-batch-size: the ramp's steps, then whole batches)."""
     by_samples = (("--lr-decay-samples", o.lr_decay_samples), ("--lr-warmup-samples", o.lr_warmup_samples),
                   ("--lr-wsd-decay-samples", o.lr_wsd_decay_samples))
     if o.train_samples is None:
@@ -28,12 +57,17 @@ def _resolve_samples(o: OptimArgs) -> None:
     if given:
         fail(f"{', '.join(given)} with --train-samples: give the schedule in samples (--lr-decay-samples, "
              "--lr-warmup-samples, --lr-wsd-decay-samples)")
-    if o.train_samples < o.global_batch_size:
-        fail(f"--train-samples ({o.train_samples}) is less than one --global-batch-size ({o.global_batch_size})")
+    first = o.rampup_batch_size[0] if o.rampup_batch_size else o.global_batch_size
+    if o.train_samples < first:
+        fail(f"--train-samples ({o.train_samples}) is less than one "
+             f"{'global batch (--rampup-batch-size START)' if o.rampup_batch_size else '--global-batch-size'} ({first})")
     for flag, value in by_samples:
         if value is not None and not 0 <= value <= o.train_samples:
             fail(f"{flag} must be in [0, --train-samples] (got {value})")
-    o.train_iters = o.train_samples // o.global_batch_size
+    from .batch_schedule import BatchSchedule
+
+    o.train_iters = BatchSchedule(o.global_batch_size, o.rampup_batch_size, o.micro_batch_size,
+                                  dp).iterations_for(o.train_samples)
 
 
 def validate(cfg: RunConfig, world_size: int) -> None:
@@ -126,8 +160,9 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         fail(f"--global-batch-size ({gbs}) must be divisible by --micro-batch-size ({o.micro_batch_size}) x "
              f"data-parallel size ({dp})")
     o.global_batch_size = gbs
-    _resolve_samples(o)
     v = par.num_layers_per_virtual_pipeline_stage
+    _check_rampup(o, dp, pp if v and (m.num_layers // pp) // v > 1 else 1)
+    _resolve_samples(o, dp)
     micro = gbs // (o.micro_batch_size * dp)
     if v and (m.num_layers // pp) // v > 1 and micro % pp:  # megatron-core's interleaved 1F1B groups
         fail(f"interleaved pipelining (--num-layers-per-virtual-pipeline-stage) needs the micro-batches per "
@@ -196,7 +231,8 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         fail(f"--eval-iters must be >= 0 (got {cfg.logging.eval_iters}; 0 = no validation)")
     if o.lr_decay_style == "WSD":  # default: the last tenth of the run (in the unit the run is given in)
         if o.train_samples is not None and o.lr_wsd_decay_samples is None:
-            o.lr_wsd_decay_samples = max(1, o.train_iters // 10) * o.global_batch_size
+            o.lr_wsd_decay_samples = (max(1, o.train_samples // 10) if o.rampup_batch_size
+                                      else max(1, o.train_iters // 10) * o.global_batch_size)
         elif o.train_samples is None and o.lr_wsd_decay_iters is None:
             o.lr_wsd_decay_iters = max(1, o.train_iters // 10)
     for name, value in (("--hidden-dropout", m.hidden_dropout), ("--attention-dropout", m.attention_dropout)):
