@@ -313,8 +313,9 @@ def checkpoint_at_3(ws: Workspace) -> str:
 
 
 MOE_FLAGS = dict(num_experts=4, moe_router_topk=2, expert_model_parallel_size=2, disable_bias_linear=True)
-# logging-only flags carried by the shared multi-rank runs that save (test_trainer_flags checks them)
-LOG_FLAGS = dict(log_params_norm=True, log_num_zeros_in_grad=True)
+# logging-only flags carried by the shared multi-rank runs that save (test_trainer_flags and
+# test_timing check them)
+LOG_FLAGS = dict(log_params_norm=True, log_num_zeros_in_grad=True, timing_log_level=1)
 
 
 def moe_run(ws: Workspace, dispatcher: str) -> RunResult:

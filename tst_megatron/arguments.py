@@ -259,6 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--log-memory-to-tensorboard", action="store_true",
                     help="memory in the metrics/TensorBoard: CUDA allocated and reserved bytes on GPU, the "
                          "process's peak resident memory on CPU")
+    lg.add_argument("--timing-log-level", type=int, choices=(0, 1, 2), default=0,
+                    help="megatron-core's step timers under each log line: 1 forward-backward, grad all-reduce and "
+                         "optimizer times, 2 also each micro-batch's compute, data fetch and pipeline send/receive "
+                         "(0: none)")
+    lg.add_argument("--timing-log-option", choices=("max", "minmax", "all"), default="minmax",
+                    help="the timers over ranks: the max, min and max, or every rank's")
+    lg.add_argument("--no-barrier-with-level-1-timing", action="store_false", dest="barrier_with_L1_time",
+                    help="level-1 timers start and stop without a barrier over ranks (faster, less exact)")
+    lg.add_argument("--log-timers-to-tensorboard", action="store_true",
+                    help="the timers as TensorBoard scalars <name>-time (seconds per iteration, max over ranks)")
     lg.add_argument("--skip-nonfinite-steps", type=int, default=0,
                     help="skip up to N steps with a NaN/Inf loss or grad norm instead of stopping")
     # test hooks: make 0-based iteration(s) N [M ...] non-finite -- "loss": NaN loss and gradients (what bad

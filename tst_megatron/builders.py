@@ -151,7 +151,9 @@ def wrap_ddp(chunks, tconfig, par: ParallelArgs):
     return wrapped
 
 
-def build_optimizer(chunks, o: OptimArgs, par: ParallelArgs):
+def build_optimizer(chunks, o: OptimArgs, par: ParallelArgs, timers=None, barrier_with_L1_time: bool = True):
+    """megatron-core's optimizer (Adam, fp32 main weights, optionally distributed); `timers`
+    (--timing-log-level) times its steps."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
 
     config = OptimizerConfig(
@@ -176,6 +178,8 @@ def build_optimizer(chunks, o: OptimArgs, par: ParallelArgs):
         params_dtype=o.params_dtype,
         use_distributed_optimizer=par.use_distributed_optimizer,
         overlap_param_gather=par.overlap_param_gather,  # megatron reads the DDP value through both
+        timers=timers,
+        barrier_with_L1_time=barrier_with_L1_time,
     )
     overrides = get_standard_config_overrides(config)  # what megatron uses by default...
     for override in overrides.values():

@@ -52,6 +52,11 @@ class RunLogger:
                                  "(pip install 'tst-megatron[wandb]')") from exc
             self._wandb = wandb.init(project=wandb_project, name=wandb_name, resume="allow")
 
+    @property
+    def tensorboard_writer(self):
+        """The SummaryWriter (rank 0 with --tensorboard-dir), else None."""
+        return self._tb
+
     def print(self, line: str) -> None:
         if self.enabled:
             print(line, flush=True)

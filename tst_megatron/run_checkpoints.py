@@ -71,13 +71,24 @@ class RunCheckpoints:
         except ckpt.CheckpointError as exc:
             fail(str(exc) if flag == "--load" else f"{flag}: {exc}")
 
+    def _elapsed_agreed(self) -> float:
+        """Training seconds so far, the same on every rank (the slowest rank's): the common state
+        must be identical on all ranks, or dist_checkpointing warns at every save."""
+        import torch
+        import torch.distributed as dist
+
+        value = torch.tensor([self.elapsed_before + self.timer.elapsed()], dtype=torch.float64, device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return float(value.item())
+
     def _common_state(self) -> dict:
+        """Collective (every rank calls it at the same save)."""
         return {"consumed_samples": self.consumed_samples, "data_tokens": self.data_tokens,
                 "positions": self.positions, "phase": self.phase(self.iteration),
                 "superposition_samples": self.superposition_samples,
                 "train_base_windows": len(self.datasets.train.base),
                 "train_base_samples": self.datasets.num_base_train_samples,
-                "elapsed_s": self.elapsed_before + self.timer.elapsed(),
+                "elapsed_s": self._elapsed_agreed(),
                 # at the switch itself the model has had no next-token step yet
                 "superposition_checkpoint": 0 < self.num_sup_iters and self.iteration <= self.num_sup_iters,
                 "superposition_iters": self.num_sup_iters, "vocab_size": self.vocab_size,

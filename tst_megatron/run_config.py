@@ -191,6 +191,10 @@ class LoggingArgs:
     log_params_norm: bool = False
     skip_train: bool = False  # Megatron-LM's evaluation-only run
     log_memory_to_tensorboard: bool = False
+    timing_log_level: int = 0  # megatron-core's Timers (0: none), tst_megatron/timing.py
+    timing_log_option: str = "minmax"
+    barrier_with_L1_time: bool = True
+    log_timers_to_tensorboard: bool = False
     profile: bool = False
     use_pytorch_profiler: bool = False
     profile_step_start: int = 10

@@ -35,11 +35,17 @@ def _masked_sum(loss_mask: torch.Tensor, output: torch.Tensor):
     return total, count.to(torch.int), {"loss_sum": total.detach().clone(), "count": count.detach()}
 
 
-def make_forward_step(device, per_token: bool = False):
+def make_forward_step(device, per_token: bool = False, timers=None):
+    """`timers` (--timing-log-level 2): Megatron-LM's 'batch-generator' time, the fetch of each
+    micro-batch (data loading and the host-to-device copy)."""
     reduce = _masked_sum if per_token else _masked_mean
 
     def forward_step(data_iterator, model):
+        if timers is not None:
+            timers("batch-generator", log_level=2).start()
         batch = _to_device(next(data_iterator), device)
+        if timers is not None:
+            timers("batch-generator").stop()
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         return output, partial(reduce, batch["loss_mask"])
 

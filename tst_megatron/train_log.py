@@ -122,6 +122,9 @@ class TrainLog:
             + f" data tokens: {self.data_tokens} | positions: {self.positions} |"
             f" tokens/s: {tok_s:.0f} (positions/s: {pos_s:.0f}) | TFLOP/s/device: {tflops:.4f} |"
             f" elapsed: {format_duration(elapsed)} | ETA: {format_duration(eta)}")
+        times = self.step_times.report(interval.steps, self.iteration, self.log.tensorboard_writer)
+        if times:
+            self.log.print(times)
         self.log.record({"type": "train", "iteration": self.iteration, "phase": phase, "loss": loss,
                          "loss_kind": "mce" if label == "mce loss" else "lm", "lr": lr, "grad_norm": grad_norm,
                          "data_tokens": self.data_tokens, "positions": self.positions,

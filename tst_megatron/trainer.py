@@ -31,6 +31,7 @@ from .metrics import IntervalStats, RunLogger, Stopwatch, format_duration
 from .profiling import StepProfiler
 from .run_checkpoints import RunCheckpoints
 from .step import make_forward_step
+from .timing import StepTimes, build_timers
 from .train_log import TrainLog
 
 __all__ = ["Trainer", "NonFiniteError", "main", "print_model_size", "SUPERPOSITION", "RECOVERY"]
@@ -117,7 +118,10 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
         self.tconfig = transformer_config(cfg.model, par, cfg.optim, use_cpu_init=self.device.type == "cpu")
         chunks = build_model_chunks(cfg, self.tconfig, self.vocab_size)
         self.model = wrap_ddp(chunks, self.tconfig, par)
-        self.optimizer = build_optimizer(self.model, cfg.optim, par)
+        lg = cfg.logging
+        self.timers = build_timers(lg.timing_log_level, lg.timing_log_option)
+        self.step_times = StepTimes(self.timers, lg.log_timers_to_tensorboard)
+        self.optimizer = build_optimizer(self.model, cfg.optim, par, self.timers, lg.barrier_with_L1_time)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
         from megatron.core.distributed import finalize_model_grads
 
@@ -126,6 +130,8 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
             self.tconfig.no_sync_func = self.tconfig.no_sync_func[0]
         self.tconfig.finalize_model_grads_func = finalize_model_grads
         self.tconfig.grad_scale_func = self.optimizer.scale_loss
+        self.tconfig.timers = self.timers  # the schedules' and finalize_model_grads' timers
+        self.tconfig.barrier_with_L1_time = lg.barrier_with_L1_time
 
         # Progress counters (restored from a checkpoint below).
         self.iteration = 0
@@ -220,17 +226,22 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
         return SUPERPOSITION if iteration < self.num_sup_iters else RECOVERY
 
     def _forward_backward(self, data_iterators, forward_only: bool, num_microbatches: int) -> List[dict]:
-        """megatron's schedule over the model chunks; the last pipeline stage's micro-batch losses."""
+        """megatron's schedule over the model chunks; the last pipeline stage's micro-batch losses.
+        Evaluation is not timed (as in Megatron-LM, the timers see training steps only)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         fb = get_forward_backward_func()
         cfg = self.cfg
-        losses = fb(forward_step_func=make_forward_step(self.device, cfg.optim.calculate_per_token_loss),
-                    data_iterator=data_iterators if len(self.model) > 1 else data_iterators[0],
-                    model=self.model if len(self.model) > 1 else self.model[0],
-                    num_microbatches=num_microbatches, seq_length=cfg.model.seq_length,
-                    micro_batch_size=cfg.optim.micro_batch_size, forward_only=forward_only)
-        return losses
+        timers = None if forward_only else self.timers
+        self.tconfig.timers = timers
+        try:
+            return fb(forward_step_func=make_forward_step(self.device, cfg.optim.calculate_per_token_loss, timers),
+                      data_iterator=data_iterators if len(self.model) > 1 else data_iterators[0],
+                      model=self.model if len(self.model) > 1 else self.model[0],
+                      num_microbatches=num_microbatches, seq_length=cfg.model.seq_length,
+                      micro_batch_size=cfg.optim.micro_batch_size, forward_only=forward_only)
+        finally:
+            self.tconfig.timers = self.timers
 
     def _reduce_loss(self, losses: List[dict], counts=(0, 0)) -> List[float]:
         """[loss, input elements, label elements, trained positions] of the step, made known to
@@ -324,7 +335,11 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
         if nonfinite:
             return {"loss": loss, "grad_norm": float("nan"), "skipped": True, "nonfinite": nonfinite}
         scale = self._loss_scale() if self.cfg.optim.fp16 else None
+        if self.timers is not None:
+            self.timers("optimizer", log_level=1).start(barrier=self.cfg.logging.barrier_with_L1_time)
         ok, grad_norm, num_zeros = self.optimizer.step()
+        if self.timers is not None:
+            self.timers("optimizer").stop()
         self.num_zeros_in_grad = num_zeros  # None unless --log-num-zeros-in-grad (megatron counts them)
         if not ok:  # fp16: the scaled gradients overflowed; no update, the scaler lowers its scale...
             o = self.cfg.optim

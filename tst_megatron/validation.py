@@ -341,6 +341,10 @@ def validate(cfg: RunConfig, world_size: int) -> None:
                      "Stop), which needs CUDA; add --use-pytorch-profiler")
     elif lgc.use_pytorch_profiler:
         fail("--use-pytorch-profiler is a mode of --profile: give --profile too")
+    if lgc.log_timers_to_tensorboard and not (lgc.tensorboard_dir and lgc.timing_log_level > 0):
+        fail("--log-timers-to-tensorboard writes the step timers of --timing-log-level 1 or 2 into "
+             "--tensorboard-dir: give both" + (f" (now --timing-log-level {lgc.timing_log_level})"
+                                               if lgc.tensorboard_dir else ""))
     # optional logging back-ends: refused here, before a metrics file or checkpoint directory exists
     for flag, value, module, extra in (("--wandb-project", cfg.logging.wandb_project, "wandb", "wandb"),
                                        ("--tensorboard-dir", cfg.logging.tensorboard_dir, "tensorboard",
