@@ -92,6 +92,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute the router logits and their softmax in this precision (default: the model's)")
     e.add_argument("--moe-router-pre-softmax", action="store_true",
                    help="softmax over all experts before the top-k selection")
+    e.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"], default="softmax",
+                   help="expert scores from the router logits (sigmoid: DeepSeek-V3's, the top-k weights normalised)")
+    e.add_argument("--moe-router-enable-expert-bias", action="store_true",
+                   help="aux-loss-free load balancing (DeepSeek-V3, needs sigmoid): a per-expert bias on the "
+                        "routing scores (not on the weights), moved after every global batch by "
+                        "--moe-router-bias-update-rate towards the experts that got fewer tokens")
+    e.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3,
+                   help="step of the expert bias per global batch")
+    e.add_argument("--moe-router-topk-scaling-factor", type=float, default=None,
+                   help="multiply the top-k routing weights by this factor")
+    e.add_argument("--moe-router-num-groups", type=int, default=None,
+                   help="group-limited routing: the experts form this many groups (e.g. the EP ranks)...")
+    e.add_argument("--moe-router-group-topk", type=int, default=None,
+                   help="...and each token's top-k experts come from its best this-many groups")
+    e.add_argument("--moe-expert-capacity-factor", type=float, default=None,
+                   help="token dropping: each expert takes at most factor x its even share of the tokens "
+                        "(default: no capacity, nothing dropped)")
+    e.add_argument("--moe-pad-expert-input-to-capacity", action="store_true",
+                   help="with a capacity factor: pad every expert's input to its capacity (static shapes)")
+    e.add_argument("--moe-token-drop-policy", choices=["probs", "position"], default="probs",
+                   help="with a capacity factor: drop the tokens of lowest routing probability, or the last ones")
 
     par = p.add_argument_group("parallelism")
     par.add_argument("--tensor-model-parallel-size", type=int, default=1,

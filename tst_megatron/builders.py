@@ -45,6 +45,15 @@ def transformer_config(m: ModelArgs, par: ParallelArgs, o: OptimArgs, use_cpu_in
             moe_router_pre_softmax=m.moe_router_pre_softmax,
             moe_z_loss_coeff=m.moe_z_loss_coeff,
             moe_router_dtype=m.moe_router_dtype,
+            moe_router_score_function=m.moe_router_score_function,
+            moe_router_enable_expert_bias=m.moe_router_enable_expert_bias,
+            moe_router_bias_update_rate=m.moe_router_bias_update_rate,
+            moe_router_topk_scaling_factor=m.moe_router_topk_scaling_factor,
+            moe_router_num_groups=m.moe_router_num_groups,
+            moe_router_group_topk=m.moe_router_group_topk,
+            moe_expert_capacity_factor=m.moe_expert_capacity_factor,
+            moe_pad_expert_input_to_capacity=m.moe_pad_expert_input_to_capacity,
+            moe_token_drop_policy=m.moe_token_drop_policy,
             moe_grouped_gemm=False,
         )
     return TransformerConfig(

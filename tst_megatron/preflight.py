@@ -23,7 +23,7 @@ _RESUME_KEYS = (
                             "num_query_groups", "kv_channels", "normalization",
                             "swiglu", "qk_layernorm", "num_experts", "untie_embeddings_and_output_weights",
                             "disable_bias_linear", "position_embedding_type", "moe_ffn_hidden_size",
-                            "moe_router_topk")]
+                            "moe_router_topk", "moe_router_score_function", "moe_router_enable_expert_bias")]
     + [("model", "seq_length"), ("tst", "bag_size"), ("tst", "mode")]
     + [("optim", k) for k in ("train_iters", "lr", "min_lr", "decoupled_lr", "decoupled_min_lr", "lr_decay_style",
                               "lr_warmup_iters", "lr_warmup_fraction", "lr_decay_iters", "lr_wsd_decay_iters",
@@ -185,6 +185,10 @@ def _resolved(args: dict) -> dict:
     """Flags whose unset value means a derived default, replaced by that default, so that giving
     the default explicitly (e.g. --ffn-hidden-size 256 for hidden 64) is not a "different" run."""
     out = {group: dict(values) for group, values in args.items() if isinstance(values, dict)}
+    if "model" in out:  # a checkpoint from before a model flag existed was trained with its default
+        for f in dataclasses.fields(ModelArgs):
+            if f.name not in out["model"] and f.default is not dataclasses.MISSING:
+                out["model"][f.name] = f.default
     m = out.get("model")
     if m is not None and m.get("hidden_size") and m.get("num_attention_heads"):
         fields = {f.name for f in dataclasses.fields(ModelArgs)}
@@ -211,7 +215,8 @@ def check_resume_compatible(cfg: RunConfig, meta: dict, path: str) -> None:
     for group, key in _RESUME_KEYS:
         if key == "seq_length" and meta.get("imported_from"):
             continue  # weights from Hugging Face: no data stream cut at that length to continue
-        if cfg.ckpt.finetune and (group != "model" or key in ("seq_length", "moe_router_topk")):
+        if cfg.ckpt.finetune and (group != "model" or key in ("seq_length", "moe_router_topk",
+                                                              "moe_router_score_function")):
             continue
         a, b = saved.get(group, {}).get(key), now[group].get(key)
         # a difference the user typed (a derived default that moved with another flag is reported
@@ -220,7 +225,7 @@ def check_resume_compatible(cfg: RunConfig, meta: dict, path: str) -> None:
         if group in saved and a != b and typed:
             flag = "--tst-" + key.replace("_", "-") if group == "tst" else "--" + key.replace("_", "-")
             diffs.append(f"{flag} {b} (checkpoint: {a})")
-            shape |= group == "model" and key not in ("seq_length", "moe_router_topk")
+            shape |= group == "model" and key not in ("seq_length", "moe_router_topk", "moe_router_score_function")
     sm, nm = saved.get("model", {}), now["model"]
     if sm.get("position_embedding_type") == nm.get("position_embedding_type") == "learned_absolute":
         rows = [m.get("max_position_embeddings") or m.get("seq_length") for m in (sm, nm)]

@@ -115,7 +115,11 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
                  "(this run would mix its checkpoints with those and replace their tracker)")
 
         # Model, DDP, optimizer, LR schedule: all megatron-core.
-        self.tconfig = transformer_config(cfg.model, par, cfg.optim, use_cpu_init=self.device.type == "cpu")
+        try:
+            self.tconfig = transformer_config(cfg.model, par, cfg.optim, use_cpu_init=self.device.type == "cpu")
+        except (ValueError, AssertionError) as exc:  # a combination the checks above do not know yet
+            fail(f"megatron-core refuses this model configuration: {exc} (see `pretrain_tst.py --help` for the "
+                 "model, MoE and parallelism flags)")
         chunks = build_model_chunks(cfg, self.tconfig, self.vocab_size)
         self.model = wrap_ddp(chunks, self.tconfig, par)
         lg = cfg.logging

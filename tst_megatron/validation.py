@@ -11,6 +11,39 @@ import sys
 from .run_config import DataArgs, OptimArgs, RunConfig, fail, same_dir
 
 
+def _check_router(m) -> None:
+    """The MoE router flags megatron-core would refuse while building the model (or whose
+    combination would fail at the first routing), named here before anything is built."""
+    if m.moe_router_enable_expert_bias and m.moe_router_score_function != "sigmoid":
+        fail("--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid (megatron-core's "
+             "aux-loss-free balancing biases sigmoid scores)")
+    if not (math.isfinite(m.moe_router_bias_update_rate) and m.moe_router_bias_update_rate >= 0):
+        fail(f"--moe-router-bias-update-rate must be a finite number >= 0 (got {m.moe_router_bias_update_rate})")
+    for flag, value in (("--moe-router-topk-scaling-factor", m.moe_router_topk_scaling_factor),
+                        ("--moe-expert-capacity-factor", m.moe_expert_capacity_factor)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            fail(f"{flag} must be a finite number > 0 (got {value})")
+    groups, group_topk = m.moe_router_num_groups, m.moe_router_group_topk
+    if (groups is None) != (group_topk is None):
+        fail("group-limited routing needs both --moe-router-num-groups and --moe-router-group-topk "
+             f"(got {'--moe-router-num-groups' if groups is not None else '--moe-router-group-topk'} alone)")
+    if groups is not None:
+        if groups < 1 or m.num_experts % groups:
+            fail(f"--moe-router-num-groups ({groups}) must divide --num-experts ({m.num_experts})")
+        if not 1 <= group_topk <= groups:
+            fail(f"--moe-router-group-topk ({group_topk}) must be in [1, --moe-router-num-groups ({groups})]")
+        reachable = group_topk * (m.num_experts // groups)
+        if m.moe_router_topk > reachable:
+            fail(f"--moe-router-topk ({m.moe_router_topk}) is more than the {reachable} experts that "
+                 f"--moe-router-group-topk {group_topk} group(s) of {m.num_experts // groups} hold")
+    if m.moe_pad_expert_input_to_capacity and m.moe_expert_capacity_factor is None:
+        fail("--moe-pad-expert-input-to-capacity pads to the capacity of --moe-expert-capacity-factor: give one")
+    if m.moe_pad_expert_input_to_capacity and m.moe_router_enable_expert_bias:
+        fail("--moe-router-enable-expert-bias with --moe-pad-expert-input-to-capacity: megatron-core counts each "
+             "expert's tokens on the padded routing map, where every expert holds exactly its capacity, so the "
+             "bias would never move; drop one of the two")
+
+
 def _check_rampup(o: OptimArgs, dp: int, pp_interleaved: int) -> None:
     """--rampup-batch-size START INCREMENT RAMP_SAMPLES: every batch of the ramp must split into
     whole micro-batches on every data-parallel rank (megatron-core asserts it at the step that
@@ -135,8 +168,10 @@ def validate(cfg: RunConfig, world_size: int) -> None:
             fail(f"--moe-router-topk ({m.moe_router_topk}) must be in [1, --num-experts]")
         if m.moe_z_loss_coeff is not None and not (math.isfinite(m.moe_z_loss_coeff) and m.moe_z_loss_coeff >= 0):
             fail(f"--moe-z-loss-coeff must be a finite number >= 0 (got {m.moe_z_loss_coeff})")
+        _check_router(m)
         # megatron-core's own refusals, moved before any compute (it would raise deep in model build)
-        if m.moe_router_topk == 1 and not m.moe_router_pre_softmax and m.num_experts > 1:
+        if (m.moe_router_topk == 1 and not m.moe_router_pre_softmax and m.num_experts > 1
+                and m.moe_router_score_function == "softmax"):
             fail("--moe-router-topk 1 needs --moe-router-pre-softmax (megatron-core: a softmax over one "
                  "selected expert is always 1, so the router would get no gradient)")
         if tp > 1 and not par.sequence_parallel:
@@ -152,7 +187,16 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         fail("--expert-model-parallel-size > 1 needs --num-experts")
     else:
         given = [flag for flag, value in (("--moe-z-loss-coeff", m.moe_z_loss_coeff),
-                                          ("--moe-router-dtype", m.moe_router_dtype)) if value is not None]
+                                          ("--moe-router-dtype", m.moe_router_dtype),
+                                          ("--moe-router-score-function", None if m.moe_router_score_function
+                                           == "softmax" else m.moe_router_score_function),
+                                          ("--moe-router-enable-expert-bias", m.moe_router_enable_expert_bias or None),
+                                          ("--moe-router-topk-scaling-factor", m.moe_router_topk_scaling_factor),
+                                          ("--moe-router-num-groups", m.moe_router_num_groups),
+                                          ("--moe-router-group-topk", m.moe_router_group_topk),
+                                          ("--moe-expert-capacity-factor", m.moe_expert_capacity_factor),
+                                          ("--moe-pad-expert-input-to-capacity",
+                                           m.moe_pad_expert_input_to_capacity or None)) if value is not None]
         if given:
             fail(f"{' and '.join(given)} configure the MoE router: they need --num-experts")
     gbs = o.global_batch_size if o.global_batch_size is not None else o.micro_batch_size * dp
