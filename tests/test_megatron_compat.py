@@ -192,7 +192,8 @@ def _datasets(tmp_path, *flags):
             builder.add_item(torch.from_numpy(doc.astype(np.int64)))
             builder.end_document()
         builder.finalize(prefix + ".idx")
-    cfg = parse_args(["--data-path", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size", "256",
+    data = [] if "--data-args-path" in flags else ["--data-path", prefix]  # (the file names the prefix)
+    cfg = parse_args([*data, "--tokenizer-type", "NullTokenizer", "--vocab-size", "256",
                       "--seq-length", "32", "--micro-batch-size", "2", "--train-iters", "4", "--split", "80,20,0",
                       "--tst-bag-size", "4", "--tst-superposition-iters", "2", "--eval-iters", "1", *flags])
     with isolated():

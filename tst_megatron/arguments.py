@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 from typing import List, Optional
 
 from .config import MODES, WEIGHTINGS, TSTConfig
@@ -207,6 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["NullTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "ByteTokenizer",
                             "Llama2Tokenizer", "GPTSentencePieceTokenizer", "GPT2BPETokenizer"],
                    help="NullTokenizer: pre-tokenized ids, needs --vocab-size; ByteTokenizer: UTF-8 bytes, no file")
+    d.add_argument("--data-args-path", default=None,
+                   help="a file holding the --data-path list (prefixes, optionally weighted, whitespace-separated), "
+                        "for blends too long for a command line")
+    d.add_argument("--per-split-data-args-path", default=None,
+                   help='a JSON file {"train": [...], "valid": [...], "test": [...]} (lists or strings): the '
+                        "--train-/--valid-/--test-data-path lists")
+    d.add_argument("--no-mmap-bin-files", action="store_false", dest="mmap_bin_files",
+                   help="read the .bin files with plain reads instead of memory-mapping them (some network "
+                        "file systems)")
+    d.add_argument("--num-dataset-builder-threads", type=int, default=1,
+                   help="threads megatron-core builds the datasets of a blend with")
+    d.add_argument("--mid-level-dataset-surplus", type=float, default=0.005,
+                   help="megatron-core's extra fraction of samples built per blended dataset (it orders a blend)")
     d.add_argument("--mock-data", action="store_true",
                    help="megatron-core's mock data (counting sequences of random length) instead of --data-path: "
                         "for throughput and set-up checks, not for learning anything")
@@ -290,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="level-1 timers start and stop without a barrier over ranks (faster, less exact)")
     lg.add_argument("--log-timers-to-tensorboard", action="store_true",
                     help="the timers as TensorBoard scalars <name>-time (seconds per iteration, max over ranks)")
+    lg.add_argument("--manual-gc", action="store_true",
+                    help="Python's garbage collector off, collections at fixed iterations instead (the same "
+                         "ones on every rank, so no rank stalls the others at a random step)")
+    lg.add_argument("--manual-gc-interval", type=int, default=0,
+                    help="with --manual-gc: collect every N iterations (0: never between steps)")
+    lg.add_argument("--no-manual-gc-eval", action="store_false", dest="manual_gc_eval",
+                    help="with --manual-gc: no collection before and after each evaluation")
     lg.add_argument("--skip-nonfinite-steps", type=int, default=0,
                     help="skip up to N steps with a NaN/Inf loss or grad norm instead of stopping")
     # test hooks: make 0-based iteration(s) N [M ...] non-finite -- "loss": NaN loss and gradients (what bad
@@ -365,6 +386,47 @@ def _suggestions(parser: argparse.ArgumentParser, unknown: List[str]) -> str:
     return f" ({'; '.join(hints)})" if hints else ""
 
 
+def read_data_args_files(ns: argparse.Namespace) -> None:
+    """Megatron-LM's --data-args-path / --per-split-data-args-path: the data lists from files,
+    read into --data-path / --train-/--valid-/--test-data-path (what the rest of the run, and a
+    resume's comparison, see)."""
+    def fail(message: str) -> None:
+        raise SystemExit(f"error: {message}")
+
+    def read(flag: str, path: str) -> str:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except OSError as exc:
+            fail(f"{flag} {path}: cannot read it ({exc.strerror or exc})")
+
+    if ns.data_args_path is not None:
+        if ns.data_path:
+            fail("give --data-path or --data-args-path (a file holding that list), not both")
+        ns.data_path = read("--data-args-path", ns.data_args_path).split()
+        if not ns.data_path:
+            fail(f"--data-args-path {ns.data_args_path}: the file is empty; it should hold the --data-path list")
+    if ns.per_split_data_args_path is not None:
+        path = ns.per_split_data_args_path
+        if any(x is not None for x in (ns.train_data_path, ns.valid_data_path, ns.test_data_path)):
+            fail("give --train-/--valid-/--test-data-path or --per-split-data-args-path (a file holding them), "
+                 "not both")
+        try:
+            splits = json.loads(read("--per-split-data-args-path", path))
+        except ValueError as exc:
+            fail(f"--per-split-data-args-path {path}: not valid JSON ({exc})")
+        if not isinstance(splits, dict) or not set(splits) <= {"train", "valid", "test"}:
+            fail(f'--per-split-data-args-path {path}: expected an object with the keys "train", "valid", "test" '
+                 f"(got {sorted(splits) if isinstance(splits, dict) else type(splits).__name__})")
+        for split, value in splits.items():
+            if isinstance(value, str):
+                value = value.split()
+            if not (isinstance(value, list) and value and all(isinstance(v, (str, int, float)) for v in value)):
+                fail(f'--per-split-data-args-path {path}: "{split}" must be a non-empty list (or string) of '
+                     "prefixes, optionally weighted")
+            setattr(ns, f"{split}_data_path", [str(v) for v in value])
+
+
 def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
     parser = build_parser()
     ns, unknown = parser.parse_known_args(argv)
@@ -373,6 +435,7 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
                      "trainer does not know these flags (a Megatron-LM flag it does not implement, or a "
                      "typo); see `pretrain_tst.py --help` for the supported ones")
     check_compat_flags(ns)
+    read_data_args_files(ns)
     if ns.train_samples is not None and ns.train_iters is not None:
         raise SystemExit("error: give one of --train-iters and --train-samples (as in Megatron-LM)")
     if ns.train_samples is None:

@@ -346,7 +346,7 @@ def _gpt_config(seq_length: int, seed: int, tokenizer, blend: Optional[Blend],
                 blend_per_split: Optional[Sequence[Optional[Blend]]], split: Optional[str],
                 data_cache_path: Optional[str], reset_position_ids: bool,
                 reset_attention_mask: bool, eod_mask_loss: bool,
-                mid_level_dataset_surplus: float, num_dataset_builder_threads: int):
+                mid_level_dataset_surplus: float, num_dataset_builder_threads: int, mmap_bin_files: bool = True):
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
     return GPTDatasetConfig(
@@ -363,6 +363,7 @@ def _gpt_config(seq_length: int, seed: int, tokenizer, blend: Optional[Blend],
         create_attention_mask=False,  # causal masks come from the attention kernel
         mid_level_dataset_surplus=mid_level_dataset_surplus,
         num_dataset_builder_threads=num_dataset_builder_threads,
+        mmap_bin_files=mmap_bin_files,
     )
 
 
@@ -397,6 +398,7 @@ def build_tst_datasets(
     eod_mask_loss: bool = False,
     mid_level_dataset_surplus: float = 0.005,
     num_dataset_builder_threads: int = 1,
+    mmap_bin_files: bool = True,
     sample_plan: Optional[Tuple[int, int]] = None,
     base_train_samples: Optional[int] = None,
 ) -> TSTDatasets:
@@ -430,7 +432,7 @@ def build_tst_datasets(
     def config_for(length: int):
         return _gpt_config(length, seed, tokenizer, blend, blend_per_split, split,
                            data_cache_path, reset_position_ids, reset_attention_mask,
-                           eod_mask_loss, mid_level_dataset_surplus, num_dataset_builder_threads)
+                           eod_mask_loss, mid_level_dataset_surplus, num_dataset_builder_threads, mmap_bin_files)
 
     def wrap(ds, cfg: TSTConfig, n_superposition: int) -> Optional[TSTDataset]:
         if ds is None:

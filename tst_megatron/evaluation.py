@@ -6,6 +6,7 @@ forward-only mode.
 """
 from __future__ import annotations
 
+import gc
 import math
 from typing import Optional
 
@@ -44,11 +45,17 @@ class Evaluation:
         return sum(v * w for v, w in zip(values, weights) if w) / sum(weights)
 
     def evaluate_now(self, final: bool = False) -> None:
-        """Validation (and at the end of training the test split), with every parameter current."""
+        """Validation (and at the end of training the test split), with every parameter current.
+        Under --manual-gc a collection before and after (Megatron-LM's, unless --no-manual-gc-eval)."""
+        lg = self.cfg.logging
+        if lg.manual_gc and lg.manual_gc_eval:
+            gc.collect()
         with self._parameters_gathered():
             self.run_evaluation()
             if final:
                 self.run_test_evaluation()
+        if lg.manual_gc and lg.manual_gc_eval:
+            gc.collect()
 
     def run_evaluation(self) -> None:
         cfg = self.cfg

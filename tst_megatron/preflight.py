@@ -263,7 +263,8 @@ def check_resume_compatible(cfg: RunConfig, meta: dict, path: str) -> None:
 
 
 # What orders the train stream: megatron shuffles with --seed over the documents of the train split.
-_TRAIN_STREAM_KEYS = (("optim", "seed"), ("data", "data_path"), ("data", "split"), ("data", "train_data_path"))
+_TRAIN_STREAM_KEYS = (("optim", "seed"), ("data", "data_path"), ("data", "split"), ("data", "train_data_path"),
+                      ("data", "mid_level_dataset_surplus"))
 
 
 def same_train_data(cfg: RunConfig, meta: dict) -> bool:
@@ -299,7 +300,8 @@ def check_resume_data(cfg: RunConfig, meta: dict, path: str, verbose: bool) -> N
                for group, key in (("optim", "seed"), ("data", "data_path"), ("data", "split"),
                                   ("data", "train_data_path"), ("data", "valid_data_path"),
                                   ("data", "test_data_path"), ("data", "tokenizer_model"),
-                                  ("data", "vocab_file"), ("data", "merge_file"))
+                                  ("data", "vocab_file"), ("data", "merge_file"),
+                                  ("data", "mid_level_dataset_surplus"))
                if group in saved and key in saved[group] and saved[group][key] != now[group].get(key)]
     if changed:
         print(f"> warning: resuming {path} with {'; '.join(changed)}: unless that is the same data (or "

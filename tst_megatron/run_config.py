@@ -147,6 +147,11 @@ class DataArgs:
     vocab_file: Optional[str] = None
     merge_file: Optional[str] = None
     mock_data: bool = False
+    data_args_path: Optional[str] = None  # read into data_path by parse_args
+    per_split_data_args_path: Optional[str] = None  # read into train/valid/test_data_path
+    mmap_bin_files: bool = True
+    num_dataset_builder_threads: int = 1
+    mid_level_dataset_surplus: float = 0.005  # orders a blend: part of the train stream's identity
 
     def build_tokenizer(self, vocab_size: Optional[int]):
         """The tokenizer these flags name (--vocab-file is GPT2BPETokenizer's model file)."""
@@ -204,6 +209,9 @@ class LoggingArgs:
     timing_log_option: str = "minmax"
     barrier_with_L1_time: bool = True
     log_timers_to_tensorboard: bool = False
+    manual_gc: bool = False  # Megatron-LM's: gc disabled, gc.collect() at fixed iterations
+    manual_gc_interval: int = 0
+    manual_gc_eval: bool = True
     profile: bool = False
     use_pytorch_profiler: bool = False
     profile_step_start: int = 10

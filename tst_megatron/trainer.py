@@ -7,6 +7,7 @@ bag and token inputs alike, so the pipeline shapes stay [L, micro-batch, hidden]
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
 import signal
@@ -192,7 +193,9 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
                     get_blend_from_list(paths) if paths else None
                     for paths in (d.train_data_path, d.valid_data_path, d.test_data_path)],
                 split=cfg.data.split, eod_mask_loss=d.eod_mask_loss, reset_position_ids=d.reset_position_ids,
-                data_cache_path=cfg.data.data_cache_path, sample_plan=plan,
+                data_cache_path=cfg.data.data_cache_path, sample_plan=plan, mmap_bin_files=d.mmap_bin_files,
+                num_dataset_builder_threads=d.num_dataset_builder_threads,
+                mid_level_dataset_surplus=d.mid_level_dataset_surplus,
                 base_train_samples=self._checkpoint_stream_length(
                     num_base_samples(cfg.tst, plan[0], plan[1] - plan[0])))
         except ValueError as exc:  # the train stream megatron built is shorter than the run
@@ -400,6 +403,9 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
                            "; nothing trained or saved")
             self.log.close()
             return 0
+        if lg.manual_gc:  # Megatron-LM's: no automatic collection from here on, one now
+            gc.disable()
+            gc.collect()
         if self.iteration == 0:
             self.evaluate_now()
         profiler = StepProfiler(lg.profile and self.rank in lg.profile_ranks, lg.use_pytorch_profiler,
@@ -450,6 +456,8 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
             self.data_tokens += tokens
             self.positions += gbs * L
             profiler.after_step(self.iteration)
+            if lg.manual_gc and lg.manual_gc_interval and self.iteration % lg.manual_gc_interval == 0:
+                gc.collect()
 
             # also at the switch: one record never averages the bag loss with the next-token loss
             if (self.iteration % lg.log_interval == 0 or self.iteration == o.train_iters
@@ -479,6 +487,8 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
         return 0
 
     def close(self) -> None:
+        if self.cfg.logging.manual_gc:
+            gc.enable()  # the process (a test, a notebook) may go on
         from megatron.core import parallel_state as ps
         from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
 

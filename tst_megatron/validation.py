@@ -295,6 +295,10 @@ def validate(cfg: RunConfig, world_size: int) -> None:
               "--tst-superposition-iters 0): this is a plain run", file=sys.stderr)
     d = cfg.data
     per_split = any(x is not None for x in (d.train_data_path, d.valid_data_path, d.test_data_path))
+    if d.num_dataset_builder_threads < 1:
+        fail(f"--num-dataset-builder-threads must be >= 1 (got {d.num_dataset_builder_threads})")
+    if not (math.isfinite(d.mid_level_dataset_surplus) and d.mid_level_dataset_surplus >= 0):
+        fail(f"--mid-level-dataset-surplus must be a finite number >= 0 (got {d.mid_level_dataset_surplus})")
     if d.mock_data and (d.data_path or per_split):
         fail("--mock-data replaces --data-path / --train-data-path: give one or the other")
     if d.mock_data and d.split != DataArgs.split:
@@ -385,6 +389,11 @@ def validate(cfg: RunConfig, world_size: int) -> None:
                      "Stop), which needs CUDA; add --use-pytorch-profiler")
     elif lgc.use_pytorch_profiler:
         fail("--use-pytorch-profiler is a mode of --profile: give --profile too")
+    if lgc.manual_gc_interval < 0:
+        fail(f"--manual-gc-interval must be >= 0 (got {lgc.manual_gc_interval}; 0 = no collection between steps)")
+    if not lgc.manual_gc and (lgc.manual_gc_interval or not lgc.manual_gc_eval):
+        fail(f"{'--manual-gc-interval' if lgc.manual_gc_interval else '--no-manual-gc-eval'} is a setting of "
+             "--manual-gc: give --manual-gc too")
     if lgc.log_timers_to_tensorboard and not (lgc.tensorboard_dir and lgc.timing_log_level > 0):
         fail("--log-timers-to-tensorboard writes the step timers of --timing-log-level 1 or 2 into "
              "--tensorboard-dir: give both" + (f" (now --timing-log-level {lgc.timing_log_level})"
