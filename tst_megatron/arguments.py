@@ -143,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "first --recompute-num-layers layers of each pipeline stage (block)")
     par.add_argument("--recompute-num-layers", type=int, default=None,
                      help="layers per recomputed group (uniform) or recomputed layers per stage (block)")
+    par.add_argument("--grad-reduce-in-bf16", action="store_true",
+                     help="with --bf16: accumulate and reduce the gradients in bf16 (half the gradient buffer and "
+                          "reduce traffic; the optimizer still keeps fp32 main gradients)")
+    par.add_argument("--empty-unused-memory-level", type=int, choices=(0, 1, 2), default=0,
+                     help="release PyTorch's cached CUDA memory after each forward-backward (1) and also after "
+                          "each optimizer step (2), as Megatron-LM does; nothing to release on CPU")
 
     o = p.add_argument_group("batch and optimisation")
     o.add_argument("--micro-batch-size", type=int, default=4, help="samples per forward/backward on one rank")

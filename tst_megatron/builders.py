@@ -134,11 +134,12 @@ def build_model_chunks(cfg: RunConfig, tconfig, vocab_size: int) -> List[torch.n
 
 
 def ddp_config(par: ParallelArgs):
-    """megatron-core's DDP settings: gradients accumulated and reduced in fp32, always."""
+    """megatron-core's DDP settings: gradients accumulated and reduced in fp32 (in bf16 under
+    --grad-reduce-in-bf16, which needs --bf16)."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
     return DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
+        grad_reduce_in_fp32=not par.grad_reduce_in_bf16,
         overlap_grad_reduce=par.overlap_grad_reduce,
         overlap_param_gather=par.overlap_param_gather,
         use_distributed_optimizer=par.use_distributed_optimizer,

@@ -35,6 +35,7 @@ class Evaluation:
                                               total_samples=steps * gbs) for _ in self.model]
             for _ in range(steps):
                 loss, _, _, positions = self._reduce_loss(self._forward_backward(iterators, True, micro))
+                self._empty_cuda_cache(1)
                 values.append(loss)
                 # per-token loss: every trained position of the evaluation weighs the same
                 weights.append(positions if cfg.optim.calculate_per_token_loss else 1.0)

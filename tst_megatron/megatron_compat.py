@@ -22,7 +22,8 @@ SATISFIED = {
     "--no-rope-fusion": "the fused RoPE kernel is off (megatron-core's default)",
     "--no-gradient-accumulation-fusion": "gradient-accumulation fusion is off (megatron-core's default)",
     "--no-persist-layer-norm": "the persistent layer-norm kernel is off (megatron-core's default)",
-    "--accumulate-allreduce-grads-in-fp32": "gradients are accumulated and reduced in fp32 (always)",
+    "--accumulate-allreduce-grads-in-fp32": "gradients are accumulated and reduced in fp32 (unless "
+                                            "--grad-reduce-in-bf16, which it then contradicts)",
     "--no-async-tensor-model-parallel-allreduce": "deprecated, and ignored by Megatron-LM itself",
     "--log-throughput": "tokens/s and TFLOP/s per device are always logged",
     "--no-create-attention-mask-in-dataloader": "no attention mask is built (the kernels are causal)",
@@ -66,6 +67,8 @@ def check_compat_flags(ns: argparse.Namespace) -> None:
     def fail(message: str) -> None:
         raise SystemExit(f"error: {message}")
 
+    if ns.accumulate_allreduce_grads_in_fp32 and ns.grad_reduce_in_bf16:
+        fail("--accumulate-allreduce-grads-in-fp32 contradicts --grad-reduce-in-bf16; give one of them")
     if ns.recompute_activations:
         if ns.recompute_granularity == "full":
             fail("--recompute-activations (selective recomputation) conflicts with --recompute-granularity full; "

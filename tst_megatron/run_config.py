@@ -82,6 +82,8 @@ class ParallelArgs:
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
     distributed_timeout_minutes: int = 30
+    grad_reduce_in_bf16: bool = False  # DDP's gradient buffers in bf16 (default: fp32)
+    empty_unused_memory_level: int = 0  # Megatron-LM's torch.cuda.empty_cache() points
 
 
 @dataclass

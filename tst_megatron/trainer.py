@@ -288,6 +288,13 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
                  f"({self.consumed_samples} consumed samples) is out of step with the phase -- please report this "
                  "with the command line (and the --load checkpoint's tst_meta.json)")
 
+    def _empty_cuda_cache(self, level: int) -> None:
+        """--empty-unused-memory-level: hand PyTorch's cached CUDA blocks back at Megatron-LM's points
+        (level 1 after each forward-backward, training and evaluation; level 2 also after each
+        optimizer step). A no-op without CUDA, where there is no cache."""
+        if self.cfg.parallel.empty_unused_memory_level >= level:
+            torch.cuda.empty_cache()
+
     def _grads_finite(self) -> bool:
         """False if any gradient is NaN or Inf (on any rank). Checked through one fp32 sum per grad
         buffer -- NaN and Inf propagate through a sum -- so there is no parameter-sized temporary
@@ -323,6 +330,7 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self._forward_backward(self.train_iters_data, False, self.num_microbatches)
+        self._empty_cuda_cache(1)
         loss, fed_tokens, fed_labels, _ = self._reduce_loss(losses, self.train_iters_data[0].take_counts())
         self._check_fed(int(fed_tokens), int(fed_labels), batch)
         lg = self.cfg.logging
@@ -347,6 +355,7 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
         ok, grad_norm, num_zeros = self.optimizer.step()
         if self.timers is not None:
             self.timers("optimizer").stop()
+        self._empty_cuda_cache(2)
         self.num_zeros_in_grad = num_zeros  # None unless --log-num-zeros-in-grad (megatron counts them)
         if not ok:  # fp16: the scaled gradients overflowed; no update, the scaler lowers its scale...
             o = self.cfg.optim

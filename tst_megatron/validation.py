@@ -212,6 +212,8 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         fail(f"interleaved pipelining (--num-layers-per-virtual-pipeline-stage) needs the micro-batches per "
              f"step (--global-batch-size / (--micro-batch-size x data-parallel size) = {micro}) to be a "
              f"multiple of --pipeline-model-parallel-size ({pp})")
+    if par.grad_reduce_in_bf16 and not o.bf16:
+        fail("--grad-reduce-in-bf16 needs --bf16 (with fp32 or fp16 weights the gradients are reduced in fp32)")
     if par.overlap_param_gather and not (par.use_distributed_optimizer and par.overlap_grad_reduce):
         fail("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce (as in "
              "Megatron-LM: it overlaps the distributed optimizer's parameter all-gather)")
