@@ -452,10 +452,19 @@ def test_import_refusals(exports, tmp_path):
         (base + ["--tensor-model-parallel-size", "3"], r"vocab_size 512 does not divide among"),
         ([], r"no tokenizer.json"),
         (base + ["--tst-bag-size", "4", "--tst-superposition-iters", "200"], r"must be < train iterations"),
+        (base + ["--rampup-batch-size", "4", "4", "32"], r"--rampup-batch-size: the import writes the run's "
+                                                         r"schedule in iterations at one global batch"),
     ]
-    for i, (argv, message) in enumerate(cases):
+    moe = exports("moe")["output"]  # Qwen3-MoE's router: softmax, no bias, no scaling, no groups
+    cases += [(moe, base + flags, r"%s .*contradicts the Hugging Face config \(%s" % (flags[0], what))
+              for flags, what in ((["--moe-router-score-function", "sigmoid"], "softmax routing"),
+                                  (["--moe-router-topk-scaling-factor", "2"], "no top-k scaling"),
+                                  (["--moe-router-num-groups", "2", "--moe-router-group-topk", "1"],
+                                   "no group-limited routing"))]
+    for i, case in enumerate(cases):
+        src, argv, message = case if len(case) == 3 else (hf, *case)
         with pytest.raises(cv.ConversionError, match=message):
-            cv.import_checkpoint(hf, str(tmp_path / f"c{i}"), argv, progress=False, log=None)
+            cv.import_checkpoint(src, str(tmp_path / f"c{i}"), argv, progress=False, log=None)
     # an existing checkpoint directory is never written into
     res = cv.import_checkpoint(hf, str(tmp_path / "ok"), base, progress=False, log=None)
     assert res["iteration"] == 0 and res["tensor_parallel_sizes"] == [1, 2, 4, 8, 16]

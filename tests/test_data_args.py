@@ -36,6 +36,9 @@ def test_data_args_files_are_the_typed_lists(tmp_path):
     ("a b", ["--data-path", "x"], "give --data-path or --data-args-path (a file holding that list), not both"),
     ("  \n", [], "--data-args-path {f}: the file is empty; it should hold the --data-path list"),
     (None, [], "--data-args-path {f}: cannot read it (No such file or directory)"),
+    ("a b", ["--train-data-path", "x"], "--data-args-path holds a --data-path list (cut by --split); it cannot go "
+                                        "with --train-/--valid-/--test-data-path, --per-split-data-args-path or "
+                                        "--mock-data: give one"),
 ])
 def test_data_args_path_refusals(tmp_path, content, argv, message):
     f = tmp_path / "blend.txt"
@@ -50,10 +53,13 @@ def test_data_args_path_refusals(tmp_path, content, argv, message):
     ('{"train": ["/d/a"]}', ["--train-data-path", "/d/x"],
      "give --train-/--valid-/--test-data-path or --per-split-data-args-path (a file holding them), not both"),
     ('{"train": ["/d/a"', [], "--per-split-data-args-path {f}: not valid JSON"),
-    ('{"training": ["/d/a"]}', [], '--per-split-data-args-path {f}: expected an object with the keys "train", '
-                                   '"valid", "test" (got [\'training\'])'),
-    ('["/d/a"]', [], '--per-split-data-args-path {f}: expected an object with the keys "train", "valid", "test" '
-                     "(got list)"),
+    ('{"training": ["/d/a"]}', [], '--per-split-data-args-path {f}: expected an object with the keys "train" (the '
+                                   'data to train on), "valid", "test" (got [\'training\'])'),
+    ('{"valid": ["/d/a"]}', [], '--per-split-data-args-path {f}: expected an object with the keys "train"'),
+    ('["/d/a"]', [], '--per-split-data-args-path {f}: expected an object with the keys "train" (the data to train '
+                     'on), "valid", "test" (got list)'),
+    ('{"train": ["/d/a"]}', ["--data-path", "/d/x"], "--per-split-data-args-path holds the --train-/--valid-/"
+                                                     "--test-data-path lists; it cannot go with --data-path"),
     ('{"train": []}', [], '--per-split-data-args-path {f}: "train" must be a non-empty list (or string) of prefixes'),
 ])
 def test_per_split_data_args_path_refusals(tmp_path, content, argv, message):

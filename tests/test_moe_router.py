@@ -61,7 +61,14 @@ def test_router_flags_reach_megatron_cores_config():
                                              "--moe-expert-capacity-factor: give one"),
     (["--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias", "--moe-expert-capacity-factor", "1",
       "--moe-pad-expert-input-to-capacity"], "--moe-router-enable-expert-bias with --moe-pad-expert-input-to-capacity"),
-    (["--moe-router-bias-update-rate", "nan"], "--moe-router-bias-update-rate must be a finite number >= 0"),
+    (["--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate",
+      "nan"], "--moe-router-bias-update-rate must be a finite number >= 0"),
+    (["--moe-router-bias-update-rate", "0.01"],
+     "--moe-router-bias-update-rate sets the step of --moe-router-enable-expert-bias: give that too"),
+    (["--moe-token-drop-policy", "position"],
+     "--moe-token-drop-policy chooses what --moe-expert-capacity-factor drops: give a capacity factor"),
+    (["--moe-router-num-groups", "2", "--moe-router-group-topk", "2", "--moe-router-topk", "1"],
+     "--moe-router-topk (1) must be at least --moe-router-group-topk (2)"),
 ])
 def test_router_refusals(argv, message):
     with pytest.raises(SystemExit) as exc:

@@ -115,9 +115,10 @@ def test_rampup_refusals(argv, world, message):
 def test_resume_with_another_ramp_is_refused():
     from tst_megatron import preflight
 
-    def cfg(*ramp):
-        c = parse_args(BASE + ["--micro-batch-size", "4", "--global-batch-size", "16", "--train-samples", "800",
-                               "--rampup-batch-size", *ramp])
+    def cfg(*ramp, override=False):
+        c = parse_args(BASE + ["--micro-batch-size", "4", "--global-batch-size", "16", "--train-samples", "800"]
+                       + (["--rampup-batch-size", *ramp] if ramp else [])
+                       + (["--override-checkpoint-args"] if override else []))
         validate(c, 1)
         return c
 
@@ -126,6 +127,12 @@ def test_resume_with_another_ramp_is_refused():
     with pytest.raises(SystemExit) as exc:
         preflight.check_resume_compatible(cfg("8", "4", "64"), saved, "ck")
     assert "--rampup-batch-size [8, 4, 64] (checkpoint: [4, 4, 64])" in str(exc.value.code)
+    preflight.check_resume_compatible(cfg("8", "4", "64", override=True), saved, "ck")  # both count samples
+    # the saved LR schedule counts samples under a ramp, steps without: no override switches that
+    for now, was in ((cfg(override=True), saved), (cfg("4", "4", "64", override=True), {"args": cfg().to_dict()})):
+        with pytest.raises(SystemExit) as exc:
+            preflight.check_resume_compatible(now, was, "ck")
+        assert "so a resume cannot switch" in str(exc.value.code)
 
 
 @pytest.fixture(scope="session")
@@ -139,9 +146,10 @@ def test_rampup_run_through_the_switch_resumes_exactly(ws, tmp_path):
     """2 ranks (DP=2), s=4 with the switch at iteration 4, batches 4, 4, 4, 8 | 8, 12, 16, ...: every
     step's batch, consumed samples, data tokens (s x L per superposition sample) and LR follow the
     ramp; a run stopped at iteration 3 (mid-ramp, before the switch) and resumed in a fresh process
-    has the uninterrupted run's losses exactly."""
-    from trainer_utils import (BAG, SEQ, SUP_ITERS, assert_ok, base_args, eval_records, run_record, run_trainer,
-                               tail, train_records)
+    has the uninterrupted run's losses exactly. Resumed without its optimizer state (one rank), the
+    LR schedule continues from the consumed samples."""
+    from trainer_utils import (BAG, SEQ, SUP_ITERS, assert_ok, base_args, copy_checkpoint, eval_records, run_record,
+                               run_trainer, tail, train_records)
 
     from tst_megatron.metrics_io import read_metrics
 
@@ -177,3 +185,8 @@ def test_rampup_run_through_the_switch_resumes_exactly(ws, tmp_path):
     assert "resumed from" in leg2.stdout and "at iteration 3" in leg2.stdout, tail(leg2.stdout)
     resumed = train_records(leg2.records)
     assert {it: r["loss"] for it, r in resumed.items()} == {it: r["loss"] for it, r in tr.items()}
+
+    fresh = copy_checkpoint(str(chain), 3, str(tmp_path / "fresh_optim"))
+    leg3 = assert_ok(run_trainer(argv(load=fresh, save=fresh, no_load_optim=True, exit_interval=5)), "leg 3")
+    lrs = {it: r["lr"] for it, r in train_records(leg3.records).items()}
+    assert sorted(lrs) == [4, 5] and all(lrs[it] == pytest.approx(tr[it]["lr"], rel=1e-9) for it in lrs)

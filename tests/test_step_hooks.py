@@ -2,8 +2,9 @@
 schedules counted out by hand, and the run without the flag):
 
 * --manual-gc / --manual-gc-interval / --no-manual-gc-eval: Python's collector is off during
-  training and full collections happen exactly where Megatron-LM puts them -- one when training
-  starts, one every N iterations, one before and one after each evaluation (`gc.callbacks`);
+  training and collections happen exactly where Megatron-LM puts them -- a full one when training
+  starts, every N iterations and before each evaluation, one of the youngest generation after each
+  evaluation (`gc.callbacks`);
 * --empty-unused-memory-level 1|2: torch.cuda.empty_cache() after every forward-backward (training
   and evaluation), and at 2 also after every optimizer step;
 * --grad-reduce-in-bf16: megatron DDP's gradient buffers are bf16 (fp32 without it), the run
@@ -82,8 +83,11 @@ def _collections(tmp_path, *flags):
 
 
 def test_manual_gc_collects_on_megatron_lms_schedule(tmp_path):
-    # start 1, evaluation at 0: 2, iterations 2 and 4 and 6: 3, evaluation at 3: 2, final evaluation: 2
-    assert _collections(tmp_path, "--manual-gc", "--manual-gc-interval", "2") == ([(2, False)] * 10, [False] * 6)
+    # training starts: full; each evaluation (at 0, 3 and the final one): full before, youngest
+    # generation after; iterations 2, 4 and 6: full
+    full, young = (2, False), (0, False)
+    assert _collections(tmp_path, "--manual-gc", "--manual-gc-interval", "2") == (
+        [full, full, young, full, full, young, full, full, full, young], [False] * 6)
     assert _collections(tmp_path, "--manual-gc", "--manual-gc-interval", "2", "--no-manual-gc-eval") == \
         ([(2, False)] * 4, [False] * 6)
     automatic, steps = _collections(tmp_path)

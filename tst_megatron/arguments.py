@@ -99,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="aux-loss-free load balancing (DeepSeek-V3, needs sigmoid): a per-expert bias on the "
                         "routing scores (not on the weights), moved after every global batch by "
                         "--moe-router-bias-update-rate towards the experts that got fewer tokens")
-    e.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3,
-                   help="step of the expert bias per global batch")
+    e.add_argument("--moe-router-bias-update-rate", type=float, default=None,
+                   help="step of the expert bias per global batch (default 1e-3)")
     e.add_argument("--moe-router-topk-scaling-factor", type=float, default=None,
                    help="multiply the top-k routing weights by this factor")
     e.add_argument("--moe-router-num-groups", type=int, default=None,
@@ -112,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: no capacity, nothing dropped)")
     e.add_argument("--moe-pad-expert-input-to-capacity", action="store_true",
                    help="with a capacity factor: pad every expert's input to its capacity (static shapes)")
-    e.add_argument("--moe-token-drop-policy", choices=["probs", "position"], default="probs",
-                   help="with a capacity factor: drop the tokens of lowest routing probability, or the last ones")
+    e.add_argument("--moe-token-drop-policy", choices=["probs", "position"], default=None,
+                   help="with a capacity factor: drop the tokens of lowest routing probability (probs, the "
+                        "default), or the last ones (position)")
 
     par = p.add_argument_group("parallelism")
     par.add_argument("--tensor-model-parallel-size", type=int, default=1,
@@ -406,24 +407,31 @@ def read_data_args_files(ns: argparse.Namespace) -> None:
         except OSError as exc:
             fail(f"{flag} {path}: cannot read it ({exc.strerror or exc})")
 
+    per_split_flags = any(x is not None for x in (ns.train_data_path, ns.valid_data_path, ns.test_data_path))
     if ns.data_args_path is not None:
         if ns.data_path:
             fail("give --data-path or --data-args-path (a file holding that list), not both")
+        if per_split_flags or ns.per_split_data_args_path is not None or ns.mock_data:
+            fail("--data-args-path holds a --data-path list (cut by --split); it cannot go with "
+                 "--train-/--valid-/--test-data-path, --per-split-data-args-path or --mock-data: give one")
         ns.data_path = read("--data-args-path", ns.data_args_path).split()
         if not ns.data_path:
             fail(f"--data-args-path {ns.data_args_path}: the file is empty; it should hold the --data-path list")
     if ns.per_split_data_args_path is not None:
         path = ns.per_split_data_args_path
-        if any(x is not None for x in (ns.train_data_path, ns.valid_data_path, ns.test_data_path)):
+        if per_split_flags:
             fail("give --train-/--valid-/--test-data-path or --per-split-data-args-path (a file holding them), "
                  "not both")
+        if ns.data_path or ns.mock_data:
+            fail("--per-split-data-args-path holds the --train-/--valid-/--test-data-path lists; it cannot go with "
+                 f"{'--data-path' if ns.data_path else '--mock-data'}: give one")
         try:
             splits = json.loads(read("--per-split-data-args-path", path))
         except ValueError as exc:
             fail(f"--per-split-data-args-path {path}: not valid JSON ({exc})")
-        if not isinstance(splits, dict) or not set(splits) <= {"train", "valid", "test"}:
-            fail(f'--per-split-data-args-path {path}: expected an object with the keys "train", "valid", "test" '
-                 f"(got {sorted(splits) if isinstance(splits, dict) else type(splits).__name__})")
+        if not isinstance(splits, dict) or not set(splits) <= {"train", "valid", "test"} or "train" not in splits:
+            fail(f'--per-split-data-args-path {path}: expected an object with the keys "train" (the data to '
+                 f'train on), "valid", "test" (got {sorted(splits) if isinstance(splits, dict) else type(splits).__name__})')
         for split, value in splits.items():
             if isinstance(value, str):
                 value = value.split()

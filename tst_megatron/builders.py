@@ -47,13 +47,13 @@ def transformer_config(m: ModelArgs, par: ParallelArgs, o: OptimArgs, use_cpu_in
             moe_router_dtype=m.moe_router_dtype,
             moe_router_score_function=m.moe_router_score_function,
             moe_router_enable_expert_bias=m.moe_router_enable_expert_bias,
-            moe_router_bias_update_rate=m.moe_router_bias_update_rate,
+            moe_router_bias_update_rate=1e-3 if m.moe_router_bias_update_rate is None else m.moe_router_bias_update_rate,
             moe_router_topk_scaling_factor=m.moe_router_topk_scaling_factor,
             moe_router_num_groups=m.moe_router_num_groups,
             moe_router_group_topk=m.moe_router_group_topk,
             moe_expert_capacity_factor=m.moe_expert_capacity_factor,
             moe_pad_expert_input_to_capacity=m.moe_pad_expert_input_to_capacity,
-            moe_token_drop_policy=m.moe_token_drop_policy,
+            moe_token_drop_policy=m.moe_token_drop_policy or "probs",
             moe_grouped_gemm=False,
         )
     return TransformerConfig(
@@ -231,6 +231,11 @@ def samples_per_schedule_step(o: OptimArgs) -> int:
 def scheduler_increment(o: OptimArgs, batch: int) -> int:
     """How far one optimizer step of `batch` samples advances the LR schedule."""
     return batch if o.rampup_batch_size else 1
+
+
+def schedule_position(o: OptimArgs, iteration: int, consumed_samples: int) -> int:
+    """Where the LR schedule stands after `iteration` steps that consumed `consumed_samples`."""
+    return consumed_samples if o.rampup_batch_size else iteration
 
 
 def _decay_steps(o: OptimArgs) -> float:

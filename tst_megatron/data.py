@@ -176,7 +176,8 @@ class TSTDataset(Dataset):
         tst: the TST settings (bag size, mode).
         seq_length: L, the model sequence length (latent positions per sample).
         num_superposition_samples: global samples [0, n) are superposition samples; for
-            training this is `tst.num_superposition_iters(train_iters) * global_batch_size`.
+            training, the samples the superposition steps consume (`resume_sample_plan`:
+            `tst.num_superposition_iters(train_iters) * global_batch_size` at a constant batch).
         reset_position_ids / eod_token: recovery samples cut from the middle of a base window
             recompute megatron's per-document positions themselves, so they need both.
             Superposition positions are always arange(L) (bags straddle documents).

@@ -47,7 +47,8 @@ class Evaluation:
 
     def evaluate_now(self, final: bool = False) -> None:
         """Validation (and at the end of training the test split), with every parameter current.
-        Under --manual-gc a collection before and after (Megatron-LM's, unless --no-manual-gc-eval)."""
+        Under --manual-gc, as in Megatron-LM (unless --no-manual-gc-eval): a full collection before,
+        and one of the youngest generation after (the objects the evaluation made)."""
         lg = self.cfg.logging
         if lg.manual_gc and lg.manual_gc_eval:
             gc.collect()
@@ -56,7 +57,7 @@ class Evaluation:
             if final:
                 self.run_test_evaluation()
         if lg.manual_gc and lg.manual_gc_eval:
-            gc.collect()
+            gc.collect(generation=0)
 
     def run_evaluation(self) -> None:
         cfg = self.cfg

@@ -241,7 +241,9 @@ def check_resume_compatible(cfg: RunConfig, meta: dict, path: str) -> None:
         was = schedule_steps(OptimArgs(**{k: v for k, v in raw_saved["optim"].items() if k in fields}))
         will = schedule_steps(cfg.optim)
         saved_gbs = raw_saved["optim"].get("global_batch_size")
-        if cfg.optim.train_samples is not None and saved_gbs not in (None, cfg.optim.global_batch_size):
+        ramps = raw_saved["optim"].get("rampup_batch_size") or cfg.optim.rampup_batch_size
+        if (cfg.optim.train_samples is not None and not ramps
+                and saved_gbs not in (None, cfg.optim.global_batch_size)):
             diffs.append(f"--global-batch-size {cfg.optim.global_batch_size} (checkpoint: {saved_gbs}) with "
                          "--train-samples, whose schedule this trainer steps per iteration (keep the batch, or "
                          "give the rest of the run in iterations)")
@@ -255,6 +257,14 @@ def check_resume_compatible(cfg: RunConfig, meta: dict, path: str) -> None:
     if sup_saved is not None and sup_saved != sup_now:
         diffs.append(f"{sup_now} superposition iterations from --tst-superposition-iters/-ratio "
                      f"(checkpoint: {sup_saved})")
+    saved_ramp = saved.get("optim", {}).get("rampup_batch_size")
+    if not cfg.ckpt.finetune and "optim" in saved and bool(saved_ramp) != bool(cfg.optim.rampup_batch_size):
+        # the saved scheduler counts samples under a ramp and steps otherwise: no override can mix them
+        fail(f"--load {path}: the checkpoint was trained "
+             + (f"with --rampup-batch-size {' '.join(map(str, saved_ramp))}, this run without"
+                if saved_ramp else "without --rampup-batch-size, this run with one")
+             + "; its LR schedule counts samples under a ramp and steps otherwise, so a resume cannot switch. "
+             "Resume with the checkpoint's setting, or start a new run from its weights with --finetune")
     if diffs and not cfg.ckpt.override_checkpoint_args:
         fix = ("The weights have the checkpoint's shape: use its values, or --load / --save another directory "
                "for a new run" if shape else "Use the checkpoint's values, or pass --override-checkpoint-args")

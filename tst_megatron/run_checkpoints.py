@@ -15,6 +15,7 @@ from typing import Optional
 from . import checkpointing as ckpt
 from . import preflight
 from .arguments import fail, same_dir
+from .builders import schedule_position
 
 
 class RunCheckpoints:
@@ -159,7 +160,7 @@ class RunCheckpoints:
             # them from the loaded model, or the first step would write the init back.
             self.optimizer.reload_model_params()
             if self.iteration:  # fresh optimizer: continue the LR schedule where the run was
-                self.scheduler.step(self.iteration)
+                self.scheduler.step(schedule_position(self.cfg.optim, self.iteration, self.consumed_samples))
         if self.rank == 0:
             print(f"> resumed from {path} at iteration {self.iteration} "
                   f"({common['phase']} phase, {self.consumed_samples} samples consumed)"

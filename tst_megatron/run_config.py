@@ -50,13 +50,13 @@ class ModelArgs:
     moe_router_dtype: Optional[str] = None
     moe_router_score_function: str = "softmax"
     moe_router_enable_expert_bias: bool = False  # aux-loss-free balancing: a router buffer in the checkpoint
-    moe_router_bias_update_rate: float = 1e-3
+    moe_router_bias_update_rate: Optional[float] = None  # megatron-core's 1e-3 unless given
     moe_router_topk_scaling_factor: Optional[float] = None
     moe_router_num_groups: Optional[int] = None
     moe_router_group_topk: Optional[int] = None
     moe_expert_capacity_factor: Optional[float] = None
     moe_pad_expert_input_to_capacity: bool = False
-    moe_token_drop_policy: str = "probs"
+    moe_token_drop_policy: Optional[str] = None  # megatron-core's "probs" unless given
     # activation recomputation (memory for compute; the function computed is the same)
     recompute_granularity: Optional[str] = None
     recompute_method: Optional[str] = None

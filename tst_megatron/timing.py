@@ -17,13 +17,15 @@ from __future__ import annotations
 
 from typing import Optional
 
-# Megatron-LM's list (training.py), in its order: what is logged when it was timed.
+# Megatron-LM's list (training.py), in its order, with the two level-1 names megatron-core 0.16
+# times in finalize_model_grads: what is logged when it was timed.
 TIMERS_TO_LOG = [
     "forward-backward", "forward-compute", "backward-compute", "batch-generator",
     "forward-recv", "forward-send", "backward-recv", "backward-send",
     "forward-send-forward-recv", "forward-send-backward-recv", "backward-send-forward-recv",
     "backward-send-backward-recv", "forward-backward-send-forward-backward-recv",
-    "layernorm-grads-all-reduce", "embedding-grads-all-reduce", "all-grads-sync", "params-all-gather",
+    "layernorm-grads-all-reduce", "non-tensor-parallel-grads-all-reduce", "conditional-embedder-grads-all-reduce",
+    "embedding-grads-all-reduce", "all-grads-sync", "params-all-gather",
     "optimizer-copy-to-main-grad", "optimizer-unscale-and-check-inf", "optimizer-clip-main-grad",
     "optimizer-count-zeros", "optimizer-inner-step", "optimizer-copy-main-to-model-params", "optimizer",
 ]

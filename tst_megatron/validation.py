@@ -17,8 +17,13 @@ def _check_router(m) -> None:
     if m.moe_router_enable_expert_bias and m.moe_router_score_function != "sigmoid":
         fail("--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid (megatron-core's "
              "aux-loss-free balancing biases sigmoid scores)")
-    if not (math.isfinite(m.moe_router_bias_update_rate) and m.moe_router_bias_update_rate >= 0):
-        fail(f"--moe-router-bias-update-rate must be a finite number >= 0 (got {m.moe_router_bias_update_rate})")
+    rate = m.moe_router_bias_update_rate
+    if rate is not None and not m.moe_router_enable_expert_bias:
+        fail("--moe-router-bias-update-rate sets the step of --moe-router-enable-expert-bias: give that too")
+    if rate is not None and not (math.isfinite(rate) and rate >= 0):
+        fail(f"--moe-router-bias-update-rate must be a finite number >= 0 (got {rate})")
+    if m.moe_token_drop_policy is not None and m.moe_expert_capacity_factor is None:
+        fail("--moe-token-drop-policy chooses what --moe-expert-capacity-factor drops: give a capacity factor")
     for flag, value in (("--moe-router-topk-scaling-factor", m.moe_router_topk_scaling_factor),
                         ("--moe-expert-capacity-factor", m.moe_expert_capacity_factor)):
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -32,6 +37,8 @@ def _check_router(m) -> None:
             fail(f"--moe-router-num-groups ({groups}) must divide --num-experts ({m.num_experts})")
         if not 1 <= group_topk <= groups:
             fail(f"--moe-router-group-topk ({group_topk}) must be in [1, --moe-router-num-groups ({groups})]")
+        if m.moe_router_topk < group_topk:  # megatron-core ranks groups by their best topk // group_topk scores
+            fail(f"--moe-router-topk ({m.moe_router_topk}) must be at least --moe-router-group-topk ({group_topk})")
         reachable = group_topk * (m.num_experts // groups)
         if m.moe_router_topk > reachable:
             fail(f"--moe-router-topk ({m.moe_router_topk}) is more than the {reachable} experts that "
@@ -196,7 +203,9 @@ def validate(cfg: RunConfig, world_size: int) -> None:
                                           ("--moe-router-group-topk", m.moe_router_group_topk),
                                           ("--moe-expert-capacity-factor", m.moe_expert_capacity_factor),
                                           ("--moe-pad-expert-input-to-capacity",
-                                           m.moe_pad_expert_input_to_capacity or None)) if value is not None]
+                                           m.moe_pad_expert_input_to_capacity or None),
+                                          ("--moe-router-bias-update-rate", m.moe_router_bias_update_rate),
+                                          ("--moe-token-drop-policy", m.moe_token_drop_policy)) if value is not None]
         if given:
             fail(f"{' and '.join(given)} configure the MoE router: they need --num-experts")
     gbs = o.global_batch_size if o.global_batch_size is not None else o.micro_batch_size * dp

@@ -156,6 +156,13 @@ def _apply_hf_model(m, mc: Mapping[str, Any], given: Set[str]) -> None:
          setter("moe_layer_freq", freq))
     need(("moe_shared_expert_intermediate_size",), "no shared expert", None,
          lambda: m.moe_shared_expert_intermediate_size, setter("moe_shared_expert_intermediate_size", None))
+    # Qwen3-MoE's router: softmax top-k, no expert bias, no scaling, no group-limited routing
+    for name, hf_name, value in (("moe_router_score_function", "softmax routing", "softmax"),
+                                 ("moe_router_enable_expert_bias", "no expert bias", False),
+                                 ("moe_router_topk_scaling_factor", "no top-k scaling", None),
+                                 ("moe_router_num_groups", "no group-limited routing", None),
+                                 ("moe_router_group_topk", "no group-limited routing", None)):
+        need((name,), hf_name, value, lambda n=name: getattr(m, n), setter(name, value))
     if "moe_aux_loss_coeff" not in given:
         m.moe_aux_loss_coeff = float(mc.get("moe_aux_loss_coeff") or 0.0)
 
@@ -272,9 +279,11 @@ def import_checkpoint(hf_dir: str, save: str, run_argv: Sequence[str] = (), *, i
             arch = hc.arch_of(hf_cfg)
 
             cfg, given = _parse_run_flags(run_argv)
-            if cfg.optim.train_samples is not None:
-                raise ConversionError("--train-samples: the import writes the run's schedule in iterations; give "
-                                      "--train-iters (= samples // global batch) and the --lr-*-iters flags")
+            if cfg.optim.train_samples is not None or cfg.optim.rampup_batch_size:
+                raise ConversionError(
+                    f"{'--train-samples' if cfg.optim.train_samples is not None else '--rampup-batch-size'}: the "
+                    "import writes the run's schedule in iterations at one global batch; give --train-iters (= "
+                    "samples // global batch) and the --lr-*-iters flags")
             _apply_hf_model(cfg.model, mc, given)
             tok = _choose_tokenizer(cfg, given, hf_dir)
             hf_vocab = int(mc["vocab_size"])
