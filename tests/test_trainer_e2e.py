@@ -354,9 +354,15 @@ def test_tst_off_is_a_plain_run(ws):
 
 
 # ------------------------------------------------------------------------------ distributed optimizer
-def test_distributed_optimizer_dp2_save_and_resume(ws):
+def test_distributed_optimizer_dp2_save_and_resume(ws, tmp_path):
     """--use-distributed-optimizer over DP=2: trains through the switch, saves (iteration 6, in
-    the recovery phase) and a fresh 2-rank process resumes with identical losses."""
+    the recovery phase) and a fresh 2-rank process resumes with identical losses. The run saves
+    fully parallel (the default: both ranks write shards of the replicated tensors), the resume
+    loads fully parallel (--ckpt-fully-parallel-load) and saves without (only rank 0 writes them):
+    the two iteration-12 checkpoints hold the same tensors."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
     full = distopt_run(ws)
     tr, ev = check_tst_run(full, layout="TP=1 PP=1 EP=1 DP=2")
     check_learned(ev)
@@ -366,6 +372,7 @@ def test_distributed_optimizer_dp2_save_and_resume(ws):
     load = copy_checkpoint(ws.path("distopt"), 6, ws.path("distopt_at6"))
     resumed = ws.run("distopt_resumed", base_args(ws.data, load=load, save=ws.path("distopt_resumed"),
                                                   save_interval=6, metrics_path=ws.path("distopt_resumed.jsonl"),
+                                                  ckpt_fully_parallel_load=True, no_ckpt_fully_parallel_save=True,
                                                   **DISTOPT_FLAGS), nproc=2)
     assert_ok(resumed, "distributed-optimizer resume")
     assert "at iteration 6 (recovery phase" in resumed.stdout, tail(resumed.stdout)
@@ -374,6 +381,15 @@ def test_distributed_optimizer_dp2_save_and_resume(ws):
     assert ev2[TRAIN_ITERS]["val_lm_loss"] == ev[TRAIN_ITERS]["val_lm_loss"]
     # the resumed optimizer saves again (its Adam step counts agree across parameters)
     assert os.path.isfile(os.path.join(ws.path("distopt_resumed"), "iter_0000012", "tst_meta.json"))
+    dirs = [os.path.join(ws.path(name), "iter_0000012") for name in ("distopt", "distopt_resumed")]
+    writers = [{f.split("_")[2] for f in os.listdir(d) if f.endswith(".distcp")} for d in dirs]
+    assert writers == [{"0", "1"}, {"0"}], writers  # files __<rank>_<n>.distcp
+    saved = []
+    for i, d in enumerate(dirs):
+        dcp_to_torch_save(d, str(tmp_path / f"{i}.pt"))
+        saved.append({k: v for k, v in torch.load(tmp_path / f"{i}.pt", weights_only=False).items()
+                      if torch.is_tensor(v)})
+    assert sorted(saved[0]) == sorted(saved[1]) and all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
 
 
 def test_distributed_optimizer_checkpoint_resumes_at_dp1(ws):

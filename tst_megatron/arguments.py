@@ -252,6 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save every N iterations (and always at the end and on SIGTERM)")
     c.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist",
                    help="megatron-core dist_checkpointing format")
+    c.add_argument("--ckpt-fully-parallel-save", action="store_true", default=True,
+                   help="(the default, as in Megatron-LM) every data-parallel rank writes a share of the "
+                        "replicated tensors")
+    c.add_argument("--no-ckpt-fully-parallel-save", action="store_false", dest="ckpt_fully_parallel_save",
+                   help="replicated tensors are written by their first replica only")
+    c.add_argument("--ckpt-fully-parallel-load", action="store_true",
+                   help="each replicated tensor is read by one data-parallel rank and exchanged, instead of "
+                        "by every rank")
     c.add_argument("--no-load-optim", action="store_true",
                    help="load the weights but not the optimizer state (Adam restarts; the LR schedule "
                         "continues from the loaded iteration)")

@@ -148,10 +148,14 @@ def _test_kill_in_save_hook(iteration: int, stage: str) -> None:
 
 # ---------------------------------------------------------------------------------- save
 def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, common: dict,
-                    use_distributed_optimizer: bool, save_optim: bool = True, save_rng: bool = True) -> str:
+                    use_distributed_optimizer: bool, save_optim: bool = True, save_rng: bool = True,
+                    parallel_group=None) -> str:
     """Save atomically; returns the final directory. Collective: call on every rank.
     save_optim / save_rng False (--no-save-optim / --no-save-rng): weights and progress only; the
-    marker says so, and a resume then starts a fresh optimizer / keeps its own RNG."""
+    marker says so, and a resume then starts a fresh optimizer / keeps its own RNG.
+    parallel_group (--ckpt-fully-parallel-save, the data-parallel group): megatron-core's fully
+    parallel strategy spreads the writing of replicated tensors over that group's ranks instead of
+    leaving it to the first replica; the files hold the same tensors either way."""
     from megatron.core import dist_checkpointing
 
     # how many optimizers megatron chained (dense + expert parameters when EP > 1): a resume
@@ -181,7 +185,7 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, com
         state["rng_state"] = _rng_sharded_object(_rng_state())
     state["opt_param_scheduler"] = scheduler.state_dict() if scheduler is not None else None
     state["tst_common"] = dict(common, iteration=iteration, format_version=FORMAT_VERSION)
-    dist_checkpointing.save(state, tmp)
+    dist_checkpointing.save(state, tmp, sharded_strategy=_fully_parallel(parallel_group, "save"))
     _barrier()
     _test_kill_in_save_hook(iteration, "shards")
 
@@ -329,9 +333,25 @@ def _interrupted_resave(final: str) -> Optional[Tuple[str, dict]]:
     return None
 
 
+def _fully_parallel(group, action: str, ckpt_dir: Optional[str] = None):
+    """megatron-core's fully parallel save / load strategy over `group` (None: the default one)."""
+    if group is None:
+        return None
+    from megatron.core.dist_checkpointing.serialization import (get_default_load_sharded_strategy,
+                                                                get_default_save_sharded_strategy)
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (FullyParallelLoadStrategyWrapper,
+                                                                            FullyParallelSaveStrategyWrapper)
+
+    if action == "save":
+        return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy("torch_dist"), group)
+    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(ckpt_dir), group)
+
+
 def load_checkpoint(ckpt_dir: str, chunks, optimizer, scheduler, load_optim: bool, load_rng: bool,
-                    use_distributed_optimizer: bool) -> dict:
-    """Load model (+ optimizer, scheduler, RNG) in place; returns the saved common state."""
+                    use_distributed_optimizer: bool, parallel_group=None) -> dict:
+    """Load model (+ optimizer, scheduler, RNG) in place; returns the saved common state.
+    parallel_group (--ckpt-fully-parallel-load): each replicated tensor is read by one rank of the
+    group and exchanged, instead of every rank reading it."""
     from megatron.core import dist_checkpointing
 
     state = _model_sharded_state_dict(chunks)
@@ -347,7 +367,8 @@ def load_checkpoint(ckpt_dir: str, chunks, optimizer, scheduler, load_optim: boo
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     try:
-        loaded = dist_checkpointing.load(state, ckpt_dir)
+        loaded = dist_checkpointing.load(state, ckpt_dir,
+                                         sharded_strategy=_fully_parallel(parallel_group, "load", ckpt_dir))
     except (Exception, CheckpointException) as exc:  # surface the directory, not a deep torch traceback
         raise CheckpointError(f"checkpoint {ckpt_dir} could not be loaded: {type(exc).__name__}: "
                               f"{_short(exc)}") from exc

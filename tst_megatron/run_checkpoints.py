@@ -72,6 +72,13 @@ class RunCheckpoints:
         except ckpt.CheckpointError as exc:
             fail(str(exc) if flag == "--load" else f"{flag}: {exc}")
 
+    def _checkpoint_group(self, fully_parallel: bool):
+        """The data-parallel group megatron-core's fully parallel save / load spreads the
+        replicated tensors over (Megatron-LM's choice), or None: off, or nothing to spread."""
+        if not fully_parallel or self.dp_size == 1:
+            return None
+        return self.ps.get_data_parallel_group(with_context_parallel=True)
+
     def _elapsed_agreed(self) -> float:
         """Training seconds so far, the same on every rank (the slowest rank's): the common state
         must be identical on all ranks, or dist_checkpointing warns at every save."""
@@ -111,7 +118,8 @@ class RunCheckpoints:
         with self._parameters_gathered():
             path = ckpt.save_checkpoint(c.save, self.iteration, self.model, self.optimizer, self.scheduler,
                                         self._common_state(), self.cfg.parallel.use_distributed_optimizer,
-                                        save_optim=not c.no_save_optim, save_rng=not c.no_save_rng)
+                                        save_optim=not c.no_save_optim, save_rng=not c.no_save_rng,
+                                        parallel_group=self._checkpoint_group(c.ckpt_fully_parallel_save))
         self.last_checkpoint = path
         self._on_disk = self.iteration
         note = (" (superposition phase: not a usable next-token model yet)"
@@ -140,7 +148,8 @@ class RunCheckpoints:
         try:
             common = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler,
                                           load_optim=load_optim, load_rng=load_rng,
-                                          use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer)
+                                          use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer,
+                                          parallel_group=self._checkpoint_group(c.ckpt_fully_parallel_load))
         except ckpt.CheckpointError as exc:
             fail(str(exc))
         self.iteration = int(common["iteration"])

@@ -183,6 +183,8 @@ class CheckpointArgs:
     exit_interval: Optional[int] = None
     exit_duration_in_mins: Optional[float] = None
     exit_signal_handler: bool = False
+    ckpt_fully_parallel_save: bool = True  # Megatron-LM's default: replicated tensors written by all DP ranks
+    ckpt_fully_parallel_load: bool = False
     exit_on_missing_checkpoint: bool = False
     finetune: bool = False
     # Megatron-LM's requeue-safe fine-tuning: when --load holds no checkpoint, start from this
