@@ -27,9 +27,15 @@ def test_finetune_starts_a_new_run_from_the_weights(tmp_path):
     prefix = make_data(str(tmp_path / "data"), num_docs=400)
     a_save, b_save = tmp_path / "a", tmp_path / "b"
     a = assert_ok(run_trainer(base_args(prefix, tst=False, save=a_save)), "A (baseline)")
-    b, c = (assert_ok(r) for r in run_many([
+    before = sorted(os.listdir(a_save))
+    d_save = tmp_path / "d"
+    job = base_args(prefix, load=d_save, save=d_save, pretrained_checkpoint=a_save)
+    # the runs that only need A, side by side (each launch is mostly imports on one core)
+    b, c, ev, first = (assert_ok(r) for r in run_many([
         base_args(prefix, load=a_save, save=b_save, finetune=True),
-        base_args(prefix, metrics_path=tmp_path / "c.jsonl")]))
+        base_args(prefix, metrics_path=tmp_path / "c.jsonl"),
+        base_args(prefix, tst=False, load=a_save, skip_train=True, metrics_path=tmp_path / "eval_only.jsonl"),
+        job + ["--exit-interval", "3"]]))
     assert f"> fine-tuning from the weights of {a_save}/iter_{TRAIN_ITERS:07d}" in b.stdout
 
     assert eval_records(b.records)[0]["val_lm_loss"] == eval_records(a.records)[TRAIN_ITERS]["val_lm_loss"]
@@ -45,16 +51,14 @@ def test_finetune_starts_a_new_run_from_the_weights(tmp_path):
     meta = ckpt.read_meta(str(b_save / f"iter_{TRAIN_ITERS:07d}"))
     assert meta["finetuned_from"] == f"{a_save}/iter_{TRAIN_ITERS:07d}" and meta["consumed_samples"] == TRAIN_ITERS * GBS
     # resumed later (without --finetune, as a requeued job would): the provenance stays
-    more = assert_ok(run_trainer(base_args(prefix, load=b_save, save=b_save, train_iters=TRAIN_ITERS + 2,
-                                           override_checkpoint_args=True)))
+    more, second = (assert_ok(r) for r in run_many([
+        base_args(prefix, load=b_save, save=b_save, train_iters=TRAIN_ITERS + 2, override_checkpoint_args=True),
+        job]))
     assert f"resumed from {b_save}/iter_{TRAIN_ITERS:07d}" in more.stdout
     assert ckpt.read_meta(str(b_save / f"iter_{TRAIN_ITERS + 2:07d}"))["finetuned_from"] == meta["finetuned_from"]
 
     # --skip-train (Megatron-LM's evaluation-only run) on A's final checkpoint: A's final validation
     # loss again (same weights, same validation samples), no training step, nothing written to A
-    before = sorted(os.listdir(a_save))
-    ev = assert_ok(run_trainer(base_args(prefix, tst=False, load=a_save, skip_train=True,
-                                         metrics_path=tmp_path / "eval_only.jsonl")), "--skip-train")
     assert eval_records(ev.records)[TRAIN_ITERS]["val_lm_loss"] == eval_records(a.records)[TRAIN_ITERS]["val_lm_loss"]
     assert not train_records(ev.records) and sorted(os.listdir(a_save)) == before
     assert f"> --skip-train: evaluated the weights of iteration {TRAIN_ITERS} ({a_save}/iter_{TRAIN_ITERS:07d})" in ev.stdout
@@ -62,12 +66,8 @@ def test_finetune_starts_a_new_run_from_the_weights(tmp_path):
     # --pretrained-checkpoint, the requeue-safe form: the same job command twice (--load = --save);
     # the first start fine-tunes from A and is stopped at 3, the second resumes its own checkpoint.
     # Together they are run B exactly.
-    d_save = tmp_path / "d"
-    job = base_args(prefix, load=d_save, save=d_save, pretrained_checkpoint=a_save)
-    first = assert_ok(run_trainer(job + ["--exit-interval", "3"]), "first start")
     assert f"> no checkpoint in --load {d_save}: fine-tuning from --pretrained-checkpoint {a_save}" in first.stdout
     assert f"> fine-tuning from the weights of {a_save}/iter_{TRAIN_ITERS:07d}" in first.stdout
-    second = assert_ok(run_trainer(job), "requeued")
     assert f"resumed from {d_save}/iter_0000003" in second.stdout and "fine-tuning" not in second.stdout
     legs = {**train_records(first.records), **train_records(second.records)}
     assert sorted(legs) == list(range(1, TRAIN_ITERS + 1))
