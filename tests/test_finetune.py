@@ -124,3 +124,40 @@ def test_no_save_optim_and_rng_checkpoints_resume_with_fresh_state(tmp_path):
     got, want = train_records(resumed.records), train_records(ref.records)
     assert got[7]["loss"] == want[7]["loss"] and got[7]["lr"] == want[7]["lr"]
     assert got[8]["loss"] != want[8]["loss"]  # Adam restarted
+
+
+@pytest.fixture(scope="session")
+def ws(tmp_path_factory):
+    from trainer_utils import workspace
+
+    return workspace(tmp_path_factory)
+
+
+def test_use_checkpoint_args(ws, tmp_path):
+    """--use-checkpoint-args (Megatron-LM's): an evaluation-only run given nothing but data, --load and
+    batch flags takes the architecture and tokenizer from the shared TP=2 run's checkpoint (loaded at
+    TP=1) and reproduces that run's final validation loss; a typed flag that contradicts the
+    checkpoint, a missing --load and an empty one are refused."""
+    import trainer_utils as tu
+
+    from tst_megatron.arguments import parse_args
+
+    trained = assert_ok(tu.tp2_run(ws), "TP=2 run")
+    bare = ["--data-path", ws.data, "--split", "90,10,0", "--micro-batch-size", str(tu.MBS), "--global-batch-size",
+            str(tu.GBS), "--eval-iters", "2", "--load", ws.path("tp2"), "--use-checkpoint-args"]
+    cfg = parse_args(bare)
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads, cfg.model.vocab_size,
+            cfg.data.tokenizer_type) == (2, 64, 4, 256, "NullTokenizer")
+    ev = assert_ok(run_trainer(bare + ["--skip-train", "--metrics-path", str(tmp_path / "eval.jsonl")]), "eval")
+    assert "> --use-checkpoint-args: the model's architecture and tokenizer flags from" in ev.stdout
+    final = eval_records(trained.records)[TRAIN_ITERS]["val_lm_loss"]
+    assert eval_records(ev.records)[TRAIN_ITERS]["val_lm_loss"] == pytest.approx(final, rel=1e-5)
+    for argv, message in ((bare + ["--hidden-size", "32"], "--hidden-size 32 contradicts the checkpoint's 64"),
+                          (bare[:-3] + ["--use-checkpoint-args"], "--use-checkpoint-args reads the model's flags "
+                                                                  "from the checkpoint it loads: give --load"),
+                          (bare[:-3] + ["--load", str(tmp_path), "--use-checkpoint-args"],
+                           f"--use-checkpoint-args: {tmp_path} holds no checkpoint")):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(argv)
+        assert str(exc.value.code).startswith("error: " + message), exc.value.code
+    parse_args(bare + ["--hidden-size", "64"])  # typed and equal: fine

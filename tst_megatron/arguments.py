@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import sys
 from typing import List, Optional
 
 from .config import MODES, WEIGHTINGS, TSTConfig
@@ -252,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save every N iterations (and always at the end and on SIGTERM)")
     c.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist",
                    help="megatron-core dist_checkpointing format")
+    c.add_argument("--use-checkpoint-args", action="store_true",
+                   help="take the model's architecture and tokenizer flags from the --load checkpoint (a typed flag "
+                        "that contradicts it is refused)")
     c.add_argument("--ckpt-fully-parallel-save", action="store_true", default=True,
                    help="(the default, as in Megatron-LM) every data-parallel rank writes a share of the "
                         "replicated tensors")
@@ -380,7 +384,6 @@ _MEGATRON_EQUIVALENTS = {
     "--override-opt_param-scheduler": "--override-checkpoint-args",
     "--use-checkpoint-opt_param-scheduler": "--override-checkpoint-args (the checkpoint's schedule is kept "
                                             "by default)",
-    "--use-checkpoint-args": "the checkpoint's values (a resume checks them against the flags)",
 }
 
 
@@ -458,6 +461,10 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
                      "typo); see `pretrain_tst.py --help` for the supported ones")
     check_compat_flags(ns)
     read_data_args_files(ns)
+    if ns.use_checkpoint_args:
+        from .checkpoint_args import apply_checkpoint_args
+
+        apply_checkpoint_args(ns, parser, list(sys.argv[1:] if argv is None else argv))
     if ns.train_samples is not None and ns.train_iters is not None:
         raise SystemExit("error: give one of --train-iters and --train-samples (as in Megatron-LM)")
     if ns.train_samples is None:

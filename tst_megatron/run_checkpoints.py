@@ -59,6 +59,10 @@ class RunCheckpoints:
         if found is None:
             return None, None
         finetune = check_cfg.ckpt.finetune
+        if cfg.logging.skip_train and not finetune:
+            # an evaluation of the weights: only what they are (shape, tokenizer) must match, as for
+            # --finetune; the schedule and TST flags of a run that trains nothing do not matter
+            check_cfg = dataclasses.replace(cfg, ckpt=dataclasses.replace(c, finetune=True))
         preflight.check_resume_compatible(check_cfg, found[2], found[1])
         # a fine-tuning run starts its own data stream: only the tokenizer must be the same
         preflight.check_resume_data(check_cfg, found[2], found[1], self.rank == 0 and not finetune)
@@ -135,7 +139,7 @@ class RunCheckpoints:
         load_rng = not c.no_load_rng and same_layout and meta.get("rng_state") is not False
         if c.override_checkpoint_args:  # the LR schedule of the new flags, from the saved step on
             self.scheduler.override_opt_param_scheduler = True
-        load_optim = not c.no_load_optim
+        load_optim = not c.no_load_optim and not self.cfg.logging.skip_train  # --skip-train: weights only
         if load_optim and meta.get("optimizer_state") is False:
             # e.g. a checkpoint imported from Hugging Face: weights only, fresh optimizer
             load_optim = False

@@ -183,6 +183,7 @@ class CheckpointArgs:
     exit_interval: Optional[int] = None
     exit_duration_in_mins: Optional[float] = None
     exit_signal_handler: bool = False
+    use_checkpoint_args: bool = False  # applied by parse_args (checkpoint_args.py)
     ckpt_fully_parallel_save: bool = True  # Megatron-LM's default: replicated tensors written by all DP ranks
     ckpt_fully_parallel_load: bool = False
     exit_on_missing_checkpoint: bool = False

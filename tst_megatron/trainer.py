@@ -209,7 +209,7 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
             fail(f"{flag} {' '.join(paths)}: {exc}{why}")
         if self.datasets.train is None:
             fail(f"--split {cfg.data.split}: the training split is empty")
-        if self.resume is not None:
+        if self.resume is not None and not cfg.logging.skip_train:  # (an evaluation reads no train stream)
             saved = self.resume[2].get("args", {}).get("optim", {})
             preflight.check_resume_stream(
                 self.resume[2], self.resume[1], consumed_samples=self.consumed_samples,
