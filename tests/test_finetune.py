@@ -135,29 +135,38 @@ def ws(tmp_path_factory):
 
 def test_use_checkpoint_args(ws, tmp_path):
     """--use-checkpoint-args (Megatron-LM's): an evaluation-only run given nothing but data, --load and
-    batch flags takes the architecture and tokenizer from the shared TP=2 run's checkpoint (loaded at
-    TP=1) and reproduces that run's final validation loss; a typed flag that contradicts the
-    checkpoint, a missing --load and an empty one are refused."""
+    batch flags takes the architecture and tokenizer from the shared EP=2 MoE run's checkpoint
+    (4 experts, no linear biases, L=32; loaded in one process) and reproduces that run's final
+    validation loss. A typed flag equal to a derived default passes, a typed sequence length is
+    kept, a fine-tuning job's first start reads its --pretrained-checkpoint; a typed flag that
+    contradicts the checkpoint, a missing --load and an empty one are refused."""
     import trainer_utils as tu
 
     from tst_megatron.arguments import parse_args
 
-    trained = assert_ok(tu.tp2_run(ws), "TP=2 run")
+    trained = assert_ok(tu.moe_run(ws, "allgather"), "EP=2 MoE run")
+    ck = ws.path("moe_allgather")
     bare = ["--data-path", ws.data, "--split", "90,10,0", "--micro-batch-size", str(tu.MBS), "--global-batch-size",
-            str(tu.GBS), "--eval-iters", "2", "--load", ws.path("tp2"), "--use-checkpoint-args"]
+            str(tu.GBS), "--eval-iters", "2", "--load", ck, "--use-checkpoint-args"]
     cfg = parse_args(bare)
-    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads, cfg.model.vocab_size,
-            cfg.data.tokenizer_type) == (2, 64, 4, 256, "NullTokenizer")
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_experts, cfg.model.disable_bias_linear,
+            cfg.model.seq_length, cfg.model.vocab_size, cfg.data.tokenizer_type) == \
+        (2, 64, 4, True, tu.SEQ, 256, "NullTokenizer")
     ev = assert_ok(run_trainer(bare + ["--skip-train", "--metrics-path", str(tmp_path / "eval.jsonl")]), "eval")
     assert "> --use-checkpoint-args: the model's architecture and tokenizer flags from" in ev.stdout
     final = eval_records(trained.records)[TRAIN_ITERS]["val_lm_loss"]
     assert eval_records(ev.records)[TRAIN_ITERS]["val_lm_loss"] == pytest.approx(final, rel=1e-5)
+
+    assert parse_args(bare + ["--ffn-hidden-size", "256"]).model.num_experts == 4  # 4 x hidden, the default
+    assert parse_args(bare + ["--seq-length", "16"]).model.seq_length == 16  # a fine-tuning choice
+    job = bare[:-3] + ["--load", str(tmp_path / "job"), "--pretrained-checkpoint", ck, "--use-checkpoint-args"]
+    assert parse_args(job).model.num_experts == 4
     for argv, message in ((bare + ["--hidden-size", "32"], "--hidden-size 32 contradicts the checkpoint's 64"),
+                          (bare + ["--num-experts", "8"], "--num-experts 8 contradicts the checkpoint's 4"),
                           (bare[:-3] + ["--use-checkpoint-args"], "--use-checkpoint-args reads the model's flags "
                                                                   "from the checkpoint it loads: give --load"),
                           (bare[:-3] + ["--load", str(tmp_path), "--use-checkpoint-args"],
-                           f"--use-checkpoint-args: {tmp_path} holds no checkpoint")):
+                           f"--use-checkpoint-args: {tmp_path} hold(s) no checkpoint")):
         with pytest.raises(SystemExit) as exc:
             parse_args(argv)
         assert str(exc.value.code).startswith("error: " + message), exc.value.code
-    parse_args(bare + ["--hidden-size", "64"])  # typed and equal: fine

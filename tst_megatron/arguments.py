@@ -459,12 +459,12 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{_suggestions(parser, unknown)} -- this "
                      "trainer does not know these flags (a Megatron-LM flag it does not implement, or a "
                      "typo); see `pretrain_tst.py --help` for the supported ones")
-    check_compat_flags(ns)
     read_data_args_files(ns)
-    if ns.use_checkpoint_args:
+    if ns.use_checkpoint_args:  # before the compatibility checks: they see the checkpoint's architecture
         from .checkpoint_args import apply_checkpoint_args
 
         apply_checkpoint_args(ns, parser, list(sys.argv[1:] if argv is None else argv))
+    check_compat_flags(ns)
     if ns.train_samples is not None and ns.train_iters is not None:
         raise SystemExit("error: give one of --train-iters and --train-samples (as in Megatron-LM)")
     if ns.train_samples is None:

@@ -5,8 +5,10 @@ needs no copy of the flags it was trained with.
 Taken: what defines the model's function -- shapes, norms, positions, vocabulary, experts and
 the router's function -- and the tokenizer. Not taken: training choices (dropout, init, aux-loss
 weights, token dropping, recomputation, the implementation and the parallel layout), which the
-command line sets as usual. A flag typed on the command line that contradicts the checkpoint is
-refused rather than silently replaced (Megatron-LM overwrites it).
+command line sets as usual. A typed architecture flag that contradicts the checkpoint is refused
+rather than silently replaced (Megatron-LM overwrites it); a typed value of what a fine-tuning
+run may change (the sequence length, the router's top-k and score function) or of a tokenizer
+file's path (moved since) is kept.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ ARCHITECTURE = (
     "moe_router_score_function", "moe_router_enable_expert_bias", "moe_router_topk_scaling_factor",
     "moe_router_num_groups", "moe_router_group_topk")
 TOKENIZER = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file")
+TYPED_WINS = ("seq_length", "moe_router_topk", "moe_router_score_function", "tokenizer_model", "vocab_file",
+              "merge_file")
 
 
 def _typed(parser: argparse.ArgumentParser, argv: List[str]) -> set:
@@ -35,29 +39,43 @@ def apply_checkpoint_args(ns: argparse.Namespace, parser: argparse.ArgumentParse
     def fail(message: str) -> None:
         raise SystemExit(f"error: {message}")
 
-    directory = ns.load or ns.pretrained_checkpoint
-    if not directory:
+    if not (ns.load or ns.pretrained_checkpoint):
         fail("--use-checkpoint-args reads the model's flags from the checkpoint it loads: give --load (or "
              "--pretrained-checkpoint)")
     from .checkpointing import CheckpointError, find_checkpoint
+    from .preflight import _resolved
+    from .tokenizers import canonical_tokenizer_type
 
-    try:
-        found = find_checkpoint(directory, ns.ckpt_fallback)
-    except CheckpointError as exc:
-        fail(f"--use-checkpoint-args: {exc}")
+    found = None
+    # the checkpoint the run will start from: --load's, else (a fine-tuning job's first start) the
+    # --pretrained-checkpoint, as the trainer chooses
+    for directory in (d for d in (ns.load, ns.pretrained_checkpoint) if d):
+        try:
+            found = find_checkpoint(directory, ns.ckpt_fallback)
+        except CheckpointError as exc:
+            fail(f"--use-checkpoint-args: {exc}")
+        if found is not None:
+            break
     if found is None:
-        fail(f"--use-checkpoint-args: {directory} holds no checkpoint to read the model's flags from")
+        fail(f"--use-checkpoint-args: {' and '.join(d for d in (ns.load, ns.pretrained_checkpoint) if d)} hold(s) "
+             "no checkpoint to read the model's flags from")
     _, path, meta = found
     saved = meta.get("args", {})
+    resolved = _resolved(saved)  # derived defaults (ffn, kv channels, query groups) as values
     typed = _typed(parser, argv)
     for group, names in (("model", ARCHITECTURE), ("data", TOKENIZER)):
-        values = saved.get(group, {})
+        values, derived = saved.get(group, {}), resolved.get(group, {})
         for name in names:
             if name not in values:
                 continue  # a flag the checkpoint's trainer did not have: its default then, and now
-            if name in typed and getattr(ns, name) != values[name]:
-                fail(f"--{name.replace('_', '-')} {getattr(ns, name)} contradicts the checkpoint's "
-                     f"{values[name]} ({path}) under --use-checkpoint-args; drop the flag")
+            if name in typed:
+                mine, theirs = getattr(ns, name), derived.get(name, values[name])
+                if name == "tokenizer_type":
+                    mine, theirs = canonical_tokenizer_type(mine), canonical_tokenizer_type(theirs)
+                if name in TYPED_WINS or mine == theirs:
+                    continue
+                fail(f"--{name.replace('_', '-')} {getattr(ns, name)} contradicts the checkpoint's {theirs} ({path}) "
+                     "under --use-checkpoint-args; drop the flag")
             setattr(ns, name, values[name])
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"> --use-checkpoint-args: the model's architecture and tokenizer flags from {path}", flush=True)

@@ -65,7 +65,7 @@ class RunCheckpoints:
             check_cfg = dataclasses.replace(cfg, ckpt=dataclasses.replace(c, finetune=True))
         preflight.check_resume_compatible(check_cfg, found[2], found[1])
         # a fine-tuning run starts its own data stream: only the tokenizer must be the same
-        preflight.check_resume_data(check_cfg, found[2], found[1], self.rank == 0 and not finetune)
+        preflight.check_resume_data(check_cfg, found[2], found[1], self.rank == 0 and not check_cfg.ckpt.finetune)
         self.vocab_size = preflight.resume_vocab_size(check_cfg, found[2], found[1], self.vocab_size,
                                                       self.tokenizer.vocab_size, self.rank == 0)
         return (None, found[1]) if finetune else (found, None)
@@ -187,7 +187,8 @@ class RunCheckpoints:
         RNG and data position are not taken)."""
         try:
             ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler, load_optim=False, load_rng=False,
-                                 use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer)
+                                 use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer,
+                                 parallel_group=self._checkpoint_group(self.cfg.ckpt.ckpt_fully_parallel_load))
         except ckpt.CheckpointError as exc:
             fail(str(exc))
         self.optimizer.reload_model_params()  # fp32 main weights from the loaded model (see _load)

@@ -175,9 +175,11 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
         cfg = self.cfg
         d = cfg.data
         eval_interval = cfg.logging.eval_interval or cfg.optim.train_iters
+        # (--skip-train trains nothing: the plan of a fresh run, whatever the checkpoint consumed)
+        at = (0, 0, 0) if cfg.logging.skip_train else (self.iteration, self.consumed_samples,
+                                                       self.superposition_samples)
         try:
-            plan = resume_sample_plan(iteration=self.iteration, consumed_samples=self.consumed_samples,
-                                      superposition_samples=self.superposition_samples,
+            plan = resume_sample_plan(iteration=at[0], consumed_samples=at[1], superposition_samples=at[2],
                                       superposition_iters=self.num_sup_iters, train_iters=cfg.optim.train_iters,
                                       global_batch_size=cfg.optim.global_batch_size,
                                       samples_in=self.batches.samples_in)
@@ -222,7 +224,7 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
         self._build_iterator = build_data_iterator
         vpp = len(self.model)
         self.train_iters_data = [
-            CountingIterator(build_data_iterator(self.datasets.train, self.consumed_samples,
+            CountingIterator(build_data_iterator(self.datasets.train, at[1],
                                                  cfg.optim.micro_batch_size, self.dp_rank, self.dp_size,
                                                  num_workers=cfg.data.num_workers,
                                                  total_samples=self.datasets.num_train_samples))
