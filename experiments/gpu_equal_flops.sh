@@ -8,6 +8,7 @@
 #   bash experiments/gpu_equal_flops.sh                # on an H200-class GPU (~4 min per run)
 #   TINY=1 bash experiments/gpu_equal_flops.sh         # the same pipeline at a toy size on CPU
 #   CORPUS=site bash experiments/gpu_equal_flops.sh    # a larger corpus built on the machine
+#   TST_RUNS="4:0.3 2:0.3" PARALLEL=1 ITERS=3000 ...   # several TST runs (s:r), all side by side
 #
 # CORPUS=carried (default) uses the 2M-token corpus in experiments/data: a 125M model repeats it
 # many times. CORPUS=site builds, with the same tools and the same carried tokenizer, a corpus from
@@ -56,15 +57,35 @@ COMMON=(pretrain_tst.py --data-path "$DATA" --split 98,2,0 --tokenizer-type Sent
   --lr-wsd-decay-iters $((ITERS / 10)) --weight-decay 0.1 --clip-grad 1.0 --seed 1234
   --log-interval $((ITERS / 20 > 0 ? ITERS / 20 : 1)) "${EVAL[@]}")
 
-$PY "${COMMON[@]}" --metrics-path "$OUT_DIR/baseline.jsonl" --run-name baseline 2>&1 | tee "$OUT_DIR/baseline.log"
-$PY "${COMMON[@]}" --tst-bag-size 4 --tst-superposition-ratio 0.3 \
-  --metrics-path "$OUT_DIR/tst.jsonl" --run-name "tst_s4_r0.3" 2>&1 | tee "$OUT_DIR/tst.log"
-$PY tools/plot_runs.py "$OUT_DIR/tst.jsonl" "$OUT_DIR/baseline.jsonl" --labels "TST s=4 r=0.3" baseline \
-  --baseline 1 --output "$OUT_DIR/gpu_equal_flops.png" | tee "$OUT_DIR/summary.txt"
-$PY - "$OUT_DIR" <<'PYEOF' | tee -a "$OUT_DIR/summary.txt"
+# One baseline and one TST run per "s:r" in TST_RUNS; PARALLEL=1 launches them side by side (a 116M
+# model at 8k positions per step leaves the H200 ~90% idle, so three runs share it with little
+# slow-down; losses do not depend on it, but then tokens/s and wall-clock are not a measurement).
+NAMES=(baseline); PIDS=()
+launch() {  # name, extra flags...
+  local name=$1; shift
+  if [ "${PARALLEL:-0}" = "1" ]; then
+    # own index cache each: runs side by side must not write the same validation index files
+    $PY "${COMMON[@]}" "$@" --metrics-path "$OUT_DIR/$name.jsonl" --run-name "$name" \
+      --data-cache-path "$OUT_DIR/cache_$name" > "$OUT_DIR/$name.log" 2>&1 &
+    PIDS+=($!)
+  else
+    $PY "${COMMON[@]}" "$@" --metrics-path "$OUT_DIR/$name.jsonl" --run-name "$name" 2>&1 | tee "$OUT_DIR/$name.log"
+  fi
+}
+launch baseline
+for sr in ${TST_RUNS:-4:0.3}; do
+  name="tst_s${sr%%:*}_r${sr##*:}"; NAMES+=("$name")
+  launch "$name" --tst-bag-size "${sr%%:*}" --tst-superposition-ratio "${sr##*:}"
+done
+for pid in "${PIDS[@]}"; do wait "$pid" || echo "[gpu_equal_flops] a run exited with $?"; done
+FILES=(); LABELS=()
+for name in "${NAMES[@]:1}" baseline; do FILES+=("$OUT_DIR/$name.jsonl"); LABELS+=("$name"); done
+$PY tools/plot_runs.py "${FILES[@]}" --labels "${LABELS[@]}" --baseline $((${#NAMES[@]} - 1)) \
+  --output "$OUT_DIR/gpu_equal_flops.png" | tee "$OUT_DIR/summary.txt"
+$PY - "$OUT_DIR" "${NAMES[@]}" <<'PYEOF' | tee -a "$OUT_DIR/summary.txt"
 import json, sys, torch
 out = sys.argv[1]
-for name in ("baseline", "tst"):
+for name in sys.argv[2:]:
     recs = [json.loads(l) for l in open(f"{out}/{name}.jsonl")]
     ev = [r for r in recs if r.get("type") == "eval"][-1]
     tr = [r for r in recs if r.get("type") == "train"]
