@@ -9,13 +9,18 @@ C. unconditional `torch.cuda.synchronize()` (p2p communication, the torch_dist a
 D. the model-parallel RNG tracker stores CUDA RNG states, and activation recomputation saves and
    restores the CUDA generator's state around each recomputed forward.
 
-Plus two MoE specifics: the router's gating GEMM refers to Transformer Engine's `te_general_gemm`
-(a NameError without TE), and the all-to-all token dispatcher copies split sizes to the host on a
-CUDA side stream.
+Plus an MoE specific: the all-to-all token dispatcher copies split sizes to the host on a CUDA
+side stream.
 
 `enable_cpu_support()` installs the smallest fix for each, **only when CUDA is unavailable**. On a
-CUDA machine it returns immediately and megatron-core runs exactly as shipped. Everything is
-idempotent and explicit; nothing else in the package patches megatron-core.
+CUDA machine it makes one fix only (below) and megatron-core otherwise runs exactly as shipped.
+Everything is idempotent and explicit; nothing else in the package patches megatron-core.
+
+The one fix on every machine: megatron-core 0.16.1's MoE router gating GEMM tests
+`te_general_gemm is not None`, a name its module binds only when Transformer Engine imports, so any
+MoE forward without TE -- on CPU *and* on a GPU without TE, which we support -- dies with a
+NameError (found on an H200 in session 13). `define_missing_te_names()` binds it to None, which is
+the value the code tests for, so the router takes its torch path; with TE installed it does nothing.
 """
 from __future__ import annotations
 
@@ -155,11 +160,22 @@ def model_parallel_manual_seed(seed: int) -> None:
     tp_random.model_parallel_cuda_manual_seed(seed)
 
 
+def define_missing_te_names() -> None:
+    """Bind megatron-core's `moe_utils.te_general_gemm` to None when Transformer Engine did not
+    import (the router then uses torch.mm, as its code intends); no-op with TE."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def enable_cpu_support() -> bool:
     """Make megatron-core run on CPU/Gloo. Returns True when CPU support is active.
 
-    No-op (returns False) when CUDA is available. Call once per process, before building models.
+    When CUDA is available only the missing-TE name is defined (needed on GPUs without TE too) and
+    it returns False. Call once per process, before building models.
     """
+    define_missing_te_names()
     if torch.cuda.is_available():
         return False
     if _STATE["enabled"]:
@@ -177,11 +193,8 @@ def enable_cpu_support() -> bool:
     tp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
     tp_random._set_cuda_rng_state = lambda *args, **kwargs: None
 
-    # MoE: router GEMM falls back to torch when TE is absent; all-to-all host copies without streams.
-    from megatron.core.transformer.moe import moe_utils, token_dispatcher
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
+    # MoE: all-to-all host copies without streams.
+    from megatron.core.transformer.moe import token_dispatcher
 
     class _NoStream:
         def wait_stream(self, other):
@@ -213,6 +226,7 @@ def distributed_backend() -> str:
 
 
 __all__ = [
+    "define_missing_te_names",
     "enable_cpu_support",
     "model_parallel_manual_seed",
     "default_device",

@@ -1,0 +1,42 @@
+"""What tst_megatron.cpu changes in megatron-core on a machine *with* CUDA: only the missing
+Transformer Engine name that breaks every MoE forward without TE (found on an H200, session 13)."""
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
+REPO = __file__.rsplit("/tests/", 1)[0]
+
+# Runs in a fresh process that reports CUDA as available, as a GPU machine without TE would: the
+# CPU fixes must stay off, the TE name must be defined, and megatron's own router gating GEMM
+# (forward and backward) must then agree with a plain linear layer.
+_CHILD = r"""
+import torch
+torch.cuda.is_available = lambda: True          # a GPU machine, as far as the fixes can tell
+import torch.nn.functional as F
+from megatron.core.transformer.moe import moe_utils
+assert not moe_utils.HAVE_TE and not hasattr(moe_utils, "te_general_gemm")
+from tst_megatron.cpu import enable_cpu_support, _STATE
+assert enable_cpu_support() is False and not _STATE["enabled"]   # no CPU fix on a CUDA machine
+assert moe_utils.te_general_gemm is None
+torch.manual_seed(0)
+x = torch.randn(2, 5, 16, requires_grad=True)
+w = torch.randn(4, 16, requires_grad=True)
+out = moe_utils.router_gating_linear(x, w, None, torch.float32)
+ref = F.linear(x, w)
+assert torch.allclose(out, ref, atol=1e-6), (out - ref).abs().max()
+g = torch.randn_like(out)
+gx, gw = torch.autograd.grad(out, (x, w), g)
+rx, rw = torch.autograd.grad(ref, (x, w), g)
+assert torch.allclose(gx, rx, atol=1e-5) and torch.allclose(gw, rw, atol=1e-5)
+print("ok")
+"""
+
+
+def test_moe_router_gemm_without_transformer_engine_on_a_cuda_machine():
+    pytest.importorskip("megatron.core")
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("Transformer Engine is installed: megatron defines te_general_gemm itself")
+    proc = subprocess.run([sys.executable, "-c", _CHILD], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
