@@ -17,7 +17,10 @@
 #   bash experiments/gpu_session.sh
 #   WHEELS_DIR=.whl COPY_TO=$OUT bash experiments/gpu_session.sh   # megatron-core from local wheels
 #
-# Session 3 ran stages 1, 2 and a 1,000-step pair (no smoke); session 13 the whole at the defaults.
+# Session 3 ran stages 1, 2 and a 1,000-step pair (no smoke); session 13 the whole at the defaults,
+# where three 116M runs side by side took 148 ms per step each (~65 ms alone) and the 560-s deadline
+# stopped them at iteration ~2,500 of 3,000: for a complete schedule in one call, run fewer of them
+# (e.g. TST_RUNS="2:0.3") or fewer ITERS.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
