@@ -474,14 +474,16 @@ def test_import_refusals(exports, tmp_path):
         cv.import_checkpoint(hf, str(tmp_path / "c9"), base, iteration=5, progress=False, log=None)
 
 
-def test_transformers_saved_model_round_trip(tmp_path):
+@pytest.mark.parametrize("mlp_only_layers, freq", [([1], "2"), ([0], "[0,1]")])
+def test_transformers_saved_model_round_trip(tmp_path, mlp_only_layers, freq):
     """A directory written by transformers' own save_pretrained (v5 names the expert count
-    `num_local_experts`) -> import -> export: the same function."""
+    `num_local_experts`) -> import -> export: the same function. A dense first layer is not
+    megatron's every-k-th pattern: it travels as the 0/1 list form of --moe-layer-freq."""
     cfg = transformers.Qwen3MoeConfig(
         vocab_size=300, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
         norm_topk_prob=False, max_position_embeddings=128, rope_theta=1e6, rms_norm_eps=1e-6,
-        tie_word_embeddings=False, mlp_only_layers=[1])
+        tie_word_embeddings=False, mlp_only_layers=mlp_only_layers)
     torch.manual_seed(0)
     src = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -491,6 +493,7 @@ def test_transformers_saved_model_round_trip(tmp_path):
     res = cv.import_checkpoint(str(tmp_path / "src"), str(tmp_path / "ckpt"), ["--vocab-size", "290"],
                                progress=False, log=None)
     assert {"--moe-layer-freq", "--moe-router-pre-softmax", "--kv-channels"} - set(res["flags"]) == {"--kv-channels"}
+    assert res["flags"][res["flags"].index("--moe-layer-freq") + 1] == freq
     cv.export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "back"), progress=False, log=None)
     back = _load_hf(tmp_path / "back")
     ids = torch.randint(0, 290, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -503,6 +506,6 @@ def test_helpers():
     assert cv.parse_size("100KB") == 100_000 and cv.parse_size(123) == 123
     with pytest.raises(cv.ConversionError, match="--max-shard-size"):
         cv.parse_size("lots")
-    assert cv.hf_import._moe_freq_as_int([1, 0, 1, 0], 4) == 2 and cv.hf_import._moe_freq_as_int(1, 3) == 1
-    with pytest.raises(cv.ConversionError, match="--moe-layer-freq"):
-        cv.hf_import._moe_freq_as_int([0, 1], 2)
+    # an HF MoE layer pattern -> the simplest --moe-layer-freq: every k-th layer as k, else the list
+    assert cv.hf_import._moe_freq([1, 0, 1, 0], 4) == 2 and cv.hf_import._moe_freq(1, 3) == 1
+    assert cv.hf_import._moe_freq([0, 1], 2) == [0, 1]

@@ -8,6 +8,7 @@ flags, with a hint), never silently ignored.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import difflib
 import json
@@ -32,6 +33,35 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default is False or action.default == []:
             return action.help
         return super()._get_help_string(action)
+
+
+def moe_layer_freq(text: str):
+    """--moe-layer-freq as Megatron-LM takes it: an int k (layers 0, k, 2k, ... are MoE) or a Python
+    list expression of 0/1 per layer such as "[0,1,1,1]" or "([0]*1+[1]*3)*2" (1 = MoE). Megatron-LM
+    eval()s the string; here only list/int literals with + and * are evaluated, nothing else."""
+    def value(node):
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.List):
+            return [value(e) for e in node.elts]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            a, b = value(node.left), value(node.right)
+            if isinstance(node.op, ast.Add) and type(a) is type(b):
+                return a + b
+            if isinstance(node.op, ast.Mult) and (isinstance(a, list) != isinstance(b, list)):
+                return a * b
+        raise ValueError
+    try:
+        out = value(ast.parse(text.strip(), mode="eval").body)
+    except (SyntaxError, ValueError, RecursionError):
+        out = None
+    if isinstance(out, int) and out >= 1:
+        return out
+    if isinstance(out, list) and out and all(isinstance(x, int) and x in (0, 1) for x in out):
+        return out
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not an int >= 1 (every k-th layer is MoE) or a list of 0/1 per layer "
+        "(e.g. \"[0,1,1,1]\" or \"([0]*1+[1]*3)*2\"; 1 = MoE)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how tokens reach the expert-parallel ranks")
     e.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None,
                    help="width of an always-on shared expert (needs --disable-bias-linear)")
-    e.add_argument("--moe-layer-freq", type=int, default=1, help="every Nth layer is MoE (1 = all)")
+    e.add_argument("--moe-layer-freq", type=moe_layer_freq, default=1,
+                   help="which layers are MoE: an int k (layers 0, k, 2k, ...; 1 = all) or a 0/1 list with one "
+                        "entry per layer, e.g. \"([0]*1+[1]*3)\" (1 = MoE)")
     e.add_argument("--moe-z-loss-coeff", type=float, default=None,
                    help="weight of the router z-loss (squared log-sum-exp of the router logits)")
     e.add_argument("--moe-router-dtype", choices=["fp32", "fp64"], default=None,

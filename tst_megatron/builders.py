@@ -287,10 +287,10 @@ def count_parameters(m: ModelArgs, vocab_size: int) -> Tuple[int, int]:
 
     dense_mlp = mlp(m.resolved_ffn_hidden_size())
     total = active = 0
-    for layer in range(m.num_layers):
+    for is_moe in m.moe_layer_pattern():
         total += attn + norms
         active += attn + norms
-        if m.num_experts and layer % m.moe_layer_freq == 0:
+        if is_moe:
             expert = mlp(m.moe_ffn_hidden_size or m.resolved_ffn_hidden_size())
             shared = mlp(m.moe_shared_expert_intermediate_size) if m.moe_shared_expert_intermediate_size else 0
             router = h * m.num_experts

@@ -23,7 +23,8 @@ _RESUME_KEYS = (
                             "num_query_groups", "kv_channels", "normalization",
                             "swiglu", "qk_layernorm", "num_experts", "untie_embeddings_and_output_weights",
                             "disable_bias_linear", "position_embedding_type", "moe_ffn_hidden_size",
-                            "moe_router_topk", "moe_router_score_function", "moe_router_enable_expert_bias")]
+                            "moe_router_topk", "moe_router_score_function", "moe_router_enable_expert_bias",
+                            "moe_layer_freq")]
     + [("model", "seq_length"), ("tst", "bag_size"), ("tst", "mode")]
     + [("optim", k) for k in ("train_iters", "lr", "min_lr", "decoupled_lr", "decoupled_min_lr", "lr_decay_style",
                               "lr_warmup_iters", "lr_warmup_fraction", "lr_decay_iters", "lr_wsd_decay_iters",
@@ -200,6 +201,9 @@ def _resolved(args: dict) -> dict:
             m["num_query_groups"] = m["num_attention_heads"] if not m.get("group_query_attention") else 1
         if m.get("num_experts") and m.get("moe_ffn_hidden_size") is None:
             m["moe_ffn_hidden_size"] = ffn
+        if m.get("num_experts") and m.get("num_layers"):  # 2 and [1, 0, 1, 0] are the same layers
+            m["moe_layer_freq"] = [int(x) for x in ModelArgs(**{k: v for k, v in m.items()
+                                                                 if k in fields}).moe_layer_pattern()]
     o = out.get("optim")
     if o is not None and o.get("lr_decay_iters") is None:
         o["lr_decay_iters"] = o.get("train_iters")

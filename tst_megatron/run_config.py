@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Union
 
 from .config import TSTConfig
 
@@ -44,7 +44,7 @@ class ModelArgs:
     moe_router_load_balancing_type: str = "aux_loss"
     moe_token_dispatcher_type: str = "allgather"
     moe_shared_expert_intermediate_size: Optional[int] = None
-    moe_layer_freq: int = 1
+    moe_layer_freq: Union[int, List[int]] = 1  # every k-th layer from 0, or a 0/1 per layer (1 = MoE)
     moe_router_pre_softmax: bool = False
     moe_z_loss_coeff: Optional[float] = None
     moe_router_dtype: Optional[str] = None
@@ -62,6 +62,15 @@ class ModelArgs:
     recompute_method: Optional[str] = None
     recompute_num_layers: Optional[int] = None
     transformer_impl: Optional[str] = None  # None: Transformer Engine when available, else local
+
+    def moe_layer_pattern(self) -> List[bool]:
+        """[is this layer MoE] for every layer: megatron's convention for --moe-layer-freq (an int k:
+        layers 0, k, 2k, ...; a list: one 0/1 per layer). All False without --num-experts."""
+        if not self.num_experts:
+            return [False] * self.num_layers
+        if isinstance(self.moe_layer_freq, int):
+            return [i % self.moe_layer_freq == 0 for i in range(self.num_layers)]
+        return [bool(x) for x in self.moe_layer_freq]
 
     def resolved_ffn_hidden_size(self) -> int:
         if self.ffn_hidden_size is not None:

@@ -171,6 +171,11 @@ def validate(cfg: RunConfig, world_size: int) -> None:
             fail(f"--expert-model-parallel-size ({ep}) must divide the data-parallel size ({dp}): megatron-core "
                  "lays the experts over data-parallel ranks, with --tensor-model-parallel-size as the experts' "
                  "tensor parallelism")
+        if isinstance(m.moe_layer_freq, list) and len(m.moe_layer_freq) != m.num_layers:
+            fail(f"--moe-layer-freq: a list of {len(m.moe_layer_freq)} entries for --num-layers {m.num_layers} "
+                 "(give one 0/1 per layer, 1 = MoE, or an int k for every k-th layer)")
+        if not any(m.moe_layer_pattern()):
+            fail("--moe-layer-freq makes no layer MoE: with --num-experts at least one entry must be 1")
         if not (1 <= m.moe_router_topk <= m.num_experts):
             fail(f"--moe-router-topk ({m.moe_router_topk}) must be in [1, --num-experts]")
         if m.moe_z_loss_coeff is not None and not (math.isfinite(m.moe_z_loss_coeff) and m.moe_z_loss_coeff >= 0):

@@ -5,6 +5,7 @@ import argparse
 import copy
 import dataclasses
 import os
+import shlex
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from .common import (ConversionError, _say, _single_rank, _stages, _use_te, megatron_session)
@@ -49,15 +50,16 @@ def _parse_run_flags(argv: Sequence[str]):
     return parse_args(list(argv)), _given_dests(parser, argv)
 
 
-def _moe_freq_as_int(pattern: Any, num_layers: int) -> int:
+def _moe_freq(pattern: Any, num_layers: int):
+    """The simplest --moe-layer-freq for an HF MoE layer pattern: an int k when the pattern is
+    megatron's 'every k-th layer from layer 0', else the 0/1 list itself."""
     if isinstance(pattern, int):
         return pattern
+    pattern = [int(x) for x in pattern]
     for k in range(1, num_layers + 1):
-        if [int(i % k == 0) for i in range(num_layers)] == [int(x) for x in pattern]:
+        if [int(i % k == 0) for i in range(num_layers)] == pattern:
             return k
-    raise ConversionError(
-        f"mlp_only_layers: the MoE layer pattern {list(pattern)} (1 = MoE) is not megatron's "
-        "'every k-th layer from layer 0'; pretrain_tst.py's --moe-layer-freq takes an int k only")
+    return pattern
 
 
 def _apply_hf_model(m, mc: Mapping[str, Any], given: Set[str]) -> None:
@@ -151,9 +153,9 @@ def _apply_hf_model(m, mc: Mapping[str, Any], given: Set[str]) -> None:
     pre = bool(mc["moe_router_pre_softmax"])
     need(("moe_router_pre_softmax",), "norm_topk_prob (inverted)", pre, lambda: m.moe_router_pre_softmax,
          setter("moe_router_pre_softmax", pre))
-    freq = _moe_freq_as_int(mc.get("moe_layer_freq", 1), m.num_layers)
-    need(("moe_layer_freq",), "mlp_only_layers / decoder_sparse_step", freq, lambda: m.moe_layer_freq,
-         setter("moe_layer_freq", freq))
+    freq = _moe_freq(mc.get("moe_layer_freq", 1), m.num_layers)
+    need(("moe_layer_freq",), "mlp_only_layers / decoder_sparse_step", freq,
+         lambda: _moe_freq(m.moe_layer_freq, m.num_layers), setter("moe_layer_freq", freq))
     need(("moe_shared_expert_intermediate_size",), "no shared expert", None,
          lambda: m.moe_shared_expert_intermediate_size, setter("moe_shared_expert_intermediate_size", None))
     # Qwen3-MoE's router: softmax top-k, no expert bias, no scaling, no group-limited routing
@@ -198,6 +200,8 @@ def _choose_tokenizer(cfg, given: Set[str], hf_dir: str):
 
 
 def _format_value(v: Any) -> str:
+    if isinstance(v, list):  # --moe-layer-freq's 0/1 list, one argv word
+        return "[" + ",".join(str(x) for x in v) + "]"
     return repr(v) if isinstance(v, float) else str(v)
 
 
@@ -353,7 +357,7 @@ def import_checkpoint(hf_dir: str, save: str, run_argv: Sequence[str] = (), *, i
         _say(log, f"  note: --train-iters {cfg.optim.train_iters} <= --iteration {iteration}: pass a "
                   "larger --train-iters to train on")
     _say(log, "> continue with (plus your data / batch / optimizer flags):")
-    _say(log, "  pretrain_tst.py --load " + save + " --no-load-optim " + " ".join(flags))
+    _say(log, "  pretrain_tst.py --load " + shlex.quote(save) + " --no-load-optim " + shlex.join(flags))
     _say(log, f"  (the optimizer is fresh: --no-load-optim; the {hf_vocab}-row vocabulary is kept at "
               f"--tensor-model-parallel-size {'/'.join(map(str, tps))})")
     return {"path": path, "architecture": arch, "flags": flags, "iteration": iteration,
