@@ -154,3 +154,73 @@ def test_decoupled_lr_drives_the_embedding_and_output_layer():
                 want = before[n] - lr * grads[n] / (grads[n].abs() + EPS)
                 torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-7, msg=n)
         scheduler.step(1)
+
+
+@pytest.mark.parametrize("style", ["linear", "cosine"])
+def test_weight_decay_increment_and_warmup_init_follow_megatron_lm(style):
+    """--start/--end-weight-decay over the whole run (Megatron-LM: wd_incr_steps = the training
+    steps), written into the decayed parameter group only; --lr-warmup-init is where the linear
+    warmup starts. Judged against the formulas, step by step, on the optimizer's own groups."""
+    cfg, _, _, optimizer = _build(["--train-iters", "10", "--lr-warmup-iters", "4", "--lr-warmup-init", "0.002",
+                                   "--start-weight-decay", "0.05", "--end-weight-decay", "0.25",
+                                   "--weight-decay-incr-style", style])
+    scheduler = build_scheduler(optimizer, cfg.optim)
+    for step in range(0, 13):
+        if step:
+            scheduler.step(1)
+        ratio = min(step, 10) / 10
+        coeff = ratio if style == "linear" else 0.5 * (math.cos(math.pi * (1 - ratio)) + 1)
+        want_wd = 0.05 + coeff * (0.25 - 0.05)
+        want_lr = 0.002 + (LR - 0.002) * step / 4 if step <= 4 else None
+        decays = sorted({g["weight_decay"] for g in optimizer.param_groups})
+        assert decays == pytest.approx([0.0, want_wd]), (step, decays)  # biases / norms stay at 0
+        if want_lr is not None:
+            assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([want_lr] * len(optimizer.param_groups)), step
+
+
+def test_ddp_bucket_size_splits_the_gradient_buffer():
+    """--ddp-bucket-size reaches megatron's DDP: with --overlap-grad-reduce the gradient buffer is
+    cut into buckets of about that many parameters (one bucket by default at this size)."""
+    _, _, default, _ = _build(["--overlap-grad-reduce"])
+    _, _, small, _ = _build(["--overlap-grad-reduce", "--ddp-bucket-size", "500"])
+    n_default = sum(len(b.buckets) for b in default[0].buffers)
+    n_small = sum(len(b.buckets) for b in small[0].buffers)
+    assert n_default == 1 and n_small > 1 and small[0].ddp_config.bucket_size == 500
+
+
+WD_BASE = ["--data-path", "x", "--vocab-size", "64", "--num-layers", "1", "--train-iters", "10"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--start-weight-decay", "0.1"], "--start-weight-decay need --weight-decay-incr-style linear or cosine"),
+    (["--weight-decay-incr-style", "linear", "--end-weight-decay", "0.1"],
+     "--weight-decay-incr-style linear needs --start-weight-decay and --end-weight-decay"),
+    (["--weight-decay-incr-style", "cosine", "--start-weight-decay", "-1", "--end-weight-decay", "0.1"],
+     "--start-weight-decay must be a finite number >= 0 (got -1.0)"),
+    (["--lr-warmup-init", "0.5", "--lr", "0.1"], "--lr-warmup-init must be in [0, --lr] (got 0.5)"),
+    (["--ddp-bucket-size", "0"], "--ddp-bucket-size must be >= 1 parameter (got 0)"),
+])
+def test_weight_decay_warmup_and_bucket_refusals(argv, message):
+    from tst_megatron.arguments import validate
+    with pytest.raises(SystemExit) as exc:
+        validate(parse_args(WD_BASE + argv), 1)
+    assert message in str(exc.value.code)
+
+
+def test_resume_keeps_the_weight_decay_schedule():
+    """A resume with another weight-decay schedule or warmup start is refused by name (megatron's
+    scheduler would stop on a bare assertion); a checkpoint from before these flags resumes."""
+    from tst_megatron.preflight import check_resume_compatible
+    incr = ["--weight-decay-incr-style", "linear", "--start-weight-decay", "0.0", "--end-weight-decay", "0.1"]
+    saved = parse_args(WD_BASE + incr).to_dict()
+    check_resume_compatible(parse_args(WD_BASE + incr), {"args": saved}, "ckpt")
+    with pytest.raises(SystemExit) as exc:
+        check_resume_compatible(parse_args(WD_BASE + incr[:-1] + ["0.2"]), {"args": saved}, "ckpt")
+    assert "--end-weight-decay 0.2 (checkpoint: 0.1)" in str(exc.value.code)
+    old = parse_args(WD_BASE).to_dict()
+    for key in ("lr_warmup_init", "start_weight_decay", "end_weight_decay", "weight_decay_incr_style"):
+        del old["optim"][key]
+    check_resume_compatible(parse_args(WD_BASE), {"args": old}, "ckpt")
+    with pytest.raises(SystemExit) as exc:
+        check_resume_compatible(parse_args(WD_BASE + ["--lr-warmup-init", "1e-4"]), {"args": old}, "ckpt")
+    assert "--lr-warmup-init 0.0001 (checkpoint: 0.0)" in str(exc.value.code)

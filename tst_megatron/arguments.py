@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="start each gradient bucket's data-parallel reduction during the backward pass")
     par.add_argument("--distributed-timeout-minutes", type=int, default=30,
                      help="timeout of the process-group collectives")
+    par.add_argument("--ddp-bucket-size", type=int, default=None,
+                     help="parameters per gradient-reduction bucket with --overlap-grad-reduce (default: "
+                          "megatron-core's max(40M, 1M x data-parallel size))")
     par.add_argument("--overlap-param-gather", action="store_true",
                      help="distributed optimizer: all-gather each bucket's updated parameters during the next "
                           "forward pass (needs --use-distributed-optimizer and --overlap-grad-reduce)")
@@ -208,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="their learning rate at the end of the decay (default: --min-lr)")
     o.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "WSD"], default="cosine",
                    help="one schedule over all iterations (no re-warmup at the TST switch)")
-    o.add_argument("--lr-warmup-iters", type=int, default=0, help="linear warmup steps from 0")
+    o.add_argument("--lr-warmup-iters", type=int, default=0, help="linear warmup steps from --lr-warmup-init")
+    o.add_argument("--lr-warmup-init", type=float, default=0.0, help="the learning rate the warmup starts from")
     o.add_argument("--lr-warmup-fraction", type=float, default=None,
                    help="warmup as a fraction of --lr-decay-iters (instead of --lr-warmup-iters)")
     o.add_argument("--lr-decay-iters", type=int, default=None, help="default --train-iters")
@@ -218,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="WSD: shape of the final decay")
     o.add_argument("--weight-decay", type=float, default=0.01,
                    help="AdamW decoupled weight decay (not on biases and norms)")
+    o.add_argument("--start-weight-decay", type=float, default=None,
+                   help="weight decay at the first step, with --weight-decay-incr-style linear/cosine")
+    o.add_argument("--end-weight-decay", type=float, default=None,
+                   help="weight decay from the last step on, with --weight-decay-incr-style linear/cosine")
+    o.add_argument("--weight-decay-incr-style", choices=["constant", "linear", "cosine"], default="constant",
+                   help="how the weight decay goes from --start- to --end-weight-decay over the training steps "
+                        "(constant: --weight-decay throughout)")
     o.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
     o.add_argument("--adam-beta2", type=float, default=0.95, help="AdamW beta2")
     o.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")

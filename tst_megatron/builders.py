@@ -143,6 +143,7 @@ def ddp_config(par: ParallelArgs):
         overlap_grad_reduce=par.overlap_grad_reduce,
         overlap_param_gather=par.overlap_param_gather,
         use_distributed_optimizer=par.use_distributed_optimizer,
+        bucket_size=par.ddp_bucket_size,
     )
 
 
@@ -245,23 +246,33 @@ def _decay_steps(o: OptimArgs) -> float:
     return o.lr_decay_iters or o.train_iters
 
 
+def _train_steps(o: OptimArgs) -> float:
+    """The whole run in LR-schedule units (steps; samples under a ramp)."""
+    if o.train_samples is not None:
+        return o.train_samples / samples_per_schedule_step(o)
+    return o.train_iters
+
+
 def build_scheduler(optimizer, o: OptimArgs):
     """One LR schedule over all iterations, both TST phases (the paper: no re-warmup)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     steps = schedule_steps(o)
+    constant_wd = o.weight_decay_incr_style == "constant"
     return OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0,
+        init_lr=o.lr_warmup_init,
         max_lr=o.lr,
         min_lr=o.min_lr,
         lr_warmup_steps=steps["warmup"],
         lr_decay_steps=steps["decay"],
         lr_decay_style=o.lr_decay_style,
-        start_wd=o.weight_decay,
-        end_wd=o.weight_decay,
-        wd_incr_steps=max(math.ceil(_decay_steps(o)), 1),  # constant weight decay; megatron checks it on load
-        wd_incr_style="constant",
+        start_wd=o.weight_decay if constant_wd else o.start_weight_decay,
+        end_wd=o.weight_decay if constant_wd else o.end_weight_decay,
+        # constant: any length (megatron checks it on load: the decay steps, as checkpoints have it);
+        # an increment runs over the whole training, as in Megatron-LM
+        wd_incr_steps=max(math.ceil(_decay_steps(o) if constant_wd else _train_steps(o)), 1),
+        wd_incr_style=o.weight_decay_incr_style,
         use_checkpoint_opt_param_scheduler=False,
         override_opt_param_scheduler=False,
         wsd_decay_steps=steps["wsd_decay"],  # read (and required) only by the WSD style

@@ -30,6 +30,8 @@ SATISFIED = {
     "--use-dist-ckpt": "torch_dist (dist_checkpointing) is the checkpoint format",
     "--log-validation-ppl-to-tensorboard": "validation perplexity (eval/val_lm_ppl) is always a TensorBoard scalar",
     "--log-world-size-to-tensorboard": "the world size (train/world_size) is always a TensorBoard scalar",
+    "--check-for-nan-in-loss-and-grad": "the non-finite guard is always on: a NaN/Inf loss or gradient norm stops "
+                                        "the run without saving (or skips the step, --skip-nonfinite-steps)",
     "--log-loss-scale-to-tensorboard": "the loss scale (train/loss_scale) is a TensorBoard scalar whenever there "
                                        "is one (--fp16)",
 }

@@ -28,7 +28,8 @@ _RESUME_KEYS = (
     + [("model", "seq_length"), ("tst", "bag_size"), ("tst", "mode")]
     + [("optim", k) for k in ("train_iters", "lr", "min_lr", "decoupled_lr", "decoupled_min_lr", "lr_decay_style",
                               "lr_warmup_iters", "lr_warmup_fraction", "lr_decay_iters", "lr_wsd_decay_iters",
-                              "lr_wsd_decay_style", "weight_decay", "rampup_batch_size")])
+                              "lr_wsd_decay_style", "weight_decay", "rampup_batch_size", "lr_warmup_init",
+                              "start_weight_decay", "end_weight_decay", "weight_decay_incr_style")])
 
 
 def _split_bounds(split: str):
@@ -190,6 +191,10 @@ def _resolved(args: dict) -> dict:
         for f in dataclasses.fields(ModelArgs):
             if f.name not in out["model"] and f.default is not dataclasses.MISSING:
                 out["model"][f.name] = f.default
+    if "optim" in out:  # likewise for optimizer flags added since
+        for f in dataclasses.fields(OptimArgs):
+            if f.name not in out["optim"] and f.default is not dataclasses.MISSING:
+                out["optim"][f.name] = f.default
     m = out.get("model")
     if m is not None and m.get("hidden_size") and m.get("num_attention_heads"):
         fields = {f.name for f in dataclasses.fields(ModelArgs)}

@@ -93,6 +93,7 @@ class ParallelArgs:
     distributed_timeout_minutes: int = 30
     grad_reduce_in_bf16: bool = False  # DDP's gradient buffers in bf16 (default: fp32)
     empty_unused_memory_level: int = 0  # Megatron-LM's torch.cuda.empty_cache() points
+    ddp_bucket_size: Optional[int] = None  # parameters per gradient bucket (megatron-core's default if None)
 
 
 @dataclass
@@ -120,6 +121,11 @@ class OptimArgs:
     lr_wsd_decay_samples: Optional[int] = None
     lr_wsd_decay_style: str = "linear"
     weight_decay: float = 0.01
+    # Megatron-LM's weight-decay increment: from start to end over the run (constant: --weight-decay)
+    start_weight_decay: Optional[float] = None
+    end_weight_decay: Optional[float] = None
+    weight_decay_incr_style: str = "constant"
+    lr_warmup_init: float = 0.0  # the LR the linear warmup starts from
     # Megatron-LM's per-token normalisation: the loss of a step is the mean over every trained
     # position of the global batch (not the mean of per-micro-batch means)
     calculate_per_token_loss: bool = False

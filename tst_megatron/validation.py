@@ -51,6 +51,23 @@ def _check_router(m) -> None:
              "bias would never move; drop one of the two")
 
 
+def _check_weight_decay_increment(o: OptimArgs) -> None:
+    """Megatron-LM's rule: constant uses --weight-decay; linear/cosine need both ends."""
+    given = [f for f, v in (("--start-weight-decay", o.start_weight_decay), ("--end-weight-decay", o.end_weight_decay))
+             if v is not None]
+    if o.weight_decay_incr_style == "constant":
+        if given:
+            fail(f"{' and '.join(given)} need --weight-decay-incr-style linear or cosine (constant keeps "
+                 "--weight-decay throughout)")
+        return
+    if len(given) < 2:
+        fail(f"--weight-decay-incr-style {o.weight_decay_incr_style} needs --start-weight-decay and "
+             "--end-weight-decay (the decay at the first step and from the last step on)")
+    for flag, value in (("--start-weight-decay", o.start_weight_decay), ("--end-weight-decay", o.end_weight_decay)):
+        if not math.isfinite(value) or value < 0:
+            fail(f"{flag} must be a finite number >= 0 (got {value})")
+
+
 def _check_rampup(o: OptimArgs, dp: int, pp_interleaved: int) -> None:
     """--rampup-batch-size START INCREMENT RAMP_SAMPLES: every batch of the ramp must split into
     whole micro-batches on every data-parallel rank (megatron-core asserts it at the step that
@@ -250,6 +267,11 @@ def validate(cfg: RunConfig, world_size: int) -> None:
             fail(f"{name} must be a finite number >= 0 (got {value})")
     if o.min_lr > o.lr:
         fail(f"--min-lr ({o.min_lr}) must not exceed --lr ({o.lr})")
+    if not math.isfinite(o.lr_warmup_init) or not 0 <= o.lr_warmup_init <= o.lr:
+        fail(f"--lr-warmup-init must be in [0, --lr] (got {o.lr_warmup_init})")
+    _check_weight_decay_increment(o)
+    if cfg.parallel.ddp_bucket_size is not None and cfg.parallel.ddp_bucket_size < 1:
+        fail(f"--ddp-bucket-size must be >= 1 parameter (got {cfg.parallel.ddp_bucket_size})")
     if o.fp16 and o.bf16:
         fail("give one of --fp16 and --bf16")
     if o.loss_scale is not None and not o.fp16:

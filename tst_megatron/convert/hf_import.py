@@ -17,7 +17,8 @@ _NON_SHAPE_MODEL_FIELDS = ("seq_length", "hidden_dropout", "attention_dropout", 
 
 # OptimArgs fields of the LR schedule (pretrain_tst.py compares them with the checkpoint's).
 _SCHEDULE_FIELDS = ("train_iters", "lr", "min_lr", "lr_decay_style", "lr_warmup_iters", "lr_decay_iters",
-                    "lr_wsd_decay_iters", "lr_wsd_decay_style", "weight_decay")
+                    "lr_wsd_decay_iters", "lr_wsd_decay_style", "weight_decay", "lr_warmup_init",
+                    "start_weight_decay", "end_weight_decay", "weight_decay_incr_style")
 
 
 # ----------------------------------------------------------------------------------------------
