@@ -433,3 +433,30 @@ def test_resume_of_a_sample_based_run():
         preflight.check_resume_compatible(cfg("--global-batch-size", "16", "--train-samples", "1600"), saved, "ck")
     assert "--global-batch-size 16 (checkpoint: 8) with --train-samples" in str(exc.value.code)
     preflight.check_resume_compatible(cfg("--global-batch-size", "8", "--train-iters", "100"), saved, "ck")
+
+
+def test_squared_relu_is_the_mlp_activation():
+    """--squared-relu: megatron's MLP of a built model computes fc2(relu(fc1 x)^2) (written out
+    here); refused with --swiglu; the Hugging Face export names the field it cannot hold."""
+    import dist_utils
+    from tst_megatron.builders import build_model_chunks, padded_vocab_size
+    from tst_megatron.hf_convert import config as hc
+
+    dist_utils.init_single_process()
+    cfg = parse_args(BASE + ["--hidden-size", "16", "--num-attention-heads", "2", "--squared-relu",
+                             "--disable-bias-linear"])
+    validate(cfg, 1)
+    tc = transformer_config(cfg.model, cfg.parallel, cfg.optim, use_cpu_init=True)
+    model = build_model_chunks(cfg, tc, padded_vocab_size(257, cfg.model.make_vocab_size_divisible_by, 1))[0]
+    mlp = model.decoder.layers[0].mlp
+    x = torch.randn(3, 2, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out, _ = mlp(x)
+        h = x @ mlp.linear_fc1.weight.t()
+        if hasattr(mlp.linear_fc1, "layer_norm_weight"):  # a fused norm in fc1 (TE-style spec)
+            pytest.skip("norm fused into fc1")
+        want = torch.relu(h).pow(2) @ mlp.linear_fc2.weight.t()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    assert _error(["--squared-relu", "--swiglu"]) == "error: give one of --squared-relu and --swiglu (the MLP has one activation)"
+    with pytest.raises(ValueError, match="activation_func"):
+        hc.check_representable("LlamaForCausalLM", tc)

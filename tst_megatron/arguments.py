@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="norm layer before attention and MLP")
     m.add_argument("--norm-epsilon", type=float, default=1e-5, help="epsilon of the norm layers")
     m.add_argument("--swiglu", action="store_true", help="gated SiLU MLP (Llama-style)")
+    m.add_argument("--squared-relu", action="store_true",
+                   help="relu(x)^2 MLP activation (Primer) instead of GeLU; not with --swiglu")
     m.add_argument("--qk-layernorm", action="store_true", help="norm on queries and keys (Qwen3-style)")
     m.add_argument("--untie-embeddings-and-output-weights", action="store_true",
                    help="separate output layer instead of the input embedding's transpose")

@@ -24,6 +24,7 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
 
 def transformer_config(m: ModelArgs, par: ParallelArgs, o: OptimArgs, use_cpu_init: bool):
     """megatron-core TransformerConfig from the model / parallel / precision flags."""
+    from megatron.core.activations import squared_relu
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = o.params_dtype
@@ -66,7 +67,7 @@ def transformer_config(m: ModelArgs, par: ParallelArgs, o: OptimArgs, use_cpu_in
         normalization=m.normalization,
         layernorm_epsilon=m.norm_epsilon,
         gated_linear_unit=m.swiglu,
-        activation_func=F.silu if m.swiglu else F.gelu,
+        activation_func=F.silu if m.swiglu else squared_relu if m.squared_relu else F.gelu,
         bias_activation_fusion=False,
         qk_layernorm=m.qk_layernorm,
         add_bias_linear=not m.disable_bias_linear,

@@ -154,6 +154,8 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         fail(f"--hidden-size ({m.hidden_size}) must be divisible by --num-attention-heads "
              f"({m.num_attention_heads}), or give --kv-channels")
     groups = m.num_query_groups if m.group_query_attention else None
+    if m.squared_relu and m.swiglu:
+        fail("give one of --squared-relu and --swiglu (the MLP has one activation)")
     if m.num_query_groups is not None and not m.group_query_attention:
         fail("--num-query-groups needs --group-query-attention")
     if groups is not None:
