@@ -49,7 +49,10 @@ def moe_layer_freq(text: str):
             if isinstance(node.op, ast.Add) and type(a) is type(b):
                 return a + b
             if isinstance(node.op, ast.Mult) and (isinstance(a, list) != isinstance(b, list)):
-                return a * b
+                items, times = (a, b) if isinstance(a, list) else (b, a)
+                if len(items) * max(times, 0) > 100_000:  # a layer pattern, not a way to fill memory
+                    raise ValueError
+                return items * times
         raise ValueError
     try:
         out = value(ast.parse(text.strip(), mode="eval").body)
