@@ -27,16 +27,18 @@ PY=${PYTHON:-python3}
 R=${RESULTS_DIR:-outputs/gpu_session}
 E="$R/equal_flops"
 DEADLINE=${DEADLINE:-560}
+SITE_BYTES=${SITE_BYTES:-150000000}
+WORKERS=${WORKERS:-12}
 mkdir -p "$E"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 T0=$SECONDS
 stamp() { echo "[gpu_session +$((SECONDS - T0))s] $*" | tee -a "$R/session.log"; }
 left() { echo $((DEADLINE - (SECONDS - T0))); }
-pack() {
+pack() {  # $1: a name for the temporary file (the background packer and the final pack differ)
   [ -n "${COPY_TO:-}" ] || return 0
-  tar -czf "$COPY_TO/gpu_session.tgz.part" --exclude='*.bin' --exclude='*.idx' --exclude='*.npy' \
+  tar -czf "$COPY_TO/gpu_session.tgz.${1:-part}" --exclude='*.bin' --exclude='*.idx' --exclude='*.npy' \
     --exclude='cache_*' --exclude='ckpt' --exclude='*.distcp' -C "$R" . 2>/dev/null
-  mv -f "$COPY_TO/gpu_session.tgz.part" "$COPY_TO/gpu_session.tgz"
+  mv -f "$COPY_TO/gpu_session.tgz.${1:-part}" "$COPY_TO/gpu_session.tgz"
 }
 
 if ! $PY -c "import megatron.core" 2>/dev/null && [ -n "${WHEELS_DIR:-}" ]; then
@@ -51,14 +53,14 @@ torch.version.cuda, 'triton', triton.__version__, 'megatron-core', m.__version__
 transformers.__version__, torch.cuda.get_device_name(0))"
   nproc
 } 2>&1 | tee -a "$R/session.log"
-(while sleep 20; do pack; done) &
+(while sleep 20; do pack loop; done) &
 PACKER=$!
 
 TOKENIZER=experiments/data/stdlib_spm2k.model
 CORPUS_PID=
 if [ "${CORPUS:-site}" = "site" ]; then
-  stamp "corpus: building $E/site_spm2k in the background (${SITE_BYTES:=150000000} bytes)"
-  bash experiments/build_site_corpus.sh "$E/site_spm2k" "$TOKENIZER" "$SITE_BYTES" "${WORKERS:-12}" \
+  stamp "corpus: building $E/site_spm2k in the background ($SITE_BYTES bytes, $WORKERS workers)"
+  bash experiments/build_site_corpus.sh "$E/site_spm2k" "$TOKENIZER" "$SITE_BYTES" "$WORKERS" \
     > "$R/corpus.log" 2>&1 &
   CORPUS_PID=$!
 fi
@@ -73,7 +75,7 @@ if [ "$KERNEL_RC" != 0 ]; then
   stamp "the Triton kernels failed their check: the runs below use the torch loss (TST_MCE_KERNEL=torch)"
 fi
 
-stamp "2/4 MCE benchmark (bench/bench_mce.py; the corpus is being tokenized on 12 of the CPU cores meanwhile)"
+stamp "2/4 MCE benchmark (bench/bench_mce.py; with CORPUS=site the corpus is being tokenized meanwhile)"
 timeout "${BENCH_TIMEOUT:-150}" $PY bench/bench_mce.py ${BENCH_ARGS:-} --json "$R/bench_mce.json" > "$R/bench_mce.txt" 2>&1
 stamp "bench rc=$?"
 tail -n 45 "$R/bench_mce.txt" >> "$R/session.log"
@@ -96,6 +98,7 @@ tail -n 12 "$R/equal_flops.log" | tee -a "$R/session.log"
 
 wait "$SMOKE_PID"; stamp "smoke rc=$?"
 grep "^\[gpu_smoke\]" "$R/smoke.log" | tee -a "$R/session.log"
-kill "$PACKER" 2>/dev/null
+kill "$PACKER" 2>/dev/null; wait "$PACKER" 2>/dev/null
+rm -f "${COPY_TO:-/nonexistent}/gpu_session.tgz.loop"
 stamp "done"
-pack
+pack final

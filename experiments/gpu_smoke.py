@@ -113,9 +113,10 @@ def main() -> int:
     resumed = {**losses(tu.read_records(str(out / "resume_a.jsonl"))),
                **losses(tu.read_records(str(out / "resume_b.jsonl")))}
     common = sorted(set(ref) & set(resumed))
-    diff = max((abs(ref[k] - resumed[k]) for k in common), default=float("nan"))
-    print(f"[gpu_smoke] resume vs uninterrupted: {len(common)} common iterations, largest |loss difference| "
-          f"{diff:.3g} ({'bit-exact' if diff == 0 else 'not bit-exact'})")
+    diff = max((abs(ref[k] - resumed[k]) for k in common), default=None)  # None: no resume cases ran
+    if diff is not None:
+        print(f"[gpu_smoke] resume vs uninterrupted: {len(common)} common iterations, largest |loss difference| "
+              f"{diff:.3g} ({'bit-exact' if diff == 0 else 'not bit-exact'})")
     summary = dict(device=device, torch=torch.__version__, cases=rows, resume_iterations=len(common),
                    resume_max_abs_loss_diff=diff, failed=failed)
     (out / "smoke.json").write_text(json.dumps(summary, indent=1))

@@ -159,10 +159,14 @@ def test_use_checkpoint_args(ws, tmp_path):
 
     assert parse_args(bare + ["--ffn-hidden-size", "256"]).model.num_experts == 4  # 4 x hidden, the default
     assert parse_args(bare + ["--seq-length", "16"]).model.seq_length == 16  # a fine-tuning choice
+    # the checkpoint's MoE layers (every layer), typed either way: the same pattern, accepted
+    assert parse_args(bare + ["--moe-layer-freq", "1"]).model.moe_layer_freq == 1
+    assert parse_args(bare + ["--moe-layer-freq", "[1,1]"]).model.moe_layer_freq == [1, 1]
     job = bare[:-3] + ["--load", str(tmp_path / "job"), "--pretrained-checkpoint", ck, "--use-checkpoint-args"]
     assert parse_args(job).model.num_experts == 4
     for argv, message in ((bare + ["--hidden-size", "32"], "--hidden-size 32 contradicts the checkpoint's 64"),
                           (bare + ["--num-experts", "8"], "--num-experts 8 contradicts the checkpoint's 4"),
+                          (bare + ["--moe-layer-freq", "2"], "--moe-layer-freq 2 contradicts the checkpoint's [1, 1]"),
                           (bare[:-3] + ["--use-checkpoint-args"], "--use-checkpoint-args reads the model's flags "
                                                                   "from the checkpoint it loads: give --load"),
                           (bare[:-3] + ["--load", str(tmp_path), "--use-checkpoint-args"],

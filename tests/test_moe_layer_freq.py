@@ -42,7 +42,8 @@ def test_megatron_core_builds_moe_exactly_where_the_flag_says(freq, pattern):
 
 
 @pytest.mark.parametrize("freq", ["0", "-1", "[2,0,1,1]", "[]", "[1.0,0,1,1]", "__import__('os').getcwd()",
-                                  "[1]*'4'", "[1,0]+1", "lots", "[1]*10**9", "[1]*1000000000"])
+                                  "[1]*'4'", "[1,0]+1", "lots", "[1]*10**9", "[1]*1000000000", "[[1]*100000,[1]*100000]",
+                                  "+".join(["[1]*100000"] * 3), "[1]+[1]*100000", "[[1],[0]]"])
 def test_what_is_not_a_layer_pattern_is_refused_by_the_parser(freq, capsys):
     with pytest.raises(SystemExit):
         parse_args(MOE4 + ["--moe-layer-freq", freq])

@@ -161,7 +161,9 @@ def test_weight_decay_increment_and_warmup_init_follow_megatron_lm(style):
     """--start/--end-weight-decay over the whole run (Megatron-LM: wd_incr_steps = the training
     steps), written into the decayed parameter group only; --lr-warmup-init is where the linear
     warmup starts. Judged against the formulas, step by step, on the optimizer's own groups."""
-    cfg, _, _, optimizer = _build(["--train-iters", "10", "--lr-warmup-iters", "4", "--lr-warmup-init", "0.002",
+    # the LR decays over 6 steps, the weight decay rises over all 10
+    cfg, _, _, optimizer = _build(["--train-iters", "10", "--lr-decay-iters", "6", "--lr-warmup-iters", "4",
+                                   "--lr-warmup-init", "0.002",
                                    "--start-weight-decay", "0.05", "--end-weight-decay", "0.25",
                                    "--weight-decay-incr-style", style])
     scheduler = build_scheduler(optimizer, cfg.optim)
@@ -192,13 +194,18 @@ WD_BASE = ["--data-path", "x", "--vocab-size", "64", "--num-layers", "1", "--tra
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--start-weight-decay", "0.1"], "--start-weight-decay need --weight-decay-incr-style linear or cosine"),
+    (["--start-weight-decay", "0.1"], "--start-weight-decay needs --weight-decay-incr-style linear or cosine"),
+    (["--start-weight-decay", "0.1", "--end-weight-decay", "0.1"],
+     "--start-weight-decay and --end-weight-decay need --weight-decay-incr-style linear or cosine"),
+    (["--weight-decay-incr-style", "linear", "--start-weight-decay", "0.2", "--end-weight-decay", "0.1"],
+     "--end-weight-decay (0.1) must be >= --start-weight-decay (0.2): megatron's schedule only increases"),
+    (["--ddp-bucket-size", "1000"], "--ddp-bucket-size needs --overlap-grad-reduce"),
     (["--weight-decay-incr-style", "linear", "--end-weight-decay", "0.1"],
      "--weight-decay-incr-style linear needs --start-weight-decay and --end-weight-decay"),
     (["--weight-decay-incr-style", "cosine", "--start-weight-decay", "-1", "--end-weight-decay", "0.1"],
      "--start-weight-decay must be a finite number >= 0 (got -1.0)"),
     (["--lr-warmup-init", "0.5", "--lr", "0.1"], "--lr-warmup-init must be in [0, --lr] (got 0.5)"),
-    (["--ddp-bucket-size", "0"], "--ddp-bucket-size must be >= 1 parameter (got 0)"),
+    (["--ddp-bucket-size", "0", "--overlap-grad-reduce"], "--ddp-bucket-size must be >= 1 parameter (got 0)"),
 ])
 def test_weight_decay_warmup_and_bucket_refusals(argv, message):
     from tst_megatron.arguments import validate

@@ -38,33 +38,41 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def moe_layer_freq(text: str):
     """--moe-layer-freq as Megatron-LM takes it: an int k (layers 0, k, 2k, ... are MoE) or a Python
     list expression of 0/1 per layer such as "[0,1,1,1]" or "([0]*1+[1]*3)*2" (1 = MoE). Megatron-LM
-    eval()s the string; here only list/int literals with + and * are evaluated, nothing else."""
+    eval()s the string; here only int literals, lists of them, + and * are evaluated, and no value
+    on the way may exceed _MAX_PATTERN entries (a layer pattern, not a way to fill memory)."""
     def value(node):
         if isinstance(node, ast.Constant) and type(node.value) is int:
             return node.value
-        if isinstance(node, ast.List):
-            return [value(e) for e in node.elts]
+        if isinstance(node, ast.List) and len(node.elts) <= _MAX_PATTERN and all(
+                isinstance(e, ast.Constant) and type(e.value) is int for e in node.elts):
+            return [e.value for e in node.elts]  # a list holds int literals only
         if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
             a, b = value(node.left), value(node.right)
             if isinstance(node.op, ast.Add) and type(a) is type(b):
+                if isinstance(a, list) and len(a) + len(b) > _MAX_PATTERN:
+                    raise ValueError
                 return a + b
             if isinstance(node.op, ast.Mult) and (isinstance(a, list) != isinstance(b, list)):
                 items, times = (a, b) if isinstance(a, list) else (b, a)
-                if len(items) * max(times, 0) > 100_000:  # a layer pattern, not a way to fill memory
+                if len(items) * max(times, 0) > _MAX_PATTERN:
                     raise ValueError
                 return items * times
         raise ValueError
     try:
         out = value(ast.parse(text.strip(), mode="eval").body)
-    except (SyntaxError, ValueError, RecursionError):
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         out = None
     if isinstance(out, int) and out >= 1:
         return out
-    if isinstance(out, list) and out and all(isinstance(x, int) and x in (0, 1) for x in out):
+    if isinstance(out, list) and out and all(x in (0, 1) for x in out):
         return out
     raise argparse.ArgumentTypeError(
-        f"{text!r} is not an int >= 1 (every k-th layer is MoE) or a list of 0/1 per layer "
-        "(e.g. \"[0,1,1,1]\" or \"([0]*1+[1]*3)*2\"; 1 = MoE)")
+        f"{text if len(text) <= 80 else text[:80] + '...'!r} is not an int >= 1 (every k-th layer is MoE) or a "
+        "list of 0/1 per layer (e.g. \"[0,1,1,1]\" or \"([0]*1+[1]*3)*2\"; 1 = MoE; at most "
+        f"{_MAX_PATTERN:,} entries)")
+
+
+_MAX_PATTERN = 100_000
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -272,7 +272,7 @@ def build_scheduler(optimizer, o: OptimArgs):
         end_wd=o.weight_decay if constant_wd else o.end_weight_decay,
         # constant: any length (megatron checks it on load: the decay steps, as checkpoints have it);
         # an increment runs over the whole training, as in Megatron-LM
-        wd_incr_steps=max(math.ceil(_decay_steps(o) if constant_wd else _train_steps(o)), 1),
+        wd_incr_steps=max(math.ceil(_decay_steps(o)), 1) if constant_wd else _train_steps(o),
         wd_incr_style=o.weight_decay_incr_style,
         use_checkpoint_opt_param_scheduler=False,
         override_opt_param_scheduler=False,

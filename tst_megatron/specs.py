@@ -127,6 +127,10 @@ def gpt_block_spec(config: TransformerConfig, use_transformer_engine: Optional[b
     """
     if use_transformer_engine is None:
         use_transformer_engine = transformer_engine_available()
+    if config.num_moe_experts and not use_transformer_engine:
+        from .cpu import define_missing_te_names
+
+        define_missing_te_names()  # megatron's MoE router on a machine without TE (a GPU too)
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_transformer_engine,
                                        normalization=config.normalization, vp_stage=vp_stage)
     if use_transformer_engine:

@@ -57,8 +57,8 @@ def _check_weight_decay_increment(o: OptimArgs) -> None:
              if v is not None]
     if o.weight_decay_incr_style == "constant":
         if given:
-            fail(f"{' and '.join(given)} need --weight-decay-incr-style linear or cosine (constant keeps "
-                 "--weight-decay throughout)")
+            fail(f"{' and '.join(given)} {'need' if len(given) > 1 else 'needs'} --weight-decay-incr-style linear "
+                 "or cosine (constant keeps --weight-decay throughout)")
         return
     if len(given) < 2:
         fail(f"--weight-decay-incr-style {o.weight_decay_incr_style} needs --start-weight-decay and "
@@ -66,6 +66,9 @@ def _check_weight_decay_increment(o: OptimArgs) -> None:
     for flag, value in (("--start-weight-decay", o.start_weight_decay), ("--end-weight-decay", o.end_weight_decay)):
         if not math.isfinite(value) or value < 0:
             fail(f"{flag} must be a finite number >= 0 (got {value})")
+    if o.end_weight_decay < o.start_weight_decay:
+        fail(f"--end-weight-decay ({o.end_weight_decay}) must be >= --start-weight-decay ({o.start_weight_decay}): "
+             "megatron's schedule only increases the weight decay")
 
 
 def _check_rampup(o: OptimArgs, dp: int, pp_interleaved: int) -> None:
@@ -272,8 +275,12 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     if not math.isfinite(o.lr_warmup_init) or not 0 <= o.lr_warmup_init <= o.lr:
         fail(f"--lr-warmup-init must be in [0, --lr] (got {o.lr_warmup_init})")
     _check_weight_decay_increment(o)
-    if cfg.parallel.ddp_bucket_size is not None and cfg.parallel.ddp_bucket_size < 1:
-        fail(f"--ddp-bucket-size must be >= 1 parameter (got {cfg.parallel.ddp_bucket_size})")
+    if cfg.parallel.ddp_bucket_size is not None:
+        if cfg.parallel.ddp_bucket_size < 1:
+            fail(f"--ddp-bucket-size must be >= 1 parameter (got {cfg.parallel.ddp_bucket_size})")
+        if not cfg.parallel.overlap_grad_reduce:
+            fail("--ddp-bucket-size needs --overlap-grad-reduce (without it megatron reduces all gradients in one "
+                 "bucket after the backward pass, and the size would be ignored)")
     if o.fp16 and o.bf16:
         fail("give one of --fp16 and --bf16")
     if o.loss_scale is not None and not o.fp16:
