@@ -29,3 +29,16 @@ def test_gpu_equal_flops_script_tiny_on_cpu(tmp_path):
         assert f"{name}: final val LM loss" in summary
     for name in runs[1:]:  # each TST run compared with the baseline
         assert re.search(rf"  {name}: final val_lm_loss .* at iteration 20: (not reached|baseline reaches)", summary)
+
+
+def test_gpu_smoke_script_runs_a_case_on_cpu(tmp_path):
+    """experiments/gpu_smoke.py (what a lent GPU runs first) works end to end here: one case, its
+    table line and smoke.json (so no device time is spent finding a broken script)."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "experiments/gpu_smoke.py", "--out", str(tmp_path), "--only", "tst-mode input"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[gpu_smoke] ok   tst-mode input, bag weighting power: 12 iterations" in proc.stdout
+    summary = json.loads((tmp_path / "smoke.json").read_text())
+    assert summary["failed"] == 0 and [c["case"] for c in summary["cases"]] == ["tst-mode input, bag weighting power"]
+    assert summary["cases"][0]["iterations"] == 12 and summary["resume_max_abs_loss_diff"] is None
