@@ -442,6 +442,22 @@ _MEGATRON_EQUIVALENTS = {
                                             "by default)",
 }
 
+# Megatron-LM flags of its example scripts that this trainer does not implement: what to do instead.
+_NOT_IMPLEMENTED = {
+    "--moe-grouped-gemm": "not implemented; drop it: the experts run as megatron-core's SequentialMLP (the same "
+                          "function, one GEMM per expert)",
+    "--moe-permute-fusion": "not implemented; drop it: megatron-core's unfused token permutation runs",
+    "--moe-router-fusion": "not implemented; drop it: megatron-core's unfused router runs",
+    "--cross-entropy-loss-fusion": "not implemented; drop it: the next-token loss is megatron-core's vocab-parallel "
+                                   "cross-entropy (the multi-hot loss has its own fused kernels)",
+    "--apply-layernorm-1p": "not implemented: norm weights are plain gammas (no zero-centred form)",
+    "--async-save": "not implemented; drop it: checkpoints are written synchronously and atomically",
+    "--tensorboard-log-interval": "not implemented; drop it: TensorBoard scalars are written every --log-interval",
+    "--fp8-format": "FP8 training is not implemented (use --bf16)",
+    "--mtp-num-layers": "multi-token prediction is not implemented",
+    "--multi-latent-attention": "multi-latent attention is not implemented",
+}
+
 
 def _suggestions(parser: argparse.ArgumentParser, unknown: List[str]) -> str:
     """' (did you mean --x?)' hints for unknown flags: close spellings or Megatron-LM equivalents."""
@@ -453,6 +469,9 @@ def _suggestions(parser: argparse.ArgumentParser, unknown: List[str]) -> str:
             continue
         if flag in _MEGATRON_EQUIVALENTS:
             hints.append(f"{flag}: use {_MEGATRON_EQUIVALENTS[flag]}")
+            continue
+        if flag in _NOT_IMPLEMENTED:
+            hints.append(f"{flag}: {_NOT_IMPLEMENTED[flag]}")
             continue
         close = difflib.get_close_matches(flag, known, n=2, cutoff=0.75)
         if close:
