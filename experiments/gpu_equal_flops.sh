@@ -9,6 +9,7 @@
 #   TINY=1 bash experiments/gpu_equal_flops.sh         # the same pipeline at a toy size on CPU
 #   CORPUS=site bash experiments/gpu_equal_flops.sh    # a larger corpus built on the machine
 #   TST_RUNS="4:0.3 2:0.3" PARALLEL=1 ITERS=3000 ...   # several TST runs (s:r), all side by side
+#   SEED=4321 ...                                      # another seed (default 1234)
 #
 # CORPUS=carried (default) uses the 2M-token corpus in experiments/data: a 125M model repeats it
 # many times. CORPUS=site builds, with the same tools and the same carried tokenizer, a corpus from
@@ -54,7 +55,7 @@ COMMON=(pretrain_tst.py --data-path "$DATA" --split 98,2,0 --tokenizer-type Sent
   --tokenizer-model "$TOKENIZER" --make-vocab-size-divisible-by 64 "${MODEL[@]}" "${BATCH[@]}" "${PREC[@]}"
   --position-embedding-type rope --swiglu --normalization RMSNorm --disable-bias-linear --untie-embeddings-and-output-weights
   --train-iters "$ITERS" --lr 1e-3 --min-lr 1e-4 --lr-decay-style WSD --lr-warmup-iters $((ITERS / 20))
-  --lr-wsd-decay-iters $((ITERS / 10)) --weight-decay 0.1 --clip-grad 1.0 --seed 1234
+  --lr-wsd-decay-iters $((ITERS / 10)) --weight-decay 0.1 --clip-grad 1.0 --seed "${SEED:-1234}"
   --log-interval $((ITERS / 20 > 0 ? ITERS / 20 : 1)) "${EVAL[@]}")
 
 # One baseline and one TST run per "s:r" in TST_RUNS; PARALLEL=1 launches them side by side (a 116M

@@ -16,11 +16,13 @@
 #
 #   bash experiments/gpu_session.sh
 #   WHEELS_DIR=.whl COPY_TO=$OUT bash experiments/gpu_session.sh   # megatron-core from local wheels
+#   ... TST_RUNS="4:0.3 2:0.3" SEED=1234 ...                        # session 13's three runs
 #
-# Session 3 ran stages 1, 2 and a 1,000-step pair (no smoke); session 13 the whole at the defaults,
-# where three 116M runs side by side took 148 ms per step each (~65 ms alone) and the 560-s deadline
-# stopped them at iteration ~2,500 of 3,000: for a complete schedule in one call, run fewer of them
-# (e.g. TST_RUNS="2:0.3") or fewer ITERS.
+# Session 3 ran stages 1, 2 and a 1,000-step pair (no smoke). Session 13 ran the whole with three
+# 116M runs (baseline, s=4, s=2) side by side: 148 ms per step each (~65 ms alone), so the 560-s
+# deadline stopped them at iteration ~2,500 of 3,000, before the LR decay. The defaults are now the
+# next step: the baseline and s = 2 only, on a second seed, for the whole 3,000-step schedule
+# (two runs side by side should take ~100 ms per step: ~330 s with evaluations).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -90,8 +92,8 @@ timeout "${SMOKE_TIMEOUT:-300}" $PY experiments/gpu_smoke.py --out "$R/smoke" > 
 SMOKE_PID=$!
 
 PAIR_LIMIT=$(( $(left) - 15 ))
-stamp "4/4 equal-FLOPs runs (experiments/gpu_equal_flops.sh): ITERS=${ITERS:=3000} TST_RUNS='${TST_RUNS:=4:0.3 2:0.3}', ${PAIR_LIMIT}s left"
-CORPUS=${CORPUS:-site} OUT_DIR="$E" ITERS=$ITERS TST_RUNS="$TST_RUNS" PARALLEL=${PARALLEL:-1} \
+stamp "4/4 equal-FLOPs runs (experiments/gpu_equal_flops.sh): ITERS=${ITERS:=3000} TST_RUNS='${TST_RUNS:=2:0.3}' SEED=${SEED:=4321}, ${PAIR_LIMIT}s left"
+CORPUS=${CORPUS:-site} OUT_DIR="$E" ITERS=$ITERS TST_RUNS="$TST_RUNS" SEED=$SEED PARALLEL=${PARALLEL:-1} \
   SITE_BYTES=$SITE_BYTES timeout "$PAIR_LIMIT" bash experiments/gpu_equal_flops.sh > "$R/equal_flops.log" 2>&1
 stamp "equal-FLOPs rc=$?"
 tail -n 12 "$R/equal_flops.log" | tee -a "$R/session.log"
