@@ -319,3 +319,26 @@ def test_slurm_requeue_resume(tmp_path, request):
     iters = [json.loads(line)["iteration"] for line in (save / "metrics.jsonl").read_text().splitlines()
              if json.loads(line).get("type") == "train"]
     assert iters == sorted(set(range(10, train_iters + 1, 10)) | {stop_iter}), iters
+
+
+def test_plain_python_needs_no_port(tmp_path):
+    """`python pretrain_tst.py` (one process, no torchrun) makes its group on an in-memory store: a
+    MASTER_ADDR/MASTER_PORT left in the environment -- here a port another socket listens on, as in
+    an allocation that exports them -- does not make it fail with EADDRINUSE."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from trainer_utils import base_args, make_data
+
+    data = make_data(str(tmp_path / "d"))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(busy.getsockname()[1]), PYTHONWARNINGS="ignore",
+                   OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+        argv = base_args(data, train_iters=2, tst_superposition_iters=1, eval_iters=0,
+                         metrics_path=str(tmp_path / "m.jsonl"))
+        proc = subprocess.run([sys.executable, str(REPO / "pretrain_tst.py")] + argv, env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    train = [json.loads(line) for line in open(tmp_path / "m.jsonl") if '"train"' in line]
+    assert [r["iteration"] for r in train if r.get("type") == "train"] == [1, 2]

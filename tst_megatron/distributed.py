@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-from contextlib import closing
 
 import torch
 import torch.distributed as dist
@@ -16,22 +14,21 @@ import torch.distributed as dist
 from .cpu import distributed_backend
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now (for a one-process rendezvous on this host)."""
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(timeout_minutes: int = 30) -> None:
     """Join torchrun's group (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment), or make a
     one-process group when started with plain `python`, so the same code runs both ways."""
     if dist.is_initialized():
         return
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if "RANK" not in os.environ:
+        # One process: an in-memory store, no TCP port (a port picked free here could be taken by
+        # another job before it is bound, and a MASTER_PORT left in the environment may be in use).
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(0)
+        dist.init_process_group(backend=distributed_backend(), store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout)
+        return
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=distributed_backend(), timeout=datetime.timedelta(minutes=timeout_minutes))
+    dist.init_process_group(backend=distributed_backend(), timeout=timeout)
