@@ -474,11 +474,12 @@ def test_import_refusals(exports, tmp_path):
         cv.import_checkpoint(hf, str(tmp_path / "c9"), base, iteration=5, progress=False, log=None)
 
 
-@pytest.mark.parametrize("mlp_only_layers, freq", [([1], "2"), ([0], "[0,1]")])
-def test_transformers_saved_model_round_trip(tmp_path, mlp_only_layers, freq):
+@pytest.mark.parametrize("mlp_only_layers, freq, flags", [([1], "2", []), ([0], "[0,1]", ["--apply-layernorm-1p"])])
+def test_transformers_saved_model_round_trip(tmp_path, mlp_only_layers, freq, flags):
     """A directory written by transformers' own save_pretrained (v5 names the expert count
     `num_local_experts`) -> import -> export: the same function. A dense first layer is not
-    megatron's every-k-th pattern: it travels as the 0/1 list form of --moe-layer-freq."""
+    megatron's every-k-th pattern: it travels as the 0/1 list form of --moe-layer-freq. With
+    --apply-layernorm-1p the checkpoint holds every norm as gamma - 1 and the export adds the 1."""
     cfg = transformers.Qwen3MoeConfig(
         vocab_size=300, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
@@ -490,8 +491,14 @@ def test_transformers_saved_model_round_trip(tmp_path, mlp_only_layers, freq):
         for name, p in src.named_parameters():
             p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
     src.save_pretrained(str(tmp_path / "src"))
-    res = cv.import_checkpoint(str(tmp_path / "src"), str(tmp_path / "ckpt"), ["--vocab-size", "290"],
+    res = cv.import_checkpoint(str(tmp_path / "src"), str(tmp_path / "ckpt"), ["--vocab-size", "290"] + flags,
                                progress=False, log=None)
+    if flags:  # the checkpoint itself holds gamma - 1 (read with torch's own loader, one process)
+        import torch.distributed.checkpoint as dcp
+        saved = {"decoder.final_layernorm.weight": torch.empty(64)}
+        dcp.load(saved, storage_reader=dcp.FileSystemReader(str(tmp_path / "ckpt" / "iter_0000000")), no_dist=True)
+        torch.testing.assert_close(saved["decoder.final_layernorm.weight"] + 1,
+                                   src.state_dict()["model.norm.weight"], rtol=0, atol=1e-6)
     assert {"--moe-layer-freq", "--moe-router-pre-softmax", "--kv-channels"} - set(res["flags"]) == {"--kv-channels"}
     assert res["flags"][res["flags"].index("--moe-layer-freq") + 1] == freq
     cv.export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "back"), progress=False, log=None)

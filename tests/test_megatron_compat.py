@@ -460,3 +460,33 @@ def test_squared_relu_is_the_mlp_activation():
     assert _error(["--squared-relu", "--swiglu"]) == "error: give one of --squared-relu and --swiglu (the MLP has one activation)"
     with pytest.raises(ValueError, match="activation_func"):
         hc.check_representable("LlamaForCausalLM", tc)
+
+
+def test_apply_layernorm_1p_stores_gamma_minus_one():
+    """--apply-layernorm-1p (zero-centred gamma): every norm of a built model starts at weight 0 and
+    normalises as norm(x) * (1 + w) -- at init exactly the plain norm; with a trained w, the plain
+    norm with weight 1 + w. (The HF export adds the 1: tests/test_hf_convert.py parity case.)"""
+    import dist_utils
+    from tst_megatron.builders import build_model_chunks, padded_vocab_size
+
+    dist_utils.init_single_process()
+    for normalization in ("RMSNorm", "LayerNorm"):
+        cfg = parse_args(BASE + ["--hidden-size", "16", "--num-attention-heads", "2", "--apply-layernorm-1p",
+                                 "--qk-layernorm", "--normalization", normalization])
+        validate(cfg, 1)
+        tc = transformer_config(cfg.model, cfg.parallel, cfg.optim, use_cpu_init=True)
+        assert tc.layernorm_zero_centered_gamma is True
+        model = build_model_chunks(cfg, tc, padded_vocab_size(257, cfg.model.make_vocab_size_divisible_by, 1))[0]
+        norms = [m for m in model.modules() if isinstance(m, (torch.nn.RMSNorm, torch.nn.LayerNorm))]
+        assert len(norms) == 2 * 4 + 1  # per layer: input, pre-MLP, q, k; final
+        x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+        for norm in norms:
+            n = norm.normalized_shape[0]
+            assert torch.equal(norm.weight, torch.zeros(n))
+            plain = (torch.nn.RMSNorm(n, eps=norm.eps) if normalization == "RMSNorm"
+                     else torch.nn.LayerNorm(n, eps=norm.eps))
+            with torch.no_grad():
+                torch.testing.assert_close(norm(x[:, :n]), plain(x[:, :n]))
+                norm.weight.uniform_(-0.5, 0.5)
+                plain.weight.copy_(1 + norm.weight)
+                torch.testing.assert_close(norm(x[:, :n]), plain(x[:, :n]))

@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="norm layer before attention and MLP")
     m.add_argument("--norm-epsilon", type=float, default=1e-5, help="epsilon of the norm layers")
     m.add_argument("--swiglu", action="store_true", help="gated SiLU MLP (Llama-style)")
+    m.add_argument("--apply-layernorm-1p", action="store_true",
+                   help="norm weights as zero-centred gammas: norm(x) * (1 + w), w initialised at 0 (so weight "
+                        "decay, where applied, pulls towards 1)")
     m.add_argument("--squared-relu", action="store_true",
                    help="relu(x)^2 MLP activation (Primer) instead of GeLU; not with --swiglu")
     m.add_argument("--qk-layernorm", action="store_true", help="norm on queries and keys (Qwen3-style)")
@@ -450,7 +453,6 @@ _NOT_IMPLEMENTED = {
     "--moe-router-fusion": "not implemented; drop it: megatron-core's unfused router runs",
     "--cross-entropy-loss-fusion": "not implemented; drop it: the next-token loss is megatron-core's vocab-parallel "
                                    "cross-entropy (the multi-hot loss has its own fused kernels)",
-    "--apply-layernorm-1p": "not implemented: norm weights are plain gammas (no zero-centred form)",
     "--async-save": "not implemented; drop it: checkpoints are written synchronously and atomically",
     "--tensorboard-log-interval": "not implemented; drop it: TensorBoard scalars are written every --log-interval",
     "--fp8-format": "FP8 training is not implemented (use --bf16)",

@@ -66,6 +66,7 @@ def transformer_config(m: ModelArgs, par: ParallelArgs, o: OptimArgs, use_cpu_in
         kv_channels=m.kv_channels,
         normalization=m.normalization,
         layernorm_epsilon=m.norm_epsilon,
+        layernorm_zero_centered_gamma=m.apply_layernorm_1p,
         gated_linear_unit=m.swiglu,
         activation_func=F.silu if m.swiglu else squared_relu if m.squared_relu else F.gelu,
         bias_activation_fusion=False,

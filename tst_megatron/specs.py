@@ -36,6 +36,30 @@ def transformer_engine_available() -> bool:
     return True
 
 
+class ZeroCenteredRMSNorm(torch.nn.RMSNorm):
+    """RMSNorm whose weight is stored as gamma - 1 (Megatron-LM's --apply-layernorm-1p, TE's
+    zero_centered_gamma): initialised at 0, applied as (1 + weight)."""
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            torch.nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.rms_norm(x, self.normalized_shape, 1 + self.weight, self.eps)
+
+
+class ZeroCenteredLayerNorm(torch.nn.LayerNorm):
+    """LayerNorm with the weight stored as gamma - 1 (zero-centred gamma); the bias is unchanged."""
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.weight is not None:
+            torch.nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(x, self.normalized_shape, 1 + self.weight, self.bias, self.eps)
+
+
 class TorchNorm:
     """torch LayerNorm / RMSNorm built from a TransformerConfig, usable with sequence parallel.
 
@@ -45,12 +69,13 @@ class TorchNorm:
     """
 
     def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused):
-        if config.layernorm_zero_centered_gamma:
-            raise ValueError("TorchNorm: layernorm_zero_centered_gamma needs Transformer Engine")
+        zero_centered = config.layernorm_zero_centered_gamma
         if config.normalization == "RMSNorm":
-            norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+            kind = ZeroCenteredRMSNorm if zero_centered else torch.nn.RMSNorm
+            norm = kind(hidden_size, eps=eps, dtype=config.params_dtype)
         elif config.normalization == "LayerNorm":
-            norm = torch.nn.LayerNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+            kind = ZeroCenteredLayerNorm if zero_centered else torch.nn.LayerNorm
+            norm = kind(hidden_size, eps=eps, dtype=config.params_dtype)
         else:
             raise ValueError(f"TorchNorm: unsupported normalization {config.normalization!r}")
         for p in norm.parameters():

@@ -179,7 +179,8 @@ def export_checkpoint(load: str, output: str, *, iteration: Optional[int] = None
                 model, _ = load_megatron_model(path, meta)
             with stages.step("converting the weights"):
                 with torch.no_grad():
-                    hf_sd = hc.megatron_to_hf(model.state_dict(), hf_cfg)
+                    hf_sd = hc.megatron_to_hf(model.state_dict(), hf_cfg,
+                                              zero_centered_gamma=cfg.model.apply_layernorm_1p)
                 del model
         target = getattr(torch, out_dtype)
         hf_sd = {k: (v if v.dtype == target else v.to(target)) for k, v in hf_sd.items()}

@@ -322,7 +322,8 @@ def import_checkpoint(hf_dir: str, save: str, run_argv: Sequence[str] = (), *, i
                 model = wrap_ddp(chunks, tconfig, cfg.parallel)
             with stages.step("loading the weights"):
                 te = _use_te()
-                msd = hc.hf_to_megatron(hf_sd, hf_cfg, key_style="te" if te else "local")
+                msd = hc.hf_to_megatron(hf_sd, hf_cfg, key_style="te" if te else "local",
+                                        zero_centered_gamma=cfg.model.apply_layernorm_1p)
                 del hf_sd
                 with torch.no_grad():
                     result = chunks[0].load_state_dict(msd, strict=not te)

@@ -177,8 +177,6 @@ def check_representable(arch: str, tc: Any, *, position_embedding_type: str = "r
         _fail(arch, "rotary_interleaved", "HF applies rotate-half RoPE; needs False")
     if f["normalization"] != "RMSNorm":
         _fail(arch, "normalization", f"{f['normalization']!r}; needs 'RMSNorm'")
-    if f["layernorm_zero_centered_gamma"]:
-        _fail(arch, "layernorm_zero_centered_gamma", "needs False")
     if f["apply_residual_connection_post_layernorm"]:
         _fail(arch, "apply_residual_connection_post_layernorm", "needs False")
     if not f["gated_linear_unit"] or not _is_silu(f["activation_func"]):

@@ -67,15 +67,24 @@ def _own(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone(memory_format=torch.contiguous_format)
 
 
-def megatron_to_hf(state_dict: Mapping[str, Any], cfg: Any) -> Dict[str, torch.Tensor]:
+def _norm(weight: torch.Tensor, shift: float) -> torch.Tensor:
+    """A norm weight moved between megatron's zero-centred form (gamma - 1, --apply-layernorm-1p)
+    and HF's gamma: + 1 on export, - 1 on import, in fp32 and back to the weight's dtype."""
+    return _own(weight) if not shift else (weight.float() + shift).to(weight.dtype)
+
+
+def megatron_to_hf(state_dict: Mapping[str, Any], cfg: Any, *,
+                   zero_centered_gamma: bool = False) -> Dict[str, torch.Tensor]:
     """Full megatron GPT state dict -> HF state dict, for the HF config dict `cfg`.
 
     `cfg` is the HF config (`hf_config_from_megatron` / `load_hf_directory` / a PretrainedConfig).
     Local or TE key names, `_extra_state` entries ignored; dtypes kept; every input key must be
     used. With tie_word_embeddings, `lm_head.weight` is not written (and `output_layer.weight`,
-    if present, must equal the embedding).
+    if present, must equal the embedding). zero_centered_gamma: megatron's norm weights are
+    gamma - 1 (--apply-layernorm-1p); HF's are gamma.
     """
     s = _Shape(cfg)
+    one = 1.0 if zero_centered_gamma else 0.0
     t = _Taker(_normalise_megatron_keys(state_dict), "megatron state dict")
     h, d, nq, ng, per = s.hidden, s.head_dim, s.heads, s.groups, s.heads // s.groups
     out: Dict[str, torch.Tensor] = {}
@@ -83,7 +92,7 @@ def megatron_to_hf(state_dict: Mapping[str, Any], cfg: Any) -> Dict[str, torch.T
     out["model.embed_tokens.weight"] = _own(emb)
     for i in range(s.layers):
         m, p = f"decoder.layers.{i}.", f"model.layers.{i}."
-        out[p + "input_layernorm.weight"] = _own(t.take(m + "input_layernorm.weight", (h,)))
+        out[p + "input_layernorm.weight"] = _norm(t.take(m + "input_layernorm.weight", (h,)), one)
         qkv = t.take(m + "self_attention.linear_qkv.weight", (ng * (per + 2) * d, h)).view(ng, per + 2, d, h)
         out[p + "self_attn.q_proj.weight"] = _own(qkv[:, :per].reshape(nq * d, h))
         out[p + "self_attn.k_proj.weight"] = _own(qkv[:, per].reshape(ng * d, h))
@@ -98,9 +107,9 @@ def megatron_to_hf(state_dict: Mapping[str, Any], cfg: Any) -> Dict[str, torch.T
         if s.bias:
             out[p + "self_attn.o_proj.bias"] = _own(t.take(m + "self_attention.linear_proj.bias", (h,)))
         if s.qk_norm:
-            out[p + "self_attn.q_norm.weight"] = _own(t.take(m + "self_attention.q_layernorm.weight", (d,)))
-            out[p + "self_attn.k_norm.weight"] = _own(t.take(m + "self_attention.k_layernorm.weight", (d,)))
-        out[p + "post_attention_layernorm.weight"] = _own(t.take(m + "pre_mlp_layernorm.weight", (h,)))
+            out[p + "self_attn.q_norm.weight"] = _norm(t.take(m + "self_attention.q_layernorm.weight", (d,)), one)
+            out[p + "self_attn.k_norm.weight"] = _norm(t.take(m + "self_attention.k_layernorm.weight", (d,)), one)
+        out[p + "post_attention_layernorm.weight"] = _norm(t.take(m + "pre_mlp_layernorm.weight", (h,)), one)
         if s.moe[i]:
             out[p + "mlp.gate.weight"] = _own(t.take(m + "mlp.router.weight", (s.experts, h)))
             for e in range(s.experts):
@@ -120,7 +129,7 @@ def megatron_to_hf(state_dict: Mapping[str, Any], cfg: Any) -> Dict[str, torch.T
             out[p + "mlp.down_proj.weight"] = _own(t.take(m + "mlp.linear_fc2.weight", (h, s.ffn)))
             if s.bias:
                 out[p + "mlp.down_proj.bias"] = _own(t.take(m + "mlp.linear_fc2.bias", (h,)))
-    out["model.norm.weight"] = _own(t.take("decoder.final_layernorm.weight", (h,)))
+    out["model.norm.weight"] = _norm(t.take("decoder.final_layernorm.weight", (h,)), one)
     if s.tied:
         if "output_layer.weight" in t.sd:
             head = t.take("output_layer.weight", (s.vocab, h))
@@ -152,7 +161,8 @@ def _normalise_hf_keys(hf_state_dict: Mapping[str, torch.Tensor]) -> Dict[str, t
 
 
 def hf_to_megatron(hf_state_dict: Mapping[str, torch.Tensor], cfg: Any, *, key_style: str = "local",
-                   grouped_experts: bool = False, extra_state: bool = True) -> Dict[str, torch.Tensor]:
+                   grouped_experts: bool = False, extra_state: bool = True,
+                   zero_centered_gamma: bool = False) -> Dict[str, torch.Tensor]:
     """HF state dict -> full megatron GPT state dict; the exact inverse of `megatron_to_hf`.
 
     key_style="local": megatron's local-spec names, in the order of `GPTModel.state_dict()`, with
@@ -168,6 +178,7 @@ def hf_to_megatron(hf_state_dict: Mapping[str, torch.Tensor], cfg: Any, *, key_s
     if grouped_experts and key_style != "te":
         raise ValueError("grouped_experts: TEGroupedMLP names need key_style='te'")
     s = _Shape(cfg)
+    one = -1.0 if zero_centered_gamma else 0.0  # HF gamma -> megatron's gamma - 1 (--apply-layernorm-1p)
     t = _Taker(_normalise_hf_keys(hf_state_dict), "HF state dict")
     te = key_style == "te"
     xs = extra_state and not te
@@ -185,7 +196,7 @@ def hf_to_megatron(hf_state_dict: Mapping[str, torch.Tensor], cfg: Any, *, key_s
     out["embedding.word_embeddings.weight"] = _own(emb)
     for i in range(s.layers):
         m, p = f"decoder.layers.{i}.", f"model.layers.{i}."
-        in_norm = _own(t.take(p + "input_layernorm.weight", (h,)))
+        in_norm = _norm(t.take(p + "input_layernorm.weight", (h,)), one)
         if not te:
             out[m + "input_layernorm.weight"] = in_norm
         q = t.take(p + "self_attn.q_proj.weight", (nq * d, h)).reshape(ng, per, d, h)
@@ -206,9 +217,9 @@ def hf_to_megatron(hf_state_dict: Mapping[str, torch.Tensor], cfg: Any, *, key_s
             out[m + "self_attention.linear_qkv.layer_norm_weight"] = in_norm
         linear(m + "self_attention.linear_qkv", qkv, qkv_b)
         if s.qk_norm:
-            out[m + "self_attention.q_layernorm.weight"] = _own(t.take(p + "self_attn.q_norm.weight", (d,)))
-            out[m + "self_attention.k_layernorm.weight"] = _own(t.take(p + "self_attn.k_norm.weight", (d,)))
-        mlp_norm = _own(t.take(p + "post_attention_layernorm.weight", (h,)))
+            out[m + "self_attention.q_layernorm.weight"] = _norm(t.take(p + "self_attn.q_norm.weight", (d,)), one)
+            out[m + "self_attention.k_layernorm.weight"] = _norm(t.take(p + "self_attn.k_norm.weight", (d,)), one)
+        mlp_norm = _norm(t.take(p + "post_attention_layernorm.weight", (h,)), one)
         if s.moe[i]:
             out[m + "pre_mlp_layernorm.weight"] = mlp_norm
             out[m + "mlp.router.weight"] = _own(t.take(p + "mlp.gate.weight", (s.experts, h)))
@@ -243,7 +254,7 @@ def hf_to_megatron(hf_state_dict: Mapping[str, torch.Tensor], cfg: Any, *, key_s
                 fc2_b = _own(t.take(p + "mlp.down_proj.bias", (h,)))
             linear(m + "mlp.linear_fc1", torch.cat([gate, up], dim=0), fc1_b)
             linear(m + "mlp.linear_fc2", _own(t.take(p + "mlp.down_proj.weight", (h, s.ffn))), fc2_b)
-    out["decoder.final_layernorm.weight"] = _own(t.take("model.norm.weight", (h,)))
+    out["decoder.final_layernorm.weight"] = _norm(t.take("model.norm.weight", (h,)), one)
     if s.tied:
         if "lm_head.weight" in t.sd:
             head = t.take("lm_head.weight", (s.vocab, h))
