@@ -19,7 +19,8 @@ from typing import List
 ARCHITECTURE = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "group_query_attention",
     "num_query_groups", "kv_channels", "seq_length", "max_position_embeddings", "position_embedding_type",
-    "rotary_base", "normalization", "norm_epsilon", "swiglu", "squared_relu", "apply_layernorm_1p", "qk_layernorm", "untie_embeddings_and_output_weights",
+    "rotary_base", "normalization", "norm_epsilon", "swiglu", "squared_relu", "apply_layernorm_1p", "qk_layernorm",
+    "untie_embeddings_and_output_weights",
     "disable_bias_linear", "vocab_size", "make_vocab_size_divisible_by", "num_experts", "moe_router_topk",
     "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_layer_freq", "moe_router_pre_softmax",
     "moe_router_score_function", "moe_router_enable_expert_bias", "moe_router_topk_scaling_factor",

@@ -21,7 +21,8 @@ _MAX_SCANNED_TOKENS = 64 * 1024 * 1024  # large corpora are checked on a prefix 
 _RESUME_KEYS = (
     [("model", k) for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                             "num_query_groups", "kv_channels", "normalization",
-                            "swiglu", "squared_relu", "apply_layernorm_1p", "qk_layernorm", "num_experts", "untie_embeddings_and_output_weights",
+                            "swiglu", "squared_relu", "apply_layernorm_1p", "qk_layernorm", "num_experts",
+                            "untie_embeddings_and_output_weights",
                             "disable_bias_linear", "position_embedding_type", "moe_ffn_hidden_size",
                             "moe_router_topk", "moe_router_score_function", "moe_router_enable_expert_bias",
                             "moe_layer_freq")]

@@ -28,8 +28,8 @@ class ModelArgs:
     normalization: str = "RMSNorm"
     norm_epsilon: float = 1e-5
     swiglu: bool = False
-    squared_relu: bool = False
-    apply_layernorm_1p: bool = False  # norm weights as zero-centred gammas: norm(x) * (1 + w), w from 0  # relu(x)^2 MLP (Primer; Megatron-LM's --squared-relu), instead of GeLU
+    squared_relu: bool = False  # relu(x)^2 MLP (Primer; Megatron-LM's --squared-relu), instead of GeLU
+    apply_layernorm_1p: bool = False  # norm weights as zero-centred gammas: norm(x) * (1 + w), w from 0
     qk_layernorm: bool = False
     untie_embeddings_and_output_weights: bool = False
     disable_bias_linear: bool = False
