@@ -67,6 +67,14 @@ if [ "${CORPUS:-site}" = "site" ]; then
   CORPUS_PID=$!
 fi
 
+# The one-process group every run below makes (NCCL on an in-memory store since session 13; not
+# yet seen on a GPU): a 5-second check first, so a failure is named before the stages need it.
+timeout 60 $PY -c "import torch, torch.distributed as d
+from tst_megatron.distributed import init_distributed
+init_distributed(); x = torch.ones(4, device='cuda'); d.all_reduce(x); d.barrier(); torch.cuda.synchronize()
+print('one-process group:', d.get_backend(), 'all_reduce ok' if x.sum().item() == 4 else 'all_reduce WRONG')
+d.destroy_process_group()" 2>&1 | tail -n 3 | tee -a "$R/session.log"
+
 stamp "1/4 kernel check (tests/test_loss_triton.py)"
 timeout "${TEST_TIMEOUT:-90}" $PY -m pytest -q -p no:cacheprovider tests/test_loss_triton.py 2>&1 \
   | tail -n 25 | tee -a "$R/session.log"

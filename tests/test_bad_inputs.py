@@ -184,7 +184,7 @@ def test_tst_flags_without_a_bag_size(corpus, workdir, save, capsys, over, given
     ("--tst-bag-sizes", "--tst-bag-sizes: did you mean --tst-bag-size?"),
     ("--override-opt_param-scheduler", "--override-opt_param-scheduler: use --override-checkpoint-args"),
     ("--moe-grouped-gemm", "--moe-grouped-gemm: not implemented; drop it: the experts run as megatron-core's "
-                           "SequentialMLP (the same function, one GEMM per expert)"),
+                           "SequentialMLP (the same function, the experts' GEMMs one after another)"),
     ("--async-save", "--async-save: not implemented; drop it: checkpoints are written synchronously and atomically"),
 ])
 def test_unknown_flag_gets_a_suggestion(corpus, workdir, save, capsys, flag, hint):

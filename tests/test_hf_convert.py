@@ -4,7 +4,6 @@ Tiny fp32 models (TP=1) built with megatron-core's local spec on CPU; the HF sid
 `transformers.AutoModelForCausalLM.from_pretrained` on the directory we write (no hub access).
 """
 import os
-import socket
 
 import pytest
 import torch
@@ -17,12 +16,6 @@ from tst_megatron import hf_convert as hc  # noqa: E402
 
 VOCAB, MAX_POS, ROPE_BASE = 128, 64, 10000.0
 PROMPT_LEN, NEW_TOKENS = 8, 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -39,10 +32,8 @@ def megatron_env():
     from tst_megatron.cpu import enable_cpu_support, model_parallel_manual_seed
 
     enable_cpu_support()
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(_free_port())
-        dist.init_process_group("gloo", rank=0, world_size=1)
+    if not dist.is_initialized():  # an in-memory store: no port, nothing exported to later tests
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
@@ -148,10 +139,10 @@ def test_megatron_to_hf_parity(megatron_env, tmp_path, case):
     _randomise(model)
     sd = model.state_dict()
     assert hc.choose_arch(fields) == arch == hc.choose_arch(model.config)
-    cfg = hc.hf_config_from_megatron(None, model.config, VOCAB, MAX_POS, ROPE_BASE, tied,
-                                     torch_dtype="float32")
-    assert cfg["architectures"] == [arch]
     zc = bool(fields.get("layernorm_zero_centered_gamma"))
+    cfg = hc.hf_config_from_megatron(None, model.config, VOCAB, MAX_POS, ROPE_BASE, tied,
+                                     torch_dtype="float32", zero_centered_gamma=zc)
+    assert cfg["architectures"] == [arch]
     hf_sd = hc.megatron_to_hf(sd, cfg, zero_centered_gamma=zc)
     assert ("lm_head.weight" in hf_sd) == (not tied)
 
@@ -274,7 +265,8 @@ def test_transformer_engine_key_style(megatron_env):
 
 def test_config_roundtrip():
     for name, (fields, tied, arch) in CASES.items():
-        cfg = hc.hf_config_from_megatron(None, fields, VOCAB, MAX_POS, ROPE_BASE, tied)
+        cfg = hc.hf_config_from_megatron(None, fields, VOCAB, MAX_POS, ROPE_BASE, tied,
+                                         zero_centered_gamma=bool(fields.get("layernorm_zero_centered_gamma")))
         mcfg = hc.megatron_config_from_hf(cfg)
         again = hc.hf_config_from_megatron(
             arch, mcfg, mcfg["vocab_size"], mcfg["max_position_embeddings"], mcfg["rotary_base"],
@@ -306,6 +298,8 @@ QWEN_MOE = dict({**BASE, **MOE}, qk_layernorm=True)
     ("LlamaForCausalLM", BASE, {"rotary_percent": 0.5}, "rotary_percent"),
     ("LlamaForCausalLM", BASE, {"rope_scaling": True}, "rope_scaling"),
     ("LlamaForCausalLM", dict(BASE, rotary_interleaved=True), {}, "rotary_interleaved"),
+    # zero-centred norms only when the caller says it converts them (megatron_to_hf's keyword)
+    ("LlamaForCausalLM", dict(BASE, layernorm_zero_centered_gamma=True), {}, "layernorm_zero_centered_gamma"),
     ("LlamaForCausalLM", QWEN_MOE, {}, "qk_layernorm"),
     ("LlamaForCausalLM", dict(BASE, window_size=(16, 0)), {}, "window_size"),
     ("LlamaForCausalLM", dict(BASE, softmax_scale=0.5), {}, "softmax_scale"),
@@ -337,7 +331,7 @@ def test_check_representable_names_the_field(arch, fields, kwargs, field):
 
 def test_representable_and_hf_side_refusals():
     for fields, _, arch in CASES.values():
-        hc.check_representable(arch, fields)
+        hc.check_representable(arch, fields, zero_centered_gamma=bool(fields.get("layernorm_zero_centered_gamma")))
     # moe_layer_freq as an int (megatron: layer i is MoE when i % k == 0) becomes mlp_only_layers
     cfg = hc.hf_config_from_megatron(None, dict(QWEN_MOE, num_layers=5, moe_layer_freq=2),
                                      VOCAB, MAX_POS, ROPE_BASE, False)

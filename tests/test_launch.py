@@ -342,3 +342,18 @@ def test_plain_python_needs_no_port(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     train = [json.loads(line) for line in open(tmp_path / "m.jsonl") if '"train"' in line]
     assert [r["iteration"] for r in train if r.get("type") == "train"] == [1, 2]
+
+
+def test_one_process_group_can_be_made_again():
+    """After a one-process run's group is destroyed (Trainer.close), the same process can make
+    another (a notebook running a second job): nothing was left in the environment to send the
+    second init down torchrun's env:// path."""
+    code = ("import os, torch.distributed as d\n"
+            "from tst_megatron.distributed import init_distributed\n"
+            "init_distributed(); d.destroy_process_group(); init_distributed()\n"
+            "print(d.get_world_size(), 'RANK' in os.environ)")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    env.update(PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split() == ["1", "False"], proc.stdout + proc.stderr[-3000:]

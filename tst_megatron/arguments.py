@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--norm-epsilon", type=float, default=1e-5, help="epsilon of the norm layers")
     m.add_argument("--swiglu", action="store_true", help="gated SiLU MLP (Llama-style)")
     m.add_argument("--apply-layernorm-1p", action="store_true",
-                   help="norm weights as zero-centred gammas: norm(x) * (1 + w), w initialised at 0 (so weight "
-                        "decay, where applied, pulls towards 1)")
+                   help="norm weights as zero-centred gammas: norm(x) * (1 + w), w initialised at 0 (norm weights "
+                        "get no weight decay here, as in Megatron-LM; with Transformer Engine the 1 is added in fp32)")
     m.add_argument("--squared-relu", action="store_true",
                    help="relu(x)^2 MLP activation (Primer) instead of GeLU; not with --swiglu")
     m.add_argument("--qk-layernorm", action="store_true", help="norm on queries and keys (Qwen3-style)")
@@ -448,7 +448,7 @@ _MEGATRON_EQUIVALENTS = {
 # Megatron-LM flags of its example scripts that this trainer does not implement: what to do instead.
 _NOT_IMPLEMENTED = {
     "--moe-grouped-gemm": "not implemented; drop it: the experts run as megatron-core's SequentialMLP (the same "
-                          "function, one GEMM per expert)",
+                          "function, the experts' GEMMs one after another)",
     "--moe-permute-fusion": "not implemented; drop it: megatron-core's unfused token permutation runs",
     "--moe-router-fusion": "not implemented; drop it: megatron-core's unfused router runs",
     "--cross-entropy-loss-fusion": "not implemented; drop it: the next-token loss is megatron-core's vocab-parallel "

@@ -23,7 +23,8 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     if "RANK" not in os.environ:
         # One process: an in-memory store, no TCP port (a port picked free here could be taken by
         # another job before it is bound, and a MASTER_PORT left in the environment may be in use).
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        # Nothing is written to the environment, so a later init in this process (a notebook after
+        # Trainer.close) is one-process again, and a torchrun started from it inherits nothing.
         if torch.cuda.is_available():
             torch.cuda.set_device(0)
         dist.init_process_group(backend=distributed_backend(), store=dist.HashStore(), rank=0, world_size=1,

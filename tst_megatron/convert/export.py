@@ -163,7 +163,7 @@ def export_checkpoint(load: str, output: str, *, iteration: Optional[int] = None
         hf_cfg = hc.hf_config_from_megatron(
             None, tconfig, vocab, max_pos, m.rotary_base, not m.untie_embeddings_and_output_weights,
             position_embedding_type=m.position_embedding_type, torch_dtype=out_dtype,
-            bos_token_id=bos, eos_token_id=eos)
+            bos_token_id=bos, eos_token_id=eos, zero_centered_gamma=m.apply_layernorm_1p)
     except ValueError as exc:
         raise ConversionError(f"{path}: {exc}") from None
     arch = hf_cfg["architectures"][0]

@@ -156,11 +156,14 @@ def _fail(arch: str, field: str, why: str):
 
 
 def check_representable(arch: str, tc: Any, *, position_embedding_type: str = "rope",
-                        rotary_percent: float = 1.0, rope_scaling: bool = False) -> None:
+                        rotary_percent: float = 1.0, rope_scaling: bool = False,
+                        zero_centered_gamma: bool = False) -> None:
     """Raise ValueError naming the offending field when `arch` cannot express the megatron config.
 
     `tc`: a TransformerConfig, a dict of its fields or an args namespace. The keyword arguments
-    are the GPTModel arguments that matter (megatron defaults shown).
+    are the GPTModel arguments that matter (megatron defaults shown). zero_centered_gamma=True
+    says the caller converts zero-centred norm weights (`megatron_to_hf(..., zero_centered_gamma=True)`);
+    without it such a config is refused, since HF stores gamma and megatron gamma - 1.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch: unsupported {arch!r}; one of {sorted(ARCHITECTURES)}")
@@ -177,6 +180,9 @@ def check_representable(arch: str, tc: Any, *, position_embedding_type: str = "r
         _fail(arch, "rotary_interleaved", "HF applies rotate-half RoPE; needs False")
     if f["normalization"] != "RMSNorm":
         _fail(arch, "normalization", f"{f['normalization']!r}; needs 'RMSNorm'")
+    if f["layernorm_zero_centered_gamma"] and not zero_centered_gamma:
+        _fail(arch, "layernorm_zero_centered_gamma", "HF stores gamma, megatron gamma - 1: convert the weights "
+              "with megatron_to_hf(..., zero_centered_gamma=True) and say so here (zero_centered_gamma=True)")
     if f["apply_residual_connection_post_layernorm"]:
         _fail(arch, "apply_residual_connection_post_layernorm", "needs False")
     if not f["gated_linear_unit"] or not _is_silu(f["activation_func"]):
@@ -255,7 +261,7 @@ def hf_config_from_megatron(arch: Optional[str], tc: Any, vocab_size: int,
                             tie_word_embeddings: bool, *, position_embedding_type: str = "rope",
                             rotary_percent: float = 1.0, rope_scaling: bool = False,
                             torch_dtype: Optional[str] = None, bos_token_id: Optional[int] = None,
-                            eos_token_id: Optional[int] = None) -> Dict[str, Any]:
+                            eos_token_id: Optional[int] = None, zero_centered_gamma: bool = False) -> Dict[str, Any]:
     """The HF `config.json` dict for a megatron model (arch None -> `choose_arch`).
 
     Raises ValueError (via `check_representable`) when the architecture cannot express it.
@@ -263,7 +269,8 @@ def hf_config_from_megatron(arch: Optional[str], tc: Any, vocab_size: int,
     """
     arch = arch or choose_arch(tc)
     check_representable(arch, tc, position_embedding_type=position_embedding_type,
-                        rotary_percent=rotary_percent, rope_scaling=rope_scaling)
+                        rotary_percent=rotary_percent, rope_scaling=rope_scaling,
+                        zero_centered_gamma=zero_centered_gamma)
     f = _Fields(tc)
     theta = float(rotary_base)
     cfg: Dict[str, Any] = {

@@ -69,8 +69,13 @@ def _own(t: torch.Tensor) -> torch.Tensor:
 
 def _norm(weight: torch.Tensor, shift: float) -> torch.Tensor:
     """A norm weight moved between megatron's zero-centred form (gamma - 1, --apply-layernorm-1p)
-    and HF's gamma: + 1 on export, - 1 on import, in fp32 and back to the weight's dtype."""
-    return _own(weight) if not shift else (weight.float() + shift).to(weight.dtype)
+    and HF's gamma, in fp32: + 1 on export, back in the weight's dtype (the HF file keeps the
+    training dtype); - 1 on import, kept in fp32 (loading rounds it once, to the parameter's dtype:
+    gamma - 1 of a small bf16 gamma would lose bits if rounded to bf16 first)."""
+    if not shift:
+        return _own(weight)
+    moved = weight.float() + shift
+    return moved.to(weight.dtype) if shift > 0 else moved
 
 
 def megatron_to_hf(state_dict: Mapping[str, Any], cfg: Any, *,
