@@ -1,5 +1,7 @@
-"""What tst_megatron.cpu changes in megatron-core on a machine *with* CUDA: only the missing
-Transformer Engine name that breaks every MoE forward without TE (found on an H200, session 13)."""
+"""What we change in megatron-core's behaviour on machines other than our CPU test bed: on a
+machine *with* CUDA, tst_megatron.cpu defines only the missing Transformer Engine name that breaks
+every MoE forward without TE (found on an H200, session 13); and the local layer spec's final norm
+when apex is installed without TE."""
 import importlib.util
 import subprocess
 import sys
@@ -40,3 +42,29 @@ def test_moe_router_gemm_without_transformer_engine_on_a_cuda_machine():
         pytest.skip("Transformer Engine is installed: megatron defines te_general_gemm itself")
     proc = subprocess.run([sys.executable, "-c", _CHILD], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("normalization", ["RMSNorm", "LayerNorm"])
+def test_final_norm_with_apex_but_no_transformer_engine(normalization, monkeypatch):
+    """On a GPU with apex and no TE, megatron-core's local block spec gives the final norm apex's
+    FusedLayerNorm, which asserts LayerNorm: our spec builds an RMSNorm model's final norm with
+    torch instead, and leaves a LayerNorm model's on apex's kernel. (apex's presence is what is
+    simulated here: megatron's module-level choice, as its import would have made it.)"""
+    from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    from tst_megatron.specs import TorchNorm
+
+    from dist_utils import init_single_process
+    from tst_megatron.arguments import parse_args, validate
+    from tst_megatron.builders import transformer_config
+    from tst_megatron.specs import gpt_block_spec
+
+    init_single_process()
+    monkeypatch.setattr(gpt_layer_specs, "LNImpl", FusedLayerNorm)
+    cfg = parse_args(["--data-path", "x", "--vocab-size", "256", "--num-layers", "2", "--hidden-size", "64",
+                      "--num-attention-heads", "4", "--normalization", normalization])
+    validate(cfg, 1)
+    tc = transformer_config(cfg.model, cfg.parallel, cfg.optim, use_cpu_init=True)
+    block = gpt_block_spec(tc, use_transformer_engine=False)
+    assert block.layer_norm is (TorchNorm if normalization == "RMSNorm" else FusedLayerNorm)

@@ -83,3 +83,4 @@ def test_a_dense_first_layer_trains_and_is_saved_without_experts(tmp_path):
     vocab = int(res.stdout.split(" vocab ")[1].split(";")[0])  # the padded vocabulary the run built
     total, _ = count_parameters(parse_args(argv).model, vocab)
     assert total == sum(numel(s) for s in tensors.values())
+

@@ -162,5 +162,9 @@ def gpt_block_spec(config: TransformerConfig, use_transformer_engine: Optional[b
         return block
     use_sdpa = not torch.cuda.is_available()
     layer_specs = [_make_cpu_capable(s, use_sdpa) for s in block.layer_specs]
-    final_norm = TorchNorm if block.layer_norm is WrappedTorchNorm else block.layer_norm
+    final_norm = block.layer_norm
+    if final_norm is WrappedTorchNorm or config.normalization == "RMSNorm":
+        # megatron-core 0.16.1 gives the final norm apex's FusedLayerNorm whenever apex imports,
+        # and it asserts LayerNorm: an RMSNorm model on a GPU with apex but no TE could not be built
+        final_norm = TorchNorm
     return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=final_norm)
