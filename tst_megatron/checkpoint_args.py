@@ -45,7 +45,7 @@ def apply_checkpoint_args(ns: argparse.Namespace, parser: argparse.ArgumentParse
              "--pretrained-checkpoint)")
     from .checkpointing import CheckpointError, find_checkpoint
     from .preflight import _resolved
-    from .run_config import ModelArgs
+    from .run_config import moe_layer_pattern
     from .tokenizers import canonical_tokenizer_type
 
     found = None
@@ -76,8 +76,7 @@ def apply_checkpoint_args(ns: argparse.Namespace, parser: argparse.ArgumentParse
                     mine, theirs = canonical_tokenizer_type(mine), canonical_tokenizer_type(theirs)
                 if name == "moe_layer_freq" and resolved["model"].get("num_experts"):
                     # _resolved spells the checkpoint's as a 0/1 pattern; 2 and [1, 0, 1, 0] are the same
-                    mine = [int(x) for x in ModelArgs(num_layers=resolved["model"]["num_layers"], num_experts=1,
-                                                      moe_layer_freq=mine).moe_layer_pattern()]
+                    mine = moe_layer_pattern(mine, resolved["model"]["num_layers"])
                 if name in TYPED_WINS or mine == theirs:
                     continue
                 fail(f"--{name.replace('_', '-')} {getattr(ns, name)} contradicts the checkpoint's {theirs} ({path}) "

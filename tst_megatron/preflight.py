@@ -12,6 +12,7 @@ import os
 from typing import Optional
 
 from .arguments import ModelArgs, OptimArgs, RunConfig, fail
+from .run_config import moe_layer_pattern
 
 _MAX_SCANNED_TOKENS = 64 * 1024 * 1024  # large corpora are checked on a prefix (memory-mapped)
 
@@ -208,8 +209,7 @@ def _resolved(args: dict) -> dict:
         if m.get("num_experts") and m.get("moe_ffn_hidden_size") is None:
             m["moe_ffn_hidden_size"] = ffn
         if m.get("num_experts") and m.get("num_layers"):  # 2 and [1, 0, 1, 0] are the same layers
-            m["moe_layer_freq"] = [int(x) for x in ModelArgs(**{k: v for k, v in m.items()
-                                                                 if k in fields}).moe_layer_pattern()]
+            m["moe_layer_freq"] = moe_layer_pattern(m.get("moe_layer_freq", 1), m["num_layers"])
     o = out.get("optim")
     if o is not None and o.get("lr_decay_iters") is None:
         o["lr_decay_iters"] = o.get("train_iters")

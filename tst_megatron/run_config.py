@@ -66,13 +66,10 @@ class ModelArgs:
     transformer_impl: Optional[str] = None  # None: Transformer Engine when available, else local
 
     def moe_layer_pattern(self) -> List[bool]:
-        """[is this layer MoE] for every layer: megatron's convention for --moe-layer-freq (an int k:
-        layers 0, k, 2k, ...; a list: one 0/1 per layer). All False without --num-experts."""
+        """[is this layer MoE] for every layer (all False without --num-experts)."""
         if not self.num_experts:
             return [False] * self.num_layers
-        if isinstance(self.moe_layer_freq, int):
-            return [i % self.moe_layer_freq == 0 for i in range(self.num_layers)]
-        return [bool(x) for x in self.moe_layer_freq]
+        return [bool(x) for x in moe_layer_pattern(self.moe_layer_freq, self.num_layers)]
 
     def resolved_ffn_hidden_size(self) -> int:
         if self.ffn_hidden_size is not None:
@@ -80,6 +77,14 @@ class ModelArgs:
         if self.swiglu:  # Megatron-LM's default for SwiGLU: 2/3 of 4h, rounded down to 64
             return max(64, int((4 * self.hidden_size * 2 / 3) / 64) * 64)
         return 4 * self.hidden_size
+
+
+def moe_layer_pattern(freq: Union[int, List[int]], num_layers: int) -> List[int]:
+    """megatron's convention for --moe-layer-freq as one 0/1 per layer (1 = MoE): an int k means
+    layers 0, k, 2k, ...; a list is the pattern itself. 2 and [1, 0, 1, 0] are the same layers."""
+    if isinstance(freq, int):
+        return [int(i % freq == 0) for i in range(num_layers)]
+    return [int(x) for x in freq]
 
 
 @dataclass

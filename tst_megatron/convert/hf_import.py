@@ -54,11 +54,13 @@ def _parse_run_flags(argv: Sequence[str]):
 def _moe_freq(pattern: Any, num_layers: int):
     """The simplest --moe-layer-freq for an HF MoE layer pattern: an int k when the pattern is
     megatron's 'every k-th layer from layer 0', else the 0/1 list itself."""
+    from ..run_config import moe_layer_pattern
+
     if isinstance(pattern, int):
         return pattern
     pattern = [int(x) for x in pattern]
     for k in range(1, num_layers + 1):
-        if [int(i % k == 0) for i in range(num_layers)] == pattern:
+        if moe_layer_pattern(k, num_layers) == pattern:
             return k
     return pattern
 
