@@ -17,6 +17,8 @@
 #   bash experiments/gpu_session.sh
 #   WHEELS_DIR=.whl COPY_TO=$OUT bash experiments/gpu_session.sh   # megatron-core from local wheels
 #   ... TST_RUNS="4:0.3 2:0.3" SEED=1234 ...                        # session 13's three runs
+#   ... STAGES="smoke pair" SMOKE_MODE=fg SMOKE_ONLY="MoE,resume" ... # session 14: stages 1-2 done before;
+#       the chosen smoke cases run while the corpus is tokenized, then the runs get the GPU alone
 #
 # Session 3 ran stages 1, 2 and a 1,000-step pair (no smoke). Session 13 ran the whole with three
 # 116M runs (baseline, s=4, s=2) side by side: 148 ms per step each (~65 ms alone), so the 560-s
@@ -75,39 +77,59 @@ init_distributed(); x = torch.ones(4, device='cuda'); d.all_reduce(x); d.barrier
 print('one-process group:', d.get_backend(), 'all_reduce ok' if x.sum().item() == 4 else 'all_reduce WRONG')
 d.destroy_process_group()" 2>&1 | tail -n 3 | tee -a "$R/session.log"
 
-stamp "1/4 kernel check (tests/test_loss_triton.py)"
-timeout "${TEST_TIMEOUT:-90}" $PY -m pytest -q -p no:cacheprovider tests/test_loss_triton.py 2>&1 \
-  | tail -n 25 | tee -a "$R/session.log"
-KERNEL_RC=${PIPESTATUS[0]}
-stamp "kernel check rc=$KERNEL_RC"
-if [ "$KERNEL_RC" != 0 ]; then
-  export TST_MCE_KERNEL=torch
-  stamp "the Triton kernels failed their check: the runs below use the torch loss (TST_MCE_KERNEL=torch)"
+STAGES=" ${STAGES:-kernel bench smoke pair} "
+has() { [[ "$STAGES" == *" $1 "* ]]; }
+if has kernel; then
+  stamp "1/4 kernel check (tests/test_loss_triton.py)"
+  timeout "${TEST_TIMEOUT:-90}" $PY -m pytest -q -p no:cacheprovider tests/test_loss_triton.py 2>&1 \
+    | tail -n 25 | tee -a "$R/session.log"
+  KERNEL_RC=${PIPESTATUS[0]}
+  stamp "kernel check rc=$KERNEL_RC"
+  if [ "$KERNEL_RC" != 0 ]; then
+    export TST_MCE_KERNEL=torch
+    stamp "the Triton kernels failed their check: the runs below use the torch loss (TST_MCE_KERNEL=torch)"
+  fi
 fi
 
-stamp "2/4 MCE benchmark (bench/bench_mce.py; with CORPUS=site the corpus is being tokenized meanwhile)"
-timeout "${BENCH_TIMEOUT:-150}" $PY bench/bench_mce.py ${BENCH_ARGS:-} --json "$R/bench_mce.json" > "$R/bench_mce.txt" 2>&1
-stamp "bench rc=$?"
-tail -n 45 "$R/bench_mce.txt" >> "$R/session.log"
-pack
+if has bench; then
+  stamp "2/4 MCE benchmark (bench/bench_mce.py; with CORPUS=site the corpus is being tokenized meanwhile)"
+  timeout "${BENCH_TIMEOUT:-150}" $PY bench/bench_mce.py ${BENCH_ARGS:-} --json "$R/bench_mce.json" > "$R/bench_mce.txt" 2>&1
+  stamp "bench rc=$?"
+  tail -n 45 "$R/bench_mce.txt" >> "$R/session.log"
+  pack
+fi
+
+SMOKE=(timeout "${SMOKE_TIMEOUT:-300}" $PY experiments/gpu_smoke.py --out "$R/smoke" ${SMOKE_ONLY:+--only "$SMOKE_ONLY"})
+SMOKE_PID=
+if has smoke && [ "${SMOKE_MODE:-bg}" = fg ]; then  # while the corpus is tokenized, before the runs
+  stamp "3/4 trainer smoke (experiments/gpu_smoke.py${SMOKE_ONLY:+ --only $SMOKE_ONLY}), in the foreground"
+  "${SMOKE[@]}" > "$R/smoke.log" 2>&1
+  stamp "smoke rc=$?"; grep "^\[gpu_smoke\]" "$R/smoke.log" | tee -a "$R/session.log"; pack
+fi
 
 if [ -n "$CORPUS_PID" ]; then
   wait "$CORPUS_PID"; stamp "corpus rc=$?"; cat "$R/corpus.log" >> "$R/session.log"
 fi
 
-stamp "3/4 trainer smoke (experiments/gpu_smoke.py), in the background"
-timeout "${SMOKE_TIMEOUT:-300}" $PY experiments/gpu_smoke.py --out "$R/smoke" > "$R/smoke.log" 2>&1 &
-SMOKE_PID=$!
+if has smoke && [ "${SMOKE_MODE:-bg}" != fg ]; then
+  stamp "3/4 trainer smoke (experiments/gpu_smoke.py${SMOKE_ONLY:+ --only $SMOKE_ONLY}), in the background"
+  "${SMOKE[@]}" > "$R/smoke.log" 2>&1 &
+  SMOKE_PID=$!
+fi
 
-PAIR_LIMIT=$(( $(left) - 15 ))
-stamp "4/4 equal-FLOPs runs (experiments/gpu_equal_flops.sh): ITERS=${ITERS:=3000} TST_RUNS='${TST_RUNS:=2:0.3}' SEED=${SEED:=4321}, ${PAIR_LIMIT}s left"
-CORPUS=${CORPUS:-site} OUT_DIR="$E" ITERS=$ITERS TST_RUNS="$TST_RUNS" SEED=$SEED PARALLEL=${PARALLEL:-1} \
-  SITE_BYTES=$SITE_BYTES timeout "$PAIR_LIMIT" bash experiments/gpu_equal_flops.sh > "$R/equal_flops.log" 2>&1
-stamp "equal-FLOPs rc=$?"
-tail -n 12 "$R/equal_flops.log" | tee -a "$R/session.log"
+if has pair; then
+  PAIR_LIMIT=$(( $(left) - 15 ))
+  stamp "4/4 equal-FLOPs runs (experiments/gpu_equal_flops.sh): ITERS=${ITERS:=3000} TST_RUNS='${TST_RUNS:=2:0.3}' SEED=${SEED:=4321}, ${PAIR_LIMIT}s left"
+  CORPUS=${CORPUS:-site} OUT_DIR="$E" ITERS=$ITERS TST_RUNS="$TST_RUNS" SEED=$SEED PARALLEL=${PARALLEL:-1} \
+    SITE_BYTES=$SITE_BYTES timeout "$PAIR_LIMIT" bash experiments/gpu_equal_flops.sh > "$R/equal_flops.log" 2>&1
+  stamp "equal-FLOPs rc=$?"
+  tail -n 12 "$R/equal_flops.log" | tee -a "$R/session.log"
+fi
 
-wait "$SMOKE_PID"; stamp "smoke rc=$?"
-grep "^\[gpu_smoke\]" "$R/smoke.log" | tee -a "$R/session.log"
+if [ -n "$SMOKE_PID" ]; then
+  wait "$SMOKE_PID"; stamp "smoke rc=$?"
+  grep "^\[gpu_smoke\]" "$R/smoke.log" | tee -a "$R/session.log"
+fi
 kill "$PACKER" 2>/dev/null; wait "$PACKER" 2>/dev/null
 rm -f "${COPY_TO:-/nonexistent}/gpu_session.tgz.loop"
 stamp "done"

@@ -59,6 +59,12 @@ def cases(out: Path):
     yield "MoE alltoall + capacity 1.0 padded + shared expert", moe(
         moe_token_dispatcher_type="alltoall", moe_expert_capacity_factor=1.0,
         moe_pad_expert_input_to_capacity=True, moe_shared_expert_intermediate_size=64), 12
+    yield "MoE layer pattern [0,1] + layernorm-1p + squared relu + wd/lr ramps + nan check + ddp buckets", dict(
+        MOE, position_embedding_type="rope", normalization="RMSNorm", disable_bias_linear=True,
+        moe_layer_freq="[0,1]", apply_layernorm_1p=True, squared_relu=True, bf16=True,
+        start_weight_decay=0.01, end_weight_decay=0.1, weight_decay_incr_style="linear", lr_warmup_iters=2,
+        lr_warmup_init=1e-4, check_for_nan_in_loss_and_grad=True, overlap_grad_reduce=True,
+        ddp_bucket_size=20000), 12
     yield "resume: 0-12 uninterrupted", dict(LLAMA, metrics_path=f"{d}/resume_ref.jsonl"), 12
     yield "resume: 0-6, saved", dict(LLAMA, save=f"{d}/ckpt", save_interval=6, exit_interval=6,
                                      metrics_path=f"{d}/resume_a.jsonl"), 6
@@ -74,7 +80,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="outputs/gpu_smoke")
     p.add_argument("--timeout", type=float, default=240.0, help="seconds per run")
-    p.add_argument("--only", default=None, help="run only the cases whose name contains this (e.g. MoE)")
+    p.add_argument("--only", default=None,
+                   help="run only the cases whose name contains one of these comma-separated strings (e.g. MoE,resume)")
     a = p.parse_args()
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +90,7 @@ def main() -> int:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     rows, failed = [], 0
     for i, (name, overrides, want) in enumerate(cases(out)):
-        if a.only and a.only not in name:
+        if a.only and not any(part and part in name for part in a.only.split(",")):
             continue
         overrides = dict(overrides)
         overrides.setdefault("metrics_path", str(out / f"case{i}.jsonl"))
