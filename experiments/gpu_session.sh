@@ -23,8 +23,9 @@
 # Session 3 ran stages 1, 2 and a 1,000-step pair (no smoke). Session 13 ran the whole with three
 # 116M runs (baseline, s=4, s=2) side by side: 148 ms per step each (~65 ms alone), so the 560-s
 # deadline stopped them at iteration ~2,500 of 3,000, before the LR decay. The defaults are now the
-# next step: the baseline and s = 2 only, on a second seed, for the whole 3,000-step schedule
-# (two runs side by side should take ~100 ms per step: ~330 s with evaluations).
+# next step: the baseline and s = 2 only, on a second seed, for the whole 3,000-step schedule.
+# Session 14 ran them (STAGES="smoke pair", see below): 101 ms per step side by side, 514 s in all
+# with four smoke cases while the corpus was built; s = 2 ended 0.048 below the baseline.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
