@@ -17,7 +17,7 @@
 #   bash experiments/gpu_session.sh
 #   WHEELS_DIR=.whl COPY_TO=$OUT bash experiments/gpu_session.sh   # megatron-core from local wheels
 #   ... TST_RUNS="4:0.3 2:0.3" SEED=1234 ...                        # session 13's three runs
-#   ... STAGES="smoke pair" SMOKE_MODE=fg SMOKE_ONLY="MoE,resume" ... # session 14: stages 1-2 done before;
+#   ... STAGES="smoke pair" SMOKE_MODE=fg SMOKE_ONLY=MoE ...         # session 14: stages 1-2 done before;
 #       the chosen smoke cases run while the corpus is tokenized, then the runs get the GPU alone
 #
 # Session 3 ran stages 1, 2 and a 1,000-step pair (no smoke). Session 13 ran the whole with three
@@ -70,8 +70,8 @@ if [ "${CORPUS:-site}" = "site" ]; then
   CORPUS_PID=$!
 fi
 
-# The one-process group every run below makes (NCCL on an in-memory store since session 13; not
-# yet seen on a GPU): a 5-second check first, so a failure is named before the stages need it.
+# The one-process group every run below makes (NCCL on an in-memory store since session 13; first
+# seen working on a GPU in session 14): a 5-second check first, so a failure is named before the stages need it.
 timeout 60 $PY -c "import torch, torch.distributed as d
 from tst_megatron.distributed import init_distributed
 init_distributed(); x = torch.ones(4, device='cuda'); d.all_reduce(x); d.barrier(); torch.cuda.synchronize()

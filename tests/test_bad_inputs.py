@@ -186,6 +186,9 @@ def test_tst_flags_without_a_bag_size(corpus, workdir, save, capsys, over, given
     ("--moe-grouped-gemm", "--moe-grouped-gemm: not implemented; drop it: the experts run as megatron-core's "
                            "SequentialMLP (the same function, the experts' GEMMs one after another)"),
     ("--async-save", "--async-save: not implemented; drop it: checkpoints are written synchronously and atomically"),
+    ("--no-check-for-nan-in-loss-and-grad", "--no-check-for-nan-in-loss-and-grad: the non-finite guard cannot be "
+     "turned off: a NaN/Inf loss or gradient norm stops the run without saving; to skip such steps instead, give "
+     "--skip-nonfinite-steps N"),
 ])
 def test_unknown_flag_gets_a_suggestion(corpus, workdir, save, capsys, flag, hint):
     with isolated(), pytest.raises(SystemExit) as exc:

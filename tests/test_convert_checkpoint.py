@@ -501,6 +501,12 @@ def test_transformers_saved_model_round_trip(tmp_path, mlp_only_layers, freq, fl
                                    src.state_dict()["model.norm.weight"], rtol=0, atol=1e-6)
     assert {"--moe-layer-freq", "--moe-router-pre-softmax", "--kv-channels"} - set(res["flags"]) == {"--kv-channels"}
     assert res["flags"][res["flags"].index("--moe-layer-freq") + 1] == freq
+    if freq == "2":  # another spelling of the same layers takes the checkpoint's (its storage layout)
+        from tst_megatron.arguments import parse_args
+        for mine in ("3", "[1,0]"):
+            ns = parse_args(["--data-path", "x", "--load", str(tmp_path / "ckpt"), "--use-checkpoint-args",
+                             "--moe-layer-freq", mine])
+            assert ns.model.moe_layer_freq == 2
     cv.export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "back"), progress=False, log=None)
     back = _load_hf(tmp_path / "back")
     ids = torch.randint(0, 290, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -516,3 +522,4 @@ def test_helpers():
     # an HF MoE layer pattern -> the simplest --moe-layer-freq: every k-th layer as k, else the list
     assert cv.hf_import._moe_freq([1, 0, 1, 0], 4) == 2 and cv.hf_import._moe_freq(1, 3) == 1
     assert cv.hf_import._moe_freq([0, 1], 2) == [0, 1]
+    assert cv.hf_import._moe_freq(3, 2) == 2  # a user's --moe-layer-freq 3 on two layers is HF's [1, 0]

@@ -153,6 +153,13 @@ def test_megatron_to_hf_parity(megatron_env, tmp_path, case):
             torch.testing.assert_close(back[k], sd[k], rtol=0, atol=2.5e-7)
             back[k] = sd[k]
     _assert_sd_equal(back, sd)
+    if zc:  # bf16 weights exported to fp32: 1 + w rounded once (to fp32), not first to bf16's ~0.008 steps
+        sd16 = {k: (v.to(torch.bfloat16) if torch.is_tensor(v) else v) for k, v in sd.items()}
+        out = hc.megatron_to_hf(sd16, cfg, zero_centered_gamma=True, norm_dtype=torch.float32)
+        w = sd16["decoder.final_layernorm.weight"].float()
+        assert out["model.norm.weight"].dtype == torch.float32 and torch.equal(out["model.norm.weight"], 1 + w)
+        assert not torch.equal((1 + w).to(torch.bfloat16).float(), 1 + w)  # the test can tell the two apart
+        assert out["lm_head.weight" if not tied else "model.embed_tokens.weight"].dtype == torch.bfloat16
 
     files = hc.save_hf_directory(str(tmp_path), hf_sd, cfg,
                                  generation_config={"do_sample": False, "pad_token_id": 0})

@@ -43,7 +43,8 @@ def test_megatron_core_builds_moe_exactly_where_the_flag_says(freq, pattern):
 
 @pytest.mark.parametrize("freq", ["0", "-1", "[2,0,1,1]", "[]", "[1.0,0,1,1]", "__import__('os').getcwd()",
                                   "[1]*'4'", "[1,0]+1", "lots", "[1]*10**9", "[1]*1000000000", "[[1]*100000,[1]*100000]",
-                                  "+".join(["[1]*100000"] * 3), "[1]+[1]*100000", "[[1],[0]]"])
+                                  "+".join(["[1]*100000"] * 3), "[1]+[1]*100000", "[[1],[0]]",
+                                  "[]*100000000000000000000000"])
 def test_what_is_not_a_layer_pattern_is_refused_by_the_parser(freq, capsys):
     with pytest.raises(SystemExit):
         parse_args(MOE4 + ["--moe-layer-freq", freq])
@@ -67,6 +68,34 @@ def test_resume_compares_the_layers_not_the_spelling():
     with pytest.raises(SystemExit) as exc:
         check_resume_compatible(_cfg("[0,1,1,1]"), meta, "ckpt")  # other layers: another model
     assert "--moe-layer-freq [0, 1, 1, 1] (checkpoint: [1, 0, 1, 0])" in str(exc.value.code)
+
+
+def _sharded_keys(freq: str) -> set:
+    """The keys megatron-core's dist checkpoint gives the model built with this --moe-layer-freq."""
+    from megatron.core.models.gpt import GPTModel
+
+    init_single_process()
+    cfg = _cfg(freq)
+    tc = transformer_config(cfg.model, cfg.parallel, cfg.optim, use_cpu_init=True)
+    model = GPTModel(config=tc, transformer_layer_spec=gpt_block_spec(tc, use_transformer_engine=False),
+                     vocab_size=256, max_sequence_length=64)
+    return {v.key for v in model.sharded_state_dict().values() if hasattr(v, "key")}
+
+
+def test_the_spelling_decides_megatron_cores_checkpoint_layout_and_resume_says_so():
+    """1 and [1, 1, 1, 1] are the same layers, but megatron-core stores the first stacked
+    ("decoder.layers.mlp...") and any list or int > 1 one entry per layer: a resume across the two
+    cannot load, so it is refused before compute with the spelling to give; 2 and [1, 0, 1, 0]
+    share a layout and resume."""
+    keys = {f: _sharded_keys(f) for f in ("1", "[1,1,1,1]", "2", "[1,0,1,0]")}
+    assert keys["1"] != keys["[1,1,1,1]"] and keys["2"] == keys["[1,0,1,0]"]
+    for a, b in (("1", "[1,1,1,1]"), ("[1,1,1,1]", "1")):
+        with pytest.raises(SystemExit) as exc:
+            check_resume_compatible(_cfg(b), {"args": _cfg(a).to_dict()}, "ckpt")
+        spelled = a if a == "1" else '"[1,1,1,1]"'
+        assert "megatron-core's layout follows the spelling" in str(exc.value.code)
+        assert str(exc.value.code).endswith(f"Give --moe-layer-freq {spelled} as the checkpoint did")
+    check_resume_compatible(_cfg("[1,0,1,0]"), {"args": _cfg("2").to_dict()}, "ckpt")
 
 
 def test_a_dense_first_layer_trains_and_is_saved_without_experts(tmp_path):

@@ -54,13 +54,13 @@ def moe_layer_freq(text: str):
                 return a + b
             if isinstance(node.op, ast.Mult) and (isinstance(a, list) != isinstance(b, list)):
                 items, times = (a, b) if isinstance(a, list) else (b, a)
-                if len(items) * max(times, 0) > _MAX_PATTERN:
-                    raise ValueError
+                if times > _MAX_PATTERN or len(items) * max(times, 0) > _MAX_PATTERN:
+                    raise ValueError  # ([] * 10**30 is empty, but Python cannot even count that far)
                 return items * times
         raise ValueError
     try:
         out = value(ast.parse(text.strip(), mode="eval").body)
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
+    except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError):
         out = None
     if isinstance(out, int) and out >= 1:
         return out
@@ -458,6 +458,9 @@ _NOT_IMPLEMENTED = {
     "--fp8-format": "FP8 training is not implemented (use --bf16)",
     "--mtp-num-layers": "multi-token prediction is not implemented",
     "--multi-latent-attention": "multi-latent attention is not implemented",
+    "--no-check-for-nan-in-loss-and-grad": "the non-finite guard cannot be turned off: a NaN/Inf loss or gradient "
+                                           "norm stops the run without saving; to skip such steps instead, give "
+                                           "--skip-nonfinite-steps N",
 }
 
 

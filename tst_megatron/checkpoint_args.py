@@ -76,7 +76,12 @@ def apply_checkpoint_args(ns: argparse.Namespace, parser: argparse.ArgumentParse
                     mine, theirs = canonical_tokenizer_type(mine), canonical_tokenizer_type(theirs)
                 if name == "moe_layer_freq" and resolved["model"].get("num_experts"):
                     # _resolved spells the checkpoint's as a 0/1 pattern; 2 and [1, 0, 1, 0] are the same
+                    # layers, and then the checkpoint's spelling is taken below: it decides how
+                    # megatron-core stores them (run_config.stacks_layers)
                     mine = moe_layer_pattern(mine, resolved["model"]["num_layers"])
+                    if mine == theirs:
+                        setattr(ns, name, values[name])
+                        continue
                 if name in TYPED_WINS or mine == theirs:
                     continue
                 fail(f"--{name.replace('_', '-')} {getattr(ns, name)} contradicts the checkpoint's {theirs} ({path}) "

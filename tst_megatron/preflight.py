@@ -12,7 +12,7 @@ import os
 from typing import Optional
 
 from .arguments import ModelArgs, OptimArgs, RunConfig, fail
-from .run_config import moe_layer_pattern
+from .run_config import moe_layer_pattern, stacks_layers
 
 _MAX_SCANNED_TOKENS = 64 * 1024 * 1024  # large corpora are checked on a prefix (memory-mapped)
 
@@ -236,6 +236,14 @@ def check_resume_compatible(cfg: RunConfig, meta: dict, path: str) -> None:
             flag = "--tst-" + key.replace("_", "-") if group == "tst" else "--" + key.replace("_", "-")
             diffs.append(f"{flag} {b} (checkpoint: {a})")
             shape |= group == "model" and key not in ("seq_length", "moe_router_topk", "moe_router_score_function")
+    if "model" in raw_saved:
+        was, will = raw_saved["model"].get("moe_layer_freq", 1), raw_now["model"]["moe_layer_freq"]
+        if stacks_layers(was) != stacks_layers(will):  # no override helps: the keys do not match
+            layout = {True: "stacked (an int 1)", False: "one entry per layer (a list or an int > 1)"}
+            spelled = was if isinstance(was, int) else '"' + str(was).replace(" ", "") + '"'
+            fail(f"--load {path}: --moe-layer-freq {will} stores the layers {layout[stacks_layers(will)]}, the "
+                 f"checkpoint's {was} {layout[stacks_layers(was)]}: megatron-core's layout follows the spelling, "
+                 f"so the weights would not load. Give --moe-layer-freq {spelled} as the checkpoint did")
     sm, nm = saved.get("model", {}), now["model"]
     if sm.get("position_embedding_type") == nm.get("position_embedding_type") == "learned_absolute":
         rows = [m.get("max_position_embeddings") or m.get("seq_length") for m in (sm, nm)]

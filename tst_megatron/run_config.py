@@ -87,6 +87,14 @@ def moe_layer_pattern(freq: Union[int, List[int]], num_layers: int) -> List[int]
     return [int(x) for x in freq]
 
 
+def stacks_layers(freq: Union[int, List[int]]) -> bool:
+    """Whether megatron-core's checkpoint stores the decoder layers stacked, one entry per weight
+    over all layers ("decoder.layers.<name>": --moe-layer-freq 1), or one entry per layer
+    ("decoder.layers.<i>.<name>": any list, any int > 1). The spelling decides, not the layers:
+    1 and [1, 1, 1, 1] are the same model whose checkpoints cannot load into each other."""
+    return not isinstance(freq, list) and freq == 1
+
+
 @dataclass
 class ParallelArgs:
     tensor_model_parallel_size: int = 1

@@ -172,6 +172,7 @@ def export_checkpoint(load: str, output: str, *, iteration: Optional[int] = None
               f"TP={par.tensor_model_parallel_size} PP={par.pipeline_model_parallel_size} "
               f"EP={par.expert_model_parallel_size}) as {arch} -> {output}")
 
+    target = getattr(torch, out_dtype)
     with _stages("export", 4 if tok_json else 3, progress) as stages:
         with contextlib.ExitStack() as session:
             with stages.step("reading the torch_dist checkpoint into a TP=PP=EP=1 model"):
@@ -179,10 +180,9 @@ def export_checkpoint(load: str, output: str, *, iteration: Optional[int] = None
                 model, _ = load_megatron_model(path, meta)
             with stages.step("converting the weights"):
                 with torch.no_grad():
-                    hf_sd = hc.megatron_to_hf(model.state_dict(), hf_cfg,
+                    hf_sd = hc.megatron_to_hf(model.state_dict(), hf_cfg, norm_dtype=target,
                                               zero_centered_gamma=cfg.model.apply_layernorm_1p)
                 del model
-        target = getattr(torch, out_dtype)
         hf_sd = {k: (v if v.dtype == target else v.to(target)) for k, v in hf_sd.items()}
         total = sum(v.numel() * v.element_size() for v in hf_sd.values())
         with stages.step(f"writing {_human(total)} of safetensors"):

@@ -52,13 +52,12 @@ def _parse_run_flags(argv: Sequence[str]):
 
 
 def _moe_freq(pattern: Any, num_layers: int):
-    """The simplest --moe-layer-freq for an HF MoE layer pattern: an int k when the pattern is
-    megatron's 'every k-th layer from layer 0', else the 0/1 list itself."""
+    """The simplest --moe-layer-freq for a layer pattern (an HF model's, or a --moe-layer-freq's: 3 on
+    two layers is [1, 0], whose simplest form is 2): the smallest int k when the pattern is megatron's
+    'every k-th layer from layer 0', else the 0/1 list itself."""
     from ..run_config import moe_layer_pattern
 
-    if isinstance(pattern, int):
-        return pattern
-    pattern = [int(x) for x in pattern]
+    pattern = moe_layer_pattern(pattern, num_layers)  # an int k of the user's may have a smaller twin
     for k in range(1, num_layers + 1):
         if moe_layer_pattern(k, num_layers) == pattern:
             return k

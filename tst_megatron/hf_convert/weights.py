@@ -67,26 +67,27 @@ def _own(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone(memory_format=torch.contiguous_format)
 
 
-def _norm(weight: torch.Tensor, shift: float) -> torch.Tensor:
+def _norm(weight: torch.Tensor, shift: float, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """A norm weight moved between megatron's zero-centred form (gamma - 1, --apply-layernorm-1p)
-    and HF's gamma, in fp32: + 1 on export, back in the weight's dtype (the HF file keeps the
-    training dtype); - 1 on import, kept in fp32 (loading rounds it once, to the parameter's dtype:
-    gamma - 1 of a small bf16 gamma would lose bits if rounded to bf16 first)."""
+    and HF's gamma, in fp32, and rounded once: + 1 on export, to `dtype` (the dtype the file will
+    hold; default the weight's); - 1 on import, kept in fp32 (loading rounds it to the parameter's
+    dtype). Rounding in between would lose bits: 1 + w in bf16 keeps w only to ~0.008."""
     if not shift:
         return _own(weight)
     moved = weight.float() + shift
-    return moved.to(weight.dtype) if shift > 0 else moved
+    return moved.to(dtype or weight.dtype) if shift > 0 else moved
 
 
-def megatron_to_hf(state_dict: Mapping[str, Any], cfg: Any, *,
-                   zero_centered_gamma: bool = False) -> Dict[str, torch.Tensor]:
+def megatron_to_hf(state_dict: Mapping[str, Any], cfg: Any, *, zero_centered_gamma: bool = False,
+                   norm_dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
     """Full megatron GPT state dict -> HF state dict, for the HF config dict `cfg`.
 
     `cfg` is the HF config (`hf_config_from_megatron` / `load_hf_directory` / a PretrainedConfig).
     Local or TE key names, `_extra_state` entries ignored; dtypes kept; every input key must be
     used. With tie_word_embeddings, `lm_head.weight` is not written (and `output_layer.weight`,
     if present, must equal the embedding). zero_centered_gamma: megatron's norm weights are
-    gamma - 1 (--apply-layernorm-1p); HF's are gamma.
+    gamma - 1 (--apply-layernorm-1p); HF's are gamma, computed in fp32 and rounded once, to
+    norm_dtype when given (the dtype the caller will write, e.g. fp32 from a bf16 model).
     """
     s = _Shape(cfg)
     one = 1.0 if zero_centered_gamma else 0.0
@@ -97,7 +98,7 @@ def megatron_to_hf(state_dict: Mapping[str, Any], cfg: Any, *,
     out["model.embed_tokens.weight"] = _own(emb)
     for i in range(s.layers):
         m, p = f"decoder.layers.{i}.", f"model.layers.{i}."
-        out[p + "input_layernorm.weight"] = _norm(t.take(m + "input_layernorm.weight", (h,)), one)
+        out[p + "input_layernorm.weight"] = _norm(t.take(m + "input_layernorm.weight", (h,)), one, norm_dtype)
         qkv = t.take(m + "self_attention.linear_qkv.weight", (ng * (per + 2) * d, h)).view(ng, per + 2, d, h)
         out[p + "self_attn.q_proj.weight"] = _own(qkv[:, :per].reshape(nq * d, h))
         out[p + "self_attn.k_proj.weight"] = _own(qkv[:, per].reshape(ng * d, h))
@@ -112,9 +113,11 @@ def megatron_to_hf(state_dict: Mapping[str, Any], cfg: Any, *,
         if s.bias:
             out[p + "self_attn.o_proj.bias"] = _own(t.take(m + "self_attention.linear_proj.bias", (h,)))
         if s.qk_norm:
-            out[p + "self_attn.q_norm.weight"] = _norm(t.take(m + "self_attention.q_layernorm.weight", (d,)), one)
-            out[p + "self_attn.k_norm.weight"] = _norm(t.take(m + "self_attention.k_layernorm.weight", (d,)), one)
-        out[p + "post_attention_layernorm.weight"] = _norm(t.take(m + "pre_mlp_layernorm.weight", (h,)), one)
+            for qk in "qk":
+                out[p + f"self_attn.{qk}_norm.weight"] = _norm(
+                    t.take(m + f"self_attention.{qk}_layernorm.weight", (d,)), one, norm_dtype)
+        out[p + "post_attention_layernorm.weight"] = _norm(
+            t.take(m + "pre_mlp_layernorm.weight", (h,)), one, norm_dtype)
         if s.moe[i]:
             out[p + "mlp.gate.weight"] = _own(t.take(m + "mlp.router.weight", (s.experts, h)))
             for e in range(s.experts):
@@ -134,7 +137,7 @@ def megatron_to_hf(state_dict: Mapping[str, Any], cfg: Any, *,
             out[p + "mlp.down_proj.weight"] = _own(t.take(m + "mlp.linear_fc2.weight", (h, s.ffn)))
             if s.bias:
                 out[p + "mlp.down_proj.bias"] = _own(t.take(m + "mlp.linear_fc2.bias", (h,)))
-    out["model.norm.weight"] = _norm(t.take("decoder.final_layernorm.weight", (h,)), one)
+    out["model.norm.weight"] = _norm(t.take("decoder.final_layernorm.weight", (h,)), one, norm_dtype)
     if s.tied:
         if "output_layer.weight" in t.sd:
             head = t.take("output_layer.weight", (s.vocab, h))
