@@ -93,10 +93,10 @@ def process_group(tmp_path):
     dist.destroy_process_group()
 
 
-def build(tmp_path, tst, prefixes, seed=1, cache="cache", weights=None, **kw):
+def build(tmp_path, tst, prefixes, seed=1, cache="cache", weights=None, train_iters=TRAIN_ITERS, **kw):
     return build_tst_datasets(
-        tst, seq_length=L, train_iters=TRAIN_ITERS, global_batch_size=GBS, eval_iters=1,
-        eval_interval=5, tokenizer=NullTokenizer(V), seed=seed, blend=(list(prefixes), weights),
+        tst, seq_length=L, train_iters=train_iters, global_batch_size=GBS, eval_iters=1,
+        tokenizer=NullTokenizer(V), seed=seed, blend=(list(prefixes), weights),
         split="80,10,10", data_cache_path=str(tmp_path / cache), **kw)
 
 
@@ -213,7 +213,7 @@ def _plain_gpt_splits(tmp_path, prefix, seed, eod_mask_loss, reset_position_ids)
         tokenizer=NullTokenizer(V), path_to_cache=str(tmp_path / "plain_cache"),
         reset_position_ids=reset_position_ids, reset_attention_mask=False,
         eod_mask_loss=eod_mask_loss, create_attention_mask=False)
-    sizes = [TRAIN_ITERS * GBS, (TRAIN_ITERS // 5 + 1) * GBS, GBS]
+    sizes = [TRAIN_ITERS * GBS, GBS, GBS]  # validation: the eval-iters batches every evaluation reads
     return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
 
 
@@ -245,6 +245,19 @@ def test_tst_lm_validation_is_the_baseline_validation(tmp_path, corpus):
     mce = tst.valid_mce
     assert len(mce) == len(mce.base) and all(mce.phase_of(i) == "superposition" for i in range(len(mce)))
     assert mce[0]["tokens"].shape == (L, S)
+
+
+def test_validation_does_not_depend_on_the_run_length(tmp_path, corpus):
+    """A TST run and a baseline twice as long (the paper's comparison) are scored on the same
+    validation text: the split is asked only for the batches an evaluation reads. (Asked for
+    Megatron-LM's count, which grows with --train-iters / --eval-interval, a split smaller than the
+    request is shuffled over several epochs and its first batches change with the run length.)"""
+    prefix, _ = corpus["plain"]
+    short = build(tmp_path, tst_cfg("full"), [prefix], seed=3, cache="short")
+    long = build(tmp_path, tst_cfg("full"), [prefix], seed=3, cache="long", train_iters=100 * TRAIN_ITERS)
+    assert 100 * TRAIN_ITERS // 5 * GBS > len(short.valid_lm)  # Megatron-LM's count would need epochs
+    _assert_same_samples(short.valid_lm, long.valid_lm)
+    _assert_same_samples(short.valid_mce, long.valid_mce)
 
 
 # ------------------------------------------------------------------------------- (5) modes
@@ -302,6 +315,21 @@ def test_eod_masking_matches_megatron(tmp_path, corpus):
             x["tokens"], EOD, True, False, True, False)
         assert torch.equal(x["loss_mask"], loss_mask)
         assert torch.equal(x["position_ids"], position_ids)
+
+
+def test_output_mode_resets_positions_at_documents_in_both_phases(tmp_path, corpus):
+    """--tst-mode output feeds plain tokens in the superposition phase too: with
+    --reset-position-ids their positions restart at every document (megatron's own function),
+    as the recovery phase's and the baseline's do; bags (full/input modes) count positions by bag."""
+    prefix, _ = corpus["eod"]
+    ds = build(tmp_path, tst_cfg("output"), [prefix], eod_mask_loss=True, reset_position_ids=True).train
+    reset_any = False
+    for i in range(ds.num_superposition_samples):
+        x = ds[i]
+        _, _, position_ids = _get_ltor_masks_and_position_ids(x["tokens"], EOD, True, False, True, False)
+        assert torch.equal(x["position_ids"], position_ids)
+        reset_any |= not torch.equal(position_ids, torch.arange(L))
+    assert reset_any, "corpus should put EODs inside superposition samples"
 
 
 def test_loss_mask_counts_only_positions_with_a_valid_weighted_target(tmp_path, corpus):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 
 import pytest
 
@@ -30,11 +31,12 @@ def test_finetune_starts_a_new_run_from_the_weights(tmp_path):
     before = sorted(os.listdir(a_save))
     d_save = tmp_path / "d"
     job = base_args(prefix, load=d_save, save=d_save, pretrained_checkpoint=a_save)
+    shutil.copy(a_save / "metrics.jsonl", tmp_path / "a_curve.jsonl")  # --skip-train evaluates into A's curve
     # the runs that only need A, side by side (each launch is mostly imports on one core)
     b, c, ev, first = (assert_ok(r) for r in run_many([
         base_args(prefix, load=a_save, save=b_save, finetune=True),
         base_args(prefix, metrics_path=tmp_path / "c.jsonl"),
-        base_args(prefix, tst=False, load=a_save, skip_train=True, metrics_path=tmp_path / "eval_only.jsonl"),
+        base_args(prefix, tst=False, load=a_save, skip_train=True, metrics_path=tmp_path / "a_curve.jsonl"),
         job + ["--exit-interval", "3"]]))
     assert f"> fine-tuning from the weights of {a_save}/iter_{TRAIN_ITERS:07d}" in b.stdout
 
@@ -58,9 +60,12 @@ def test_finetune_starts_a_new_run_from_the_weights(tmp_path):
     assert ckpt.read_meta(str(b_save / f"iter_{TRAIN_ITERS + 2:07d}"))["finetuned_from"] == meta["finetuned_from"]
 
     # --skip-train (Megatron-LM's evaluation-only run) on A's final checkpoint: A's final validation
-    # loss again (same weights, same validation samples), no training step, nothing written to A
+    # loss again (same weights, same validation samples), no training step, nothing written to A;
+    # evaluated into (a copy of) A's metrics file, A's curve is kept and its last evaluation
+    # replaced, not logged twice (eval_records asserts that)
     assert eval_records(ev.records)[TRAIN_ITERS]["val_lm_loss"] == eval_records(a.records)[TRAIN_ITERS]["val_lm_loss"]
-    assert not train_records(ev.records) and sorted(os.listdir(a_save)) == before
+    assert sorted(eval_records(ev.records)) == sorted(eval_records(a.records))
+    assert train_records(ev.records) == train_records(a.records) and sorted(os.listdir(a_save)) == before
     assert f"> --skip-train: evaluated the weights of iteration {TRAIN_ITERS} ({a_save}/iter_{TRAIN_ITERS:07d})" in ev.stdout
 
     # --pretrained-checkpoint, the requeue-safe form: the same job command twice (--load = --save);

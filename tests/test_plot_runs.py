@@ -12,7 +12,7 @@ if REPO not in sys.path:
 
 from tools import plot_runs  # noqa: E402
 from tools.plot_runs import equal_loss_speedup  # noqa: E402
-from tst_megatron.metrics_io import MetricsWriter, read_metrics  # noqa: E402
+from tst_megatron.metrics_io import MetricsWriter, read_metrics, truncate_metrics  # noqa: E402
 
 
 # ---------------------------------------------------------------- equal_loss_speedup
@@ -120,3 +120,19 @@ def test_read_metrics_tolerates_truncated_last_line(tmp_path):
     assert len(run.train) == 1 and run.final_eval()["val_lm_loss"] == 4.5
     assert run.name == "live" and not run.uses_superposition and run.phase_switch() is None
     assert math.isclose(run.evals[0]["val_lm_loss"], 4.5)
+
+
+@pytest.mark.parametrize("kw, kept", [
+    ({}, ["run", "t1", "t2", "t3", "t4", "e4"]),                       # a resume from 4 logs 5.. again
+    ({"keep_evals_at_end": False}, ["run", "t1", "t2", "t3", "t4"]),    # ... and evaluates 4 again
+    ({"keep_evals_at_end": False, "drop_later": False},                # --skip-train of checkpoint 4
+     ["run", "t1", "t2", "t3", "t4", "t5", "t6", "e6"])])
+def test_truncate_metrics(tmp_path, kw, kept):
+    path = tmp_path / "m.jsonl"
+    recs = [{"type": "run"}] + [{"type": "train", "iteration": i} for i in range(1, 7)]
+    recs.insert(5, {"type": "eval", "iteration": 4})
+    recs.append({"type": "eval", "iteration": 6})
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    truncate_metrics(str(path), 4, **kw)
+    got = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["type"][0] + str(r["iteration"]) if "iteration" in r else r["type"] for r in got] == kept

@@ -117,16 +117,23 @@ def _document_position_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
     return pos - torch.cummax(doc_start, dim=0).values
 
 
-def _superposition_sample(text: torch.Tensor, valid: torch.Tensor, seq_length: int,
-                          tst: TSTConfig) -> Dict[str, torch.Tensor]:
-    """Bag layout of one base window (see module docstring)."""
+def _superposition_sample(text: torch.Tensor, valid: torch.Tensor, seq_length: int, tst: TSTConfig,
+                          eod: Optional[int] = None, reset_position_ids: bool = False) -> Dict[str, torch.Tensor]:
+    """Bag layout of one base window (see module docstring). Positions count bags (a bag may
+    straddle documents), except in output mode, whose inputs are plain tokens: there
+    --reset-position-ids restarts them at every document, as in the recovery phase."""
     L, s = seq_length, tst.bag_size
+    position_ids = torch.arange(L, dtype=torch.long)
     if tst.mode == "output":
         # labels[t, j] = text[t + 1 + j]: the s tokens following input token t
         idx = torch.arange(L).unsqueeze(1) + 1 + torch.arange(s).unsqueeze(0)
         tokens = text[:L].clone()
         label_valid = valid[idx]
         labels = _masked(text[idx], label_valid)
+        if reset_position_ids:
+            if eod is None:
+                raise ValueError("reset_position_ids needs the EOD token id (TSTDataset eod_token=)")
+            position_ids = _document_position_ids(tokens, eod)
     else:
         tokens = text[: L * s].reshape(L, s).clone()
         label_ids = text[s: (L + 1) * s].reshape(L, s)
@@ -143,7 +150,7 @@ def _superposition_sample(text: torch.Tensor, valid: torch.Tensor, seq_length: i
         "tokens": tokens,
         "labels": labels.contiguous(),
         "loss_mask": weighted.any(dim=-1).float(),
-        "position_ids": torch.arange(L, dtype=torch.long),
+        "position_ids": position_ids,
     }
 
 
@@ -263,7 +270,8 @@ class TSTDataset(Dataset):
                              f"{self.seq_length}, s = {self.tst.bag_size}, mode {self.tst.mode} need "
                              f"{self.window}; build the base with base_sequence_length()")
         if index < self.num_superposition_samples:
-            return self._checked(_superposition_sample(text, valid, self.seq_length, self.tst), index)
+            return self._checked(_superposition_sample(text, valid, self.seq_length, self.tst, self.eod_token,
+                                                       self.reset_position_ids), index)
         return self._checked(_next_token_sample(text, valid, chunk * (self.seq_length + 1), self.seq_length,
                                                 self.eod_token, self.reset_position_ids), index)
 
@@ -280,15 +288,18 @@ class TSTDataset(Dataset):
 
 
 # ---------------------------------------------------------------------------------- builder
-def train_valid_test_num_samples(train_iters: int, global_batch_size: int, eval_iters: int,
-                                 eval_interval: int) -> Tuple[int, int, int]:
-    """Samples per split, counted as megatron-LM counts them (validation runs every
-    eval_interval iterations and once at the end, eval_iters batches each time)."""
-    if eval_interval < 1:
-        raise ValueError(f"eval_interval must be >= 1 (got {eval_interval})")
-    num_evals = train_iters // eval_interval + 1
+def train_valid_test_num_samples(train_iters: int, global_batch_size: int,
+                                 eval_iters: int) -> Tuple[int, int, int]:
+    """Samples per split: the train stream, and the eval_iters global batches every evaluation reads.
+
+    Megatron-LM asks for (train_iters // eval_interval + 1) x eval_iters batches of validation,
+    because its evaluations walk on through the split. Ours read the same first batches every time
+    (one curve's points differ only by the weights), so asking for more would only matter where it
+    should not: when the split is smaller than the request, megatron shuffles several epochs
+    together and the first batches then depend on --train-iters and --eval-interval, so runs of
+    different lengths (TST and a longer baseline) would be scored on different text."""
     return (train_iters * global_batch_size,
-            num_evals * eval_iters * global_batch_size,
+            eval_iters * global_batch_size,
             eval_iters * global_batch_size)
 
 
@@ -387,7 +398,6 @@ def build_tst_datasets(
     train_iters: int,
     global_batch_size: int,
     eval_iters: int,
-    eval_interval: int,
     tokenizer,
     seed: int,
     blend: Optional[Blend] = None,
@@ -421,8 +431,7 @@ def build_tst_datasets(
     """
     if blend_per_split is not None:
         split = None
-    n_train, n_valid, n_test = train_valid_test_num_samples(
-        train_iters, global_batch_size, eval_iters, eval_interval)
+    n_train, n_valid, n_test = train_valid_test_num_samples(train_iters, global_batch_size, eval_iters)
     n_sup = tst.num_superposition_iters(train_iters) * global_batch_size
     if sample_plan is not None:
         n_sup, n_train = sample_plan

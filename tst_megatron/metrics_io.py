@@ -63,11 +63,13 @@ class MetricsWriter:
         self.close()
 
 
-def truncate_metrics(path: str, iteration: int, keep_evals_at_end: bool = True) -> None:
+def truncate_metrics(path: str, iteration: int, keep_evals_at_end: bool = True,
+                     drop_later: bool = True) -> None:
     """Drop the records logged after `iteration` (atomically): a run resumed from the checkpoint of
     that iteration logs them again, and a curve must not hold two versions of one step.
     keep_evals_at_end=False also drops the evaluation records *at* `iteration` (a run resumed at
-    its last iteration evaluates it again)."""
+    its last iteration evaluates it again). drop_later=False keeps the records after `iteration`
+    (a --skip-train evaluation of an older checkpoint replaces that checkpoint's evaluation only)."""
     keep = []
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -78,7 +80,7 @@ def truncate_metrics(path: str, iteration: int, keep_evals_at_end: bool = True) 
             it = rec.get("iteration", 0)
             if rec.get("type") in ("eval", "test") and it == iteration and not keep_evals_at_end:
                 continue
-            if rec.get("type") == "run" or it <= iteration:
+            if rec.get("type") == "run" or it <= iteration or not drop_later:
                 keep.append(line if line.endswith("\n") else line + "\n")
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:

@@ -42,8 +42,10 @@ class TrainLog:
         self.metrics_path = path
         resuming = self.iteration > 0
         if self.rank == 0 and resuming and os.path.exists(path):
-            # resumed at the end: the final evaluation runs again, so its old record goes
-            truncate_metrics(path, self.iteration, keep_evals_at_end=self.iteration < cfg.optim.train_iters)
+            # resumed at the end, or evaluated (--skip-train): the evaluation of this iteration runs
+            # again, so its old record goes; an evaluation-only run trains nothing, so keeps the rest
+            skip, ended = cfg.logging.skip_train, self.iteration >= cfg.optim.train_iters
+            truncate_metrics(path, self.iteration, keep_evals_at_end=not (skip or ended), drop_later=not skip)
         elif self.rank == 0 and os.path.isfile(path) and os.path.getsize(path) > 0:
             kept = next(f"{path}.{k}" for k in range(1, 10 ** 6) if not os.path.exists(f"{path}.{k}"))
             os.replace(path, kept)  # a fresh run never overwrites another run's curve

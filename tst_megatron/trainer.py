@@ -174,7 +174,6 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
 
         cfg = self.cfg
         d = cfg.data
-        eval_interval = cfg.logging.eval_interval or cfg.optim.train_iters
         # (--skip-train trains nothing: the plan of a fresh run, whatever the checkpoint consumed)
         at = (0, 0, 0) if cfg.logging.skip_train else (self.iteration, self.consumed_samples,
                                                        self.superposition_samples)
@@ -189,7 +188,7 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
             self.datasets = build_tst_datasets(
                 cfg.tst, seq_length=cfg.model.seq_length, train_iters=cfg.optim.train_iters,
                 global_batch_size=cfg.optim.global_batch_size, eval_iters=cfg.logging.eval_iters,
-                eval_interval=eval_interval, tokenizer=self.tokenizer, seed=cfg.optim.seed,
+                tokenizer=self.tokenizer, seed=cfg.optim.seed,
                 blend=get_blend_from_list(d.data_path) if d.data_path else None,
                 blend_per_split=None if d.data_path or d.mock_data else [  # neither blend: mock data
                     get_blend_from_list(paths) if paths else None
