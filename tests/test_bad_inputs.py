@@ -224,6 +224,31 @@ def test_superposition_iters_not_below_train_iters(corpus, workdir, save, capsys
     assert_clean(workdir, save)
 
 
+@pytest.mark.parametrize("over,expected", [
+    # megatron's own split parser would read "90,-10,20" as 90,10,20 and "1e2" as two weights
+    ({"--split": "90,-10,20"}, "error: --split 90,-10,20: give up to three non-negative numbers train,valid,test"),
+    ({"--split": "1e2,10,0"}, "error: --split 1e2,10,0: give up to three non-negative numbers train,valid,test"),
+    ({"--split": "0,0,0"}, "error: --split 0,0,0: the weights sum to 0; give the train split a weight > 0"),
+    ({"--data-path": "-1 {c} 2 {c}"}, "error: --data-path -1 {c} 2 {c}: blend weight -1 is not a number > 0"),
+    ({"--data-path": "nan {c} 1 {c}"}, "error: --data-path nan {c} 1 {c}: blend weight nan is not a number > 0"),
+    ({"--exit-interval": "-1"}, "error: --exit-interval must be >= 1 (got -1)"),
+    ({"--exit-duration-in-mins": "nan"}, "error: --exit-duration-in-mins must be a finite number >= 0 (got nan)"),
+    ({"--save": "{w}/afile/ckpt"}, "error: --save {w}/afile/ckpt: {w}/afile is a file, not a directory; give a "
+                                   "path under a directory"),
+])
+def test_split_blend_exit_and_save_values(corpus, workdir, save, capsys, over, expected):
+    """Values megatron would misread or only trip over after the model is built (a negative split
+    weight silently made positive, a blend weight <= 0 as a bare AssertionError, a --save below a
+    file at the first checkpoint) are refused first, naming the flag."""
+    (workdir / "afile").write_text("x")
+    fill = dict(c=corpus, w=workdir)
+    (flag, value), = over.items()
+    argv = base(corpus, save, **{flag: None}) + [flag] + value.format(**fill).split()
+    msg = refuse(argv, capsys, watch=[workdir])
+    assert msg.startswith(expected.format(**fill)), msg
+    assert_clean(workdir, save)
+
+
 def test_bag_too_large_for_the_data(corpus, workdir, save, capsys):
     # 20 documents, the 18 of the train split hold ~900 tokens; s=64, L=16: 64*17 = 1088 per sample
     msg = refuse(base(corpus, save, **{"--tst-bag-size": 64}), capsys, watch=[workdir, os.path.dirname(corpus)])

@@ -524,3 +524,33 @@ def test_token_ids_beyond_the_vocabulary_are_named_per_sample(tmp_path, corpus):
             small[i]
         ok = TSTDataset(train.base, tst_cfg("full"), L, train.num_superposition_samples, vocab_size=top + 1)
         assert torch.equal(ok[i]["tokens"], train[i]["tokens"])
+
+
+def test_loader_workers_survive_a_stop_signal_and_end_with_the_process(tmp_path):
+    """--num-workers: a SIGTERM sent to every process of the job reaches the DataLoader workers;
+    they must not die of it (the trainer still needs batches until it has saved), and since they
+    ignore it they are shut down by the process itself at exit (Python's exit-time terminate() is
+    a SIGTERM: without that the process would hang in join)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "workers.py"
+    script.write_text(
+        "import os, signal, time, torch\n"
+        "from torch.utils.data import Dataset\n"
+        "from tst_megatron.data import build_data_iterator\n"
+        "class D(Dataset):\n"
+        "    def __len__(self): return 64\n"
+        "    def __getitem__(self, i): return {'x': torch.tensor([i])}\n"
+        "if __name__ == '__main__':\n"
+        "    it = build_data_iterator(D(), 0, 2, 0, 1, num_workers=2)\n"
+        "    first = next(it)['x'].flatten().tolist()\n"
+        "    kids = open(f'/proc/{os.getpid()}/task/{os.getpid()}/children').read().split()\n"
+        "    for pid in kids:\n"
+        "        os.kill(int(pid), signal.SIGTERM)\n"
+        "    time.sleep(0.5)\n"
+        "    rest = [next(it)['x'].flatten().tolist() for _ in range(5)]\n"
+        "    print(len(kids) >= 2, first, rest[-1], flush=True)\n")
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip() == "True [0, 1] [10, 11]", res.stdout

@@ -164,9 +164,10 @@ def test_use_checkpoint_args(ws, tmp_path):
 
     assert parse_args(bare + ["--ffn-hidden-size", "256"]).model.num_experts == 4  # 4 x hidden, the default
     assert parse_args(bare + ["--seq-length", "16"]).model.seq_length == 16  # a fine-tuning choice
-    # the checkpoint's MoE layers (every layer), typed either way: the same pattern, accepted
+    # the checkpoint's MoE layers (every layer), typed either way: the same pattern, accepted, and
+    # spelt as the checkpoint did (1: megatron-core's stacked layout, which [1,1] would not load)
     assert parse_args(bare + ["--moe-layer-freq", "1"]).model.moe_layer_freq == 1
-    assert parse_args(bare + ["--moe-layer-freq", "[1,1]"]).model.moe_layer_freq == [1, 1]
+    assert parse_args(bare + ["--moe-layer-freq", "[1,1]"]).model.moe_layer_freq == 1
     job = bare[:-3] + ["--load", str(tmp_path / "job"), "--pretrained-checkpoint", ck, "--use-checkpoint-args"]
     assert parse_args(job).model.num_experts == 4
     for argv, message in ((bare + ["--hidden-size", "32"], "--hidden-size 32 contradicts the checkpoint's 64"),

@@ -353,16 +353,21 @@ def test_kill9_after_the_rename_before_the_tracker_update_then_resume(corpus, re
     assert not list(save.glob("*.tmp")) and not list(save.glob("*.old")), "leftover directories"
 
 
-@pytest.mark.parametrize("sig, extra", [(signal.SIGTERM, []), (signal.SIGINT, ["--exit-signal-handler"])],
-                         ids=["SIGTERM", "SIGINT_with_exit_signal_handler"])
+@pytest.mark.parametrize("sig, extra", [(signal.SIGTERM, ["--num-workers", "2"]),
+                                        (signal.SIGINT, ["--exit-signal-handler"])],
+                         ids=["SIGTERM_to_every_process_with_2_data_workers", "SIGINT_with_exit_signal_handler"])
 def test_sigterm_saves_at_current_iteration_exits_zero_then_resume(corpus, reference, tmp_path, sig, extra):
-    """SIGTERM (what SLURM sends), or SIGINT with --exit-signal-handler: finish the iteration, save
-    there, exit 0; the resume continues bit-identically."""
+    """SIGTERM (what SLURM sends, to every process of the job: `scancel --signal=TERM` reaches the
+    DataLoader workers too, which must not die of it), or SIGINT with --exit-signal-handler: finish
+    the iteration, save there, exit 0; the resume continues bit-identically."""
     _, ref = reference
     save = tmp_path / "run"
     run = Run(corpus, save, extra=extra)
     run.wait_for_iteration(3)
-    run.proc.send_signal(sig)
+    if sig == signal.SIGTERM:
+        os.killpg(run.proc.pid, sig)  # the run's own session: the trainer and its workers
+    else:
+        run.proc.send_signal(sig)
     _stopped_cleanly_then_resumes(run, corpus, save, ref, tmp_path, nproc=1)
 
 
@@ -411,6 +416,37 @@ def _stopped_cleanly_then_resumes(run, corpus, save, ref, tmp_path, nproc):
     assert f"at iteration {stopped}" in resumed.output()
     assert_same_losses(train_losses(save), ref, stopped)
     assert assert_checkpoints_sound(save, tmp_path)[-1] == TRAIN_ITERS
+
+
+def test_a_failed_save_is_explained_and_puts_nothing_in_place(corpus, tmp_path):
+    """A save that fails for real -- here a file-size quota (RLIMIT_FSIZE: the checkpoint's shard is
+    the first file past it) -- stops the run with exit 1 and a message naming the iteration, the
+    directory, the cause and the last good checkpoint, and an error record; nothing is put in
+    place (no iteration directory, no tracker), so a later --load sees no half-written state."""
+    import resource
+
+    save = tmp_path / "run"
+
+    def quota():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), not kills
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+    res = subprocess.run([sys.executable, SCRIPT, "--data-path", str(corpus), *BASE_ARGS, "--save", str(save)],
+                         cwd=str(tmp_path), env=_env(None), preexec_fn=quota, capture_output=True, text=True,
+                         timeout=RUN_TIMEOUT)
+    out = res.stdout + res.stderr
+    assert res.returncode == 1, out
+    msg = next((line for line in res.stdout.splitlines() if line.startswith("error: saving")), None)
+    assert msg is not None, out
+    assert msg.startswith(f"error: saving the checkpoint of iteration {SAVE_INTERVAL} to {save} failed ("), msg
+    assert msg.endswith(
+        "nothing of it was put in place. Last good checkpoint: none. Free space or fix --save, then resume "
+        "with --load"), msg
+    assert not [p for p in save.iterdir() if p.name.startswith("iter_") and not p.name.endswith(".tmp")]
+    assert not (save / ckpt.TRACKER).exists()
+    errors = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()
+              if '"error"' in line]
+    assert [e["iteration"] for e in errors] == [SAVE_INTERVAL] and errors[0]["message"] == msg
 
 
 def test_exit_duration_in_mins_saves_and_exits_zero_then_resume(corpus, reference, tmp_path):

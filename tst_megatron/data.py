@@ -33,7 +33,10 @@ Samples are dicts of tensors only (default collate works):
 """
 from __future__ import annotations
 
+import atexit
 import math
+import signal
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -528,8 +531,36 @@ def build_data_iterator(dataset: Dataset, consumed_samples: int, micro_batch_siz
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                        persistent_workers=num_workers > 0)
-    return iter(loader)
+                        persistent_workers=num_workers > 0,
+                        worker_init_fn=_ignore_stop_signals if num_workers > 0 else None)
+    iterator = iter(loader)
+    if num_workers > 0:  # before multiprocessing's exit-time terminate() (atexit runs the latest first)
+        atexit.register(_close_at_exit, weakref.ref(iterator))
+    return iterator
+
+
+def _close_at_exit(ref) -> None:
+    iterator = ref()
+    if iterator is not None:
+        close_data_iterator(iterator)
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM and SIGINT: SLURM's preemption signal (scancel --signal,
+    Ctrl-C in a terminal) reaches every process of the job, workers included, and a worker that
+    dies of it takes the run down before the trainer's handler can save. The trainer stops them
+    itself when it closes (`close_data_iterator`; Python's exit-time terminate() is a SIGTERM), and
+    a worker ends by itself when its parent is gone."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def close_data_iterator(iterator) -> None:
+    """Stop a DataLoader iterator's worker processes now: a sentinel each, then a join (torch's own
+    shutdown, which its iterator otherwise runs only when garbage-collected)."""
+    shutdown = getattr(getattr(iterator, "_it", iterator), "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 class CountingIterator:

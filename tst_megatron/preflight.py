@@ -8,7 +8,9 @@ Pure functions of the run config and what they read: the trainer calls them, tes
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from typing import Optional
 
 from .arguments import ModelArgs, OptimArgs, RunConfig, fail
@@ -38,6 +40,12 @@ def _split_bounds(split: str):
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix, parse_and_normalize_split)
 
+    # megatron reads every run of digits and dots as a weight: "90,-10,20" would train as
+    # 90,10,20 and "1e2" as two weights; only plain non-negative numbers pass here
+    if not re.fullmatch(r"\s*\d+(\.\d*)?(\s*[,/]\s*\d+(\.\d*)?){0,2}\s*", split or ""):
+        fail(f"--split {split}: give up to three non-negative numbers train,valid,test (e.g. 969,30,1 or 98,2,0)")
+    if not sum(float(x) for x in re.split(r"[,/]", split)) > 0:
+        fail(f"--split {split}: the weights sum to 0; give the train split a weight > 0 (e.g. 969,30,1)")
     try:
         return convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
     except (AssertionError, ValueError) as exc:
@@ -72,9 +80,13 @@ def check_data(cfg: RunConfig, tokenizer_vocab_size: int) -> None:
 
     for flag, paths, split in data_sources(cfg):
         try:
-            prefixes, _ = get_blend_from_list(paths)
+            prefixes, weights = get_blend_from_list(paths)
         except Exception as exc:
             fail(f"{flag} {' '.join(paths)}: cannot parse ({exc}); use PREFIX ... or W1 PREFIX1 W2 PREFIX2 ...")
+        bad = [w for w in weights or () if not (math.isfinite(w) and w > 0)]
+        if bad:
+            fail(f"{flag} {' '.join(paths)}: blend weight {bad[0]:g} is not a number > 0; every WEIGHT of "
+                 "W1 PREFIX1 W2 PREFIX2 ... must be (drop a prefix rather than weigh it 0)")
         if len(paths) % 2 == 1 and len(paths) > 1 and _is_number(paths[0]):
             fail(f"{flag} {' '.join(paths)}: a weighted blend is pairs WEIGHT PREFIX; this list has "
                  f"{len(paths)} items (a weight or a prefix is missing)")

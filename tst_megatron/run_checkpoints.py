@@ -12,11 +12,31 @@ import os
 import time
 from typing import Optional
 
+from torch.distributed.checkpoint.api import CheckpointException
+
 from . import checkpointing as ckpt
 from . import preflight
 from .arguments import fail, same_dir
 from .builders import schedule_position
 
+
+
+
+def _drop_dead_checkpoint_results_queue() -> None:
+    """megatron-core's saves report through a manager process it starts at the first save and keeps
+    (spawned, so without the trainer's signal handler). A SIGTERM sent to every process of the job
+    (`scancel --signal=TERM`) kills it, and every later save -- first of all the one the trainer
+    makes to stop cleanly -- would fail with a broken pipe. Before each save a dead one is dropped,
+    so that megatron-core starts a new one."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    queue = getattr(filesystem_async, "_results_queue", None)
+    if queue is None:
+        return
+    try:
+        queue.qsize()
+    except (OSError, EOFError):  # broken pipe, connection refused or reset
+        filesystem_async._results_queue = None
 
 class RunCheckpoints:
     def _start_point(self):
@@ -119,11 +139,23 @@ class RunCheckpoints:
                            "not saved again")
             return
         t0 = time.time()
-        with self._parameters_gathered():
-            path = ckpt.save_checkpoint(c.save, self.iteration, self.model, self.optimizer, self.scheduler,
-                                        self._common_state(), self.cfg.parallel.use_distributed_optimizer,
-                                        save_optim=not c.no_save_optim, save_rng=not c.no_save_rng,
-                                        parallel_group=self._checkpoint_group(c.ckpt_fully_parallel_save))
+        try:
+            _drop_dead_checkpoint_results_queue()
+            with self._parameters_gathered():
+                path = ckpt.save_checkpoint(c.save, self.iteration, self.model, self.optimizer, self.scheduler,
+                                            self._common_state(), self.cfg.parallel.use_distributed_optimizer,
+                                            save_optim=not c.no_save_optim, save_rng=not c.no_save_rng,
+                                            parallel_group=self._checkpoint_group(c.ckpt_fully_parallel_save))
+        except (Exception, CheckpointException) as exc:  # a full disk, a quota, a vanished mount: said
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]  # torch's: a traceback
+            msg = (f"error: saving the checkpoint of iteration {self.iteration} to {c.save} failed "
+                   f"({type(exc).__name__}: {lines[-1] if lines else ''}); nothing of it was put in place. "
+                   "Last good checkpoint: "
+                   f"{self.last_checkpoint or 'none'}. Free space or fix --save, then resume with --load")
+            print(msg if self.world == 1 else f"[rank {self.rank}] {msg}", flush=True)
+            self.log.record({"type": "error", "iteration": self.iteration, "message": msg})
+            self.log.close()
+            raise SystemExit(1) from exc
         self.last_checkpoint = path
         self._on_disk = self.iteration
         note = (" (superposition phase: not a usable next-token model yet)"

@@ -270,7 +270,9 @@ class RunConfig:
 
 
 def same_dir(a: Optional[str], b: Optional[str]) -> bool:
-    return a is not None and b is not None and os.path.abspath(a) == os.path.abspath(b)
+    """Whether two directory flags name one directory (through symlinks too: a requeued job's
+    --load and --save are often spelt differently)."""
+    return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
 
 
 def fail(message: str) -> None:

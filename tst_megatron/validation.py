@@ -11,6 +11,18 @@ import sys
 from .run_config import DataArgs, OptimArgs, RunConfig, fail, same_dir
 
 
+
+def _check_writable(flag: str, path: str, directory: str) -> None:
+    """The directory a run will write (or the nearest one that exists on the way to it) must be a
+    writable directory: a run that cannot save finds out now, not at its first checkpoint."""
+    probe = os.path.abspath(directory)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        fail(f"{flag} {path}: {probe} is a file, not a directory; give a path under a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        fail(f"{flag} {path}: {probe} is not writable by this job; give a directory it can write")
+
 def _check_router(m) -> None:
     """The MoE router flags megatron-core would refuse while building the model (or whose
     combination would fail at the first routing), named here before anything is built."""
@@ -391,8 +403,15 @@ def validate(cfg: RunConfig, world_size: int) -> None:
             fail(f"{flag} {path}: is a file, not a directory; give a directory")
         if path and flag == "--metrics-path" and os.path.isdir(path):
             fail(f"--metrics-path {path}: is a directory; give a file path (e.g. {os.path.join(path, 'metrics.jsonl')})")
+        if path and flag != "--load":
+            _check_writable(flag, path, os.path.dirname(os.path.abspath(path)) if flag == "--metrics-path" else path)
     if c.save_interval is not None and c.save_interval < 1:
         fail(f"--save-interval must be >= 1 (got {c.save_interval})")
+    if c.exit_interval is not None and c.exit_interval < 1:
+        fail(f"--exit-interval must be >= 1 (got {c.exit_interval})")
+    if c.exit_duration_in_mins is not None and not (math.isfinite(c.exit_duration_in_mins)
+                                                    and c.exit_duration_in_mins >= 0):
+        fail(f"--exit-duration-in-mins must be a finite number >= 0 (got {c.exit_duration_in_mins})")
     if c.save_interval is not None and not c.save:
         fail("--save-interval needs --save DIR")
     if c.finetune and not c.load:
