@@ -324,7 +324,9 @@ def count_parameters(m: ModelArgs, vocab_size: int) -> Tuple[int, int]:
 def flops_per_position(m: ModelArgs, vocab_size: int) -> float:
     """Training FLOPs per model position (forward + backward = 3x forward).
 
-    6 x active non-embedding-lookup parameters (the LM head counts: it is a matmul) plus the
+    6 x active parameters less the lookup tables (token and learned position embeddings are
+    gathers; the LM head counts: it is a matmul; norm weights and biases count too, as in the
+    usual 6N, ~1% at small widths) plus the
     attention score/value matmuls, 6 x 2 x layers x L x (heads x head_dim) / 2 (causal: half
     the score matrix is masked). The bag embedding's
     mean and the s-target loss are negligible, so a TST step counts the same FLOPs as a baseline
@@ -332,6 +334,8 @@ def flops_per_position(m: ModelArgs, vocab_size: int) -> float:
     """
     _, active = count_parameters(m, vocab_size)
     lookup = vocab_size * m.hidden_size  # the input embedding is a gather, not a matmul
+    if m.position_embedding_type == "learned_absolute":  # so is the position table
+        lookup += (m.max_position_embeddings or m.seq_length) * m.hidden_size
     head = vocab_size * m.hidden_size
     matmul_params = active - lookup + (head if not m.untie_embeddings_and_output_weights else 0)
     kv = m.kv_channels or m.hidden_size // m.num_attention_heads
