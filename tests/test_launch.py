@@ -141,10 +141,44 @@ def test_baseline_switch():
     assert f["--tst-bag-size"] == ["1"] and "--tst-superposition-ratio" not in f
 
 
-def test_multinode_needs_node_rank():
+@pytest.mark.parametrize("dry_run", [0, 1])
+def test_multinode_needs_node_rank(dry_run):
+    """Refused for real and in a dry run alike (a dry run must not show a line the launch refuses)."""
     p = subprocess.run(["bash", str(EXAMPLES / "pretrain_tst_270m.sh")], cwd=REPO,
-                       env=_env(NNODES=2, DATA_PATH="/nonexistent"), capture_output=True, text=True, timeout=60)
+                       env=_env(NNODES=2, DATA_PATH="/nonexistent", DRY_RUN=dry_run), capture_output=True, text=True,
+                       timeout=60)
     assert p.returncode != 0 and "NODE_RANK" in p.stderr
+
+
+def test_launcher_counts_the_visible_gpus_and_keeps_paths_whole(tmp_path):
+    """Processes per node: the GPUs CUDA_VISIBLE_DEVICES leaves visible, not every GPU nvidia-smi lists
+    (here a stand-in listing 8); DATA_PATH: one prefix even with a space in it, or a blend of pairs."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: H200 (UUID: x$i)\"; done\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    spaced = tmp_path / "my data"
+    spaced.mkdir()
+    (spaced / "c_text_document.bin").write_text("")
+
+    def launch(**extra):
+        env = _env(DRY_RUN=1, PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", **extra)
+        if "CUDA_VISIBLE_DEVICES" not in extra:
+            env.pop("CUDA_VISIBLE_DEVICES", None)
+        p = subprocess.run(["bash", str(EXAMPLES / "pretrain_tst_270m.sh")], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        argv = shlex.split(p.stdout.strip().splitlines()[-1])
+        return _flags(argv[argv.index("torch.distributed.run") + 1:argv.index(str(REPO / "pretrain_tst.py"))]), \
+            _flags(argv[argv.index(str(REPO / "pretrain_tst.py")) + 1:])
+
+    assert launch()[0]["--nproc-per-node"] == ["8"]
+    assert launch(CUDA_VISIBLE_DEVICES="0,1")[0]["--nproc-per-node"] == ["2"]
+    assert launch(CUDA_VISIBLE_DEVICES="3,-1,5")[0]["--nproc-per-node"] == ["1"]
+    prefix = str(spaced / "c_text_document")
+    assert launch(DATA_PATH=prefix)[1]["--data-path"] == [prefix]
+    assert launch(DATA_PATH="0.3 /a/x_text_document 0.7 /b/y*")[1]["--data-path"] == \
+        ["0.3", "/a/x_text_document", "0.7", "/b/y*"]
 
 
 # ----------------------------------------------------------------------------- two torchrun "nodes"

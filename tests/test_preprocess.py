@@ -185,6 +185,25 @@ def test_preprocess_without_eod_and_multiple_keys(tmp_path):
         assert [ds[i].tolist() for i in range(5)] == [list(make(i).encode()) for i in range(5)]
 
 
+def test_rerun_over_an_existing_prefix_removes_megatrons_index_cache(tmp_path, capsys):
+    """GPTDataset caches sample indices under <prefix>/cache, named by path and settings, not by
+    content: preprocessed again into the same prefix, the new data would meet the old indices
+    (an IndexError, or silently the old order). The tool removes them when it replaces the data."""
+    path = tmp_path / "c.jsonl"
+    write_jsonl(path, make_docs(8))
+    prefix = tmp_path / "data" / "c"
+    summary = run(path, prefix, BYTE)
+    cache = tmp_path / "data" / "c_text_document" / "cache" / "GPTDataset_indices"
+    assert summary["prefixes"]["text"] == str(cache.parent.parent)
+    cache.mkdir(parents=True)
+    (cache / "x-GPTDataset-train-document_index.npy").write_bytes(b"old")
+    write_jsonl(path, ["one", "two", "three"])
+    run(path, prefix, BYTE)
+    assert not cache.parent.exists()
+    assert f"removed megatron's index cache {cache.parent}" in capsys.readouterr().err
+    assert len(IndexedDataset(str(cache.parent.parent))) == 3
+
+
 def test_byte_order_mark_is_not_text(tmp_path):
     """A UTF-8 byte-order mark at the start of a JSONL or text file (Windows editors write one) is
     dropped, not read as malformed JSON or as a token: same ids as the file without it."""
@@ -291,6 +310,10 @@ def test_error_empty_inputs(tmp_path):
     only_empty_docs.write_text('{"text": ""}\n')
     with pytest.raises(SystemExit, match="only empty documents"):
         run(only_empty_docs, tmp_path / "out", BYTE)
+    one_key_empty = tmp_path / "two_keys.jsonl"
+    one_key_empty.write_text('{"text": "body", "title": ""}\n')
+    with pytest.raises(SystemExit, match="--json-keys title: every 'title' of --input .* is empty"):
+        run(one_key_empty, tmp_path / "out", BYTE, "--json-keys", "text", "title")
     (tmp_path / "emptydir").mkdir()
     with pytest.raises(SystemExit, match="empty directory"):
         run(tmp_path / "emptydir", tmp_path / "out", BYTE)

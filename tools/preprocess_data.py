@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -170,6 +171,13 @@ class _Writers:
         done = []
         try:
             for prefix in self.prefixes.values():
+                # megatron's GPTDataset caches its sample indices under <prefix>/cache, named by a
+                # hash of the path and settings, not of the data: replaced data must not meet them
+                stale = os.path.join(prefix, "cache")
+                if os.path.isfile(get_idx_path(prefix)) and os.path.isdir(stale):
+                    shutil.rmtree(stale)
+                    print(f"> {prefix}: replaced; removed megatron's index cache {stale} (a --data-cache-path "
+                          "elsewhere needs clearing by hand)", file=sys.stderr, flush=True)
                 for path in (get_bin_path(prefix), get_idx_path(prefix)):
                     os.replace(path + PARTIAL, path)
                     done.append(path)
@@ -264,6 +272,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         if n_records == 0 or not any(writers.documents.values()):
             what = "no records" if n_records == 0 else "only empty documents"
             raise _fail(f"--input {args.input!r} has {what}: nothing to write")
+        empty = [key for key, n in writers.documents.items() if n == 0]
+        if empty:  # its dataset would be an empty .bin that GPTDataset cannot even open
+            raise _fail(f"--json-keys {empty[0]}: every {empty[0]!r} of --input {args.input!r} is empty; "
+                        "drop the key or fix the data")
         writers.commit()
     except CorpusError as exc:
         writers.abort()

@@ -34,12 +34,20 @@ if [[ -z ${PYTHON:-} ]]; then
 fi
 DATA_ROOT=${DATA_ROOT:-$REPO_ROOT/data}
 
-# Processes per node: explicit NPROC_PER_NODE, else GPUS_PER_NODE, else the visible GPUs, else 1.
+# Processes per node: explicit NPROC_PER_NODE, else GPUS_PER_NODE, else the GPUs this job may use
+# (CUDA_VISIBLE_DEVICES when set: a shared node or `srun --gpus=2` without device cgroups lists
+# every GPU in nvidia-smi), else 1.
 tst_nproc_per_node() {
     if [[ -n ${NPROC_PER_NODE:-} ]]; then echo "$NPROC_PER_NODE"; return; fi
     if [[ -n ${GPUS_PER_NODE:-} ]]; then echo "$GPUS_PER_NODE"; return; fi
-    local n=0
-    if command -v nvidia-smi >/dev/null 2>&1; then
+    local n=0 ids id
+    if [[ -n ${CUDA_VISIBLE_DEVICES+set} ]]; then
+        IFS=, read -r -a ids <<< "$CUDA_VISIBLE_DEVICES"
+        for id in "${ids[@]}"; do  # CUDA stops at the first invalid entry ("-1" hides every GPU)
+            [[ -z $id || $id == -1 ]] && break
+            n=$((n + 1))
+        done
+    elif command -v nvidia-smi >/dev/null 2>&1; then
         n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
     fi
     if [[ ${n:-0} -gt 0 ]]; then echo "$n"; else echo 1; fi
@@ -85,10 +93,19 @@ tst_launch() {
     # The data/tokenizer/checkpoint flags come from the environment (set by the calling script).
     local io_args=()
     if [[ -n ${DATA_PATH:-} ]]; then
-        # DATA_PATH may be a blend: "0.5 /a/fineweb_text_document 0.5 /b/dclm_text_document".
-        # shellcheck disable=SC2206
-        local data=($DATA_PATH)
-        io_args+=(--data-path "${data[@]}")
+        # DATA_PATH is one prefix (spaces allowed: the default lies under the checkout) or a blend
+        # "0.5 /a/fineweb_text_document 0.5 /b/dclm_text_document" (split on whitespace, no globbing).
+        if [[ -e $DATA_PATH.bin || -e $DATA_PATH.idx ]]; then
+            io_args+=(--data-path "$DATA_PATH")
+        else
+            local data
+            read -r -a data <<< "$DATA_PATH"
+            io_args+=(--data-path "${data[@]}")
+        fi
+    fi
+    if [[ $nnodes -gt 1 && ${RDZV_BACKEND:-static} == static && -z ${NODE_RANK:-} ]]; then
+        echo "error: NNODES=$nnodes needs NODE_RANK (0..$((nnodes - 1))) on each node, or RDZV_BACKEND=c10d" >&2
+        return 2
     fi
     io_args+=(--tokenizer-type "${TOKENIZER_TYPE:-HuggingFaceTokenizer}")
     if [[ -n ${TOKENIZER_MODEL:-} ]]; then io_args+=(--tokenizer-model "$TOKENIZER_MODEL"); fi
@@ -128,10 +145,6 @@ tst_launch() {
         return $?
     fi
 
-    if [[ $nnodes -gt 1 && ${RDZV_BACKEND:-static} == static && -z ${NODE_RANK:-} ]]; then
-        echo "error: NNODES=$nnodes needs NODE_RANK (0..$((nnodes - 1))) on each node, or RDZV_BACKEND=c10d" >&2
-        return 2
-    fi
     if [[ -n ${SAVE:-} ]]; then mkdir -p "$SAVE"; fi
     export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
     # Threads per process on CPU: torchrun would set 1; keep the user's choice if given.
