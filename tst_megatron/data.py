@@ -558,7 +558,7 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 def close_data_iterator(iterator) -> None:
     """Stop a DataLoader iterator's worker processes now: a sentinel each, then a join (torch's own
     shutdown, which its iterator otherwise runs only when garbage-collected)."""
-    shutdown = getattr(getattr(iterator, "_it", iterator), "_shutdown_workers", None)
+    shutdown = getattr(iterator, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
 
@@ -589,3 +589,6 @@ class CountingIterator:
         """(input elements, label elements) since the last call."""
         counts, self.tokens, self.labels = (self.tokens, self.labels), 0, 0
         return counts
+
+    def close(self) -> None:
+        close_data_iterator(self._it)

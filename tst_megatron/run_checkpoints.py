@@ -150,8 +150,8 @@ class RunCheckpoints:
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]  # torch's: a traceback
             msg = (f"error: saving the checkpoint of iteration {self.iteration} to {c.save} failed "
                    f"({type(exc).__name__}: {lines[-1] if lines else ''}); nothing of it was put in place. "
-                   "Last good checkpoint: "
-                   f"{self.last_checkpoint or 'none'}. Free space or fix --save, then resume with --load")
+                   f"Last good checkpoint: {self.last_checkpoint or 'none'}. Free space or fix --save, then "
+                   "resume with --load")
             print(msg if self.world == 1 else f"[rank {self.rank}] {msg}", flush=True)
             self.log.record({"type": "error", "iteration": self.iteration, "message": msg})
             self.log.close()

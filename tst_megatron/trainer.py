@@ -499,10 +499,8 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
     def close(self) -> None:
         if self.cfg.logging.manual_gc:
             gc.enable()  # the process (a test, a notebook) may go on
-        from .data import close_data_iterator
-
         for iterator in getattr(self, "train_iters_data", ()):  # workers ignore SIGTERM: stopped here
-            close_data_iterator(iterator)
+            iterator.close()
         from megatron.core import parallel_state as ps
         from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
 

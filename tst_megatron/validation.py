@@ -403,8 +403,9 @@ def validate(cfg: RunConfig, world_size: int) -> None:
             fail(f"{flag} {path}: is a file, not a directory; give a directory")
         if path and flag == "--metrics-path" and os.path.isdir(path):
             fail(f"--metrics-path {path}: is a directory; give a file path (e.g. {os.path.join(path, 'metrics.jsonl')})")
-        if path and flag != "--load":
-            _check_writable(flag, path, os.path.dirname(os.path.abspath(path)) if flag == "--metrics-path" else path)
+        if path and flag != "--load":  # the metrics file's directory, the others themselves
+            _check_writable(flag, path, os.path.dirname(os.path.abspath(path)) if flag == "--metrics-path"
+                            else path)
     if c.save_interval is not None and c.save_interval < 1:
         fail(f"--save-interval must be >= 1 (got {c.save_interval})")
     if c.exit_interval is not None and c.exit_interval < 1:
