@@ -10,6 +10,8 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
+from ..run_config import moe_layer_pattern
+
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen3ForCausalLM": "qwen3",
@@ -123,14 +125,12 @@ def _moe_layer_pattern(f: _Fields) -> List[bool]:
     freq = f["moe_layer_freq"]
     if freq is None:
         freq = 1
-    if isinstance(freq, int):
-        if freq < 1:
-            raise ValueError(f"moe_layer_freq: must be >= 1, got {freq}")
-        return [i % freq == 0 for i in range(n)]
-    if isinstance(freq, (list, tuple)):
-        if len(freq) != n:
-            raise ValueError(f"moe_layer_freq: list of length {len(freq)} for num_layers={n}")
-        return [bool(x) for x in freq]
+    if isinstance(freq, int) and freq < 1:
+        raise ValueError(f"moe_layer_freq: must be >= 1, got {freq}")
+    if isinstance(freq, (list, tuple)) and len(freq) != n:
+        raise ValueError(f"moe_layer_freq: list of length {len(freq)} for num_layers={n}")
+    if isinstance(freq, (int, list, tuple)):
+        return [bool(x) for x in moe_layer_pattern(list(freq) if isinstance(freq, tuple) else freq, n)]
     raise ValueError(f"moe_layer_freq: unsupported value {freq!r} (int or list expected)")
 
 
