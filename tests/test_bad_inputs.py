@@ -249,6 +249,25 @@ def test_split_blend_exit_and_save_values(corpus, workdir, save, capsys, over, e
     assert_clean(workdir, save)
 
 
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--global-batch-size", "0", "--global-batch-size must be >= 1 (got 0)"),
+    ("--make-vocab-size-divisible-by", "0", "--make-vocab-size-divisible-by must be >= 1 (got 0)"),
+    ("--lr-decay-iters", "0", "--lr-decay-iters must be >= 1 (got 0)"),
+    ("--adam-beta1", "1.5", "--adam-beta1 must be in [0, 1) (got 1.5)"),
+    ("--adam-beta2", "1", "--adam-beta2 must be in [0, 1) (got 1.0)"),
+    ("--adam-eps", "-1", "--adam-eps must be a finite number > 0 (got -1.0)"),
+    ("--norm-epsilon", "0", "--norm-epsilon must be a finite number > 0 (got 0.0)"),
+    ("--rotary-base", "0", "--rotary-base must be a finite number > 0 (got 0)"),
+    ("--ffn-hidden-size", "0", "--ffn-hidden-size must be >= 1 (got 0)"),
+    ("--num-workers", "-2", "--num-workers must be >= 0 (got -2; 0 loads in the training process)"),
+])
+def test_numeric_ranges_refused_before_any_compute(corpus, workdir, save, capsys, flag, value, expected):
+    """Values torch or megatron-core would only trip over mid-build (a ZeroDivisionError, an
+    optimizer ValueError that names no flag) or never (a NaN at the first step) name their flag."""
+    msg = refuse(base(corpus, save, **{flag: value}), capsys, world_size=1)
+    assert msg == f"error: {expected}", msg
+
+
 def test_bag_too_large_for_the_data(corpus, workdir, save, capsys):
     # 20 documents, the 18 of the train split hold ~900 tokens; s=64, L=16: 64*17 = 1088 per sample
     msg = refuse(base(corpus, save, **{"--tst-bag-size": 64}), capsys, watch=[workdir, os.path.dirname(corpus)])
@@ -530,6 +549,28 @@ def trained(corpus, tmp_path_factory):
         os.chdir(cwd)
     assert ckpt.find_checkpoint(str(save), fallback=False)[0] == 2
     return save
+
+
+def test_resume_into_another_runs_metrics_file_keeps_it(corpus, trained, workdir, capsys):
+    """A resume whose metrics file is not its own run's (here: --save in a directory where another
+    run logged) keeps that file aside whole instead of cutting it back to the checkpoint's iteration,
+    and starts its file with a run record that names the checkpoint it continues."""
+    run_id = json.loads((trained / "iter_0000002" / "tst_meta.json").read_text())["run_id"]
+    own = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert run_id and own[0]["type"] == "run" and own[0]["run_id"] == run_id
+    other = workdir / "other"
+    other.mkdir()
+    foreign = "".join(json.dumps(r) + "\n" for r in [{"type": "run", "run_id": "someone-else"}]
+                      + [{"type": "train", "iteration": i, "loss": 1.0} for i in range(1, 6)])
+    (other / "metrics.jsonl").write_text(foreign)
+    with isolated():
+        assert main(base(corpus, other, **{"--load": trained, "--exit-interval": 3})) == 0
+    assert (other / "metrics.jsonl.1").read_text() == foreign
+    records = [json.loads(line) for line in (other / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["type"] == "run" and records[0]["run_id"] == run_id
+    assert (records[0]["resumed_at_iteration"], records[0]["resumed_from"]) == (2, str(trained / "iter_0000002"))
+    assert [r["iteration"] for r in records if r["type"] == "train"] == [3]
+    assert f"held the metrics of another run: kept as {other / 'metrics.jsonl.1'}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("over,diff", [

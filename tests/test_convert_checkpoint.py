@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -347,12 +348,15 @@ def test_import_without_batch_flags_then_continue(trained, exports, tmp_path):
     assert rc == 0, out
     assert f"at iteration {K}" in out and _train_loss(metrics, K + 1) < 10
 
-def _copy_ckpt(src: Path, dst: Path, edit) -> Path:
-    """A copy of one iteration directory with its tst_meta.json args edited (no tensors change)."""
+def _copy_ckpt(src: Path, dst: Path, edit, tokenizer_vocab: Optional[int] = None) -> Path:
+    """A copy of one iteration directory with its tst_meta.json args edited (no tensors change);
+    `tokenizer_vocab`: the size of the tokenizer the edited args name (as a run with it records)."""
     shutil.copytree(src, dst)
     meta_path = dst / "tst_meta.json"
     meta = json.loads(meta_path.read_text())
     edit(meta["args"])
+    if tokenizer_vocab is not None:
+        meta["tokenizer_vocab_size"] = tokenizer_vocab
     meta_path.write_text(json.dumps(meta))
     return dst
 
@@ -385,7 +389,8 @@ def test_huggingface_tokenizer_travels(trained, tmp_path):
     def use_hf_tokenizer(args):
         args["data"].update(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tok_dir / "tokenizer.json"))
 
-    ckpt = _copy_ckpt(trained["root"] / "llama" / "iter_0000006", tmp_path / "iter_0000006", use_hf_tokenizer)
+    ckpt = _copy_ckpt(trained["root"] / "llama" / "iter_0000006", tmp_path / "iter_0000006", use_hf_tokenizer,
+                      tokenizer_vocab=257)
     out = tmp_path / "hf"
     res = cv.export_checkpoint(str(ckpt), str(out), progress=False, log=None)
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(res["files"])
@@ -411,34 +416,48 @@ def test_huggingface_tokenizer_travels(trained, tmp_path):
                                progress=False, log=None)
     assert "tokenizer.json" in res["files"]
 
+    # another tokenizer passed for this run's: refused before anything is written
+    vocab["<|pad|>"] = 257
+    other = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="0"))
+    other.save(str(tmp_path / "other.json"))
+    with pytest.raises(cv.ConversionError, match="has 258 tokens, but .* tokenizer of 257"):
+        cv.export_checkpoint(str(ckpt), str(tmp_path / "hf3"), tokenizer_model=str(tmp_path / "other.json"),
+                             progress=False, log=None)
+    assert not (tmp_path / "hf3").exists()
 
-@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
-def test_sentencepiece_tokenizer_travels(trained, tmp_path, model_type):
-    """A run trained with --tokenizer-type SentencePieceTokenizer exports a tokenizer.json (and its
-    tokenizer.model) that transformers loads and that gives the run's own ids."""
+
+@pytest.mark.parametrize("model_type, kind", [("bpe", "SentencePieceTokenizer"), ("unigram", "SentencePieceTokenizer"),
+                                              ("bpe", "Llama2Tokenizer")])
+def test_sentencepiece_tokenizer_travels(trained, tmp_path, model_type, kind):
+    """A run trained with --tokenizer-type SentencePieceTokenizer (or Llama2Tokenizer) exports a
+    tokenizer.json (and its tokenizer.model) that transformers loads and that gives the run's own
+    ids (Llama2Tokenizer's documents start with BOS, as add_special_tokens=True does there)."""
     pytest.importorskip("sentencepiece")
     from test_tokenizers import generated_text, train_sp
 
-    from tst_megatron.tokenizers import SentencePieceTokenizer
+    from tst_megatron.tokenizers import build_tokenizer
 
     model = train_sp(str(tmp_path / "sp"), model_type, vocab_size=350)
 
     def use_sp(args):
-        args["data"].update(tokenizer_type="SentencePieceTokenizer", tokenizer_model=model)
+        args["data"].update(tokenizer_type=kind, tokenizer_model=model)
 
-    ckpt = _copy_ckpt(trained["root"] / "llama" / "iter_0000006", tmp_path / "iter_0000006", use_sp)
+    ckpt = _copy_ckpt(trained["root"] / "llama" / "iter_0000006", tmp_path / "iter_0000006", use_sp,
+                      tokenizer_vocab=350)
     out = tmp_path / "hf"
     res = cv.export_checkpoint(str(ckpt), str(out), progress=False, log=None)
     assert {"tokenizer.json", "tokenizer.model", "tokenizer_config.json"} <= set(res["files"])
-    ours = SentencePieceTokenizer(model)
-    assert json.loads((out / "config.json").read_text())["eos_token_id"] == ours.eod == 2
+    ours = build_tokenizer(kind, model)
+    config = json.loads((out / "config.json").read_text())
+    assert config["eos_token_id"] == ours.eod == 2 and config["bos_token_id"] == ours.bos == 1
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
     assert (hf_tok.eos_token, hf_tok.pad_token, hf_tok.unk_token) == ("</s>", "<pad>", "<unk>")
     text = generated_text(80, seed=3) + "  two  spaces\ttab \u00e9 \u6771\u4eac \U0001f642 and a typed </s> <s>"
-    ids = hf_tok(text, add_special_tokens=True)["input_ids"]  # no BOS: the run's documents have none
+    ids = hf_tok(text, add_special_tokens=True)["input_ids"]
     assert ids == ours.tokenize(text)
+    assert (ids[0] == ours.bos) == (kind == "Llama2Tokenizer")  # SentencePieceTokenizer's documents have none
     assert ours.eod not in ids  # "</s>" typed in the text stays text, as in training
-    assert hf_tok.decode(ids) == text
+    assert hf_tok.decode(ids, skip_special_tokens=kind == "Llama2Tokenizer") == text
     assert hf_tok.decode(ids + [ours.eod], skip_special_tokens=True) == text
 
 
@@ -512,6 +531,15 @@ def test_transformers_saved_model_round_trip(tmp_path, mlp_only_layers, freq, fl
     ids = torch.randint(0, 290, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, src(ids).logits, rtol=0, atol=1e-5)
+    if freq == "2":  # one expert per token, renormalised to weight 1: not a model megatron-core builds
+        shutil.copytree(tmp_path / "src", tmp_path / "top1")
+        config = json.loads((tmp_path / "top1" / "config.json").read_text())
+        config.update(num_experts_per_tok=1, norm_topk_prob=True)
+        (tmp_path / "top1" / "config.json").write_text(json.dumps(config))
+        with pytest.raises(cv.ConversionError, match="num_experts_per_tok 1 with norm_topk_prob true"):
+            cv.import_checkpoint(str(tmp_path / "top1"), str(tmp_path / "ckpt1"), ["--vocab-size", "290"],
+                                 progress=False, log=None)
+        assert not (tmp_path / "ckpt1").exists()
 
 
 def test_helpers():

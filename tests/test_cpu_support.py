@@ -68,3 +68,54 @@ def test_final_norm_with_apex_but_no_transformer_engine(normalization, monkeypat
     tc = transformer_config(cfg.model, cfg.parallel, cfg.optim, use_cpu_init=True)
     block = gpt_block_spec(tc, use_transformer_engine=False)
     assert block.layer_norm is (TorchNorm if normalization == "RMSNorm" else FusedLayerNorm)
+
+
+# ----------------------------------------------------------------------------- deferred torch.compile
+def test_deferred_compile_wraps_on_the_first_call_with_the_same_arguments():
+    """tst_megatron/_megatron.py: megatron-core's import-time torch.compile wrappers are made at
+    their first call, by the real torch.compile with the decorator's own arguments."""
+    import torch
+
+    from tst_megatron._megatron import deferred_compile
+
+    made = []
+
+    def real(model=None, **kwargs):
+        made.append((model, kwargs))
+        return lambda *a, **k: ("compiled", model(*a, **k))
+
+    compile_later = deferred_compile(real)
+
+    def square(x):
+        """docstring kept"""
+        return x * x
+
+    plain = compile_later(square)
+    options = compile_later(mode="max-autotune")(square)
+    assert made == [] and plain.__name__ == "square" and plain.__doc__ == "docstring kept"
+    assert plain(3) == ("compiled", 9) and plain(4) == ("compiled", 16)
+    assert options(2) == ("compiled", 4)
+    assert made == [(square, {}), (square, {"mode": "max-autotune"})]  # once each, at the first call
+    module = torch.nn.Linear(2, 2)
+    compile_later(module)  # a module goes to torch's own wrapper at once
+    assert made[-1] == (module, {})
+
+
+def test_importing_tst_megatron_defers_megatrons_compiles_and_restores_torch_compile():
+    """In a fresh process: `import tst_megatron` imports megatron-core without loading Inductor
+    (what made every process start ~1.2 s slower), megatron's jit_fuser defers, and torch.compile
+    is torch's own again."""
+    code = (
+        "import sys, torch\n"
+        "real = torch.compile\n"
+        "import tst_megatron\n"
+        "import megatron.core.jit as jit\n"
+        "from megatron.core.fusions import fused_bias_swiglu\n"
+        "assert torch.compile is real, torch.compile\n"
+        "assert 'torch._inductor' not in sys.modules\n"
+        "assert jit.jit_fuser.__qualname__ == 'deferred_compile.<locals>.compile_later', jit.jit_fuser\n"
+        "assert fused_bias_swiglu.swiglu.__wrapped__.__name__ == 'swiglu'\n"
+        "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env=dict(__import__("os").environ, PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

@@ -225,10 +225,12 @@ def _assert_same_samples(ours, theirs):
             assert torch.equal(x[k], y[k]), f"index {i} key {k}"
 
 
-def test_bag_size_one_is_the_plain_gpt_dataset(tmp_path, corpus):
+@pytest.mark.parametrize("tst", [TSTConfig(), TSTConfig(bag_size=S, superposition_iters=0)], ids=["s1", "no_sup"])
+def test_bag_size_one_is_the_plain_gpt_dataset(tmp_path, corpus, tst):
+    """s = 1, and s > 1 with no superposition iteration (what the warning calls a plain run)."""
     prefix, _ = corpus["eod"]
     kw = dict(eod_mask_loss=True, reset_position_ids=True)
-    ours = build(tmp_path, TSTConfig(), [prefix], seed=3, **kw)
+    ours = build(tmp_path, tst, [prefix], seed=3, **kw)
     train, valid, _ = _plain_gpt_splits(tmp_path, prefix, 3, **kw)
     assert ours.num_superposition_samples == 0 and ours.valid_mce is None
     assert all(ours.train.phase_of(i) == "recovery" for i in range(len(ours.train)))

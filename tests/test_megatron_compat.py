@@ -131,12 +131,19 @@ def test_llama2_tokenizer_is_sentencepiece_with_eos_as_eod(tmp_path):
     from tst_megatron.tokenizers import SentencePieceTokenizer, build_tokenizer
 
     model = train_sp(str(tmp_path))
+    sp = spm.SentencePieceProcessor(model_file=model)
+    text = "def loss(x): return x"
     for name in ("Llama2Tokenizer", "GPTSentencePieceTokenizer"):
         tok = build_tokenizer(name, model)
         assert isinstance(tok, SentencePieceTokenizer)
-        # Megatron-LM's Llama2Tokenizer: vocabulary = the model's pieces, EOD = its EOS
-        sp = spm.SentencePieceProcessor(model_file=model)
+        # Megatron-LM's: vocabulary = the model's pieces, EOD = its EOS; Llama2Tokenizer's
+        # tokenize(s, bos=True, eos=False) starts each document with BOS, GPTSentencePieceTokenizer's has none
         assert (tok.vocab_size, tok.eod) == (sp.get_piece_size(), sp.eos_id())
+        bos = [sp.bos_id()] if name == "Llama2Tokenizer" else []
+        assert tok.tokenize(text) == bos + sp.encode(text) and sp.bos_id() >= 0
+    # the two name different data: their cached sample indices must not be shared
+    assert (build_tokenizer("Llama2Tokenizer", model).unique_description
+            != build_tokenizer("SentencePieceTokenizer", model).unique_description)
     assert parse_args(BASE + ["--tokenizer-type", "Llama2Tokenizer"]).data.tokenizer_type == "Llama2Tokenizer"
 
 

@@ -5,6 +5,7 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -383,6 +384,25 @@ def test_cli_exit_code_and_message(tmp_path):
     assert proc.returncode != 0
     assert f"{path}:2: malformed JSON" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_megatron_lm_flags_run_unchanged(tmp_path, capsys):
+    """Megatron-LM's preprocessing command (--partitions, --log-interval, --keep-sequential-samples)
+    runs and writes exactly what the plain command writes; --split-sentences is refused by name."""
+    path = write_jsonl(tmp_path / "in.jsonl", make_docs(12))
+    plain = run(path, tmp_path / "plain", BYTE, "--append-eod")
+    capsys.readouterr()
+    megatron = run(path, tmp_path / "mlm", BYTE, "--append-eod", "--partitions", "2", "--log-interval", "5",
+                   "--keep-sequential-samples", "--workers", "2")
+    assert capsys.readouterr().err.count("Processed ") == 12 // 5
+    for suffix in (".bin", ".idx"):
+        assert Path(megatron["prefixes"]["text"] + suffix).read_bytes() == \
+            Path(plain["prefixes"]["text"] + suffix).read_bytes()
+    with pytest.raises(SystemExit, match="--split-sentences: .*not implemented"):
+        run(path, tmp_path / "s", BYTE, "--split-sentences")
+    with pytest.raises(SystemExit, match="--log-interval must be >= 1"):
+        run(path, tmp_path / "s", BYTE, "--log-interval", "0")
+    assert not (tmp_path / "s_text_document.bin").exists()
 
 
 # ---------------------------------------------------------------- default corpus

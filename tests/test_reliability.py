@@ -465,8 +465,21 @@ def test_exit_duration_in_mins_saves_and_exits_zero_then_resume(corpus, referenc
     assert_same_losses(train_losses(save), ref, 1)
 
 
+def test_rank0_file_step_failure_reaches_every_rank(tmp_path):
+    """The rank-0-only steps of a save (the marker, the renames, the tracker) failing on rank 0: every
+    rank raises (the trainer then reports it and exits) instead of waiting at a barrier (worker
+    `rank0_agreement`, 2 Gloo ranks)."""
+    import dist_utils
+
+    results = dist_utils.launch("rank0_agreement", tmp_path, nproc=2, timeout=120)
+    names = dist_utils.check_records(results, expected_prefixes=["rank0_agreement/success_seen",
+                                                                "rank0_agreement/failure_raises_everywhere"])
+    assert len(names) == 2, names
+
+
 DAMAGE_KINDS = ["delete_shard", "truncate_shard", "truncate_index", "delete_index", "truncate_metadata_json",
-                "delete_metadata_json", "delete_common_pt", "delete_marker", "garble_marker",
+                "delete_metadata_json", "delete_common_pt", "empty_common_pt", "corrupt_common_pt",
+                "delete_marker", "garble_marker",
                 "marker_not_complete", "delete_tracker", "garble_tracker", "tracker_names_missing_dir"]
 
 
@@ -505,6 +518,20 @@ def test_damaged_checkpoint_is_named_by_find_checkpoint(reference, tmp_path, dam
     elif damage == "delete_common_pt":
         (latest / "common.pt").unlink()
         why = f"checkpoint {latest} is damaged: common.pt is missing"
+    elif damage == "empty_common_pt":
+        os.truncate(latest / "common.pt", 0)
+        why = f"checkpoint {latest} is damaged: common.pt unreadable ("
+    elif damage == "corrupt_common_pt":  # one flipped byte inside a stored member: its CRC no longer matches
+        import struct
+        import zipfile
+        with zipfile.ZipFile(latest / "common.pt") as archive:
+            info = max(archive.infolist(), key=lambda i: i.file_size)
+        data = bytearray((latest / "common.pt").read_bytes())
+        name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+        start = info.header_offset + 30 + name_len + extra_len  # the local header's own lengths
+        data[start + info.file_size // 2] ^= 0xFF
+        (latest / "common.pt").write_bytes(bytes(data))
+        why = f"checkpoint {latest} is damaged: common.pt member {info.filename} is corrupt"
     elif damage == "delete_marker":
         (latest / ckpt.MARKER).unlink()
         why = f"checkpoint {latest} is incomplete: {ckpt.MARKER} is missing (the save was interrupted)"
@@ -724,3 +751,7 @@ def test_running_out_of_skip_nonfinite_steps_stops_without_saving(corpus, refere
     errors = [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines()
               if json.loads(x).get("type") == "error"]
     assert [(e["iteration"], e["phase"]) for e in errors] == [(5, "recovery")]
+    # the allowance is the run's, not each process's: resumed from 4 (one step skipped before it),
+    # the next poisoned step stops the run again
+    run = Run(corpus, save, extra=["--inject-nonfinite-at", "4", "--skip-nonfinite-steps", "1"])
+    assert run.wait() == 1 and "error: non-finite value (loss nan) at iteration 5" in run.output(), run.output()

@@ -70,6 +70,19 @@ def get_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     group.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    group.add_argument("--log-interval", type=int, default=None,
+                       help="also print a 'Processed N documents' line every N documents (Megatron-LM's log)")
+    group = parser.add_argument_group(
+        "Megatron-LM compatibility", "accepted so that Megatron-LM's preprocessing commands run unchanged")
+    group.add_argument("--partitions", type=int, default=1,
+                       help="ignored: --workers sets the parallelism; the output is that of one partition")
+    group.add_argument("--keep-sequential-samples", action="store_true",
+                       help="ignored: the input order is always kept")
+    group.add_argument("--split-sentences", action="store_true",
+                       help="refused: sentence splitting (BERT-style data) is not implemented")
+    group.add_argument("--keep-newlines", action="store_true",
+                       help="ignored (only with --split-sentences): newlines are always kept")
+    group.add_argument("--lang", default="english", help="ignored (only with --split-sentences)")
     return parser.parse_args(argv)
 
 
@@ -228,6 +241,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     args = get_args(argv)
     if args.workers < 1:
         raise _fail(f"--workers must be >= 1 (got {args.workers})")
+    if args.partitions < 1:
+        raise _fail(f"--partitions must be >= 1 (got {args.partitions}); it is ignored, --workers sets the parallelism")
+    if args.log_interval is not None and args.log_interval < 1:
+        raise _fail(f"--log-interval must be >= 1 (got {args.log_interval})")
+    if args.split_sentences:
+        raise _fail("--split-sentences: sentence splitting (NLTK punkt, for BERT-style data) is not implemented; "
+                    "GPT pretraining uses whole documents, so drop the flag")
     if len(set(args.json_keys)) != len(args.json_keys):
         raise _fail(f"--json-keys has duplicates: {args.json_keys}")
     try:
@@ -265,6 +285,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                 n_tokens += writers.add(doc)
                 bar.update(1)
                 now = time.time()
+                if args.log_interval and n_records % args.log_interval == 0:
+                    secs = max(now - start, 1e-9)
+                    bar.write(f"Processed {n_records} documents ({n_records / secs:,.1f} docs/s, "
+                              f"{n_bytes / secs / 1e6:.2f} MB/s).", file=sys.stderr)
                 if now - last >= 0.5:
                     bar.set_postfix_str(f"{n_tokens / max(now - start, 1e-9):,.0f} tok/s")
                     last = now

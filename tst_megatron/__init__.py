@@ -8,6 +8,7 @@ The whole TST delta lives in a few short modules:
   model.py      TSTGPTModel (GPTModel + the two pieces above)
 CPU support for megatron-core is isolated in cpu.py; layer specs in specs.py.
 """
+from . import _megatron  # noqa: F401  -- first: megatron-core imported with its torch.compile wrappers deferred
 from .config import TSTConfig
 from .loss import multi_hot_cross_entropy
 
@@ -15,8 +16,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # Model classes import megatron's transformer stack; load them lazily so that
-    # `import tst_megatron` stays cheap for tools that only need the config or the loss.
+    # Model classes import megatron's transformer stack (GPTModel, layer specs); load them lazily.
     if name == "TSTGPTModel":
         from .model import TSTGPTModel
 

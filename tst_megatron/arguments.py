@@ -390,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--no-manual-gc-eval", action="store_false", dest="manual_gc_eval",
                     help="with --manual-gc: no collection before and after each evaluation")
     lg.add_argument("--skip-nonfinite-steps", type=int, default=0,
-                    help="skip up to N steps with a NaN/Inf loss or grad norm instead of stopping")
+                    help="skip up to N steps with a NaN/Inf loss or grad norm instead of stopping (N over the "
+                         "whole run: the count is kept in the checkpoints)")
     # test hooks: make 0-based iteration(s) N [M ...] non-finite -- "loss": NaN loss and gradients (what bad
     # data gives), "grad": one gradient element Inf with a finite loss (what an overflow gives)
     lg.add_argument("--inject-nonfinite-at", type=int, nargs="+", default=None, help=argparse.SUPPRESS)

@@ -22,7 +22,7 @@ import json
 import os
 import random
 import shutil
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -48,6 +48,24 @@ def _barrier():
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _on_rank0(action: Callable[[], None]) -> None:
+    """Run `action` on rank 0 and let every rank learn whether it failed (collective). A rank-0-only
+    file operation that fails (a full disk, a quota) then raises on every rank, instead of leaving
+    the others waiting at the next barrier until the distributed timeout."""
+    error = None
+    if _rank() == 0:
+        try:
+            action()
+        except Exception as exc:  # noqa: BLE001 -- reported on every rank below
+            error = f"{type(exc).__name__}: {exc}"
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise OSError(f"rank 0 failed ({error})" if _rank() else error)
 
 
 def _fsync_dir(path: str) -> None:
@@ -168,12 +186,14 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, com
     common = dict(common, optimizer_parts=optimizer_parts(optimizer) if optimizer is not None else None)
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
-    if _rank() == 0:
+
+    def prepare() -> None:
         os.makedirs(root, exist_ok=True)
         if os.path.exists(tmp):  # leftover of a save that crashed
             shutil.rmtree(tmp)
         os.makedirs(tmp)
-    _barrier()
+
+    _on_rank0(prepare)
 
     state = _model_sharded_state_dict(chunks)
     if optimizer is not None:
@@ -189,7 +209,7 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, com
     _barrier()
     _test_kill_in_save_hook(iteration, "shards")
 
-    if _rank() == 0:
+    def publish() -> None:
         meta = dict(common, iteration=iteration, format_version=FORMAT_VERSION, complete=True)
         _write_atomic(os.path.join(tmp, MARKER), json.dumps(meta, indent=1, default=str))
         if os.path.exists(final):  # re-saving the same iteration (e.g. after a resume)
@@ -204,7 +224,8 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, com
         _fsync_dir(root)
         _test_kill_in_save_hook(iteration, "renamed")
         _write_atomic(os.path.join(root, TRACKER), str(iteration))
-    _barrier()
+
+    _on_rank0(publish)
     return final
 
 
@@ -236,10 +257,26 @@ def verify_checkpoint_dir(ckpt_dir: str) -> dict:
         raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: torch_dist metadata.json is missing") from None
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: metadata.json unreadable ({exc})") from None
-    if not os.path.isfile(os.path.join(ckpt_dir, "common.pt")):
+    common = os.path.join(ckpt_dir, "common.pt")
+    if not os.path.isfile(common):
         raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: common.pt is missing")
+    _verify_zip(ckpt_dir, common)
     _verify_shards(ckpt_dir)
     return meta
+
+
+def _verify_zip(ckpt_dir: str, path: str) -> None:
+    """common.pt (torch.save's zip archive, small) whole: every member's CRC checked, nothing unpickled."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: {os.path.basename(path)} unreadable ({exc})") \
+            from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: {os.path.basename(path)} member {bad} is corrupt")
 
 
 def _verify_shards(ckpt_dir: str) -> None:

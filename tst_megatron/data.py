@@ -440,6 +440,9 @@ def build_tst_datasets(
         n_sup, n_train = sample_plan
         if not 0 <= n_sup <= n_train:
             raise ValueError(f"sample_plan: need 0 <= superposition samples <= train samples, got {sample_plan}")
+    # No superposition sample (--tst-bag-size s with 0 superposition iterations): the data are the
+    # baseline's own (windows of L+1), not recovery chunks of s(L+1) windows in another order
+    tst = tst if n_sup else TSTConfig()
     n_base_train = num_base_samples(tst, n_sup, n_train - n_sup)
 
     def config_for(length: int):

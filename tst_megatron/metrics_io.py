@@ -63,6 +63,19 @@ class MetricsWriter:
         self.close()
 
 
+def metrics_run_id(path: str) -> Optional[str]:
+    """The run_id of the first "run" record of a metrics file (None: none, or written before ids)."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("type") == "run":
+                return rec.get("run_id")
+    return None
+
+
 def truncate_metrics(path: str, iteration: int, keep_evals_at_end: bool = True,
                      drop_later: bool = True) -> None:
     """Drop the records logged after `iteration` (atomically): a run resumed from the checkpoint of

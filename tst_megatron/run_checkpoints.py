@@ -91,10 +91,24 @@ class RunCheckpoints:
         return (None, found[1]) if finetune else (found, None)
 
     def _find(self, directory: str, flag: str):
-        try:
-            return ckpt.find_checkpoint(directory, self.cfg.ckpt.ckpt_fallback)
-        except ckpt.CheckpointError as exc:
-            fail(str(exc) if flag == "--load" else f"{flag}: {exc}")
+        """Rank 0 picks the checkpoint and every rank takes its pick: ranks whose views of a shared
+        filesystem differ (stale NFS caches; a shard seen at another size under --ckpt-fallback)
+        must not resume from different iterations."""
+        import torch.distributed as dist
+
+        found = error = None
+        if self.rank == 0:
+            try:
+                found = ckpt.find_checkpoint(directory, self.cfg.ckpt.ckpt_fallback)
+            except ckpt.CheckpointError as exc:
+                error = str(exc) if flag == "--load" else f"{flag}: {exc}"
+        if self.world > 1:
+            box = [(found, error)]
+            dist.broadcast_object_list(box, src=0)
+            found, error = box[0]
+        if error is not None:
+            fail(error)
+        return found
 
     def _checkpoint_group(self, fully_parallel: bool):
         """The data-parallel group megatron-core's fully parallel save / load spreads the
@@ -125,7 +139,8 @@ class RunCheckpoints:
                 "superposition_checkpoint": 0 < self.num_sup_iters and self.iteration <= self.num_sup_iters,
                 "superposition_iters": self.num_sup_iters, "vocab_size": self.vocab_size,
                 "tokenizer_vocab_size": self.tokenizer.vocab_size, "args": self.cfg.to_dict(),
-                "finetuned_from": self.finetuned_from}
+                "finetuned_from": self.finetuned_from, "run_id": self.run_id,
+                "skipped_nonfinite": self.skipped_nonfinite}
 
     def save(self) -> None:
         c = self.cfg.ckpt
@@ -198,6 +213,8 @@ class RunCheckpoints:
                                       else self._saved_superposition_samples(meta))
         self.last_checkpoint = path
         self.finetuned_from = meta.get("finetuned_from")
+        self.run_id = common.get("run_id")
+        self.skipped_nonfinite = int(common.get("skipped_nonfinite", 0))
         if c.save and same_dir(os.path.dirname(os.path.normpath(path)), c.save):
             self._on_disk = self.iteration
         if not load_optim:

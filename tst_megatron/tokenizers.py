@@ -33,13 +33,13 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from megatron.core.tokenizers import MegatronTokenizerBase
 
-TOKENIZER_TYPES = ("ByteTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer",
-                   "NullTokenizer")
+TOKENIZER_TYPES = ("ByteTokenizer", "SentencePieceTokenizer", "Llama2Tokenizer", "HuggingFaceTokenizer",
+                   "GPT2BPETokenizer", "NullTokenizer")
 # Accepted spellings -> canonical type (megatron-core calls its byte tokenizer "ByteLevel";
-# Megatron-LM's Llama2Tokenizer and GPTSentencePieceTokenizer are a SentencePiece model whose EOD
-# is its EOS, which is what SentencePieceTokenizer does for a model without an <eod> piece).
-_TYPE_ALIASES = {"ByteLevelTokenizer": "ByteTokenizer", "Llama2Tokenizer": "SentencePieceTokenizer",
-                 "GPTSentencePieceTokenizer": "SentencePieceTokenizer"}
+# Megatron-LM's GPTSentencePieceTokenizer is a SentencePiece model whose EOD is its EOS, which is
+# what SentencePieceTokenizer does for a model without an <eod> piece). Llama2Tokenizer is its own
+# class: Megatron-LM's starts every document with BOS.
+_TYPE_ALIASES = {"ByteLevelTokenizer": "ByteTokenizer", "GPTSentencePieceTokenizer": "SentencePieceTokenizer"}
 
 NO_PAD = -1  # megatron-core's _PAD_TOKEN_ID: "this tokenizer has no pad token"
 
@@ -266,6 +266,29 @@ class SentencePieceTokenizer(TSTTokenizer):
         return ties
 
 
+class Llama2Tokenizer(SentencePieceTokenizer):
+    """Megatron-LM's Llama2Tokenizer: a SentencePiece model (Llama-2's tokenizer.model) whose
+    documents start with BOS -- `tokenize(text)` is [bos] + ids, as Megatron-LM's `tokenize(s,
+    bos=True, eos=False)`; EOD is the EOS that preprocessing's --append-eod adds. Data made with
+    Megatron-LM's tool and with ours is then the same, and so is what a Llama model expects."""
+
+    def __init__(self, model_path: str) -> None:
+        super().__init__(model_path)
+        if self.bos < 0:
+            raise ValueError(f"Llama2Tokenizer: {model_path!r} has no BOS piece to start documents with "
+                             "(--tokenizer-model); use --tokenizer-type SentencePieceTokenizer (no BOS)")
+
+    def tokenize(self, text: str) -> List[int]:
+        return [self.bos] + super().tokenize(text)
+
+    def save_tokenizer_json(self, path: str) -> int:
+        from .hf_convert.spm_tokenizer import write_tokenizer_json
+
+        ties = write_tokenizer_json(self.model_path, path, add_bos=True)
+        shutil.copyfile(self.model_path, os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer.model"))
+        return ties
+
+
 def _special_token_from_config(config: dict, key: str) -> Optional[str]:
     value = config.get(key)
     if isinstance(value, dict):  # {"content": "<|endoftext|>", "lstrip": false, ...}
@@ -452,6 +475,8 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None,
         return ByteTokenizer()
     if canonical == "SentencePieceTokenizer":
         return SentencePieceTokenizer(tokenizer_model)
+    if canonical == "Llama2Tokenizer":
+        return Llama2Tokenizer(tokenizer_model)
     if canonical == "HuggingFaceTokenizer":
         return HuggingFaceTokenizer(tokenizer_model)
     if canonical == "GPT2BPETokenizer":  # its --vocab-file arrives as the model file

@@ -12,7 +12,7 @@ from .builders import count_parameters, flops_per_position
 from .cpu import distributed_backend
 from .data import SUPERPOSITION
 from .metrics import IntervalStats, RunLogger, format_duration
-from .metrics_io import truncate_metrics
+from .metrics_io import metrics_run_id, truncate_metrics
 
 
 # log-line labels of the optional record fields (Megatron-LM's wording)
@@ -41,7 +41,11 @@ class TrainLog:
             path = os.path.join(cfg.ckpt.save, "metrics.jsonl") if cfg.ckpt.save else "metrics.jsonl"
         self.metrics_path = path
         resuming = self.iteration > 0
-        if self.rank == 0 and resuming and os.path.exists(path):
+        # A resume continues its own run's file (cut back to the checkpoint); any other file -- another
+        # run's, or one a resume into a new --save or --metrics-path meets -- is kept aside, never cut.
+        continues = (resuming and os.path.isfile(path)
+                     and (self.run_id is None or metrics_run_id(path) == self.run_id))  # None: saved before ids
+        if self.rank == 0 and continues:
             # resumed at the end, or evaluated (--skip-train): the evaluation of this iteration runs
             # again, so its old record goes; an evaluation-only run trains nothing, so keeps the rest
             skip, ended = cfg.logging.skip_train, self.iteration >= cfg.optim.train_iters
@@ -49,13 +53,17 @@ class TrainLog:
         elif self.rank == 0 and os.path.isfile(path) and os.path.getsize(path) > 0:
             kept = next(f"{path}.{k}" for k in range(1, 10 ** 6) if not os.path.exists(f"{path}.{k}"))
             os.replace(path, kept)  # a fresh run never overwrites another run's curve
-            print(f"> {path} held the metrics of an earlier run: kept as {kept}", flush=True)
+            print(f"> {path} held the metrics of {'another' if resuming else 'an earlier'} run: kept as {kept}",
+                  flush=True)
         self.log = RunLogger(self.rank == 0, path, cfg.logging.tensorboard_dir, cfg.logging.wandb_project,
                              cfg.logging.wandb_exp_name or cfg.logging.run_name, resume=resuming)
         total, active = count_parameters(cfg.model, self.vocab_size)
         self.flops_per_position = flops_per_position(cfg.model, self.vocab_size)
-        if not resuming:
-            self.log.record({"type": "run", "name": cfg.logging.run_name, "tst_bag_size": cfg.tst.bag_size,
+        if not continues:
+            self.log.record({"type": "run", "name": cfg.logging.run_name, "run_id": self.run_id,
+                             **({"resumed_from": self.last_checkpoint, "resumed_at_iteration": self.iteration}
+                                if resuming else {}),
+                             "tst_bag_size": cfg.tst.bag_size,
                              "tst_mode": cfg.tst.mode, "superposition_iters": self.num_sup_iters,
                              "train_iters": cfg.optim.train_iters, "global_batch_size": cfg.optim.global_batch_size,
                              "seq_length": cfg.model.seq_length, "parameters": total, "active_parameters": active,

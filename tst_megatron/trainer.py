@@ -145,14 +145,18 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
         self.data_tokens = 0
         self.positions = 0
         self.elapsed_before = 0.0  # training wall-clock of the runs this one resumes
+        self.skipped_nonfinite = 0  # steps skipped under --skip-nonfinite-steps so far
         self.timer = Stopwatch()  # restarted when training starts
         self.last_checkpoint: Optional[str] = None
         self._on_disk: Optional[int] = None  # iteration whose state is already saved under --save
         self.num_sup_iters = cfg.tst.num_superposition_iters(cfg.optim.train_iters)
+        self.run_id: Optional[str] = None  # names the run in its checkpoints and metrics (None: saved before ids)
         if self.resume is not None:
             self._load(self.resume[1])
         elif self.finetuned_from is not None:
             self._load_weights(self.finetuned_from)
+        if self.run_id is None and self.iteration == 0:  # a fresh run (an imported checkpoint starts one too)
+            self.run_id = self._new_run_id()
         from megatron.core.num_microbatches_calculator import get_current_global_batch_size, update_num_microbatches
 
         update_num_microbatches(self.consumed_samples, consistency_check=True)  # a resume mid-ramp
@@ -165,6 +169,16 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
         self._build_data()
         torch.set_rng_state(rng_state)
         self._setup_logger()
+
+    def _new_run_id(self) -> str:
+        """A fresh run's id, rank 0's on every rank (the checkpoints' common state is identical)."""
+        import uuid
+
+        import torch.distributed as dist
+
+        box = [uuid.uuid4().hex[:16] if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def _build_data(self) -> None:
         from megatron.core.datasets.utils import get_blend_from_list
@@ -430,7 +444,6 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
         o, lg = cfg.optim, cfg.logging
         L = cfg.model.seq_length
         eval_interval = lg.eval_interval
-        skipped_nonfinite = 0
         interval = IntervalStats()
         start_iteration = self.iteration
         while self.iteration < o.train_iters:
@@ -448,12 +461,12 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
                 self._stop_nonfinite(str(exc), phase)
                 return 1
             if out["nonfinite"]:
-                skipped_nonfinite += 1
-                if skipped_nonfinite > lg.skip_nonfinite_steps:
+                self.skipped_nonfinite += 1  # over the whole run: the count travels in the checkpoints
+                if self.skipped_nonfinite > lg.skip_nonfinite_steps:
                     self._stop_nonfinite(out["nonfinite"], phase)
                     return 1
                 self.log.print(f" WARNING: skipped iteration {self.iteration + 1} ({phase}): non-finite loss "
-                               f"or gradient ({skipped_nonfinite}/{lg.skip_nonfinite_steps} allowed)")
+                               f"or gradient ({self.skipped_nonfinite}/{lg.skip_nonfinite_steps} allowed)")
             tokens = gbs * tst_data_tokens_per_sample(cfg.tst, L, phase)
             # a skipped non-finite step (NaN loss, or a finite loss with a NaN/Inf gradient) enters
             # neither mean; an fp16 overflow step's loss is a real loss, its gradient norm unknown
@@ -484,8 +497,9 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
                     self._log_train(phase, interval, start_iteration)
                 if not (cfg.ckpt.save_interval and self.iteration % cfg.ckpt.save_interval == 0):
                     self.save()
-                self.log.print(f"> exiting at iteration {self.iteration} ({reason}); checkpoint: "
-                               f"{self.last_checkpoint or 'none (no --save)'}")
+                saved = (self.last_checkpoint or "none") if cfg.ckpt.save else (
+                    "none saved (no --save); the steps since " + (self.last_checkpoint or "the start") + " are lost")
+                self.log.print(f"> exiting at iteration {self.iteration} ({reason}); checkpoint: {saved}")
                 self.log.close()
                 return 0
         self.evaluate_now(final=True)

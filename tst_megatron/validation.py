@@ -157,6 +157,8 @@ def validate(cfg: RunConfig, world_size: int) -> None:
                         ("--expert-model-parallel-size", par.expert_model_parallel_size)):
         if value is None or value < 1:
             fail(f"{name} must be >= 1 (got {value})")
+    if o.global_batch_size is not None and o.global_batch_size < 1:
+        fail(f"--global-batch-size must be >= 1 (got {o.global_batch_size})")
     tp, pp, ep = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.expert_model_parallel_size
     if world_size % (tp * pp) != 0:
         fail(f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
@@ -282,6 +284,23 @@ def validate(cfg: RunConfig, world_size: int) -> None:
                         ("--clip-grad", o.clip_grad)):
         if not math.isfinite(value) or value < 0:
             fail(f"{name} must be a finite number >= 0 (got {value})")
+    # ranges torch and megatron-core would otherwise meet mid-build (a traceback that names no flag)
+    # or not at all (a NaN at the first step)
+    for name, value in (("--adam-beta1", o.adam_beta1), ("--adam-beta2", o.adam_beta2)):
+        if not 0.0 <= value < 1.0:
+            fail(f"{name} must be in [0, 1) (got {value})")
+    for name, value in (("--adam-eps", o.adam_eps), ("--norm-epsilon", m.norm_epsilon),
+                        ("--rotary-base", m.rotary_base)):
+        if not math.isfinite(value) or value <= 0:
+            fail(f"{name} must be a finite number > 0 (got {value})")
+    for name, value in (("--lr-decay-iters", o.lr_decay_iters),
+                        ("--make-vocab-size-divisible-by", m.make_vocab_size_divisible_by),
+                        ("--ffn-hidden-size", m.ffn_hidden_size), ("--kv-channels", m.kv_channels),
+                        ("--moe-ffn-hidden-size", m.moe_ffn_hidden_size)):
+        if value is not None and value < 1:
+            fail(f"{name} must be >= 1 (got {value})")
+    if cfg.data.num_workers < 0:
+        fail(f"--num-workers must be >= 0 (got {cfg.data.num_workers}; 0 loads in the training process)")
     if o.min_lr > o.lr:
         fail(f"--min-lr ({o.min_lr}) must not exceed --lr ({o.lr})")
     if not math.isfinite(o.lr_warmup_init) or not 0 <= o.lr_warmup_init <= o.lr:
@@ -351,7 +370,8 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     if cfg.tst.enabled and cfg.tst.num_superposition_iters(o.train_iters) == 0:
         print(f"warning: --tst-bag-size {cfg.tst.bag_size} with 0 superposition iterations (--tst-superposition-"
               f"ratio {cfg.tst.superposition_ratio} of --train-iters {o.train_iters}, rounded down, or "
-              "--tst-superposition-iters 0): this is a plain run", file=sys.stderr)
+              "--tst-superposition-iters 0): this is a plain run (the baseline's data and model)",
+              file=sys.stderr)
     d = cfg.data
     per_split = any(x is not None for x in (d.train_data_path, d.valid_data_path, d.test_data_path))
     if d.num_dataset_builder_threads < 1:
@@ -381,7 +401,7 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     from .tokenizers import canonical_tokenizer_type
 
     kind = canonical_tokenizer_type(cfg.data.tokenizer_type)
-    if kind in ("SentencePieceTokenizer", "HuggingFaceTokenizer"):
+    if kind in ("SentencePieceTokenizer", "Llama2Tokenizer", "HuggingFaceTokenizer"):
         if not cfg.data.tokenizer_model:
             fail(f"--tokenizer-type {cfg.data.tokenizer_type} needs --tokenizer-model PATH")
         if not os.path.exists(cfg.data.tokenizer_model):
@@ -410,6 +430,11 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         fail(f"--save-interval must be >= 1 (got {c.save_interval})")
     if c.exit_interval is not None and c.exit_interval < 1:
         fail(f"--exit-interval must be >= 1 (got {c.exit_interval})")
+    exits = [flag for flag, on in (("--exit-interval", c.exit_interval), ("--exit-duration-in-mins",
+                                   c.exit_duration_in_mins), ("--exit-signal-handler", c.exit_signal_handler)) if on]
+    if exits and not c.save:
+        print(f"warning: {', '.join(exits)} without --save: the run stops there without a checkpoint to resume "
+              "from", file=sys.stderr)
     if c.exit_duration_in_mins is not None and not (math.isfinite(c.exit_duration_in_mins)
                                                     and c.exit_duration_in_mins >= 0):
         fail(f"--exit-duration-in-mins must be a finite number >= 0 (got {c.exit_duration_in_mins})")

@@ -34,7 +34,10 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-model", default=None,
                    help="the run's Hugging Face tokenizer.json (or its directory), if it moved")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file; above it, shards")
-    p.add_argument("--dtype", default="auto", help="auto (the training dtype), float32, bfloat16, float16")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (the training dtype), float32, bfloat16, float16; the weights are the model's own "
+                        "(a --bf16 run's bf16 weights: float32 widens them, it does not restore the "
+                        "optimizer's fp32 main copy)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

@@ -158,6 +158,10 @@ def _single_rank(cfg):
         cfg.parallel, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
         num_layers_per_virtual_pipeline_stage=None, expert_model_parallel_size=1,
         sequence_parallel=False, use_distributed_optimizer=False)
+    if cfg.model.transformer_impl == "transformer_engine" and not _use_te():
+        # a run trained with Transformer Engine, converted on a machine without it: the local layers
+        # map their sharded keys onto TE's (megatron-core's sharded_state_dict_keys_map), so they load it
+        cfg.model = dataclasses.replace(cfg.model, transformer_impl=None)
     return cfg
 
 

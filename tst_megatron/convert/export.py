@@ -73,6 +73,22 @@ def _build_tokenizer_for_export(cfg, tokenizer_model: Optional[str]):
     return tok, None, note
 
 
+def _check_tokenizer_size(tok, meta: dict, vocab: int, path: str, tokenizer_model: Optional[str]) -> None:
+    """Refuse a tokenizer that does not belong to the checkpoint (a --tokenizer-model override, or
+    the saved path now holding another file): ids past the embedding rows would index out of range
+    in transformers, and a different tokenizer of the same size would map text to the wrong rows."""
+    if tok is None:
+        return
+    saved = meta.get("tokenizer_vocab_size")
+    where = f"--tokenizer-model {tokenizer_model}" if tokenizer_model else "the run's tokenizer"
+    if isinstance(saved, int) and tok.vocab_size != saved:
+        raise ConversionError(f"{where} has {tok.vocab_size} tokens, but {path} was trained with a "
+                              f"tokenizer of {saved}; pass --tokenizer-model with the run's own tokenizer")
+    if tok.vocab_size > vocab:
+        raise ConversionError(f"{where} has {tok.vocab_size} tokens, more than the model's {vocab} "
+                              f"embedding rows ({path}); pass --tokenizer-model with the run's own tokenizer")
+
+
 def _copy_tokenizer(tok, json_path: str, output: str, model_max_length: int) -> List[str]:
     """Copy tokenizer.json and the files beside it; write a tokenizer_config.json if there is none."""
     src_dir = os.path.dirname(os.path.abspath(json_path))
@@ -154,6 +170,7 @@ def export_checkpoint(load: str, output: str, *, iteration: Optional[int] = None
     out_dtype = _resolve_dtype(dtype, cfg)
     max_bytes = parse_size(max_shard_size)
     tok, tok_json, tok_note = _build_tokenizer_for_export(saved, tokenizer_model)
+    _check_tokenizer_size(tok, meta, vocab, path, tokenizer_model)
 
     max_pos = m.max_position_embeddings or m.seq_length
     tconfig = transformer_config(m, cfg.parallel, cfg.optim, use_cpu_init=True)

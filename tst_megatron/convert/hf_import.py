@@ -8,7 +8,7 @@ import os
 import shlex
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
-from .common import (ConversionError, _say, _single_rank, _stages, _use_te, megatron_session)
+from .common import (ConversionError, _say, _single_rank, _stages, megatron_session)
 
 
 # ModelArgs fields that are training / data settings rather than the model's shape.
@@ -153,6 +153,10 @@ def _apply_hf_model(m, mc: Mapping[str, Any], given: Set[str]) -> None:
     need(("moe_ffn_hidden_size",), "moe_intermediate_size", moe_ffn,
          lambda: m.moe_ffn_hidden_size or m.resolved_ffn_hidden_size(), set_moe_ffn)
     pre = bool(mc["moe_router_pre_softmax"])
+    if topk == 1 and not pre:
+        raise ConversionError("num_experts_per_tok 1 with norm_topk_prob true: every token's one expert gets "
+                              "weight 1, which megatron-core refuses (the router would get no gradient) and "
+                              "its pre-softmax routing would change the model's output; nothing was written")
     need(("moe_router_pre_softmax",), "norm_topk_prob (inverted)", pre, lambda: m.moe_router_pre_softmax,
          setter("moe_router_pre_softmax", pre))
     freq = _moe_freq(mc.get("moe_layer_freq", 1), m.num_layers)
@@ -322,7 +326,9 @@ def import_checkpoint(hf_dir: str, save: str, run_argv: Sequence[str] = (), *, i
                 chunks = build_model_chunks(cfg, tconfig, hf_vocab)
                 model = wrap_ddp(chunks, tconfig, cfg.parallel)
             with stages.step("loading the weights"):
-                te = _use_te()
+                # the key names of the model just built (TE's fused layernorm-linear or local layers),
+                # not of what is installed: --transformer-impl local on a TE machine builds local layers
+                te = any(k.endswith("linear_qkv.layer_norm_weight") for k in chunks[0].state_dict())
                 msd = hc.hf_to_megatron(hf_sd, hf_cfg, key_style="te" if te else "local",
                                         zero_centered_gamma=cfg.model.apply_layernorm_1p)
                 del hf_sd

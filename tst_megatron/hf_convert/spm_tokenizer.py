@@ -23,7 +23,9 @@ The correspondence (SentencePiece -> tokenizers):
   control pieces (<s>, </s>, <pad>)  -> special tokens for decoding; text that spells them is
                                         encoded as text, as SentencePiece does (the export sets
                                         split_special_tokens)
-No BOS/EOS is added on encode: Megatron's SentencePieceTokenizer adds none either.
+No BOS/EOS is added on encode: Megatron's SentencePieceTokenizer adds none either; for
+Megatron-LM's Llama2Tokenizer, which starts every document with BOS, `add_bos=True` writes the
+post-processor that does the same (what Llama's own tokenizer does with add_special_tokens=True).
 """
 from __future__ import annotations
 
@@ -190,12 +192,24 @@ def check_against_sentencepiece(tok, model_path: str, texts: Iterable[str]) -> T
     return different, tied
 
 
-def write_tokenizer_json(model_path: str, path: str, texts: Optional[Sequence[str]] = None) -> int:
+def write_tokenizer_json(model_path: str, path: str, texts: Optional[Sequence[str]] = None,
+                         add_bos: bool = False) -> int:
     """Write `model_path` as tokenizer.json at `path`; returns the number of tied sample texts.
+    `add_bos`: encoding with special tokens starts with the model's BOS piece.
 
     Raises ValueError, writing nothing, when it encodes any sample text differently.
     """
     tok = sentencepiece_to_tokenizers(model_path)
+    if add_bos:
+        from tokenizers import processors
+
+        proto = _load_proto(model_path)
+        bos_id = proto.trainer_spec.bos_id
+        if bos_id < 0:
+            raise ValueError(f"{model_path}: the model has no BOS piece (bos_id -1) to start documents with")
+        bos = proto.pieces[bos_id].piece
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, bos_id)])
     texts = sample_texts() if texts is None else texts
     different, tied = check_against_sentencepiece(tok, model_path, texts)
     if different:
