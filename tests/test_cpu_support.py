@@ -71,13 +71,15 @@ def test_final_norm_with_apex_but_no_transformer_engine(normalization, monkeypat
 
 
 # ----------------------------------------------------------------------------- deferred torch.compile
-def test_deferred_compile_wraps_on_the_first_call_with_the_same_arguments():
+def test_deferred_compile_wraps_on_the_first_call_with_the_same_arguments(monkeypatch):
     """tst_megatron/_megatron.py: megatron-core's import-time torch.compile wrappers are made at
     their first call, by the real torch.compile with the decorator's own arguments."""
     import torch
 
+    from tst_megatron import _megatron
     from tst_megatron._megatron import deferred_compile
 
+    monkeypatch.setitem(_megatron._STATE, "eager", False)  # as on a GPU machine
     made = []
 
     def real(model=None, **kwargs):
@@ -99,6 +101,10 @@ def test_deferred_compile_wraps_on_the_first_call_with_the_same_arguments():
     module = torch.nn.Linear(2, 2)
     compile_later(module)  # a module goes to torch's own wrapper at once
     assert made[-1] == (module, {})
+    # on CPU (enable_cpu_support): a function not called yet runs as itself, never compiled
+    later = compile_later(square)
+    _megatron.run_fused_functions_eagerly()
+    assert later(5) == 25 and len(made) == 3
 
 
 def test_importing_tst_megatron_defers_megatrons_compiles_and_restores_torch_compile():
@@ -115,6 +121,12 @@ def test_importing_tst_megatron_defers_megatrons_compiles_and_restores_torch_com
         "assert 'torch._inductor' not in sys.modules\n"
         "assert jit.jit_fuser.__qualname__ == 'deferred_compile.<locals>.compile_later', jit.jit_fuser\n"
         "assert fused_bias_swiglu.swiglu.__wrapped__.__name__ == 'swiglu'\n"
+        "from tst_megatron.cpu import enable_cpu_support\n"
+        "if enable_cpu_support():  # CPU: megatron's fused functions run eagerly, no C++ build\n"
+        "    x = torch.randn(3, 8)\n"
+        "    a, b = x.chunk(2, -1)\n"
+        "    assert torch.equal(fused_bias_swiglu.swiglu(x), torch.nn.functional.silu(a) * b)\n"
+        "    assert 'torch._inductor' not in sys.modules\n"
         "print('ok')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
                           env=dict(__import__("os").environ, PYTHONWARNINGS="ignore"))

@@ -10,6 +10,10 @@ call: the same `torch.compile`, with the same arguments, at the moment the compi
 anyway, so a GPU run compiles exactly what it compiled before. `torch.compile` itself is put back
 right after the import; only the `jit_fuser` megatron-core keeps stays deferring.
 
+On CPU, `tst_megatron.cpu.enable_cpu_support` asks for the deferred functions to run eagerly
+instead (`run_fused_functions_eagerly`): Inductor's C++ compile costs ~3 s per process there for
+element-wise kernels that take microseconds at CPU sizes. A machine with CUDA never takes that path.
+
 Imported first by `tst_megatron/__init__.py`. A process that imported megatron-core before
 tst_megatron keeps megatron's eager wrappers (nothing changes but the start-up time).
 """
@@ -21,6 +25,14 @@ import sys
 from typing import Callable, Iterator
 
 import torch
+
+
+_STATE = {"eager": False}
+
+
+def run_fused_functions_eagerly() -> None:
+    """From now on, a deferred function not yet called runs as the plain Python function (CPU only)."""
+    _STATE["eager"] = True
 
 
 def deferred_compile(real: Callable) -> Callable:
@@ -37,7 +49,7 @@ def deferred_compile(real: Callable) -> Callable:
         def call(*args, **kw):
             nonlocal compiled
             if compiled is None:
-                compiled = real(model, **kwargs)
+                compiled = model if _STATE["eager"] else real(model, **kwargs)
             return compiled(*args, **kw)
 
         return call

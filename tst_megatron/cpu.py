@@ -10,7 +10,8 @@ D. the model-parallel RNG tracker stores CUDA RNG states, and activation recompu
    restores the CUDA generator's state around each recomputed forward.
 
 Plus an MoE specific: the all-to-all token dispatcher copies split sizes to the host on a CUDA
-side stream.
+side stream. And one for speed (F): megatron's torch.compile'd element-wise functions run eagerly
+(`_megatron.run_fused_functions_eagerly`), since Inductor's C++ build of them costs ~3 s per process.
 
 `enable_cpu_support()` installs the smallest fix for each, **only when CUDA is unavailable**. On a
 CUDA machine it makes one fix only (below) and megatron-core otherwise runs exactly as shipped.
@@ -180,6 +181,12 @@ def enable_cpu_support() -> bool:
         return False
     if _STATE["enabled"]:
         return True
+
+    # F: megatron's torch.compile'd element-wise functions (expert bias, squared ReLU, ...) run
+    # eagerly: Inductor's C++ build of them costs ~3 s per process (see _megatron.py).
+    from ._megatron import run_fused_functions_eagerly
+
+    run_fused_functions_eagerly()
 
     # A: allocation device.
     torch.cuda.current_device = lambda: torch.device("cpu")
