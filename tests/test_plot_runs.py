@@ -136,3 +136,26 @@ def test_truncate_metrics(tmp_path, kw, kept):
     truncate_metrics(str(path), 4, **kw)
     got = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["type"][0] + str(r["iteration"]) if "iteration" in r else r["type"] for r in got] == kept
+
+
+def test_resumed_logger_purges_the_tensorboard_steps_it_logs_again(tmp_path):
+    """A run logged steps 1-4, was interrupted, and resumes from its checkpoint at 2: TensorBoard shows
+    steps 1-2 of the first process and 3-4 of the resumed one, not two values at 3 and 4 (as the
+    metrics file is cut back to the checkpoint)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tst_megatron.metrics import RunLogger
+
+    tb = tmp_path / "tb"
+    first = RunLogger(True, None, str(tb))
+    for it in range(1, 5):
+        first.record({"type": "train", "iteration": it, "loss": float(it)})
+    first.close()
+    resumed = RunLogger(True, None, str(tb), resume=True, tensorboard_purge_step=3)
+    for it in (3, 4):
+        resumed.record({"type": "train", "iteration": it, "loss": 10.0 + it})
+    resumed.close()
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]

@@ -27,7 +27,9 @@ class RunLogger:
 
     def __init__(self, enabled: bool, metrics_path: Optional[str], tensorboard_dir: Optional[str] = None,
                  wandb_project: Optional[str] = None, wandb_name: Optional[str] = None,
-                 resume: bool = False):
+                 resume: bool = False, tensorboard_purge_step: Optional[int] = None):
+        """tensorboard_purge_step: a resume's first step; TensorBoard drops the events a run wrote
+        from there on before it was interrupted (they are logged again), as the metrics file does."""
         self.enabled = enabled
         self.metrics_path = metrics_path
         self._file: Optional[MetricsWriter] = None
@@ -43,7 +45,7 @@ class RunLogger:
             except ImportError as exc:
                 raise SystemExit("error: --tensorboard-dir needs the `tensorboard` package "
                                  "(pip install 'tst-megatron[tensorboard]')") from exc
-            self._tb = SummaryWriter(log_dir=tensorboard_dir)
+            self._tb = SummaryWriter(log_dir=tensorboard_dir, purge_step=tensorboard_purge_step)
         if wandb_project:
             try:
                 import wandb

@@ -43,8 +43,8 @@ class TrainLog:
         resuming = self.iteration > 0
         # A resume continues its own run's file (cut back to the checkpoint); any other file -- another
         # run's, or one a resume into a new --save or --metrics-path meets -- is kept aside, never cut.
-        continues = (resuming and os.path.isfile(path)
-                     and (self.run_id is None or metrics_run_id(path) == self.run_id))  # None: saved before ids
+        # (A checkpoint and a file written before run ids both say None: such a pair continues.)
+        continues = resuming and os.path.isfile(path) and metrics_run_id(path) == self.run_id
         if self.rank == 0 and continues:
             # resumed at the end, or evaluated (--skip-train): the evaluation of this iteration runs
             # again, so its old record goes; an evaluation-only run trains nothing, so keeps the rest
@@ -56,7 +56,9 @@ class TrainLog:
             print(f"> {path} held the metrics of {'another' if resuming else 'an earlier'} run: kept as {kept}",
                   flush=True)
         self.log = RunLogger(self.rank == 0, path, cfg.logging.tensorboard_dir, cfg.logging.wandb_project,
-                             cfg.logging.wandb_exp_name or cfg.logging.run_name, resume=resuming)
+                             cfg.logging.wandb_exp_name or cfg.logging.run_name, resume=resuming,
+                             tensorboard_purge_step=self.iteration + 1 if continues and not cfg.logging.skip_train
+                             else None)
         total, active = count_parameters(cfg.model, self.vocab_size)
         self.flops_per_position = flops_per_position(cfg.model, self.vocab_size)
         if not continues:
