@@ -426,6 +426,25 @@ def test_huggingface_tokenizer_travels(trained, tmp_path):
     assert not (tmp_path / "hf3").exists()
 
 
+def test_export_notes_a_post_processor_that_adds_tokens(tmp_path):
+    """A tokenizer.json that adds BOS on encode (Llama-3 style): the run never saw it (training
+    encodes without special tokens), and the export says so; a plain one gets no note."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tst_megatron.convert.export import _special_tokens_note
+    from tst_megatron.tokenizers import HuggingFaceTokenizer
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<bos>", "<|endoftext|>", "The", "quick", "brown", "fox."])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<bos>", "<|endoftext|>"])
+    tok.save(str(tmp_path / "plain.json"))
+    assert _special_tokens_note(HuggingFaceTokenizer(str(tmp_path / "plain.json"))) is None
+    tok.post_processor = tokenizers.processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    tok.save(str(tmp_path / "bos.json"))
+    note = _special_tokens_note(HuggingFaceTokenizer(str(tmp_path / "bos.json")))
+    assert note.startswith("the tokenizer's post-processor adds <bos> to every text"), note
+
+
 @pytest.mark.parametrize("model_type, kind", [("bpe", "SentencePieceTokenizer"), ("unigram", "SentencePieceTokenizer"),
                                               ("bpe", "Llama2Tokenizer")])
 def test_sentencepiece_tokenizer_travels(trained, tmp_path, model_type, kind):

@@ -41,7 +41,7 @@ def _build_tokenizer_for_export(cfg, tokenizer_model: Optional[str]):
             tok = build_tokenizer(kind, path, cfg.model.vocab_size)
         except (OSError, ValueError, ImportError) as exc:
             raise ConversionError(f"--tokenizer-model {path}: {exc}") from None
-        return tok, tok.json_path, None
+        return tok, tok.json_path, _special_tokens_note(tok)
     try:
         tok = build_tokenizer(kind, path or getattr(d, "vocab_file", None), cfg.model.vocab_size,
                               merge_file=getattr(d, "merge_file", None))
@@ -71,6 +71,19 @@ def _build_tokenizer_for_export(cfg, tokenizer_model: Optional[str]):
                 "files are written (eos_token_id in config.json is its end-of-document id "
                 f"{tok.eod})")
     return tok, None, note
+
+
+def _special_tokens_note(tok) -> Optional[str]:
+    """A tokenizer.json whose post-processor adds tokens (Llama-3's <|begin_of_text|>, ...): training
+    encoded without them, so `tokenizer(text)` in transformers feeds the model ids it never saw."""
+    sample = "The quick brown fox."
+    plain, special = (tok._tok.encode(sample, add_special_tokens=flag).ids for flag in (False, True))
+    if special == plain:
+        return None
+    added = [tok.inv_vocab.get(i, str(i)) for i in special if i not in plain] or special
+    return (f"the tokenizer's post-processor adds {', '.join(map(str, added))} to every text, which the run's "
+            "documents never had (training encodes without special tokens): in transformers encode with "
+            "add_special_tokens=False for the model's own view")
 
 
 def _check_tokenizer_size(tok, meta: dict, vocab: int, path: str, tokenizer_model: Optional[str]) -> None:
