@@ -208,12 +208,12 @@ def fused_failures(time_ratio: float, time_noise: float, saved_ratio: float, pea
     The time target is missed only beyond the noise (ratio > TIME_TARGET * (1 + noise)); the
     memory ratios are deterministic, so they have no noise allowance (ratio > MEM_TARGET fails).
     """
-    failures = []
-    if time_ratio > TIME_TARGET * (1.0 + time_noise):
+    failures = []  # "not <=": a ratio that could not be measured (NaN) fails too
+    if not time_ratio <= TIME_TARGET * (1.0 + time_noise):
         failures.append(f"{clock} time {time_ratio:.3f} > {TIME_TARGET} (noise {time_noise:.1%})")
-    if saved_ratio > MEM_TARGET:
+    if not saved_ratio <= MEM_TARGET:
         failures.append(f"saved bytes {saved_ratio:.3f} > {MEM_TARGET}")
-    if peak_ratio > MEM_TARGET:
+    if not peak_ratio <= MEM_TARGET:
         failures.append(f"peak bytes {peak_ratio:.3f} > {MEM_TARGET}")
     return failures
 

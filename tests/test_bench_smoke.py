@@ -39,6 +39,8 @@ def test_bench_mce_decision():
     assert bench_mce.fused_failures(1.0, 0.5, saved_ratio=0.0, peak_ratio=M * 1.001) != []
     assert bench_mce.fused_failures(1.0, 0.5, saved_ratio=M, peak_ratio=M) == []
     assert len(bench_mce.fused_failures(2 * T, 0.0, saved_ratio=2.0, peak_ratio=2.0)) == 3
+    nan = float("nan")  # a ratio that could not be measured (a 0-byte baseline) is no pass
+    assert len(bench_mce.fused_failures(nan, 0.0, saved_ratio=nan, peak_ratio=nan)) == 3
     # the exit status follows the failures (and --no-fail)
     assert bench_mce.exit_status([{"failures": []}, {"failures": []}]) == 0
     assert bench_mce.exit_status([{"failures": []}, {"failures": ["x"]}]) == 1

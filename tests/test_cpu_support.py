@@ -101,10 +101,16 @@ def test_deferred_compile_wraps_on_the_first_call_with_the_same_arguments(monkey
     module = torch.nn.Linear(2, 2)
     compile_later(module)  # a module goes to torch's own wrapper at once
     assert made[-1] == (module, {})
+    # called while torch.compile traces another function: inlined there, compiled at its first direct call
+    nested = compile_later(square)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert nested(6) == 36 and len(made) == 3
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    assert nested(6) == ("compiled", 36) and made[-1] == (square, {})
     # on CPU (enable_cpu_support): a function not called yet runs as itself, never compiled
     later = compile_later(square)
     _megatron.run_fused_functions_eagerly()
-    assert later(5) == 25 and len(made) == 3
+    assert later(5) == 25 and len(made) == 4
 
 
 def test_importing_tst_megatron_defers_megatrons_compiles_and_restores_torch_compile():

@@ -122,6 +122,19 @@ def test_read_metrics_tolerates_truncated_last_line(tmp_path):
     assert math.isclose(run.evals[0]["val_lm_loss"], 4.5)
 
 
+def test_phase_switch_of_a_run_stopped_before_it(tmp_path):
+    """A TST run logged up to iteration 3 of a switch at 5: no switch to report or draw yet; at 6, there is."""
+    path = tmp_path / "tst.jsonl"
+    records = [{"type": "run", "tst_bag_size": 4, "superposition_iters": 5, "global_batch_size": 8, "seq_length": 16}]
+    records += [{"type": "train", "iteration": i, "phase": "superposition", "loss": 6.0, "elapsed_s": i}
+                for i in (1, 2, 3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert read_metrics(str(path)).uses_superposition and read_metrics(str(path)).phase_switch() is None
+    records.append({"type": "train", "iteration": 6, "phase": "recovery", "loss": 5.0, "elapsed_s": 6})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert read_metrics(str(path)).phase_switch()["iteration"] == 5
+
+
 @pytest.mark.parametrize("kw, kept", [
     ({}, ["run", "t1", "t2", "t3", "t4", "e4"]),                       # a resume from 4 logs 5.. again
     ({"keep_evals_at_end": False}, ["run", "t1", "t2", "t3", "t4"]),    # ... and evaluates 4 again

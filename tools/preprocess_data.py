@@ -10,7 +10,8 @@ them directly (pass `{output_prefix}_text_document` as the data path).
 
 `--input` is a JSONL file, a plain text file (one document) or a directory (each file one
 document, `.jsonl` files read line by line); see `tst_megatron/corpus.py`. Documents that tokenize
-to nothing are skipped. Output is byte-identical for any `--workers`: records are tokenized in a
+to nothing are skipped (as in Megatron-LM, an empty text is not nothing for Llama2Tokenizer, which
+starts every document with BOS). Output is byte-identical for any `--workers`: records are tokenized in a
 process pool but written in input order. Nothing partial is left behind on error: the files are
 written under a `.partial` suffix and renamed at the end.
 """

@@ -48,6 +48,10 @@ def deferred_compile(real: Callable) -> Callable:
         @functools.wraps(model)
         def call(*args, **kw):
             nonlocal compiled
+            if torch.compiler.is_compiling():
+                # reached while another compiled function is traced (weighted_swiglu -> swiglu): inlined
+                # into that graph, as an eager wrapper's would be; its own compile waits for a direct call
+                return model(*args, **kw)
             if compiled is None:
                 compiled = model if _STATE["eager"] else real(model, **kwargs)
             return compiled(*args, **kw)

@@ -81,6 +81,13 @@ def base_sequence_length(seq_length: int, tst: TSTConfig) -> int:
     return s * (seq_length + 1) - 1
 
 
+def data_tst_config(tst: TSTConfig, num_superposition_samples: int) -> TSTConfig:
+    """The TST configuration the train data is built with: a run without a superposition sample
+    (--tst-bag-size s with 0 superposition iterations) reads the baseline's own data (windows of
+    L+1), not recovery chunks of s(L+1) windows in another order."""
+    return tst if num_superposition_samples else TSTConfig()
+
+
 def num_base_samples(tst: TSTConfig, num_superposition_samples: int,
                      num_recovery_samples: int) -> int:
     """Base items needed for a run: one per superposition sample, 1/chunks per recovery one."""
@@ -440,9 +447,7 @@ def build_tst_datasets(
         n_sup, n_train = sample_plan
         if not 0 <= n_sup <= n_train:
             raise ValueError(f"sample_plan: need 0 <= superposition samples <= train samples, got {sample_plan}")
-    # No superposition sample (--tst-bag-size s with 0 superposition iterations): the data are the
-    # baseline's own (windows of L+1), not recovery chunks of s(L+1) windows in another order
-    tst = tst if n_sup else TSTConfig()
+    tst = data_tst_config(tst, n_sup)
     n_base_train = num_base_samples(tst, n_sup, n_train - n_sup)
 
     def config_for(length: int):

@@ -145,6 +145,8 @@ class RunMetrics:
         Without a run record, the first recovery training record after superposition ones.
         """
         iters = self.meta.get("superposition_iters")
+        if iters and self.train and max(r.get("iteration", 0) for r in self.train) < iters:
+            return None  # a run stopped (or still running) before its switch
         if self.uses_superposition and iters:
             point: Dict[str, Any] = {"iteration": iters}
             gbs, seq, s = (self.meta.get(k) for k in ("global_batch_size", "seq_length", "tst_bag_size"))

@@ -167,14 +167,15 @@ def _check_samples_fit(cfg: RunConfig, flag: str, prefix: str, split, ds) -> Non
     model copies from its own context). Train and the validation MCE read superposition windows
     of s*(L+1) tokens (L+s in output mode), validation LM and the test split (evaluated once, at
     the end) plain L+1 windows."""
-    from .data import base_sequence_length
+    from .data import base_sequence_length, data_tst_config
 
     L, s = cfg.model.seq_length, cfg.tst.bag_size
-    bag = base_sequence_length(L, cfg.tst) + 1
+    sup = cfg.tst.num_superposition_iters(cfg.optim.train_iters)
+    tst = data_tst_config(cfg.tst, sup)
+    bag = base_sequence_length(L, tst) + 1
     evaluates = cfg.logging.eval_iters > 0
     needs = (("train", split[0], bag),
-             ("validation", split[1], bag if cfg.tst.num_superposition_iters(cfg.optim.train_iters) and evaluates
-              else (L + 1 if evaluates else 0)),
+             ("validation", split[1], bag if sup and evaluates else (L + 1 if evaluates else 0)),
              ("test", split[2], L + 1 if evaluates else 0))
     for name, bounds, need in needs:
         if bounds is None or need == 0:
@@ -185,10 +186,10 @@ def _check_samples_fit(cfg: RunConfig, flag: str, prefix: str, split, ds) -> Non
         if need <= have:
             continue
         what = (f"--tst-bag-size {s} with --seq-length {L}: one superposition sample reads {need} tokens"
-                if need == bag and cfg.tst.enabled else f"--seq-length {L}: one sample reads {need} tokens")
+                if need == bag and tst.enabled else f"--seq-length {L}: one sample reads {need} tokens")
         if flag != "--data-path":
             fail(f"{what}, but {flag} {prefix} holds only {have} tokens; use a smaller "
-                 f"{'--tst-bag-size / ' if need == bag and cfg.tst.enabled else ''}--seq-length or more data")
+                 f"{'--tst-bag-size / ' if need == bag and tst.enabled else ''}--seq-length or more data")
         fix = ("use a smaller --tst-bag-size / --seq-length or more data" if name == "train" else
                f"give the test split more weight in --split (now {cfg.data.split}) or none (a last weight "
                "of 0: no test evaluation), use a smaller --seq-length, or more data" if name == "test" else

@@ -102,6 +102,8 @@ class RunCheckpoints:
                 found = ckpt.find_checkpoint(directory, self.cfg.ckpt.ckpt_fallback)
             except ckpt.CheckpointError as exc:
                 error = str(exc) if flag == "--load" else f"{flag}: {exc}"
+            except Exception as exc:  # noqa: BLE001 -- e.g. an unreadable tracker: every rank must hear of it
+                error = f"{flag} {directory}: cannot read its checkpoints ({type(exc).__name__}: {exc})"
         if self.world > 1:
             box = [(found, error)]
             dist.broadcast_object_list(box, src=0)

@@ -44,7 +44,8 @@ class TrainLog:
         # A resume continues its own run's file (cut back to the checkpoint); any other file -- another
         # run's, or one a resume into a new --save or --metrics-path meets -- is kept aside, never cut.
         # (A checkpoint and a file written before run ids both say None: such a pair continues.)
-        continues = resuming and os.path.isfile(path) and metrics_run_id(path) == self.run_id
+        continues = (self.rank == 0 and resuming and os.path.isfile(path)  # rank 0 alone reads and writes it
+                     and metrics_run_id(path) == self.run_id)
         if self.rank == 0 and continues:
             # resumed at the end, or evaluated (--skip-train): the evaluation of this iteration runs
             # again, so its old record goes; an evaluation-only run trains nothing, so keeps the rest

@@ -183,8 +183,8 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
     def _build_data(self) -> None:
         from megatron.core.datasets.utils import get_blend_from_list
 
-        from .data import (CountingIterator, build_data_iterator, build_tst_datasets, num_base_samples,
-                           resume_sample_plan)
+        from .data import (CountingIterator, build_data_iterator, build_tst_datasets, data_tst_config,
+                           num_base_samples, resume_sample_plan)
 
         cfg = self.cfg
         d = cfg.data
@@ -212,7 +212,7 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
                 num_dataset_builder_threads=d.num_dataset_builder_threads,
                 mid_level_dataset_surplus=d.mid_level_dataset_surplus,
                 base_train_samples=self._checkpoint_stream_length(
-                    num_base_samples(cfg.tst, plan[0], plan[1] - plan[0])))
+                    num_base_samples(data_tst_config(cfg.tst, plan[0]), plan[0], plan[1] - plan[0])))
         except ValueError as exc:  # the train stream megatron built is shorter than the run
             if d.mock_data:
                 fail(f"--mock-data: {exc}")

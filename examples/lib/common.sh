@@ -59,6 +59,8 @@ tst_wsd_args() {
     local iters=$1 warmup=$2
     local decay=$(( iters / 10 > 0 ? iters / 10 : 1 ))
     if (( warmup >= iters )); then warmup=$(( iters / 10 )); fi
+    # warmup ends before the decay starts (else the LR would climb into the decay window and drop)
+    if (( warmup > iters - decay )); then warmup=$(( iters - decay )); fi
     echo --lr-decay-style WSD --lr-warmup-iters "$warmup" --lr-wsd-decay-iters "$decay" \
          --lr-wsd-decay-style linear --train-iters "$iters"
 }

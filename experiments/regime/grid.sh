@@ -34,6 +34,8 @@ sweep() {  # tag, then run.py arguments
 }
 
 site_data() {  # 40 MB of .py sources from this venv's site-packages, tokenized with the grid's BPE
+  # the grid's BPE is trained with the stdlib data (run.py's defaults) when no stdlib sweep made it yet
+  "$PY" -c "import sys; sys.path.insert(0, 'experiments/regime'); import run; run.build_default_data('$OUT/data', 16_000_000, 2048)"
   PYTHON="$PY" bash experiments/build_site_corpus.sh "${OUT}_site_data/site" "$OUT/data/spm.model" 40000000 2
 }
 
@@ -82,8 +84,7 @@ for s in $SWEEPS; do
     # session 6: the widest at 3,200 steps -- hidden 384 (8.7M parameters), s = 2; LR tuned on the
     # baseline over {5e-4, 1e-3} (5e-4 won at 400 steps for 384 by 0.02, 1e-3 at 3,200 for 256)
     site3200w384)  site_data; sweep site3200w384 --widths 384 --iters 3200 --bag-sizes 2 --ratios 0.3 --lrs 5e-4 1e-3 ;;
-    # session 8: a second seed for the hidden-384 pair, at the LR tuned on seed 1234 (5e-4);
-    # not in the default list: not run yet (~2 h on 2 idle cores), started and stopped in session 8
+    # session 8: a second seed for the hidden-384 pair, at the LR tuned on seed 1234 (5e-4; ~2 h on 2 idle cores)
     site3200w384seed2) site_data; sweep site3200w384seed2 --widths 384 --iters 3200 --bag-sizes 2 --ratios 0.3 --lrs 5e-4 --seeds 4321 ;;
     *) echo "grid.sh: unknown sweep '$s'" >&2; exit 2 ;;
   esac

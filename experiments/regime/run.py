@@ -79,7 +79,10 @@ def run_one(name: str, out: str, data: dict, a, width: int, lr: float, seed: int
            "--lr-wsd-decay-iters", str(max(1, iters // 10)), "--weight-decay", "0.1", "--clip-grad", "1.0",
            "--seed", str(seed), "--log-interval", str(max(1, iters // 20)),
            "--eval-interval", str(max(1, iters // a.evals)), "--eval-iters", str(a.eval_iters),
-           "--metrics-path", metrics, "--run-name", name]
+           "--metrics-path", metrics, "--run-name", name,
+           # megatron's sample-index cache per run: runs of one grid side by side (grid.sh's --only base /
+           # --only tst halves) would otherwise write the same index files next to the data at once
+           "--data-cache-path", os.path.join(run_dir, "cache")]
     if data.get("tokenizer_model"):
         cmd += ["--tokenizer-model", data["tokenizer_model"]]
     if data.get("vocab_size"):

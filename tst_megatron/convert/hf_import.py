@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import os
 import shlex
+import uuid
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from .common import (ConversionError, _say, _single_rank, _stages, megatron_session)
@@ -347,7 +348,8 @@ def import_checkpoint(hf_dir: str, save: str, run_argv: Sequence[str] = (), *, i
             with stages.step("writing the torch_dist checkpoint"):
                 tokenizer_vocab = tok.vocab_size
                 sup_samples = consumed_samples if iteration <= num_sup else per_iter * num_sup
-                common = {"consumed_samples": int(consumed_samples), "data_tokens": int(data_tokens),
+                common = {"run_id": uuid.uuid4().hex[:16],  # the run that continues from it (its metrics)
+                          "consumed_samples": int(consumed_samples), "data_tokens": int(data_tokens),
                           "superposition_samples": int(sup_samples),
                           "positions": int(consumed_samples) * L, "phase": phase,
                           "superposition_checkpoint": iteration < num_sup,
