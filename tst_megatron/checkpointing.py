@@ -54,16 +54,16 @@ def _on_rank0(action: Callable[[], None]) -> None:
     """Run `action` on rank 0 and let every rank learn whether it failed (collective). A rank-0-only
     file operation that fails (a full disk, a quota) then raises on every rank, instead of leaving
     the others waiting at the next barrier until the distributed timeout."""
-    error = None
-    if _rank() == 0:
+    from .distributed import from_rank0
+
+    def attempt() -> Optional[str]:
         try:
             action()
-        except Exception as exc:  # noqa: BLE001 -- reported on every rank below
-            error = f"{type(exc).__name__}: {exc}"
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
+        except Exception as exc:  # noqa: BLE001 -- reported on every rank
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    error = from_rank0(attempt)
     if error is not None:
         raise OSError(f"rank 0 failed ({error})" if _rank() else error)
 

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import datetime
 import os
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .cpu import distributed_backend
+
+T = TypeVar("T")
 
 
 def init_distributed(timeout_minutes: int = 30) -> None:
@@ -33,3 +36,15 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend=distributed_backend(), timeout=timeout)
+
+
+def from_rank0(compute: Callable[[], T]) -> T:
+    """`compute()` run on rank 0 and its (picklable) result on every rank; collective, so every
+    rank calls it. For decisions the ranks must share: which checkpoint to resume, whether a
+    rank-0-only file step failed, a new run's id."""
+    value = compute() if not dist.is_initialized() or dist.get_rank() == 0 else None
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value

@@ -18,6 +18,7 @@ from . import checkpointing as ckpt
 from . import preflight
 from .arguments import fail, same_dir
 from .builders import schedule_position
+from .distributed import from_rank0
 
 
 
@@ -94,20 +95,15 @@ class RunCheckpoints:
         """Rank 0 picks the checkpoint and every rank takes its pick: ranks whose views of a shared
         filesystem differ (stale NFS caches; a shard seen at another size under --ckpt-fallback)
         must not resume from different iterations."""
-        import torch.distributed as dist
-
-        found = error = None
-        if self.rank == 0:
+        def pick():  # (found, error)
             try:
-                found = ckpt.find_checkpoint(directory, self.cfg.ckpt.ckpt_fallback)
+                return ckpt.find_checkpoint(directory, self.cfg.ckpt.ckpt_fallback), None
             except ckpt.CheckpointError as exc:
-                error = str(exc) if flag == "--load" else f"{flag}: {exc}"
+                return None, str(exc) if flag == "--load" else f"{flag}: {exc}"
             except Exception as exc:  # noqa: BLE001 -- e.g. an unreadable tracker: every rank must hear of it
-                error = f"{flag} {directory}: cannot read its checkpoints ({type(exc).__name__}: {exc})"
-        if self.world > 1:
-            box = [(found, error)]
-            dist.broadcast_object_list(box, src=0)
-            found, error = box[0]
+                return None, f"{flag} {directory}: cannot read its checkpoints ({type(exc).__name__}: {exc})"
+
+        found, error = from_rank0(pick)
         if error is not None:
             fail(error)
         return found

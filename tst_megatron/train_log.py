@@ -46,7 +46,7 @@ class TrainLog:
         # (A checkpoint and a file written before run ids both say None: such a pair continues.)
         continues = (self.rank == 0 and resuming and os.path.isfile(path)  # rank 0 alone reads and writes it
                      and metrics_run_id(path) == self.run_id)
-        if self.rank == 0 and continues:
+        if continues:
             # resumed at the end, or evaluated (--skip-train): the evaluation of this iteration runs
             # again, so its old record goes; an evaluation-only run trains nothing, so keeps the rest
             skip, ended = cfg.logging.skip_train, self.iteration >= cfg.optim.train_iters

@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import time
+import uuid
 from typing import Dict, List, Optional
 
 import torch
@@ -26,7 +27,7 @@ from .builders import (build_model_chunks, build_optimizer, build_scheduler, cou
                        wrap_ddp)
 from .cpu import default_device, enable_cpu_support, model_parallel_manual_seed
 from .data import RECOVERY, SUPERPOSITION
-from .distributed import init_distributed
+from .distributed import from_rank0, init_distributed
 from .evaluation import Evaluation
 from .metrics import IntervalStats, RunLogger, Stopwatch, format_duration
 from .profiling import StepProfiler
@@ -155,8 +156,8 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
             self._load(self.resume[1])
         elif self.finetuned_from is not None:
             self._load_weights(self.finetuned_from)
-        if self.run_id is None and self.iteration == 0:  # a fresh run (an imported checkpoint starts one too)
-            self.run_id = self._new_run_id()
+        if self.run_id is None and self.iteration == 0:  # a fresh run: rank 0's id on every rank (the
+            self.run_id = from_rank0(lambda: uuid.uuid4().hex[:16])  # checkpoints' common state is identical)
         from megatron.core.num_microbatches_calculator import get_current_global_batch_size, update_num_microbatches
 
         update_num_microbatches(self.consumed_samples, consistency_check=True)  # a resume mid-ramp
@@ -169,16 +170,6 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
         self._build_data()
         torch.set_rng_state(rng_state)
         self._setup_logger()
-
-    def _new_run_id(self) -> str:
-        """A fresh run's id, rank 0's on every rank (the checkpoints' common state is identical)."""
-        import uuid
-
-        import torch.distributed as dist
-
-        box = [uuid.uuid4().hex[:16] if self.rank == 0 else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
 
     def _build_data(self) -> None:
         from megatron.core.datasets.utils import get_blend_from_list
