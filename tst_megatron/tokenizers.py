@@ -358,6 +358,12 @@ class HuggingFaceTokenizer(TSTTokenizer):
     def tokenize(self, text: str) -> List[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def post_processor_ids(self, text: str = "The quick brown fox.") -> List[int]:
+        """The ids the file's post-processor adds to `text` when encoded with special tokens (e.g.
+        Llama-3's <|begin_of_text|>): what transformers' `tokenizer(text)` gives beyond `tokenize`."""
+        plain = self.tokenize(text)
+        return [i for i in self._tok.encode(text, add_special_tokens=True).ids if i not in plain]
+
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._tok.decode(self._check_ids(ids).tolist(), skip_special_tokens=False)
 

@@ -76,12 +76,11 @@ def _build_tokenizer_for_export(cfg, tokenizer_model: Optional[str]):
 def _special_tokens_note(tok) -> Optional[str]:
     """A tokenizer.json whose post-processor adds tokens (Llama-3's <|begin_of_text|>, ...): training
     encoded without them, so `tokenizer(text)` in transformers feeds the model ids it never saw."""
-    sample = "The quick brown fox."
-    plain, special = (tok._tok.encode(sample, add_special_tokens=flag).ids for flag in (False, True))
-    if special == plain:
+    added = tok.post_processor_ids()
+    if not added:
         return None
-    added = [tok.inv_vocab.get(i, str(i)) for i in special if i not in plain] or special
-    return (f"the tokenizer's post-processor adds {', '.join(map(str, added))} to every text, which the run's "
+    names = [tok.inv_vocab.get(i, str(i)) for i in added]
+    return (f"the tokenizer's post-processor adds {', '.join(names)} to every text, which the run's "
             "documents never had (training encodes without special tokens): in transformers encode with "
             "add_special_tokens=False for the model's own view")
 
