@@ -467,6 +467,13 @@ def test_missing_tokenizer_model(corpus, workdir, save, capsys):
     assert_clean(workdir, save)
 
 
+def test_hf_include_special_tokens_with_another_tokenizer(corpus, workdir, save, capsys):
+    msg = refuse(base(corpus, save, **{"--tokenizer-hf-include-special-tokens": ""}), capsys, watch=[workdir])
+    assert msg == ("error: --tokenizer-hf-include-special-tokens applies to --tokenizer-type HuggingFaceTokenizer "
+                   "only, not NullTokenizer; drop the flag"), msg
+    assert_clean(workdir, save)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
 def test_wandb_project_without_wandb(corpus, workdir, save, capsys):
     msg = refuse(base(corpus, save, **{"--wandb-project": "tst"}), capsys, watch=[workdir])

@@ -406,6 +406,35 @@ def test_huggingface_tokenizer_travels(trained, tmp_path):
     assert res["flags"][i:i + 4] == ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(out)]
     meta = json.loads((tmp_path / "imported" / "iter_0000000" / "tst_meta.json").read_text())
     assert meta["tokenizer_vocab_size"] == 257 and meta["vocab_size"] == 512
+    assert "--tokenizer-hf-include-special-tokens" not in res["flags"]
+
+    # a tokenizer that adds BOS (Llama-3 style): the model was pretrained on it, so the continued run
+    # is told to encode its data the same way, and the flag travels to the checkpoint and its export
+    bos_dir = tmp_path / "hf_bos"
+    shutil.copytree(out, bos_dir)
+    tok.add_special_tokens(["<bos>"])
+    tok.post_processor = tokenizers.processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 257)])
+    tok.save(str(bos_dir / "tokenizer.json"))
+    lines = []
+    res = cv.import_checkpoint(str(bos_dir), str(tmp_path / "imported_bos"), ["--train-iters", "10"],
+                               progress=False, log=lines.append)
+    assert "--tokenizer-hf-include-special-tokens" in res["flags"]
+    assert any("adds <bos> to every text" in line and "preprocess_data.py --tokenizer-hf-include-special-tokens"
+               in line for line in lines), lines
+    meta = json.loads((tmp_path / "imported_bos" / "iter_0000000" / "tst_meta.json").read_text())
+    assert meta["args"]["data"]["tokenizer_hf_include_special_tokens"] is True
+    lines = []
+    cv.export_checkpoint(str(tmp_path / "imported_bos" / "iter_0000000"), str(tmp_path / "hf_bos_again"),
+                         progress=False, log=lines.append)
+    assert not any("post-processor" in line for line in lines), lines
+    config = json.loads((tmp_path / "hf_bos_again" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (257, 256)
+    assert json.loads((out / "config.json").read_text())["bos_token_id"] is None  # no BOS in that run's data
+
+    # a NullTokenizer run exported over this directory: the earlier run's tokenizer files go too
+    res = cv.export_checkpoint(str(trained["root"] / "llama" / "iter_0000006"), str(out), progress=False, log=None)
+    assert "tokenizer.json" not in res["files"]
+    assert sorted(os.listdir(out)) == sorted(res["files"])
 
     # the tokenizer moved: a clear refusal, and --tokenizer-model finds it again
     moved = tmp_path / "moved"
@@ -443,6 +472,8 @@ def test_export_notes_a_post_processor_that_adds_tokens(tmp_path):
     tok.save(str(tmp_path / "bos.json"))
     note = _special_tokens_note(HuggingFaceTokenizer(str(tmp_path / "bos.json")))
     assert note.startswith("the tokenizer's post-processor adds <bos> to every text"), note
+    # a run whose data was encoded with them (--tokenizer-hf-include-special-tokens): no note
+    assert _special_tokens_note(HuggingFaceTokenizer(str(tmp_path / "bos.json"), include_special_tokens=True)) is None
 
 
 @pytest.mark.parametrize("model_type, kind", [("bpe", "SentencePieceTokenizer"), ("unigram", "SentencePieceTokenizer"),
@@ -468,7 +499,9 @@ def test_sentencepiece_tokenizer_travels(trained, tmp_path, model_type, kind):
     assert {"tokenizer.json", "tokenizer.model", "tokenizer_config.json"} <= set(res["files"])
     ours = build_tokenizer(kind, model)
     config = json.loads((out / "config.json").read_text())
-    assert config["eos_token_id"] == ours.eod == 2 and config["bos_token_id"] == ours.bos == 1
+    assert config["eos_token_id"] == ours.eod == 2 and ours.bos == 1
+    # a BOS id only where the documents started with it
+    assert config["bos_token_id"] == (1 if kind == "Llama2Tokenizer" else None)
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
     assert (hf_tok.eos_token, hf_tok.pad_token, hf_tok.unk_token) == ("</s>", "<pad>", "<unk>")
     text = generated_text(80, seed=3) + "  two  spaces\ttab \u00e9 \u6771\u4eac \U0001f642 and a typed </s> <s>"

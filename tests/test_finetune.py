@@ -107,16 +107,18 @@ def test_finetune_refusals(tmp_path, over, message):
 def test_no_save_optim_and_rng_checkpoints_resume_with_fresh_state(tmp_path):
     """--no-save-optim --no-save-rng: the checkpoint holds weights and progress only; resuming from it
     says so, starts Adam afresh and keeps the LR schedule: its first step's loss (computed before
-    the update, from weights and data) is the uninterrupted run's."""
+    the update, from weights and data) is the uninterrupted run's. A step skipped before the save
+    (non-finite, --skip-nonfinite-steps) did not advance the schedule, and the resume knows it."""
     from torch.distributed.checkpoint import FileSystemReader
 
     from tst_megatron import checkpointing as ckpt
 
     prefix = make_data(str(tmp_path / "data"), num_docs=400)
     full, part = tmp_path / "full", tmp_path / "part"
+    skip = {"inject_nonfinite_at": 2, "skip_nonfinite_steps": 1}
     ref, first = (assert_ok(r) for r in run_many([
-        base_args(prefix, metrics_path=tmp_path / "ref.jsonl", save=full, save_interval=6),
-        base_args(prefix, save=part, exit_interval=6, no_save_optim=True, no_save_rng=True)]))
+        base_args(prefix, metrics_path=tmp_path / "ref.jsonl", save=full, save_interval=6, **skip),
+        base_args(prefix, save=part, exit_interval=6, no_save_optim=True, no_save_rng=True, **skip)]))
     keys = set(FileSystemReader(str(part / "iter_0000006")).read_metadata().state_dict_metadata)
     full_keys = set(FileSystemReader(str(full / "iter_0000006")).read_metadata().state_dict_metadata)
     assert not [k for k in keys if "optimizer" in k or "rng" in k]
@@ -124,7 +126,7 @@ def test_no_save_optim_and_rng_checkpoints_resume_with_fresh_state(tmp_path):
     meta = ckpt.read_meta(str(part / "iter_0000006"))
     assert (meta["optimizer_state"], meta["rng_state"]) == (False, False)
 
-    resumed = assert_ok(run_trainer(base_args(prefix, load=part, save=part)))
+    resumed = assert_ok(run_trainer(base_args(prefix, load=part, save=part, skip_nonfinite_steps=1)))
     assert "carries no optimizer state (imported, or saved with --no-save-optim)" in resumed.stdout
     got, want = train_records(resumed.records), train_records(ref.records)
     assert got[7]["loss"] == want[7]["loss"] and got[7]["lr"] == want[7]["lr"]

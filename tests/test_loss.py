@@ -213,6 +213,9 @@ def test_errors_are_clear():
         multi_hot_cross_entropy(z, ok, [0.2, 0.3, 0.5])
     with pytest.raises(ValueError, match="weights"):
         multi_hot_cross_entropy(z, ok, [0.5, -0.5])
+    for zeros in ([0.0, 0.0], torch.zeros(2)):  # a loss of 0 and no gradient, silently
+        with pytest.raises(ValueError, match="not all 0"):
+            multi_hot_cross_entropy(z, ok, zeros)
     with pytest.raises(ValueError, match="must be .*matching logits"):
         multi_hot_cross_entropy(z, torch.randint(0, 10, (4, 2, 2)))  # leading dims differ
     with pytest.raises(ValueError, match="must be .*matching logits"):

@@ -257,6 +257,36 @@ def test_workers_byte_identical(kind, form, tokenizer_flags, tmp_path):
     assert outputs[0] == outputs[1]
 
 
+def test_hf_include_special_tokens(hf_dir, tmp_path):
+    """--tokenizer-hf-include-special-tokens (Megatron-LM's flag): every document starts with the
+    post-processor's BOS, as transformers' `tokenizer(text)` gives it, in one process and in a pool."""
+    from tokenizers import Tokenizer, processors
+
+    tok = Tokenizer.from_file(os.path.join(hf_dir, "tokenizer.json"))
+    tok.add_special_tokens(["<bos>"])
+    bos = tok.token_to_id("<bos>")
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    path = str(tmp_path / "bos" / "tokenizer.json")
+    os.makedirs(os.path.dirname(path))
+    tok.save(path)
+    docs = [d for d in make_docs(60, seed=5) if d]
+    source = write_jsonl(tmp_path / "in.jsonl", docs)
+    flags = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", path]
+    eod = build_tokenizer("HuggingFaceTokenizer", path).eod
+    for workers, extra in (("1", []), ("2", []), ("1", ["--tokenizer-hf-include-special-tokens"]),
+                           ("2", ["--tokenizer-hf-include-special-tokens"])):
+        prefix = tmp_path / f"w{workers}{len(extra)}" / "d"
+        run(source, prefix, flags, "--append-eod", "--workers", workers, *extra)
+        indexed = IndexedDataset(f"{prefix}_text_document")
+        for i, doc in enumerate(docs):
+            expected = tok.encode(doc, add_special_tokens=bool(extra)).ids + [eod]
+            assert indexed[i].tolist() == expected
+            assert (expected[0] == bos) == bool(extra)
+    with pytest.raises(SystemExit, match="--tokenizer-hf-include-special-tokens applies to --tokenizer-type "
+                                         "HuggingFaceTokenizer only"):
+        run(source, tmp_path / "x" / "d", BYTE, "--tokenizer-hf-include-special-tokens")
+
+
 # ---------------------------------------------------------------- errors
 BYTE = ["--tokenizer-type", "ByteTokenizer"]
 

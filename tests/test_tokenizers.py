@@ -169,6 +169,33 @@ def test_huggingface_eod_from_config_and_errors(tmp_path):
         HuggingFaceTokenizer(str(tmp_path / "missing.json"))
 
 
+def test_huggingface_include_special_tokens_matches_transformers(tmp_path):
+    """--tokenizer-hf-include-special-tokens: the ids of transformers' `tokenizer(text)` (the
+    post-processor's BOS included, Llama-3 style); without it those of add_special_tokens=False.
+    Only HuggingFaceTokenizer takes it, and it joins the cache identity only when set."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, processors
+
+    path = make_hf_tokenizer(str(tmp_path), specials=("<|endoftext|>", "<bos>"))
+    tok = Tokenizer.from_file(path)
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A",
+                                                       special_tokens=[("<bos>", tok.token_to_id("<bos>"))])
+    tok.save(path)
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_file=path)
+    text = generated_text()[:500]
+    plain, with_bos = HuggingFaceTokenizer(path), build_tokenizer("HuggingFaceTokenizer", path,
+                                                                   include_special_tokens=True)
+    assert with_bos.tokenize(text) == ref(text)["input_ids"] != plain.tokenize(text)
+    assert plain.tokenize(text) == ref(text, add_special_tokens=False)["input_ids"]
+    assert with_bos.tokenize(text)[0] == tok.token_to_id("<bos>")
+    assert plain.post_processor_ids() == with_bos.post_processor_ids() == [tok.token_to_id("<bos>")]
+    assert "include_special_tokens" in with_bos.unique_identifiers
+    assert "include_special_tokens" not in plain.unique_identifiers
+    with pytest.raises(ValueError, match="--tokenizer-hf-include-special-tokens applies to --tokenizer-type "
+                                         "HuggingFaceTokenizer only"):
+        build_tokenizer("ByteTokenizer", include_special_tokens=True)
+
+
 def test_null_tokenizer_matches_megatron_semantics():
     from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer as CoreNull
 

@@ -63,6 +63,9 @@ def get_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     group.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer only")
     group.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: GPT-2's vocab.json")
     group.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: GPT-2's merges.txt")
+    group.add_argument("--tokenizer-hf-include-special-tokens", action="store_true",
+                       help="HuggingFaceTokenizer: encode with the tokenizer's special tokens (its post-processor's "
+                            "BOS, e.g. Llama-3's <|begin_of_text|>), as the model being continued was pretrained")
     group.add_argument("--append-eod", action="store_true",
                        help="append the tokenizer's end-of-document token to every document")
     group = parser.add_argument_group("output data")
@@ -231,7 +234,8 @@ def _encoded_stream(args, tokenizer, records):
             yield encoder.encode(record)
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # HF tokenizers vs fork
-    tokenizer_args = (args.tokenizer_type, args.tokenizer_model or args.vocab_file, args.vocab_size, args.merge_file)
+    tokenizer_args = (args.tokenizer_type, args.tokenizer_model or args.vocab_file, args.vocab_size, args.merge_file,
+                      args.tokenizer_hf_include_special_tokens)
     with multiprocessing.Pool(args.workers, initializer=_init_worker,
                               initargs=(tokenizer_args, args.json_keys, args.append_eod)) as pool:
         yield from pool.imap(_encode_in_worker, records, chunksize=CHUNK_SIZE)
@@ -253,7 +257,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         raise _fail(f"--json-keys has duplicates: {args.json_keys}")
     try:
         tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model or args.vocab_file, args.vocab_size,
-                                    merge_file=args.merge_file)
+                                    merge_file=args.merge_file,
+                                    include_special_tokens=args.tokenizer_hf_include_special_tokens)
     except (ValueError, OSError, ImportError) as exc:
         raise _fail(str(exc)) from None
     try:

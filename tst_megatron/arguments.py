@@ -300,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="position ids restart after every end-of-document token (matters for learned positions)")
     d.add_argument("--tokenizer-model", default=None,
                    help="SentencePiece .model file, or tokenizer.json / directory for HuggingFaceTokenizer")
+    d.add_argument("--tokenizer-hf-include-special-tokens", action="store_true",
+                   help="HuggingFaceTokenizer: the data was encoded with the tokenizer's special tokens (its "
+                        "post-processor's BOS, e.g. Llama-3's <|begin_of_text|>), as preprocess_data.py does with the "
+                        "same flag; recorded in the checkpoint so that export matches")
     d.add_argument("--data-cache-path", default=None,
                    help="where GPTDataset writes its index caches; default <prefix>/cache/ (megatron-core)")
     d.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")

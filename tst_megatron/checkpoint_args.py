@@ -25,7 +25,7 @@ ARCHITECTURE = (
     "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_layer_freq", "moe_router_pre_softmax",
     "moe_router_score_function", "moe_router_enable_expert_bias", "moe_router_topk_scaling_factor",
     "moe_router_num_groups", "moe_router_group_topk")
-TOKENIZER = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file")
+TOKENIZER = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "tokenizer_hf_include_special_tokens")
 TYPED_WINS = ("seq_length", "moe_router_topk", "moe_router_score_function", "tokenizer_model", "vocab_file",
               "merge_file")
 

@@ -46,11 +46,14 @@ class BagVocabParallelEmbedding(VocabParallelEmbedding):
             local_ids = (input_ - self.vocab_start_index).masked_fill(outside, 0)
         else:
             local_ids = input_
-        tokens = F.embedding(local_ids, self.weight)  # [b, L, s, h]
-        if tp == 1:
+        # megatron's choice: indexing under deterministic_mode (F.embedding's CUDA backward is not)
+        tokens = self.weight[local_ids] if self.deterministic_mode else F.embedding(local_ids, self.weight)
+        if tp == 1:  # tokens: [b, L, s, h]
             output = bag_mean(tokens, self.weight.dtype)  # [b, L, h]
             return output.transpose(0, 1).contiguous() if self.reduce_scatter_embeddings else output
-        tokens = tokens.masked_fill(outside.unsqueeze(-1), 0.0)
+        # in place, as megatron zeroes its lookup: a second [b, L, s, h] tensor would be s times
+        # megatron's embedding output (the lookup's backward needs only the ids)
+        tokens.masked_fill_(outside.unsqueeze(-1), 0.0)
         # This rank's share of the bag mean, kept in fp32 through the reduction and rounded once
         # afterwards: the result is the TP = 1 mean (one rounding of an fp32 sum), not a sum of
         # per-rank bf16-rounded parts. Costs one fp32 instead of bf16 [L, b, h] reduction per step.

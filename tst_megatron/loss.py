@@ -96,17 +96,19 @@ def _as_weights(weights, s: int, device, check_on_device: bool = True) -> torch.
         values = (1.0 / s,) * s if weights is None else tuple(
             float(x) for x in (weights.reshape(-1).tolist() if hasattr(weights, "reshape") else weights))
         _check_weight_count(len(values), s)
-        if not all(math.isfinite(x) and x >= 0 for x in values):
-            raise ValueError("multi_hot_cross_entropy: weights must be finite and >= 0")
+        if not all(math.isfinite(x) and x >= 0 for x in values) or not sum(values) > 0:
+            raise ValueError("multi_hot_cross_entropy: weights must be finite and >= 0, not all 0")
         return _device_weights(values, torch.device(device))
     w = weights.to(dtype=torch.float32, device=device).reshape(-1)
     _check_weight_count(w.numel(), s)
     if w.device.type != "cpu":  # no host sync per step on an accelerator
         if check_on_device:
-            torch._assert_async(torch.isfinite(w).all() & (w >= 0).all(),
-                                "multi_hot_cross_entropy: weights must be finite and >= 0")
-    elif not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-        raise ValueError("multi_hot_cross_entropy: weights must be finite and >= 0")
+            torch._assert_async(torch.isfinite(w).all() & (w >= 0).all() & (w.sum() > 0),
+                                "multi_hot_cross_entropy: weights must be finite and >= 0, not all 0")
+        else:  # the kernel checks each weight, not their sum
+            torch._assert_async(w.sum() > 0, "multi_hot_cross_entropy: weights must not be all 0")
+    elif not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not bool(w.sum() > 0):
+        raise ValueError("multi_hot_cross_entropy: weights must be finite and >= 0, not all 0")
     return w
 
 

@@ -138,7 +138,10 @@ class RunCheckpoints:
                 "superposition_iters": self.num_sup_iters, "vocab_size": self.vocab_size,
                 "tokenizer_vocab_size": self.tokenizer.vocab_size, "args": self.cfg.to_dict(),
                 "finetuned_from": self.finetuned_from, "run_id": self.run_id,
-                "skipped_nonfinite": self.skipped_nonfinite}
+                "skipped_nonfinite": self.skipped_nonfinite,
+                # where the LR schedule stands (skipped steps did not advance it), for a resume that
+                # starts a fresh optimizer and scheduler (--no-load-optim, --no-save-optim)
+                "scheduler_steps": int(self.scheduler.num_steps)}
 
     def save(self) -> None:
         c = self.cfg.ckpt
@@ -220,7 +223,9 @@ class RunCheckpoints:
             # them from the loaded model, or the first step would write the init back.
             self.optimizer.reload_model_params()
             if self.iteration:  # fresh optimizer: continue the LR schedule where the run was
-                self.scheduler.step(schedule_position(self.cfg.optim, self.iteration, self.consumed_samples))
+                steps = common.get("scheduler_steps")  # older checkpoints: as if no step was skipped
+                self.scheduler.step(int(steps) if steps is not None else
+                                    schedule_position(self.cfg.optim, self.iteration, self.consumed_samples))
         if self.rank == 0:
             print(f"> resumed from {path} at iteration {self.iteration} "
                   f"({common['phase']} phase, {self.consumed_samples} samples consumed)"

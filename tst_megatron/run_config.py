@@ -190,10 +190,12 @@ class DataArgs:
         from .tokenizers import build_tokenizer
 
         return build_tokenizer(self.tokenizer_type, self.tokenizer_model or self.vocab_file, vocab_size,
-                               merge_file=self.merge_file)
+                               merge_file=self.merge_file,
+                               include_special_tokens=self.tokenizer_hf_include_special_tokens)
     split: str = "969,30,1"
     tokenizer_type: str = "NullTokenizer"
     tokenizer_model: Optional[str] = None
+    tokenizer_hf_include_special_tokens: bool = False
     data_cache_path: Optional[str] = None
     num_workers: int = 0
 

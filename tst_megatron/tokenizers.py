@@ -303,10 +303,14 @@ class HuggingFaceTokenizer(TSTTokenizer):
     of `EOD_CANDIDATES` in the vocabulary (`<|endoftext|>` for GPT-2/NeoX-style files, `</s>` for
     Llama-2-style ones). PAD likewise from `pad_token` or `PAD_CANDIDATES`, else -1. Encoding uses
     `add_special_tokens=False`: a post-processor's BOS/EOS would otherwise be inserted into every
-    document on top of the EOD that preprocessing appends.
+    document on top of the EOD that preprocessing appends. Megatron-LM's
+    `--tokenizer-hf-include-special-tokens` (`include_special_tokens=True`) keeps them: the data of
+    a model pretrained with them (Llama-3's <|begin_of_text|>, ...) for continued pretraining.
     """
 
-    def __init__(self, path: str) -> None:
+    include_special_tokens = False  # GPT2BPETokenizer (a subclass built without __init__) too
+
+    def __init__(self, path: str, include_special_tokens: bool = False) -> None:
         try:
             from tokenizers import Tokenizer
         except ImportError as exc:
@@ -319,8 +323,10 @@ class HuggingFaceTokenizer(TSTTokenizer):
         if not os.path.isfile(json_path):
             raise FileNotFoundError(f"HuggingFaceTokenizer: directory {path!r} has no tokenizer.json "
                                     f"(--tokenizer-model); {hint}")
-        super().__init__(json_path)
+        # the option joins the cache identity only when set: existing index caches keep their names
+        super().__init__(json_path, **({"include_special_tokens": True} if include_special_tokens else {}))
         self.json_path = json_path
+        self.include_special_tokens = include_special_tokens
         try:
             self._tok = Tokenizer.from_file(json_path)
         except Exception as exc:
@@ -356,12 +362,13 @@ class HuggingFaceTokenizer(TSTTokenizer):
         return None
 
     def tokenize(self, text: str) -> List[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(text, add_special_tokens=self.include_special_tokens).ids
 
     def post_processor_ids(self, text: str = "The quick brown fox.") -> List[int]:
         """The ids the file's post-processor adds to `text` when encoded with special tokens (e.g.
-        Llama-3's <|begin_of_text|>): what transformers' `tokenizer(text)` gives beyond `tokenize`."""
-        plain = self.tokenize(text)
+        Llama-3's <|begin_of_text|>): what transformers' `tokenizer(text)` gives beyond the plain
+        encoding."""
+        plain = self._tok.encode(text, add_special_tokens=False).ids
         return [i for i in self._tok.encode(text, add_special_tokens=True).ids if i not in plain]
 
     def detokenize(self, ids: Sequence[int]) -> str:
@@ -374,6 +381,15 @@ class HuggingFaceTokenizer(TSTTokenizer):
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos(self) -> int:
+        """The token every document starts with: the post-processor's leading one under
+        --tokenizer-hf-include-special-tokens, else none (-1)."""
+        if not self.include_special_tokens:
+            return -1
+        added = self._tok.encode("x", add_special_tokens=True).ids
+        return added[0] if added and added[0] in self.post_processor_ids() else -1
 
     @property
     def eod(self) -> int:
@@ -469,14 +485,19 @@ def canonical_tokenizer_type(tokenizer_type: str) -> str:
 
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None,
-                    vocab_size: Optional[int] = None, merge_file: Optional[str] = None) -> TSTTokenizer:
+                    vocab_size: Optional[int] = None, merge_file: Optional[str] = None,
+                    include_special_tokens: bool = False) -> TSTTokenizer:
     """Build a tokenizer from Megatron-style flags.
 
     --tokenizer-type picks the class; --tokenizer-model is the file for SentencePiece/HuggingFace;
     --vocab-size is used only by NullTokenizer (as in Megatron-LM; padding the embedding table to a
-    multiple is the model's business, not the tokenizer's).
+    multiple is the model's business, not the tokenizer's); --tokenizer-hf-include-special-tokens
+    (`include_special_tokens`) only by HuggingFaceTokenizer.
     """
     canonical = canonical_tokenizer_type(tokenizer_type)
+    if include_special_tokens and canonical != "HuggingFaceTokenizer":
+        raise ValueError(f"--tokenizer-hf-include-special-tokens applies to --tokenizer-type HuggingFaceTokenizer "
+                         f"only, not {tokenizer_type}; drop the flag")
     if canonical == "ByteTokenizer":
         return ByteTokenizer()
     if canonical == "SentencePieceTokenizer":
@@ -484,7 +505,7 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None,
     if canonical == "Llama2Tokenizer":
         return Llama2Tokenizer(tokenizer_model)
     if canonical == "HuggingFaceTokenizer":
-        return HuggingFaceTokenizer(tokenizer_model)
+        return HuggingFaceTokenizer(tokenizer_model, include_special_tokens)
     if canonical == "GPT2BPETokenizer":  # its --vocab-file arrives as the model file
         return GPT2BPETokenizer(tokenizer_model, merge_file)
     if canonical == "NullTokenizer":

@@ -415,6 +415,9 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     elif cfg.data.vocab_file or cfg.data.merge_file:
         fail(f"--vocab-file / --merge-file are GPT2BPETokenizer's files; --tokenizer-type {cfg.data.tokenizer_type} "
              "does not read them")
+    if cfg.data.tokenizer_hf_include_special_tokens and kind != "HuggingFaceTokenizer":
+        fail(f"--tokenizer-hf-include-special-tokens applies to --tokenizer-type HuggingFaceTokenizer only, not "
+             f"{cfg.data.tokenizer_type}; drop the flag")
     if kind in ("HuggingFaceTokenizer", "GPT2BPETokenizer") and importlib.util.find_spec("tokenizers") is None:
         fail(f"--tokenizer-type {cfg.data.tokenizer_type} needs the `tokenizers` package: pip install 'tst-megatron[hf]'")
     for flag, path in (("--save", c.save), ("--load", c.load), ("--metrics-path", cfg.logging.metrics_path),

@@ -37,8 +37,9 @@ def _build_tokenizer_for_export(cfg, tokenizer_model: Optional[str]):
                 f"--tokenizer-model {d.tokenizer_model}, which is not here"
                 + (f" (nor {tokenizer_model})" if tokenizer_model else "")
                 + "; pass --tokenizer-model PATH (its tokenizer.json or the directory holding it)")
+        include = bool(getattr(d, "tokenizer_hf_include_special_tokens", False))
         try:
-            tok = build_tokenizer(kind, path, cfg.model.vocab_size)
+            tok = build_tokenizer(kind, path, cfg.model.vocab_size, include_special_tokens=include)
         except (OSError, ValueError, ImportError) as exc:
             raise ConversionError(f"--tokenizer-model {path}: {exc}") from None
         return tok, tok.json_path, _special_tokens_note(tok)
@@ -77,12 +78,12 @@ def _special_tokens_note(tok) -> Optional[str]:
     """A tokenizer.json whose post-processor adds tokens (Llama-3's <|begin_of_text|>, ...): training
     encoded without them, so `tokenizer(text)` in transformers feeds the model ids it never saw."""
     added = tok.post_processor_ids()
-    if not added:
+    if not added or tok.include_special_tokens:  # the run's data had them too
         return None
     names = [tok.inv_vocab.get(i, str(i)) for i in added]
     return (f"the tokenizer's post-processor adds {', '.join(names)} to every text, which the run's "
-            "documents never had (training encodes without special tokens): in transformers encode with "
-            "add_special_tokens=False for the model's own view")
+            "documents never had (the run had no --tokenizer-hf-include-special-tokens): in transformers "
+            "encode with add_special_tokens=False for the model's own view")
 
 
 def _check_tokenizer_size(tok, meta: dict, vocab: int, path: str, tokenizer_model: Optional[str]) -> None:
@@ -99,6 +100,16 @@ def _check_tokenizer_size(tok, meta: dict, vocab: int, path: str, tokenizer_mode
     if tok.vocab_size > vocab:
         raise ConversionError(f"{where} has {tok.vocab_size} tokens, more than the model's {vocab} "
                               f"embedding rows ({path}); pass --tokenizer-model with the run's own tokenizer")
+
+
+def _remove_stale_files(output: str) -> None:
+    """An export into a directory that holds an earlier one: its tokenizer and generation config go
+    (the weights are replaced by save_hf_directory), so that AutoTokenizer never loads another
+    run's tokenizer beside these weights."""
+    for name in TOKENIZER_FILES + ("generation_config.json",):
+        path = os.path.join(output, name)
+        if os.path.isfile(path):
+            os.remove(path)
 
 
 def _copy_tokenizer(tok, json_path: str, output: str, model_max_length: int) -> List[str]:
@@ -186,7 +197,9 @@ def export_checkpoint(load: str, output: str, *, iteration: Optional[int] = None
 
     max_pos = m.max_position_embeddings or m.seq_length
     tconfig = transformer_config(m, cfg.parallel, cfg.optim, use_cpu_init=True)
-    bos = tok.bos if tok is not None and tok.bos >= 0 else None
+    # a BOS id only where the run's documents started with it (Llama2Tokenizer, or a tokenizer.json's
+    # post-processor under --tokenizer-hf-include-special-tokens): generation then starts as training did
+    bos = tok.bos if tok is not None and tok.bos >= 0 and tok.tokenize("x")[:1] == [tok.bos] else None
     eos = tok.eod if tok is not None else None
     try:
         hf_cfg = hc.hf_config_from_megatron(
@@ -215,6 +228,7 @@ def export_checkpoint(load: str, output: str, *, iteration: Optional[int] = None
         hf_sd = {k: (v if v.dtype == target else v.to(target)) for k, v in hf_sd.items()}
         total = sum(v.numel() * v.element_size() for v in hf_sd.values())
         with stages.step(f"writing {_human(total)} of safetensors"):
+            _remove_stale_files(output)
             files = hc.save_hf_directory(output, hf_sd, hf_cfg, max_shard_bytes=max_bytes)
         if tok_json:
             with stages.step("copying the tokenizer"):

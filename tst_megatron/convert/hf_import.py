@@ -201,9 +201,14 @@ def _choose_tokenizer(cfg, given: Set[str], hf_dir: str):
                 "(--tokenizer-type/--tokenizer-model, or --vocab-size for NullTokenizer) so that its "
                 "padded vocabulary can be checked against the model's")
     try:
-        return d.build_tokenizer(cfg.model.vocab_size)
+        tok = d.build_tokenizer(cfg.model.vocab_size)
     except (OSError, ValueError, ImportError, TypeError) as exc:
         raise ConversionError(f"--tokenizer-type {d.tokenizer_type}: {exc}") from None
+    if d.tokenizer_model == os.path.abspath(hf_dir) and "tokenizer_hf_include_special_tokens" not in given:
+        # the model was pretrained on what its own tokenizer gives, post-processor tokens (Llama-3's
+        # <|begin_of_text|>) included: the continued run's data should be encoded the same way
+        d.tokenizer_hf_include_special_tokens = bool(tok.post_processor_ids())
+    return tok
 
 
 def _format_value(v: Any) -> str:
@@ -239,7 +244,8 @@ def trainer_flags(cfg) -> List[str]:
               "rotary_base", "swiglu"] + (["moe_router_topk"] if m.num_experts else [])
     flags = _flags_for(m, ModelArgs(), model_names, always)
     flags += ["--tokenizer-type", cfg.data.tokenizer_type]
-    flags += _flags_for(cfg.data, DataArgs(), ["tokenizer_model", "vocab_file", "merge_file"])
+    flags += _flags_for(cfg.data, DataArgs(), ["tokenizer_model", "vocab_file", "merge_file",
+                                               "tokenizer_hf_include_special_tokens"])
     flags += _flags_for(m, ModelArgs(), ["vocab_size", "make_vocab_size_divisible_by"])
     # the LR schedule: the trainer refuses to resume with other values
     flags += _flags_for(cfg.optim, OptimArgs(), list(_SCHEDULE_FIELDS), always=("train_iters", "lr"))
@@ -367,6 +373,15 @@ def import_checkpoint(hf_dir: str, save: str, run_argv: Sequence[str] = (), *, i
     if iteration >= cfg.optim.train_iters:
         _say(log, f"  note: --train-iters {cfg.optim.train_iters} <= --iteration {iteration}: pass a "
                   "larger --train-iters to train on")
+    added = tok.post_processor_ids() if hasattr(tok, "post_processor_ids") else []
+    if added:
+        names = ", ".join(tok.inv_vocab.get(i, str(i)) for i in added)
+        if cfg.data.tokenizer_hf_include_special_tokens:
+            _say(log, f"  note: the tokenizer adds {names} to every text, as the model saw in pretraining: "
+                      "preprocess the data with tools/preprocess_data.py --tokenizer-hf-include-special-tokens")
+        else:
+            _say(log, f"  note: the tokenizer adds {names} to every text, which the data will not have "
+                      "unless preprocessed (and trained) with --tokenizer-hf-include-special-tokens")
     _say(log, "> continue with (plus your data / batch / optimizer flags):")
     _say(log, "  pretrain_tst.py --load " + shlex.quote(save) + " --no-load-optim " + shlex.join(flags))
     _say(log, f"  (the optimizer is fresh: --no-load-optim; the {hf_vocab}-row vocabulary is kept at "
