@@ -640,6 +640,24 @@ def test_resume_with_another_seed_split_or_data_warns(corpus, trained, tmp_path,
     assert ckpt.find_checkpoint(str(run), fallback=False)[0] == 4
 
 
+def test_resume_in_superposition_with_another_bag_weighting_warns(corpus, tmp_path, monkeypatch, capsys):
+    """Another --tst-bag-weighting is a loss choice, allowed on resume, but inside the superposition
+    phase it changes the objective mid-phase: said; after the switch it changes nothing."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    with isolated():
+        assert main(base(corpus, run, **{"--exit-interval": 1})) == 0
+    capsys.readouterr()
+    with isolated():
+        assert main(base(corpus, run, **{"--load": run, "--tst-bag-weighting": "power", "--exit-interval": 2})) == 0
+    assert (f"> warning: resuming {run}/iter_0000001 in the superposition phase with --tst-bag-weighting power "
+            "(checkpoint: uniform): the rest of the phase trains on another multi-hot loss") in capsys.readouterr().out
+    with isolated():  # from iteration 2, the first recovery step: no warning
+        assert main(base(corpus, run, **{"--load": run, "--tst-bag-weighting": "exp"})) == 0
+    assert "--tst-bag-weighting" not in capsys.readouterr().out
+    assert ckpt.find_checkpoint(str(run), fallback=False)[0] == 4
+
+
 def test_finetune_checks_only_the_weight_shape(corpus, trained, tmp_path, monkeypatch, capsys):
     """--finetune from the checkpoint: another bag size, schedule and sequence length are a new run's
     own choice; another --hidden-size cannot take the weights."""

@@ -62,6 +62,8 @@ def test_the_reasons_hold_for_what_the_trainer_builds():
     (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "5"],
      "give one of --lr-warmup-fraction and --lr-warmup-iters"),
     (["--lr-warmup-fraction", "1.5"], "--lr-warmup-fraction must be in [0, 1) (got 1.5)"),
+    (["--lr-decay-style", "linear", "--lr-warmup-iters", "6", "--lr-decay-iters", "5"],
+     "--lr-warmup-iters (6) must be < --lr-decay-iters (5): the decay counts from the start of the run"),
     (["--eval-iters", "-1"], "--eval-iters must be >= 0 (got -1; 0 = no validation)"),
     (["--distributed-timeout-minutes", "0"], "--distributed-timeout-minutes must be >= 1 (got 0)"),
     (["--attention-backend", "flash"], "--attention-backend flash: choosing the attention kernel is not implemented"),
@@ -439,6 +441,14 @@ def test_resume_of_a_sample_based_run():
     with pytest.raises(SystemExit) as exc:
         preflight.check_resume_compatible(cfg("--global-batch-size", "16", "--train-samples", "1600"), saved, "ck")
     assert "--global-batch-size 16 (checkpoint: 8) with --train-samples" in str(exc.value.code)
+    # the same samples at another batch: named by the batch, not by the iteration count derived from it
+    with pytest.raises(SystemExit) as exc:
+        preflight.check_resume_compatible(cfg("--global-batch-size", "16", "--train-samples", "800"), saved, "ck")
+    assert "--global-batch-size 16 (checkpoint: 8) with --train-samples" in str(exc.value.code)
+    assert "--train-iters" not in str(exc.value.code)
+    with pytest.raises(SystemExit) as exc:
+        preflight.check_resume_compatible(cfg("--global-batch-size", "8", "--train-samples", "1600"), saved, "ck")
+    assert "--train-samples 1600 (checkpoint: 800)" in str(exc.value.code)
     preflight.check_resume_compatible(cfg("--global-batch-size", "8", "--train-iters", "100"), saved, "ck")
 
 

@@ -30,7 +30,7 @@ _RESUME_KEYS = (
                             "moe_router_topk", "moe_router_score_function", "moe_router_enable_expert_bias",
                             "moe_layer_freq")]
     + [("model", "seq_length"), ("tst", "bag_size"), ("tst", "mode")]
-    + [("optim", k) for k in ("train_iters", "lr", "min_lr", "decoupled_lr", "decoupled_min_lr", "lr_decay_style",
+    + [("optim", k) for k in ("train_iters", "train_samples", "lr", "min_lr", "decoupled_lr", "decoupled_min_lr", "lr_decay_style",
                               "lr_warmup_iters", "lr_warmup_fraction", "lr_decay_iters", "lr_wsd_decay_iters",
                               "lr_wsd_decay_style", "weight_decay", "rampup_batch_size", "lr_warmup_init",
                               "start_weight_decay", "end_weight_decay", "weight_decay_incr_style")])
@@ -241,6 +241,13 @@ def check_resume_compatible(cfg: RunConfig, meta: dict, path: str) -> None:
         if cfg.ckpt.finetune and (group != "model" or key in ("seq_length", "moe_router_topk",
                                                               "moe_router_score_function")):
             continue
+        if key in ("train_iters", "train_samples"):
+            # both runs in samples: compare the samples (the iteration count derives from them and
+            # the batch, whose difference is named below); otherwise the iterations
+            in_samples = cfg.optim.train_samples is not None \
+                and raw_saved.get("optim", {}).get("train_samples") is not None
+            if in_samples != (key == "train_samples"):
+                continue
         a, b = saved.get(group, {}).get(key), now[group].get(key)
         # a difference the user typed (a derived default that moved with another flag is reported
         # through that flag; an explicit value equal to the default is no difference)
@@ -264,7 +271,7 @@ def check_resume_compatible(cfg: RunConfig, meta: dict, path: str) -> None:
             diffs.append(f"a learned position table of {rows[1]} rows (--max-position-embeddings, else "
                          f"--seq-length; checkpoint: {rows[0]})")
             shape = True
-    if not cfg.ckpt.finetune and "optim" in saved and not any(d.startswith(("--train-iters", "--lr")) for d in diffs):
+    if not cfg.ckpt.finetune and "optim" in saved:
         # the schedule in steps, however it was given (iterations, samples, a warmup fraction)
         from .builders import schedule_steps
 
@@ -278,7 +285,7 @@ def check_resume_compatible(cfg: RunConfig, meta: dict, path: str) -> None:
             diffs.append(f"--global-batch-size {cfg.optim.global_batch_size} (checkpoint: {saved_gbs}) with "
                          "--train-samples, whose schedule this trainer steps per iteration (keep the batch, or "
                          "give the rest of the run in iterations)")
-        elif was != will:
+        elif was != will and not any(d.startswith(("--train-iters", "--train-samples", "--lr")) for d in diffs):
             def steps(x):
                 return ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in x.items() if v is not None)
             diffs.append(f"an LR schedule of {steps(will)} steps from --train-iters/--train-samples and the "
@@ -342,12 +349,18 @@ def check_resume_data(cfg: RunConfig, meta: dict, path: str, verbose: bool) -> N
                                   ("data", "train_data_path"), ("data", "valid_data_path"),
                                   ("data", "test_data_path"), ("data", "tokenizer_model"),
                                   ("data", "vocab_file"), ("data", "merge_file"),
+                                  ("data", "tokenizer_hf_include_special_tokens"),
                                   ("data", "mid_level_dataset_surplus"))
                if group in saved and key in saved[group] and saved[group][key] != now[group].get(key)]
     if changed:
         print(f"> warning: resuming {path} with {'; '.join(changed)}: unless that is the same data (or "
               "tokenizer file) moved, this run does not see the samples an uninterrupted run would (megatron "
               "orders them by --seed over the --data-path documents of each --split)", flush=True)
+    weighting = saved.get("tst", {}).get("bag_weighting")
+    if meta.get("phase") == "superposition" and weighting not in (None, cfg.tst.bag_weighting):
+        print(f"> warning: resuming {path} in the superposition phase with --tst-bag-weighting "
+              f"{cfg.tst.bag_weighting} (checkpoint: {weighting}): the rest of the phase trains on another "
+              "multi-hot loss than the steps before it", flush=True)
 
 
 def _flag_value(value) -> str:

@@ -349,6 +349,17 @@ def validate(cfg: RunConfig, world_size: int) -> None:
             fail("give one of --lr-warmup-fraction and --lr-warmup-iters / --lr-warmup-samples (as in Megatron-LM)")
         if not 0.0 <= o.lr_warmup_fraction < 1.0:
             fail(f"--lr-warmup-fraction must be in [0, 1) (got {o.lr_warmup_fraction})")
+    if o.lr_decay_style != "constant" and (o.lr_decay_iters or o.lr_decay_samples):
+        # megatron's scheduler asserts it; a decay that ended inside the warmup would drop the LR
+        # from its peak to --min-lr in one step
+        from .builders import _decay_steps, schedule_steps
+
+        if schedule_steps(o)["warmup"] >= _decay_steps(o):
+            unit = "samples" if o.lr_decay_samples else "iters"
+            warm = o.lr_warmup_samples if unit == "samples" else o.lr_warmup_iters
+            decay = o.lr_decay_samples if unit == "samples" else o.lr_decay_iters
+            fail(f"--lr-warmup-{unit} ({warm}) must be < --lr-decay-{unit} ({decay}): the decay counts from the "
+                 "start of the run, warmup included (as in Megatron-LM)")
     if cfg.logging.eval_iters < 0:
         fail(f"--eval-iters must be >= 0 (got {cfg.logging.eval_iters}; 0 = no validation)")
     if o.lr_decay_style == "WSD":  # default: the last tenth of the run (in the unit the run is given in)
