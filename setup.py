@@ -27,7 +27,8 @@ setup(
         "triton": ["triton>=3.2"],
         "hf": ["transformers", "safetensors", "tokenizers", "protobuf"],  # protobuf: reading .model files
         "plot": ["matplotlib"],
-        "gpu": ["transformer-engine[pytorch]"],
+        # the range megatron-core 0.16.1's own dev extra pins
+        "gpu": ["transformer-engine[pytorch]>=2.9.0a0,<2.12.0"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
     },

@@ -19,7 +19,7 @@ if [ ! -f "${OUT}_text_document.bin" ]; then
 fi
 # The corpus depends on what is installed in site-packages: print what a result was measured on
 # (docs/results.md records the values of the corpus behind its tables).
-$PY - "${OUT}_text_document" <<'PYEOF' 2>/dev/null
+PYTHONWARNINGS=ignore $PY - "${OUT}_text_document" <<'PYEOF'
 import hashlib, sys
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 prefix = sys.argv[1]

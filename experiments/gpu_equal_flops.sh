@@ -23,6 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # the repo's .venv when there is one (make test / make demo made it): never pip-install into another Python
 if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=${PYTHON:-python3}; fi
+export PYTHON=$PY  # the data scripts below run with the same interpreter
 OUT_DIR=${OUT_DIR:-outputs/gpu_equal_flops}
 DATA=${DATA:-experiments/data/stdlib_spm2k_text_document}
 TOKENIZER=${TOKENIZER:-experiments/data/stdlib_spm2k.model}

@@ -28,7 +28,9 @@
 # with four smoke cases while the corpus was built; s = 2 ended 0.048 below the baseline.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+# the interpreter gpu_equal_flops.sh picks too: the repo's .venv when there is one
+if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=${PYTHON:-python3}; fi
+export PYTHON=$PY
 R=${RESULTS_DIR:-outputs/gpu_session}
 E="$R/equal_flops"
 DEADLINE=${DEADLINE:-560}

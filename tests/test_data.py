@@ -546,7 +546,9 @@ def test_loader_workers_survive_a_stop_signal_and_end_with_the_process(tmp_path)
         "    def __getitem__(self, i): return {'x': torch.tensor([i])}\n"
         "if __name__ == '__main__':\n"
         "    it = build_data_iterator(D(), 0, 2, 0, 1, num_workers=2)\n"
-        "    first = next(it)['x'].flatten().tolist()\n"
+        # both workers have run their init once each has produced a batch (a signal before that
+        # meets this script's default disposition, which the trainer's own handler replaces)
+        "    first = next(it)['x'].flatten().tolist(); next(it)\n"
         "    kids = open(f'/proc/{os.getpid()}/task/{os.getpid()}/children').read().split()\n"
         "    for pid in kids:\n"
         "        os.kill(int(pid), signal.SIGTERM)\n"
@@ -555,4 +557,10 @@ def test_loader_workers_survive_a_stop_signal_and_end_with_the_process(tmp_path)
         "    print(len(kids) >= 2, first, rest[-1], flush=True)\n")
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.strip() == "True [0, 1] [10, 11]", res.stdout
+    assert res.stdout.strip() == "True [0, 1] [12, 13]", res.stdout
+
+
+def test_reset_attention_mask_is_refused(tmp_path):
+    """megatron's per-document attention needs masks this wrapper does not build: refused, not ignored."""
+    with pytest.raises(ValueError, match="reset_attention_mask: per-document attention masks are not implemented"):
+        build(tmp_path, tst_cfg(), ["unused"], reset_attention_mask=True)

@@ -51,3 +51,31 @@ def test_demo_end_to_end_small(tmp_path):
     assert "superposition" in phases["tst"] and phases["tst"][-1] == "recovery", phases
     assert set(phases["baseline"]) == {"recovery"}, phases
     assert os.path.isfile(out / "tst" / "latest_checkpointed_iteration.txt")
+
+
+def test_readme_integration_snippet_names_real_arguments():
+    """The README's pretrain_gpt.py snippet calls the package with keyword arguments its functions
+    take (a renamed or dropped parameter would leave users a TypeError)."""
+    import ast
+    import inspect
+
+    from megatron.core.models.gpt import GPTModel
+
+    from tst_megatron.config import TSTConfig
+    from tst_megatron.data import build_tst_datasets
+    from tst_megatron.model import TSTGPTModel
+
+    with open(os.path.join(REPO, "README.md")) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    assert blocks
+    accepted = {"build_tst_datasets": set(inspect.signature(build_tst_datasets).parameters),
+                "TSTConfig": set(inspect.signature(TSTConfig).parameters),
+                "TSTGPTModel": set(inspect.signature(GPTModel.__init__).parameters) | {"bag_weights"}}
+    assert "bag_weights" in inspect.signature(TSTGPTModel.__init__).parameters
+    seen = set()
+    for node in ast.walk(ast.parse("\n".join(blocks))):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) in accepted:
+            seen.add(node.func.id)
+            unknown = {k.arg for k in node.keywords} - accepted[node.func.id]
+            assert not unknown, f"README calls {node.func.id} with {sorted(unknown)}"
+    assert seen == set(accepted)

@@ -252,6 +252,29 @@ def _slurm_gate(selected: bool, which=shutil.which):
     return None, ""
 
 
+def test_sbatch_rendezvous_is_the_jobs_own(tmp_path):
+    """The sbatch script under stand-ins for srun/scontrol (DRY_RUN: the torchrun line only): the
+    rendezvous is the job's first node on a port derived from the job id, whatever MASTER_ADDR /
+    MASTER_PORT the submitting shell exported; TST_MASTER_ADDR / TST_MASTER_PORT override."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho nodeA; echo nodeB\n")
+    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    job = dict(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID=4242, SLURM_JOB_NODELIST="node[A-B]",
+               SLURM_JOB_NUM_NODES=2, SLURM_SUBMIT_DIR=REPO, DRY_RUN=1, NPROC_PER_NODE=1, SAVE=tmp_path / "save")
+
+    def endpoint(**extra):
+        out = subprocess.run(["bash", str(REPO / "examples" / "slurm" / "pretrain_tst.sbatch")],
+                             env=_env(**job, **extra), cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return re.search(r"--rdzv-endpoint (\S+)", out.stdout).group(1)
+
+    assert endpoint(MASTER_ADDR="stale", MASTER_PORT=29500) == "nodeA:24242"
+    assert endpoint(TST_MASTER_ADDR="nodeB", TST_MASTER_PORT=31000) == "nodeB:31000"
+
+
 def test_slurm_gate_fails_when_selected_without_slurm():
     none = lambda tool: None  # noqa: E731
     only_sbatch = lambda tool: "/usr/bin/sbatch" if tool == "sbatch" else None  # noqa: E731

@@ -439,6 +439,9 @@ def build_tst_datasets(
     Must be called on every rank (it joins megatron's rank-0-first barrier when
     torch.distributed is initialised; a BlendedDataset with a cache path needs a process group).
     """
+    if reset_attention_mask:
+        raise ValueError("reset_attention_mask: per-document attention masks are not implemented (the model "
+                         "attends causally across documents, as megatron does without the flag)")
     if blend_per_split is not None:
         split = None
     n_train, n_valid, n_test = train_valid_test_num_samples(train_iters, global_batch_size, eval_iters)

@@ -444,8 +444,9 @@ class GPT2BPETokenizer(HuggingFaceTokenizer):
 class NullTokenizer(TSTTokenizer):
     """Pre-tokenized data: text is space-separated ids. Megatron's semantics, exactly.
 
-    `NullTokenizer(V)` (from `--vocab-size V`) accepts data ids 0..V-1 and adds one id for EOD:
+    `NullTokenizer(V)` (from `--vocab-size V`) is for data ids 0..V-1 and adds one id for EOD:
     `eod == V`, `vocab_size == V + 1`, i.e. EOD is the last id of the vocabulary. No pad (-1).
+    The id V written in the text is accepted, as in Megatron: it is that EOD, a document break.
     """
 
     def __init__(self, vocab_size: int) -> None:

@@ -5,7 +5,8 @@
 #
 # Environment (all optional):
 #   topology     NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500),
-#                NPROC_PER_NODE or GPUS_PER_NODE (default: the GPUs nvidia-smi lists, else 1),
+#                NPROC_PER_NODE or GPUS_PER_NODE (default: the GPUs of CUDA_VISIBLE_DEVICES when
+#                set, else those nvidia-smi lists, else 1),
 #                RDZV_BACKEND: static (default; NODE_RANK picks the rank) or c10d (rendezvous at
 #                MASTER_ADDR:MASTER_PORT, node ranks assigned by torchrun; RDZV_ID names the job),
 #                TORCHRUN_ARGS: extra torchrun flags (word-split).
@@ -18,7 +19,8 @@
 #                DRY_RUN=1: print the torchrun command line this node would run, run nothing.
 #   signals      SIGTERM to torchrun is passed on to the trainer, which finishes its iteration,
 #                saves and exits 0. torchrun waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (set
-#                here to 300 unless given) before it SIGKILLs workers that are still saving;
+#                here to 300 unless given; read by recent torchrun, e.g. 2.13, older ones wait 30)
+#                before it SIGKILLs workers that are still saving;
 #                torchrun itself then exits 1 ("SignalException: ... got signal: 15") -- expected.
 # Arguments after the script name ("$@") are appended last, so they override the script's flags
 # and the env-driven ones (argparse keeps the last value of a repeated flag). Change the run length
