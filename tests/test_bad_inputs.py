@@ -180,6 +180,14 @@ def test_tst_flags_without_a_bag_size(corpus, workdir, save, capsys, over, given
     assert_clean(workdir, save)
 
 
+def test_bag_weighting_with_input_mode(corpus, workdir, save, capsys):
+    """--tst-mode input's target is the next token: a bag weighting would be silently ignored."""
+    msg = refuse(base(corpus, save, **{"--tst-mode": "input", "--tst-bag-weighting": "power"}), capsys, watch=[workdir])
+    assert msg == ("error: --tst-bag-weighting power with --tst-mode input: that mode predicts the next token, not "
+                   "a bag, so there are no bag targets to weight; drop the flag"), msg
+    assert_clean(workdir, save)
+
+
 @pytest.mark.parametrize("flag,hint", [
     ("--tst-bag-sizes", "--tst-bag-sizes: did you mean --tst-bag-size?"),
     ("--override-opt_param-scheduler", "--override-opt_param-scheduler: use --override-checkpoint-args"),

@@ -452,6 +452,23 @@ def test_resume_of_a_sample_based_run():
     preflight.check_resume_compatible(cfg("--global-batch-size", "8", "--train-iters", "100"), saved, "ck")
 
 
+def test_resume_ignores_wsd_flags_outside_wsd():
+    """--lr-wsd-decay-iters/-style do nothing under another decay style, so dropping or changing
+    them there does not block a resume; under WSD they are the schedule and must match."""
+    from tst_megatron import preflight
+
+    def cfg(*argv):
+        c = parse_args(BASE + ["--train-iters", "100"] + list(argv))
+        validate(c, 1)
+        return c
+
+    saved = {"args": cfg("--lr-decay-style", "cosine", "--lr-wsd-decay-iters", "30").to_dict()}
+    preflight.check_resume_compatible(cfg("--lr-decay-style", "cosine"), saved, "ck")
+    saved = {"args": cfg("--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "30").to_dict()}
+    with pytest.raises(SystemExit, match=r"--lr-wsd-decay-iters 10 \(checkpoint: 30\)"):
+        preflight.check_resume_compatible(cfg("--lr-decay-style", "WSD"), saved, "ck")
+
+
 def test_squared_relu_is_the_mlp_activation():
     """--squared-relu: megatron's MLP of a built model computes fc2(relu(fc1 x)^2) (written out
     here); refused with --swiglu; the Hugging Face export names the field it cannot hold."""

@@ -571,4 +571,7 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
             raise SystemExit(f"error: {', '.join(given)} given without --tst-bag-size: the default bag size 1 "
                              "has no superposition phase; give --tst-bag-size s > 1 for TST (an explicit "
                              "--tst-bag-size 1 is the plain baseline, e.g. in a sweep over s)")
+    if cfg.tst.mode == "input" and cfg.tst.bag_weighting != "uniform":
+        raise SystemExit(f"error: --tst-bag-weighting {cfg.tst.bag_weighting} with --tst-mode input: that mode "
+                         "predicts the next token, not a bag, so there are no bag targets to weight; drop the flag")
     return cfg

@@ -241,6 +241,9 @@ def check_resume_compatible(cfg: RunConfig, meta: dict, path: str) -> None:
         if cfg.ckpt.finetune and (group != "model" or key in ("seq_length", "moe_router_topk",
                                                               "moe_router_score_function")):
             continue
+        if key in ("lr_wsd_decay_iters", "lr_wsd_decay_style") and "WSD" not in (
+                raw_saved.get("optim", {}).get("lr_decay_style"), cfg.optim.lr_decay_style):
+            continue  # WSD's own flags, ignored by the other decay styles
         if key in ("train_iters", "train_samples"):
             # both runs in samples: compare the samples (the iteration count derives from them and
             # the batch, whose difference is named below); otherwise the iterations
