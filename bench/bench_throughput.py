@@ -311,7 +311,8 @@ def main(argv=None) -> int:
     try:
         prefix = os.path.join(workdir, "corpus")
         if not os.path.exists(prefix + ".idx"):
-            # enough for one epoch of the largest superposition phase, recovery included
+            # about one epoch of the largest superposition phase (s = 16's last samples may wrap into a
+            # second one: the timing does not depend on which tokens a sample holds)
             steps = a.warmup + a.blocks * a.block + 2
             need = 2 * steps * a.global_batch_size * (a.seq_length + 1) * max(a.s)
             write_corpus(prefix, a.vocab_size, min(max(need // 2, 20000), 4_000_000))

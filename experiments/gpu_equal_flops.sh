@@ -11,7 +11,7 @@
 #   TST_RUNS="4:0.3 2:0.3" PARALLEL=1 ITERS=3000 ...   # several TST runs (s:r), all side by side
 #   SEED=4321 ...                                      # another seed (default 1234)
 #
-# CORPUS=carried (default) uses the 2M-token corpus in experiments/data: a 125M model repeats it
+# CORPUS=carried (default) uses the 2M-token corpus in experiments/data: a 116M model repeats it
 # many times. CORPUS=site builds, with the same tools and the same carried tokenizer, a corpus from
 # the `.py` sources of the machine's installed packages (the embedded default's recipe applied to
 # site-packages; SITE_BYTES of text, a deterministic prefix of the sorted file list), so that

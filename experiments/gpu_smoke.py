@@ -85,6 +85,8 @@ def main() -> int:
     a = p.parse_args()
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    for name in ("resume_ref.jsonl", "resume_a.jsonl", "resume_b.jsonl"):  # an earlier call's: not compared
+        (out / name).unlink(missing_ok=True)
     data = tu.make_data(str(out / "tiny"))
     import torch
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
