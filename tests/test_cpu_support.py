@@ -70,6 +70,33 @@ def test_final_norm_with_apex_but_no_transformer_engine(normalization, monkeypat
     assert block.layer_norm is (TorchNorm if normalization == "RMSNorm" else FusedLayerNorm)
 
 
+def test_apex_layer_norms_take_the_half_precision_dtype(monkeypatch):
+    """apex's FusedLayerNorm (megatron's local spec on a machine with apex, LayerNorm models) makes
+    fp32 weights whatever params_dtype, and apex's kernel reads them in the input's dtype: under
+    --bf16 the built model's apex norms are bf16, as Megatron-LM's Float16Module makes them.
+    (apex's presence is simulated: megatron's choice of the class and its import-time check.)"""
+    import torch
+    from megatron.core.fusions import fused_layer_norm
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    from dist_utils import init_single_process
+    from tst_megatron.arguments import parse_args, validate
+    from tst_megatron.builders import build_model_chunks, transformer_config
+
+    init_single_process()
+    monkeypatch.setattr(gpt_layer_specs, "LNImpl", fused_layer_norm.FusedLayerNorm)
+    monkeypatch.setattr(fused_layer_norm, "HAVE_FUSED_LAYER_NORM", True)
+    cfg = parse_args(["--data-path", "x", "--vocab-size", "256", "--num-layers", "2", "--hidden-size", "64",
+                      "--num-attention-heads", "4", "--normalization", "LayerNorm", "--bf16"])
+    validate(cfg, 1)
+    tc = transformer_config(cfg.model, cfg.parallel, cfg.optim, use_cpu_init=True)
+    model = build_model_chunks(cfg, tc, 256)[0]
+    apex = [m for m in model.modules() if isinstance(m, fused_layer_norm.FusedLayerNorm)]
+    assert len(apex) >= 1  # at least the final norm
+    assert {p.dtype for m in apex for p in m.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
 # ----------------------------------------------------------------------------- deferred torch.compile
 def test_deferred_compile_wraps_on_the_first_call_with_the_same_arguments(monkeypatch):
     """tst_megatron/_megatron.py: megatron-core's import-time torch.compile wrappers are made at

@@ -96,6 +96,7 @@ def transformer_config(m: ModelArgs, par: ParallelArgs, o: OptimArgs, use_cpu_in
 def build_model_chunks(cfg: RunConfig, tconfig, vocab_size: int) -> List[torch.nn.Module]:
     """TSTGPTModel chunk(s) for this pipeline rank (several with virtual pipelining)."""
     from megatron.core import parallel_state as ps
+    from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
 
     from .model import TSTGPTModel
     from .specs import gpt_block_spec
@@ -129,6 +130,12 @@ def build_model_chunks(cfg: RunConfig, tconfig, vocab_size: int) -> List[torch.n
             # params_dtype); Megatron-LM casts it with its Float16Module. Its sum with bf16/fp16 word
             # embeddings would otherwise reach the half-precision layers as fp32.
             table.to(tconfig.params_dtype)
+        for module in model.modules():
+            if isinstance(module, FusedLayerNorm):
+                # apex's LayerNorm (megatron's local spec on a machine with apex) makes fp32 weights
+                # whatever params_dtype, and apex's kernel wants the input's dtype: cast, as
+                # Megatron-LM's Float16Module does
+                module.to(tconfig.params_dtype)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)

@@ -11,6 +11,7 @@ state-dict keys stay exactly those of stock megatron-core.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Optional
 
@@ -87,8 +88,9 @@ class SDPAttention(MegatronModule):
     """Core attention through `torch.nn.functional.scaled_dot_product_attention`.
 
     A drop-in for megatron's `DotProductAttention` (same constructor and forward signature, no
-    parameters) that needs no CUDA scratch buffer. Causal self-attention with GQA; dropout runs
-    under the model-parallel RNG tracker so TP ranks drop different heads, as in megatron.
+    parameters) that needs no CUDA scratch buffer. Causal self-attention with GQA; dropout draws
+    from the RNG megatron's attention uses: the model-parallel tracker (TP ranks drop different
+    heads), or under sequence parallel the default generator.
     """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type,
@@ -117,7 +119,11 @@ class SDPAttention(MegatronModule):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
         dropout = self.dropout_p if self.training else 0.0
         if dropout > 0:
-            with tensor_parallel.get_cuda_rng_tracker().fork():
+            # the RNG megatron's DotProductAttention drops attention probabilities with: the
+            # tensor-parallel tracker's, except under sequence parallel (the default generator)
+            rng = (tensor_parallel.get_cuda_rng_tracker().fork() if not self.config.sequence_parallel
+                   else contextlib.nullcontext())
+            with rng:
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
                                                      scale=self.softmax_scale)
         else:
