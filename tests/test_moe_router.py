@@ -128,3 +128,16 @@ def test_expert_bias_moves_per_batch_and_resumes_exactly(ws, tmp_path):
     resumed = train_records(res.records)
     assert sorted(resumed) == list(range(6, TRAIN_ITERS + 1))
     assert [resumed[i]["loss"] for i in resumed] == [tr[i]["loss"] for i in resumed]
+
+
+def test_router_losses_reduced_over_a_pipeline_with_a_dense_first_stage(tmp_path):
+    """The MoE router losses of the log line at PP = 2, the only MoE layer on the second stage
+    (worker `router_losses_pp2`, 2 Gloo ranks): no rank waits in a collective the other skips, and
+    both end with the mean of the recorded values (their own loss e2e: test_trainer_e2e's EP=2 vs
+    EP=1 comparison)."""
+    import dist_utils
+
+    results = dist_utils.launch("router_losses_pp2", tmp_path, nproc=2, timeout=120)
+    names = dist_utils.check_records(results, expected_prefixes=["router_losses_pp2/values",
+                                                                "router_losses_pp2/tracker_cleared"])
+    assert len(names) == 2, names

@@ -16,7 +16,7 @@ import torch
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
-from trainer_utils import (BAG, DISTOPT_FLAGS, GBS, MOE_FLAGS, PLAIN_FLAGS, SEQ, SUP_ITERS, TRAIN_ITERS, assert_ok, base_args,
+from trainer_utils import (BAG, DISTOPT_FLAGS, GBS, MOE_FLAGS, MOE_LOSS_FLAGS, PLAIN_FLAGS, SEQ, SUP_ITERS, TRAIN_ITERS, assert_ok, base_args,
                            chain_args, chain_first_leg, checkpoint_model_tensors, copy_checkpoint, distopt_run,
                            eval_records, moe_run, plain_args, reference_runs, rel_diff, run_record, tail, tp2_run,
                            train_records, workspace)
@@ -237,7 +237,7 @@ def test_moe_ep2_checkpoint_resumes_at_ep1(ws):
     res = moe_run(ws, "allgather")
     tr, _ = check_tst_run(res, layout="TP=1 PP=1 EP=2 DP=2")
     load = copy_checkpoint(ws.path("moe_allgather"), 6, ws.path("moe_at6_ep1"))
-    flags = dict(MOE_FLAGS, expert_model_parallel_size=1)
+    flags = dict(MOE_FLAGS, **MOE_LOSS_FLAGS, expert_model_parallel_size=1)
     refused = ws.run("moe_ep1_refused", base_args(ws.data, load=load, metrics_path=ws.path("moe_ep1_refused.jsonl"),
                                                   **flags), nproc=1)
     assert refused.returncode != 0, tail(refused.stdout)
@@ -251,6 +251,13 @@ def test_moe_ep2_checkpoint_resumes_at_ep1(ws):
     tr1, _ = check_tst_run(one, first=7)
     assert tr1[7]["data_tokens"] == tr[7]["data_tokens"] and tr1[7]["lr"] == tr[7]["lr"]
     assert rel_diff(tr1[7]["loss"], tr[7]["loss"]) <= 1e-5, (tr1[7]["loss"], tr[7]["loss"])
+    # the router's losses (Megatron-LM's log line): per layer and micro-batch, averaged over the two
+    # data-parallel ranks' micro-batches at EP=2 as over the same micro-batches in one process
+    for name in ("load_balancing_loss", "z_loss"):
+        assert rel_diff(tr1[7][name], tr[7][name]) <= 1e-5, (name, tr1[7][name], tr[7][name])
+        assert f" {name}: " in one.stdout and f" {name}: " in res.stdout
+    # the normalised switch loss is 1 for perfectly even routing and more otherwise (E = 4 at most)
+    assert all(1.0 <= r["load_balancing_loss"] < 4.0 and r["z_loss"] > 0 for r in tr.values())
 
 
 # ------------------------------------------------------------------------------ determinism and resume

@@ -313,6 +313,8 @@ def checkpoint_at_3(ws: Workspace) -> str:
 
 
 MOE_FLAGS = dict(num_experts=4, moe_router_topk=2, expert_model_parallel_size=2, disable_bias_linear=True)
+# the router's losses of the shared MoE runs (logged as load_balancing_loss / z_loss)
+MOE_LOSS_FLAGS = dict(moe_aux_loss_coeff=0.01, moe_z_loss_coeff=0.001)
 # logging-only flags carried by the shared multi-rank runs that save (test_trainer_flags and
 # test_timing check them)
 LOG_FLAGS = dict(log_params_norm=True, log_num_zeros_in_grad=True, timing_log_level=1)
@@ -323,7 +325,7 @@ def moe_run(ws: Workspace, dispatcher: str) -> RunResult:
     extra = {"save": ws.path("moe_allgather"), "save_interval": 6} if dispatcher == "allgather" else \
         {"metrics_path": ws.path(f"moe_{dispatcher}.jsonl")}
     return ws.run(f"moe_{dispatcher}", base_args(ws.data, moe_token_dispatcher_type=dispatcher, **MOE_FLAGS, **extra,
-                                                 **LOG_FLAGS), nproc=2)
+                                                 **MOE_LOSS_FLAGS, **LOG_FLAGS), nproc=2)
 
 
 DISTOPT_FLAGS = dict(use_distributed_optimizer=True, lr_decay_style="WSD", lr_warmup_iters=2, lr_wsd_decay_iters=4)

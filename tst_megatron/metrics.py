@@ -115,6 +115,7 @@ class IntervalStats:
     positions: int = 0  # model positions processed
     time: float = 0.0
     overflow_skips: int = 0  # --fp16 steps the loss scaler skipped (overflowing gradients)
+    microbatches: int = 0  # this rank's micro-batches (what the MoE router's loss tracker summed over)
 
     def add(self, loss: float, grad_norm: float, finite: bool, tokens: int, positions: int, seconds: float) -> None:
         if finite:

@@ -13,6 +13,7 @@ from .cpu import distributed_backend
 from .data import SUPERPOSITION
 from .metrics import IntervalStats, RunLogger, format_duration
 from .metrics_io import metrics_run_id, truncate_metrics
+from .moe_logging import reduce_router_losses
 
 
 # log-line labels of the optional record fields (Megatron-LM's wording)
@@ -112,6 +113,9 @@ class TrainLog:
             extra["num_zeros_in_grad"] = int(self.num_zeros_in_grad)  # the interval's last step, as Megatron-LM
         if lg.log_memory_to_tensorboard:
             extra.update(memory_stats(self.device))
+        # MoE: the router's load-balancing / z losses (per layer and micro-batch, without their
+        # coefficients), as Megatron-LM prints them; collective, like the parameter norm
+        router = reduce_router_losses(self.cfg.model, interval.microbatches, self.device)
         tok_s = interval.tokens / dt
         pos_s = interval.positions / dt
         tflops = pos_s * self.flops_per_position / self.world / 1e12
@@ -127,6 +131,7 @@ class TrainLog:
             + (f" decoupled learning rate: {decoupled_lr:.6E} |" if decoupled_lr is not None else "")
             + f" global batch size: {self.current_batch:5d} |"
             f" {label}: {loss:.6E} |"
+            + "".join(f" {name}: {value:.6E} |" for name, value in router.items())
             + (f" loss scale: {self._loss_scale():.1f} | number of skipped iterations: {interval.overflow_skips:3d} |"
                if o.fp16 else "")
             + f" grad norm: {grad_norm:.3f} |"
@@ -146,7 +151,7 @@ class TrainLog:
                          "global_batch_size": self.current_batch,
                          **({"decoupled_lr": decoupled_lr} if decoupled_lr is not None else {}),
                          **({"loss_scale": self._loss_scale(), "skipped_iterations": interval.overflow_skips}
-                            if o.fp16 else {}), **extra})
+                            if o.fp16 else {}), **router, **extra})
 
     def _params_norm(self) -> float:
         """L2 norm of all parameters, as Megatron-LM's --log-params-norm counts them: each tensor-

@@ -465,6 +465,7 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
             interval.add(out["loss"], out["grad_norm"], out["nonfinite"] is None, tokens, gbs * L,
                          time.time() - step_start)
             interval.overflow_skips += bool(out["skipped"] and out["nonfinite"] is None)
+            interval.microbatches += gbs // (o.micro_batch_size * self.dp_size)
             self.iteration += 1
             self.consumed_samples += gbs
             self.superposition_samples += gbs if phase == SUPERPOSITION else 0

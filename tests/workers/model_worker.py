@@ -9,6 +9,7 @@ Scenarios (2 ranks each):
   loss_tp2    multi-hot CE with the vocabulary split over 2 ranks == TP = 1 == the paper's loop.
   embedding   bag embedding at TP = 2 and TP = 2 + sequence parallel == TP = 1 == mean of the s
               embeddings computed independently (forward output and word-embedding weight grad).
+  router_losses_pp2  MoE router losses reduced over a pipeline whose first stage has no MoE layer.
   model_tp2, model_pp2, model_dp2, model_ep2
               TSTGPTModel (dense; and MoE with 4 experts, top-2, aux loss) in both phases: the
               single-rank run is computed first (TP = PP = EP = 1), its weights saved with megatron
@@ -524,6 +525,32 @@ def scenario_rank0_agreement(outdir):
              want in str(exc) and (rank == 0) == (not str(exc).startswith("rank 0 failed")), str(exc))
 
 
+def scenario_router_losses_pp2(outdir):
+    """tst_megatron.moe_logging at PP = 2 with the only MoE layer on the second stage: the first
+    stage's tracker is empty (no router), yet both ranks make the same collectives and end with
+    the second stage's losses, averaged over layers and micro-batches; the tracker is cleared."""
+    import torch
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.moe.moe_utils import (get_moe_layer_wise_logging_tracker,
+                                                         save_to_aux_losses_tracker)
+
+    from tst_megatron.moe_logging import reduce_router_losses
+    from tst_megatron.run_config import ModelArgs
+
+    ps.initialize_model_parallel(pipeline_model_parallel_size=2)
+    m = ModelArgs(num_layers=2, num_experts=4, moe_layer_freq=[0, 1], moe_aux_loss_coeff=0.01, moe_z_loss_coeff=1e-3)
+    if ps.get_pipeline_model_parallel_rank() == 1:  # two micro-batches through layer 2's router
+        for lb, z in ((1.25, 0.5), (1.75, 0.75)):
+            save_to_aux_losses_tracker("load_balancing_loss", torch.tensor(lb), 2, 2,
+                                       reduce_group=ps.get_tensor_model_parallel_group())
+            save_to_aux_losses_tracker("z_loss", torch.tensor(z), 2, 2)
+    got = reduce_router_losses(m, microbatches=2, device=torch.device("cpu"))
+    rec("router_losses_pp2/values", [got["load_balancing_loss"], got["z_loss"]], [1.5, 0.625], atol=1e-6)
+    tracker = get_moe_layer_wise_logging_tracker()
+    flag("router_losses_pp2/tracker_cleared", all(float(e["values"].abs().sum()) == 0 for e in tracker.values()))
+    ps.destroy_model_parallel()
+
+
 # ----------------------------------------------------------------------------- main
 def main():
     scenario, outdir = sys.argv[1], sys.argv[2]
@@ -543,6 +570,8 @@ def main():
             scenario_embedding(outdir)
         elif scenario == "rank0_agreement":
             scenario_rank0_agreement(outdir)
+        elif scenario == "router_losses_pp2":
+            scenario_router_losses_pp2(outdir)
         elif scenario in LAYOUTS:
             scenario_model(scenario, outdir)
         else:
