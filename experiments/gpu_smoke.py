@@ -47,7 +47,8 @@ def cases(out: Path):
     yield "fp16 (dynamic loss scale)", dict(LLAMA, fp16=True), 12
     yield "tst-mode input", dict(LLAMA, tst_mode="input"), 12  # next-token targets: no bag weighting
     yield "tst-mode output, bag weighting power, GQA + qk-layernorm + tied", dict(
-        position_embedding_type="rope", swiglu=True, normalization="RMSNorm", tst_mode="output", tst_bag_weighting="power",
+        position_embedding_type="rope", swiglu=True, normalization="RMSNorm", tst_mode="output",
+        tst_bag_weighting="power",
         group_query_attention=True, num_query_groups=2, qk_layernorm=True), 12
     yield "batch ramp-up 4 -> 8 (train-samples)", dict(
         LLAMA, train_iters=None, train_samples=96, rampup_batch_size=[4, 4, 16], tst_superposition_iters=None,

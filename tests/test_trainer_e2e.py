@@ -16,7 +16,8 @@ import torch
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
-from trainer_utils import (BAG, DISTOPT_FLAGS, GBS, MOE_FLAGS, MOE_LOSS_FLAGS, PLAIN_FLAGS, SEQ, SUP_ITERS, TRAIN_ITERS, assert_ok, base_args,
+from trainer_utils import (BAG, DISTOPT_FLAGS, GBS, MOE_FLAGS, MOE_LOSS_FLAGS,
+                           PLAIN_FLAGS, SEQ, SUP_ITERS, TRAIN_ITERS, assert_ok, base_args,
                            chain_args, chain_first_leg, checkpoint_model_tensors, copy_checkpoint, distopt_run,
                            eval_records, moe_run, plain_args, reference_runs, rel_diff, run_record, tail, tp2_run,
                            train_records, workspace)

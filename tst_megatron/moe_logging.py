@@ -47,6 +47,7 @@ def reduce_router_losses(m: ModelArgs, microbatches: int, device) -> Dict[str, f
     if not names:
         return {}
     tracker = get_moe_layer_wise_logging_tracker()
+    per = max(sum(moe_layer_pattern(m.moe_layer_freq, m.num_layers)), 1) * max(microbatches, 1)
     out = {}
     for name in names:
         entry = tracker.get(name)
@@ -66,7 +67,6 @@ def reduce_router_losses(m: ModelArgs, microbatches: int, device) -> Dict[str, f
                 dist.all_reduce(values, group=entry["avg_group"])
                 values /= dist.get_world_size(entry["avg_group"])
         dist.all_reduce(values, group=ps.get_pipeline_model_parallel_group())
-        moe_layers = sum(moe_layer_pattern(m.moe_layer_freq, m.num_layers))
-        out[name] = float(values.sum()) / max(moe_layers, 1) / max(microbatches, 1)
+        out[name] = float(values.sum()) / per  # per MoE layer and micro-batch
     clear_aux_losses_tracker()
     return out

@@ -30,8 +30,8 @@ _RESUME_KEYS = (
                             "moe_router_topk", "moe_router_score_function", "moe_router_enable_expert_bias",
                             "moe_layer_freq")]
     + [("model", "seq_length"), ("tst", "bag_size"), ("tst", "mode")]
-    + [("optim", k) for k in ("train_iters", "train_samples", "lr", "min_lr", "decoupled_lr", "decoupled_min_lr", "lr_decay_style",
-                              "lr_warmup_iters", "lr_warmup_fraction", "lr_decay_iters", "lr_wsd_decay_iters",
+    + [("optim", k) for k in ("train_iters", "train_samples", "lr", "min_lr", "decoupled_lr", "decoupled_min_lr",
+                              "lr_decay_style", "lr_warmup_iters", "lr_warmup_fraction", "lr_decay_iters", "lr_wsd_decay_iters",
                               "lr_wsd_decay_style", "weight_decay", "rampup_batch_size", "lr_warmup_init",
                               "start_weight_decay", "end_weight_decay", "weight_decay_incr_style")])
 

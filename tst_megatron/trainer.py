@@ -99,7 +99,8 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
         try:
             self.tokenizer = d.build_tokenizer(cfg.model.vocab_size)
         except (OSError, ValueError, RuntimeError) as exc:
-            where = f"--tokenizer-model {d.tokenizer_model}" if d.tokenizer_model else f"--tokenizer-type {d.tokenizer_type}"
+            where = (f"--tokenizer-model {d.tokenizer_model}" if d.tokenizer_model
+                     else f"--tokenizer-type {d.tokenizer_type}")
             fail(f"{where}: tokenizer does not load ({exc})")
         self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by,
                                             par.tensor_model_parallel_size)
