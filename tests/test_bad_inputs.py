@@ -666,6 +666,20 @@ def test_resume_in_superposition_with_another_bag_weighting_warns(corpus, tmp_pa
     assert ckpt.find_checkpoint(str(run), fallback=False)[0] == 4
 
 
+def test_moe_runs_one_after_another_in_one_process(corpus, tmp_path, monkeypatch, capsys):
+    """megatron-core's MoE loss tracker is process-wide: a second in-process run (a notebook, a
+    test) with another layer count logs its own router losses, not the first run's leftovers."""
+    monkeypatch.chdir(tmp_path)
+    moe = {"--num-experts": 4, "--moe-router-topk": 2, "--moe-aux-loss-coeff": 0.01, "--disable-bias-linear": "",
+           "--train-iters": 2, "--tst-superposition-iters": 1}
+    for layers in (4, 2):
+        with isolated():
+            assert main(base(corpus, tmp_path / f"run{layers}", **moe, **{"--num-layers": layers})) == 0
+        lines = [x for x in capsys.readouterr().out.splitlines() if " load_balancing_loss: " in x]
+        assert len(lines) == 2, lines
+        assert all(1.0 <= float(x.split(" load_balancing_loss: ")[1].split()[0]) < 4.0 for x in lines), lines
+
+
 def test_finetune_checks_only_the_weight_shape(corpus, trained, tmp_path, monkeypatch, capsys):
     """--finetune from the checkpoint: another bag size, schedule and sequence length are a new run's
     own choice; another --hidden-size cannot take the weights."""

@@ -407,6 +407,12 @@ def test_huggingface_tokenizer_travels(trained, tmp_path):
     meta = json.loads((tmp_path / "imported" / "iter_0000000" / "tst_meta.json").read_text())
     assert meta["tokenizer_vocab_size"] == 257 and meta["vocab_size"] == 512
     assert "--tokenizer-hf-include-special-tokens" not in res["flags"]
+    # ...and exported again into that directory, where its tokenizer now lives: kept, not lost
+    before = (out / "tokenizer.json").read_bytes()
+    res = cv.export_checkpoint(str(tmp_path / "imported" / "iter_0000000"), str(out), progress=False, log=None)
+    assert "tokenizer.json" in res["files"] and (out / "tokenizer.json").read_bytes() == before
+    again = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert again("3 5 7", add_special_tokens=False)["input_ids"] == [3, 5, 7]
 
     # a tokenizer that adds BOS (Llama-3 style): the model was pretrained on it, so the continued run
     # is told to encode its data the same way, and the flag travels to the checkpoint and its export
@@ -430,6 +436,18 @@ def test_huggingface_tokenizer_travels(trained, tmp_path):
     config = json.loads((tmp_path / "hf_bos_again" / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (257, 256)
     assert json.loads((out / "config.json").read_text())["bos_token_id"] is None  # no BOS in that run's data
+
+    # a tokenizer that only appends an EOS: no flag (--append-eod gives the documents that one)
+    eos_dir = tmp_path / "hf_eos"
+    shutil.copytree(out, eos_dir)
+    tok.post_processor = tokenizers.processors.TemplateProcessing(single="$A <|endoftext|>",
+                                                                  special_tokens=[("<|endoftext|>", 256)])
+    tok.save(str(eos_dir / "tokenizer.json"))
+    lines = []
+    res = cv.import_checkpoint(str(eos_dir), str(tmp_path / "imported_eos"), ["--train-iters", "10"],
+                               progress=False, log=lines.append)
+    assert "--tokenizer-hf-include-special-tokens" not in res["flags"]
+    assert any("appends <|endoftext|> to every text" in line for line in lines), lines
 
     # a NullTokenizer run exported over this directory: the earlier run's tokenizer files go too
     res = cv.export_checkpoint(str(trained["root"] / "llama" / "iter_0000006"), str(out), progress=False, log=None)

@@ -27,7 +27,7 @@ ARCHITECTURE = (
     "moe_router_num_groups", "moe_router_group_topk")
 TOKENIZER = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "tokenizer_hf_include_special_tokens")
 TYPED_WINS = ("seq_length", "moe_router_topk", "moe_router_score_function", "tokenizer_model", "vocab_file",
-              "merge_file")
+              "merge_file", "tokenizer_hf_include_special_tokens")  # the last: how the (new) data was encoded
 
 
 def _typed(parser: argparse.ArgumentParser, argv: List[str]) -> set:

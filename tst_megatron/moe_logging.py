@@ -36,6 +36,14 @@ def tracked_losses(m: ModelArgs) -> List[str]:
     return names
 
 
+def reset_router_losses() -> None:
+    """Forget what megatron's process-wide tracker holds: another run in this process (a test, a
+    notebook) may have left entries of another layer count, values, or process groups since destroyed."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    get_moe_layer_wise_logging_tracker().clear()
+
+
 def reduce_router_losses(m: ModelArgs, microbatches: int, device) -> Dict[str, float]:
     """Each tracked loss, averaged over the MoE layers and the `microbatches` recorded since the
     last call, over the whole model; clears the tracker. Collective: every rank calls it."""

@@ -386,8 +386,11 @@ class HuggingFaceTokenizer(TSTTokenizer):
     def bos(self) -> int:
         """The token every document starts with: the post-processor's leading one under
         --tokenizer-hf-include-special-tokens, else none (-1)."""
-        if not self.include_special_tokens:
-            return -1
+        return self.prepended_token() if self.include_special_tokens else -1
+
+    def prepended_token(self) -> int:
+        """The id the post-processor puts before every text (a BOS, e.g. Llama-3's
+        <|begin_of_text|>), else -1 (none, or only tokens after the text, e.g. an EOS)."""
         added = self._tok.encode("x", add_special_tokens=True).ids
         return added[0] if added and added[0] in self.post_processor_ids() else -1
 

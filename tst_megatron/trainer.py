@@ -30,6 +30,7 @@ from .data import RECOVERY, SUPERPOSITION
 from .distributed import from_rank0, init_distributed
 from .evaluation import Evaluation
 from .metrics import IntervalStats, RunLogger, Stopwatch, format_duration
+from .moe_logging import reset_router_losses
 from .profiling import StepProfiler
 from .run_checkpoints import RunCheckpoints
 from .step import make_forward_step
@@ -62,6 +63,7 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
         cfg = self.cfg
         self._install_signal_handlers()  # a preemption during setup stops at the first iteration
         enable_cpu_support()
+        reset_router_losses()  # nothing from an earlier run in this process (one that stopped mid-interval)
         init_distributed(cfg.parallel.distributed_timeout_minutes)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         validate(cfg, self.world)
@@ -514,6 +516,7 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
 
         ps.destroy_model_parallel()
         destroy_num_microbatches_calculator()
+        reset_router_losses()  # its entries hold this run's layer count and process groups
         if dist.is_initialized():
             dist.destroy_process_group()
 

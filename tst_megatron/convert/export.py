@@ -102,6 +102,20 @@ def _check_tokenizer_size(tok, meta: dict, vocab: int, path: str, tokenizer_mode
                               f"embedding rows ({path}); pass --tokenizer-model with the run's own tokenizer")
 
 
+def _set_aside(json_path: str, output: str) -> str:
+    """The tokenizer files to copy, out of `output` first when they are there (they would be
+    removed as an earlier export's before being copied back)."""
+    src_dir = os.path.dirname(os.path.abspath(json_path))
+    if not (os.path.isdir(output) and os.path.samefile(src_dir, output)):
+        return json_path
+    tmp = tempfile.mkdtemp(prefix="tst_export_tokenizer_")
+    atexit.register(shutil.rmtree, tmp, True)
+    for name in {os.path.basename(json_path), *TOKENIZER_FILES[1:]}:
+        if os.path.isfile(os.path.join(src_dir, name)):
+            shutil.copyfile(os.path.join(src_dir, name), os.path.join(tmp, name))
+    return os.path.join(tmp, os.path.basename(json_path))
+
+
 def _remove_stale_files(output: str) -> None:
     """An export into a directory that holds an earlier one: its tokenizer and generation config go
     (the weights are replaced by save_hf_directory), so that AutoTokenizer never loads another
@@ -228,6 +242,8 @@ def export_checkpoint(load: str, output: str, *, iteration: Optional[int] = None
         hf_sd = {k: (v if v.dtype == target else v.to(target)) for k, v in hf_sd.items()}
         total = sum(v.numel() * v.element_size() for v in hf_sd.values())
         with stages.step(f"writing {_human(total)} of safetensors"):
+            if tok_json:  # the run's tokenizer may live in `output` (an export, imported, trained, exported)
+                tok_json = _set_aside(tok_json, output)
             _remove_stale_files(output)
             files = hc.save_hf_directory(output, hf_sd, hf_cfg, max_shard_bytes=max_bytes)
         if tok_json:

@@ -205,9 +205,10 @@ def _choose_tokenizer(cfg, given: Set[str], hf_dir: str):
     except (OSError, ValueError, ImportError, TypeError) as exc:
         raise ConversionError(f"--tokenizer-type {d.tokenizer_type}: {exc}") from None
     if d.tokenizer_model == os.path.abspath(hf_dir) and "tokenizer_hf_include_special_tokens" not in given:
-        # the model was pretrained on what its own tokenizer gives, post-processor tokens (Llama-3's
-        # <|begin_of_text|>) included: the continued run's data should be encoded the same way
-        d.tokenizer_hf_include_special_tokens = bool(tok.post_processor_ids())
+        # the model was pretrained on documents that start with its tokenizer's BOS (Llama-3's
+        # <|begin_of_text|>): the continued run's data should be encoded the same way (a tokenizer
+        # that only appends an EOS is left alone: preprocessing's --append-eod gives that one)
+        d.tokenizer_hf_include_special_tokens = tok.prepended_token() >= 0
     return tok
 
 
@@ -379,9 +380,12 @@ def import_checkpoint(hf_dir: str, save: str, run_argv: Sequence[str] = (), *, i
         if cfg.data.tokenizer_hf_include_special_tokens:
             _say(log, f"  note: the tokenizer adds {names} to every text, as the model saw in pretraining: "
                       "preprocess the data with tools/preprocess_data.py --tokenizer-hf-include-special-tokens")
-        else:
+        elif tok.prepended_token() >= 0:
             _say(log, f"  note: the tokenizer adds {names} to every text, which the data will not have "
                       "unless preprocessed (and trained) with --tokenizer-hf-include-special-tokens")
+        else:
+            _say(log, f"  note: the tokenizer appends {names} to every text (preprocessing's --append-eod adds "
+                      "the end-of-document token; --tokenizer-hf-include-special-tokens would add a second one)")
     _say(log, "> continue with (plus your data / batch / optimizer flags):")
     _say(log, "  pretrain_tst.py --load " + shlex.quote(save) + " --no-load-optim " + shlex.join(flags))
     _say(log, f"  (the optimizer is fresh: --no-load-optim; the {hf_vocab}-row vocabulary is kept at "
