@@ -11,7 +11,7 @@ setup(
     packages=find_packages(include=["tst_megatron", "tst_megatron.*"]),
     install_requires=[
         # A range, so GPU users keep the CUDA build they already have.
-        "torch>=2.4,<3",
+        "torch>=2.6,<3",  # megatron-core 0.16.1 needs >= 2.6
         # 0.16.1 is the newest megatron-core release that supports Python 3.11 (0.17+ need 3.12).
         "megatron-core>=0.16.1,<0.17",
         "numpy",

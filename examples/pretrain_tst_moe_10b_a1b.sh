@@ -48,12 +48,12 @@ WARMUP_ITERS=${WARMUP_ITERS:-2000}
 LR=${LR:-3e-4}
 MIN_LR=${MIN_LR:-0}
 TST_BAG_SIZE=${TST_BAG_SIZE:-16}
-TST_RATIO=${TST_RATIO:-0.25}
-# The paper's 12,483 superposition steps for its 49,983-step run; for another TRAIN_ITERS (or with
-# TST_ITERS= set empty) the phase is TST_RATIO of the run.
+# The paper's 12,483 superposition steps for its 49,983-step run; for another TRAIN_ITERS, a
+# TST_RATIO of your own (or TST_ITERS= set empty) the phase is TST_RATIO of the run.
 if [[ -z ${TST_ITERS+set} ]]; then
-    if [[ $TRAIN_ITERS == 49983 ]]; then TST_ITERS=12483; else TST_ITERS=; fi
+    if [[ $TRAIN_ITERS == 49983 && -z ${TST_RATIO:-} ]]; then TST_ITERS=12483; else TST_ITERS=; fi
 fi
+TST_RATIO=${TST_RATIO:-0.25}
 TST_WEIGHTING=${TST_WEIGHTING:-power}
 
 MODEL_ARGS=(

@@ -180,6 +180,18 @@ def test_tst_flags_without_a_bag_size(corpus, workdir, save, capsys, over, given
     assert_clean(workdir, save)
 
 
+def test_bag_size_without_a_superposition_length(corpus, workdir, save, capsys):
+    """The mirror image: --tst-bag-size s > 1 alone would train the baseline (the ratio defaults to
+    0); an explicit --tst-superposition-ratio 0 is that baseline on purpose and is accepted."""
+    msg = refuse(base(corpus, save, **{"--tst-superposition-iters": None}), capsys, watch=[workdir])
+    assert msg == ("error: --tst-bag-size 4 without --tst-superposition-ratio r or --tst-superposition-iters N: "
+                   "the superposition phase would be empty; give r (the paper uses 0.2-0.4) or N (an explicit "
+                   "--tst-superposition-ratio 0 is the plain baseline)"), msg
+    assert_clean(workdir, save)
+    cfg = parse_args(base(corpus, None, **{"--tst-superposition-iters": None, "--tst-superposition-ratio": 0}))
+    assert cfg.tst.bag_size == 4 and cfg.tst.num_superposition_iters(cfg.optim.train_iters) == 0
+
+
 def test_bag_weighting_with_input_mode(corpus, workdir, save, capsys):
     """--tst-mode input's target is the next token: a bag weighting would be silently ignored."""
     msg = refuse(base(corpus, save, **{"--tst-mode": "input", "--tst-bag-weighting": "power"}), capsys, watch=[workdir])
@@ -688,6 +700,12 @@ def test_finetune_checks_only_the_weight_shape(corpus, trained, tmp_path, monkey
                  watch=[trained, tmp_path])
     assert msg.startswith(f"error: --load {trained}/iter_0000002: the checkpoint was trained with a different "
                           "configuration: --hidden-size 32 (checkpoint: 64). The weights have the checkpoint's shape"), msg
+    # the same from --pretrained-checkpoint: the message names that flag (and no --load to change)
+    msg = refuse(base(corpus, tmp_path / "pt", **{"--pretrained-checkpoint": trained, "--hidden-size": 32}), capsys,
+                 watch=[trained, tmp_path])
+    assert msg == (f"error: --pretrained-checkpoint {trained}/iter_0000002: the checkpoint was trained with a "
+                   "different configuration: --hidden-size 32 (checkpoint: 64). The weights have the checkpoint's "
+                   "shape: use its values"), msg
     with isolated():
         assert main(base(corpus, tmp_path / "ft", **{"--load": trained, "--finetune": "", "--tst-bag-size": 2,
                                                      "--seq-length": 8, "--lr": 0.01, "--train-iters": 3})) == 0

@@ -549,11 +549,32 @@ def test_import_refusals(exports, tmp_path):
               for flags, what in ((["--moe-router-score-function", "sigmoid"], "softmax routing"),
                                   (["--moe-router-topk-scaling-factor", "2"], "no top-k scaling"),
                                   (["--moe-router-num-groups", "2", "--moe-router-group-topk", "1"],
-                                   "no group-limited routing"))]
+                                   "no group-limited routing"),
+                                  (["--moe-expert-capacity-factor", "1.0"], "no token dropping"))]
+    # a config.json without a field the architecture needs; weights that do not match the config
+    (tmp_path / "nofield").mkdir()
+    (tmp_path / "leftover").mkdir()
+    for name in os.listdir(hf):
+        for d in ("nofield", "leftover"):
+            shutil.copy(os.path.join(hf, name), tmp_path / d / name)
+    conf = json.loads((tmp_path / "nofield" / "config.json").read_text())
+    del conf["intermediate_size"]
+    (tmp_path / "nofield" / "config.json").write_text(json.dumps(conf))
+    from safetensors.torch import load_file, save_file
+    (shard,) = [n for n in os.listdir(tmp_path / "leftover") if n.endswith(".safetensors")]
+    tensors = load_file(str(tmp_path / "leftover" / shard))
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # old Llama files hold it
+    save_file(tensors, str(tmp_path / "leftover" / shard), metadata={"format": "pt"})
+    cases += [(str(tmp_path / "nofield"), base, r"config.json has no 'intermediate_size' .*nothing was written"),
+              (str(tmp_path / "leftover"), base, r"the weights do not match config.json .*nothing was written")]
     for i, case in enumerate(cases):
         src, argv, message = case if len(case) == 3 else (hf, *case)
         with pytest.raises(cv.ConversionError, match=message):
             cv.import_checkpoint(src, str(tmp_path / f"c{i}"), argv, progress=False, log=None)
+    # the imported weights are the HF next-token model even where the run continues in superposition
+    tst = base + ["--tst-bag-size", "4", "--tst-superposition-iters", "50", "--train-iters", "100"]
+    res = cv.import_checkpoint(hf, str(tmp_path / "tst"), tst, progress=False, log=None)
+    assert json.loads(Path(res["path"], "tst_meta.json").read_text())["superposition_checkpoint"] is False
     # an existing checkpoint directory is never written into
     res = cv.import_checkpoint(hf, str(tmp_path / "ok"), base, progress=False, log=None)
     assert res["iteration"] == 0 and res["tensor_parallel_sizes"] == [1, 2, 4, 8, 16]

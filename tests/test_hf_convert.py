@@ -327,6 +327,8 @@ QWEN_MOE = dict({**BASE, **MOE}, qk_layernorm=True)
      "moe_router_enable_expert_bias"),
     ("Qwen3MoeForCausalLM", dict(QWEN_MOE, moe_expert_capacity_factor=1.0), {}, "moe_expert_capacity_factor"),
     ("Qwen3MoeForCausalLM", dict(QWEN_MOE, moe_layer_freq=[1, 0, 1]), {}, "moe_layer_freq"),
+    ("Qwen3MoeForCausalLM", dict(QWEN_MOE, moe_router_load_balancing_type="sinkhorn"), {},
+     "moe_router_load_balancing_type"),
     ("Qwen3MoeForCausalLM", dict(QWEN_MOE, add_bias_linear=True), {}, "add_bias_linear"),
 ])
 def test_check_representable_names_the_field(arch, fields, kwargs, field):
@@ -346,6 +348,12 @@ def test_representable_and_hf_side_refusals():
     good = hc.hf_config_from_megatron(None, BASE, VOCAB, MAX_POS, ROPE_BASE, False)
     for patch, field in [({"hidden_act": "gelu"}, "hidden_act"),
                          ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, "rope_parameters"),
+                         # transformers reads rope_scaling first, and a top-level partial_rotary_factor
+                         ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
+                           "rope_scaling": {"rope_type": "linear", "factor": 4.0}}, "rope_scaling"),
+                         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+                         ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.25}},
+                          "rope_parameters.partial_rotary_factor"),
                          ({"attention_bias": True}, "attention_bias"),
                          ({"use_sliding_window": True}, "use_sliding_window"),
                          ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, "architectures")]:

@@ -142,12 +142,20 @@ def test_baseline_switch():
 
 
 @pytest.mark.parametrize("dry_run", [0, 1])
-def test_multinode_needs_node_rank(dry_run):
-    """Refused for real and in a dry run alike (a dry run must not show a line the launch refuses)."""
-    p = subprocess.run(["bash", str(EXAMPLES / "pretrain_tst_270m.sh")], cwd=REPO,
-                       env=_env(NNODES=2, DATA_PATH="/nonexistent", DRY_RUN=dry_run), capture_output=True, text=True,
-                       timeout=60)
-    assert p.returncode != 0 and "NODE_RANK" in p.stderr
+@pytest.mark.parametrize("expect,env,extra", [
+    ("needs NODE_RANK", dict(MASTER_ADDR="node0"), ()),
+    ("needs MASTER_ADDR", dict(NODE_RANK=1), ()),  # 127.0.0.1 would leave node 1 waiting for itself
+    ("needs MASTER_ADDR", dict(RDZV_BACKEND="c10d"), ()),
+    ("GPUS_PER_NODE must be a whole number >= 1", dict(MASTER_ADDR="node0", NODE_RANK=0, GPUS_PER_NODE=0), ()),
+    ("run length as TRAIN_ITERS=N", dict(MASTER_ADDR="node0", NODE_RANK=0), ("--train-iters", "100000")),
+])
+def test_multinode_launch_refuses_incomplete_settings(dry_run, expect, env, extra):
+    """Refused for real and in a dry run alike (a dry run must not show a line the launch refuses);
+    an extra --train-iters would keep the schedule of the script's own length."""
+    p = subprocess.run(["bash", str(EXAMPLES / "pretrain_tst_270m.sh"), *extra], cwd=REPO,
+                       env=_env(NNODES=2, DATA_PATH="/nonexistent", DRY_RUN=dry_run, **env), capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2 and expect in p.stderr, (p.returncode, p.stderr)
 
 
 def test_launcher_counts_the_visible_gpus_and_keeps_paths_whole(tmp_path):

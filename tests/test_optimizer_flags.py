@@ -87,7 +87,8 @@ def test_moe_router_flags_reach_the_transformer_config():
 def test_tst_bag_weighting_flag_reaches_the_loss(weighting):
     """--tst-bag-weighting sets the weights the model's multi-hot loss uses: the paper's 1/i,
     exp(-i) or first-only, normalised, written out here independently of TSTConfig."""
-    _, _, model, _ = _build(["--tst-bag-size", "4", "--tst-bag-weighting", weighting])
+    _, _, model, _ = _build(["--tst-bag-size", "4", "--tst-superposition-ratio", "0.3",
+                             "--tst-bag-weighting", weighting])
     raw = {"power": [1 / i for i in range(1, 5)], "exp": [math.exp(-i) for i in range(1, 5)],
            "first": [1.0, 0.0, 0.0, 0.0]}[weighting]
     want = [w / sum(raw) for w in raw]

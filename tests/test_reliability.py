@@ -390,6 +390,36 @@ def test_repeated_sigterm_is_one_clean_stop(tmp_path):
     assert res.stdout == "alive, stop requested: True\n", res.stdout
 
 
+def test_sigterm_to_the_process_group_spares_the_checkpoint_writers_manager(tmp_path):
+    """megatron-core's saves report through a manager process; `scancel --signal=TERM` (or torchrun
+    passing a signal on to the process group) reaches it too. The trainer starts it with SIGTERM
+    blocked, so it survives (a save running then still completes) while the trainer's own handler
+    still gets the signal. In a process of its own, in a session of its own (killpg)."""
+    script = tmp_path / "manager.py"
+    script.write_text(  # the main guard: the manager is spawned, and spawn imports the main module
+        "import os, signal, time\n"
+        "from megatron.core.dist_checkpointing.strategies import filesystem_async as fa\n"
+        "from tst_megatron.arguments import parse_args\n"
+        "from tst_megatron.run_checkpoints import _checkpoint_results_queue\n"
+        "from tst_megatron.trainer import Trainer\n"
+        "if __name__ == '__main__':\n"
+        "    t = Trainer(parse_args(['--data-path', 'unused']))\n"
+        "    t._install_signal_handlers()\n"
+        "    _checkpoint_results_queue()\n"
+        "    q = fa._results_queue\n"
+        "    manager = q._manager._process\n"
+        "    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, []), 'mask not restored'\n"
+        "    os.killpg(os.getpgid(0), signal.SIGTERM); time.sleep(1.0)\n"
+        "    q.put('written'); print(q.get(), manager.is_alive(), t.stop_signal, flush=True)\n"
+        "    _checkpoint_results_queue(); print('kept', fa._results_queue is q, flush=True)\n"
+        "    os.kill(manager.pid, signal.SIGKILL); manager.join(10)\n"
+        "    _checkpoint_results_queue(); print('replaced', fa._results_queue is not q, flush=True)\n")
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env=_env(None), start_new_session=True)
+    assert res.returncode == 0, (res.returncode, res.stdout, res.stderr)
+    assert res.stdout == "written True True\nkept True\nreplaced True\n", (res.stdout, res.stderr)
+
+
 def test_sigterm_to_one_rank_of_two_stops_every_rank_at_the_same_iteration(corpus, reference_tp2, tmp_path):
     """A signal may reach only some ranks (SLURM signals the batch step; a node may be drained).
     Rank 1 alone gets SIGTERM: the ranks agree (an all-reduce of the stop flag) and all stop after
@@ -467,20 +497,24 @@ def test_exit_duration_in_mins_saves_and_exits_zero_then_resume(corpus, referenc
 
 def test_rank0_file_step_failure_reaches_every_rank(tmp_path):
     """The rank-0-only steps of a save (the marker, the renames, the tracker) failing on rank 0: every
-    rank raises (the trainer then reports it and exits) instead of waiting at a barrier (worker
-    `rank0_agreement`, 2 Gloo ranks)."""
+    rank raises (the trainer then reports it and exits) instead of waiting at a barrier; a --save
+    that is not one filesystem for all ranks (node-local disks) is refused on every rank before
+    anything is written (worker `rank0_agreement`, 2 Gloo ranks)."""
     import dist_utils
 
     results = dist_utils.launch("rank0_agreement", tmp_path, nproc=2, timeout=120)
     names = dist_utils.check_records(results, expected_prefixes=["rank0_agreement/success_seen",
-                                                                "rank0_agreement/failure_raises_everywhere"])
-    assert len(names) == 2, names
+                                                                "rank0_agreement/failure_raises_everywhere",
+                                                                "rank0_agreement/shared_save_directory_accepted",
+                                                                "rank0_agreement/node_local_save_refused_everywhere"])
+    assert len(names) == 4, names
 
 
 DAMAGE_KINDS = ["delete_shard", "truncate_shard", "truncate_index", "delete_index", "truncate_metadata_json",
                 "delete_metadata_json", "delete_common_pt", "empty_common_pt", "corrupt_common_pt",
-                "delete_marker", "garble_marker",
-                "marker_not_complete", "delete_tracker", "garble_tracker", "tracker_names_missing_dir"]
+                "delete_marker", "garble_marker", "marker_not_an_object",
+                "marker_not_complete", "delete_tracker", "garble_tracker", "binary_tracker", "unicode_digit_tracker",
+                "tracker_names_missing_dir"]
 
 
 @pytest.mark.parametrize("damage", DAMAGE_KINDS)
@@ -538,6 +572,9 @@ def test_damaged_checkpoint_is_named_by_find_checkpoint(reference, tmp_path, dam
     elif damage == "garble_marker":
         os.truncate(latest / ckpt.MARKER, 5)
         why = f"checkpoint {latest} is damaged: {ckpt.MARKER} unreadable ("
+    elif damage == "marker_not_an_object":  # valid JSON, but not the marker's object
+        (latest / ckpt.MARKER).write_text("[1]")
+        why = f"checkpoint {latest} is damaged: {ckpt.MARKER} is not a JSON object"
     elif damage == "marker_not_complete":
         meta = json.loads((latest / ckpt.MARKER).read_text())
         (latest / ckpt.MARKER).write_text(json.dumps(dict(meta, complete=False)))
@@ -548,6 +585,12 @@ def test_damaged_checkpoint_is_named_by_find_checkpoint(reference, tmp_path, dam
     elif damage == "garble_tracker":
         track.write_text("iter_8\n")
         why, fallback_to = f"{track} does not hold an iteration number ('iter_8')", 8
+    elif damage == "binary_tracker":  # not even text
+        track.write_bytes(b"\xff\xfe8")
+        why, fallback_to = f"{track} does not hold an iteration number (bytes b'\\xff\\xfe8')", 8
+    elif damage == "unicode_digit_tracker":  # str.isdigit() says yes, int() says no
+        track.write_text("\u00b2")
+        why, fallback_to = f"{track} does not hold an iteration number (bytes b'\\xc2\\xb2')", 8
     else:  # the tracker names an iteration whose directory is gone
         track.write_text("10")
         why, fallback_to = f"checkpoint directory {save / 'iter_0000010'} does not exist", 8

@@ -416,8 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("token superposition (TST)")
     t.add_argument("--tst-bag-size", type=int, default=None,
                    help="s, tokens per bag (default 1 = plain next-token training)")
-    t.add_argument("--tst-superposition-ratio", type=float, default=0.0,
-                   help="fraction r of --train-iters in the superposition phase (paper: 0.2-0.4)")
+    t.add_argument("--tst-superposition-ratio", type=float, default=None,
+                   help="fraction r of --train-iters in the superposition phase (paper: 0.2-0.4); needed with "
+                        "--tst-bag-size s > 1 unless --tst-superposition-iters is given (0: the plain baseline)")
     t.add_argument("--tst-superposition-iters", type=int, default=None, help="explicit count; overrides the ratio")
     t.add_argument("--tst-bag-weighting", choices=list(WEIGHTINGS), default="uniform",
                    help="weights of the s targets of a bag in the multi-hot loss")
@@ -557,6 +558,9 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
     bag_given = ns.tst_bag_size is not None
     if not bag_given:
         ns.tst_bag_size = 1
+    ratio_given = ns.tst_superposition_ratio is not None
+    if not ratio_given:
+        ns.tst_superposition_ratio = 0.0
     if ns.group_query_attention and ns.num_query_groups is None:
         ns.num_query_groups = 1  # Megatron-LM's default: GQA without a group count is multi-query
     cfg = _split_groups(ns)  # values out of range are refused first
@@ -571,6 +575,11 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
             raise SystemExit(f"error: {', '.join(given)} given without --tst-bag-size: the default bag size 1 "
                              "has no superposition phase; give --tst-bag-size s > 1 for TST (an explicit "
                              "--tst-bag-size 1 is the plain baseline, e.g. in a sweep over s)")
+    if cfg.tst.bag_size > 1 and not ratio_given and cfg.tst.superposition_iters is None:
+        # the mirror image: a bag size alone would train the baseline (r defaults to 0)
+        raise SystemExit(f"error: --tst-bag-size {cfg.tst.bag_size} without --tst-superposition-ratio r or "
+                         "--tst-superposition-iters N: the superposition phase would be empty; give r (the paper "
+                         "uses 0.2-0.4) or N (an explicit --tst-superposition-ratio 0 is the plain baseline)")
     if cfg.tst.mode == "input" and cfg.tst.bag_weighting != "uniform":
         raise SystemExit(f"error: --tst-bag-weighting {cfg.tst.bag_weighting} with --tst-mode input: that mode "
                          "predicts the next token, not a bag, so there are no bag targets to weight; drop the flag")

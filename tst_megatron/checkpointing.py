@@ -22,6 +22,8 @@ import json
 import os
 import random
 import shutil
+import socket
+import uuid
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -194,6 +196,7 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, com
         os.makedirs(tmp)
 
     _on_rank0(prepare)
+    _check_shared(root, tmp)
 
     state = _model_sharded_state_dict(chunks)
     if optimizer is not None:
@@ -210,6 +213,7 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, com
     _test_kill_in_save_hook(iteration, "shards")
 
     def publish() -> None:
+        _verify_shards(tmp)  # every shard the index names is there, whole: never publish less
         meta = dict(common, iteration=iteration, format_version=FORMAT_VERSION, complete=True)
         _write_atomic(os.path.join(tmp, MARKER), json.dumps(meta, indent=1, default=str))
         if os.path.exists(final):  # re-saving the same iteration (e.g. after a resume)
@@ -229,6 +233,39 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, com
     return final
 
 
+def _check_shared(root: str, tmp: str) -> None:
+    """Every rank sees the directory rank 0 just made (collective). A --save on a node-local disk
+    of a multi-node job would otherwise "succeed": each node writes its shards into its own copy,
+    rank 0 publishes an index naming shards it does not have, and the loss shows only at resume."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    from .distributed import from_rank0
+
+    probe = os.path.join(tmp, ".shared_by_all_ranks")
+
+    def write() -> str:
+        token = uuid.uuid4().hex
+        with open(probe, "w") as f:
+            f.write(token)
+        return token
+
+    token = from_rank0(write)
+    try:
+        with open(probe) as f:
+            seen = f.read() == token
+    except OSError:
+        seen = False
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (seen, socket.gethostname()))
+    blind = [f"rank {r} ({host})" for r, (ok, host) in enumerate(everyone) if not ok]
+    if blind:
+        raise CheckpointError(f"--save {root}: {', '.join(blind[:4])}{' ...' if len(blind) > 4 else ''} cannot see "
+                              f"the directory rank 0 created there ({tmp}); a checkpoint needs a filesystem "
+                              "shared by every node. Point --save (and --load) at a shared path")
+    if _rank() == 0:
+        os.remove(probe)
+
+
 # ---------------------------------------------------------------------------------- load
 def read_meta(ckpt_dir: str) -> dict:
     path = os.path.join(ckpt_dir, MARKER)
@@ -240,6 +277,8 @@ def read_meta(ckpt_dir: str) -> dict:
                               "(the save was interrupted)") from None
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: {MARKER} unreadable ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: {MARKER} is not a JSON object")
     if not meta.get("complete"):
         raise CheckpointError(f"checkpoint {ckpt_dir} is not marked complete")
     return meta
@@ -330,9 +369,13 @@ def find_checkpoint(root: str, fallback: bool) -> Optional[Tuple[int, str, dict]
         return None
     problems = []
     if os.path.isfile(tracker):
-        text = open(tracker).read().strip()
-        if not text.isdigit():
-            problems.append(f"{tracker} does not hold an iteration number ({text!r})")
+        with open(tracker, "rb") as f:
+            raw = f.read()
+        # ASCII digits only: a digit of another script passes isdigit() but not int()
+        text = raw.decode("ascii", errors="replace").strip()
+        if not (raw.isascii() and text.isdigit()):
+            shown = repr(text) if raw.isascii() else f"bytes {raw[:40]!r}"
+            problems.append(f"{tracker} does not hold an iteration number ({shown})")
         else:
             path = iteration_dir(root, int(text))
             try:

@@ -21,7 +21,10 @@ hold exactly the tokens one TST sample needs, and re-cut each window:
 samples that continue through the base stream after the last superposition item (the s samples
 of one window spread over the stream, not side by side in one batch: `base_index_of`). A run is thus
 a pure function of (seed, consumed samples), resumes exactly, and never trains twice on a token
-window within an epoch of the base dataset.
+window within an epoch of the base dataset. (A run that needs two or more epochs of its split --
+TST eats s times more text -- gets megatron's multi-epoch order: when the last epoch is mostly
+used, megatron shuffles all epochs together, so text of the superposition phase can come back in
+recovery before the first epoch is done, exactly as it would for a plain GPTDataset.)
 
 Samples are dicts of tensors only (default collate works):
   superposition, full  : tokens [L, s], labels [L, s]   (invalid target -> -100)

@@ -229,9 +229,10 @@ def _resolved(args: dict) -> dict:
     return out
 
 
-def check_resume_compatible(cfg: RunConfig, meta: dict, path: str) -> None:
+def check_resume_compatible(cfg: RunConfig, meta: dict, path: str, source: str = "--load") -> None:
     """Refuse to resume with another model shape, bag size or LR schedule, unless overridden;
-    with --finetune (a new run from the weights) only another weight shape is refused."""
+    with --finetune (a new run from the weights) only another weight shape is refused. `source`: the
+    flag that named the checkpoint (--load, or --pretrained-checkpoint), for the messages."""
     raw_saved, raw_now = meta.get("args", {}), cfg.to_dict()
     saved, now = _resolved(raw_saved), _resolved(raw_now)
     diffs, shape = [], False
@@ -264,7 +265,7 @@ def check_resume_compatible(cfg: RunConfig, meta: dict, path: str) -> None:
         if stacks_layers(was) != stacks_layers(will):  # no override helps: the keys do not match
             layout = {True: "stacked (an int 1)", False: "one entry per layer (a list or an int > 1)"}
             spelled = was if isinstance(was, int) else '"' + str(was).replace(" ", "") + '"'
-            fail(f"--load {path}: --moe-layer-freq {will} stores the layers {layout[stacks_layers(will)]}, the "
+            fail(f"{source} {path}: --moe-layer-freq {will} stores the layers {layout[stacks_layers(will)]}, the "
                  f"checkpoint's {was} {layout[stacks_layers(was)]}: megatron-core's layout follows the spelling, "
                  f"so the weights would not load. Give --moe-layer-freq {spelled} as the checkpoint did")
     sm, nm = saved.get("model", {}), now["model"]
@@ -301,15 +302,16 @@ def check_resume_compatible(cfg: RunConfig, meta: dict, path: str) -> None:
     saved_ramp = saved.get("optim", {}).get("rampup_batch_size")
     if not cfg.ckpt.finetune and "optim" in saved and bool(saved_ramp) != bool(cfg.optim.rampup_batch_size):
         # the saved scheduler counts samples under a ramp and steps otherwise: no override can mix them
-        fail(f"--load {path}: the checkpoint was trained "
+        fail(f"{source} {path}: the checkpoint was trained "
              + (f"with --rampup-batch-size {' '.join(map(str, saved_ramp))}, this run without"
                 if saved_ramp else "without --rampup-batch-size, this run with one")
              + "; its LR schedule counts samples under a ramp and steps otherwise, so a resume cannot switch. "
              "Resume with the checkpoint's setting, or start a new run from its weights with --finetune")
     if diffs and not cfg.ckpt.override_checkpoint_args:
-        fix = ("The weights have the checkpoint's shape: use its values, or --load / --save another directory "
-               "for a new run" if shape else "Use the checkpoint's values, or pass --override-checkpoint-args")
-        fail(f"--load {path}: the checkpoint was trained with a different configuration: "
+        fix = ("The weights have the checkpoint's shape: use its values"
+               + (", or --load / --save another directory for a new run" if source == "--load" else "")
+               if shape else "Use the checkpoint's values, or pass --override-checkpoint-args")
+        fail(f"{source} {path}: the checkpoint was trained with a different configuration: "
              + "; ".join(diffs) + ". " + fix)
 
 
@@ -326,7 +328,7 @@ def same_train_data(cfg: RunConfig, meta: dict) -> bool:
                for group, key in _TRAIN_STREAM_KEYS)
 
 
-def check_resume_data(cfg: RunConfig, meta: dict, path: str, verbose: bool) -> None:
+def check_resume_data(cfg: RunConfig, meta: dict, path: str, verbose: bool, source: str = "--load") -> None:
     """The data side of a resume. Another --tokenizer-type gives the embedding rows other tokens
     (a vocabulary of the same padded size loads without complaint and trains garbage): refused
     unless --override-checkpoint-args. Another --seed, --data-path or --split is a legitimate
@@ -340,7 +342,7 @@ def check_resume_data(cfg: RunConfig, meta: dict, path: str, verbose: bool) -> N
     was = saved.get("data", {}).get("tokenizer_type")
     if (was is not None and canonical_tokenizer_type(was) != canonical_tokenizer_type(cfg.data.tokenizer_type)
             and not cfg.ckpt.override_checkpoint_args):
-        fail(f"--load {path}: the checkpoint was trained with --tokenizer-type {was}, this run gives "
+        fail(f"{source} {path}: the checkpoint was trained with --tokenizer-type {was}, this run gives "
              f"--tokenizer-type {cfg.data.tokenizer_type}; its embedding rows stand for that tokenizer's "
              "tokens. Use the checkpoint's tokenizer, or pass --override-checkpoint-args to train the "
              "weights on another one")

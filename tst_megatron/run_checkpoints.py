@@ -23,21 +23,43 @@ from .distributed import from_rank0
 
 
 
-def _drop_dead_checkpoint_results_queue() -> None:
+def _checkpoint_results_queue() -> None:
     """megatron-core's saves report through a manager process it starts at the first save and keeps
     (spawned, so without the trainer's signal handler). A SIGTERM sent to every process of the job
-    (`scancel --signal=TERM`) kills it, and every later save -- first of all the one the trainer
-    makes to stop cleanly -- would fail with a broken pipe. Before each save a dead one is dropped,
-    so that megatron-core starts a new one."""
+    (`scancel --signal=TERM`, torchrun passing a signal on to the process group) would kill it --
+    during a save, that save fails -- and every later save (first of all the one the trainer makes
+    to stop cleanly) with a broken pipe. So the trainer starts it itself with SIGTERM ignored, and
+    drops a dead one (killed otherwise) before each save."""
+    import signal
+    import threading
+
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     queue = getattr(filesystem_async, "_results_queue", None)
-    if queue is None:
-        return
+    if queue is not None:
+        try:
+            queue.qsize()
+            return
+        except (OSError, EOFError):  # broken pipe, connection refused or reset
+            filesystem_async._results_queue = None
+    if threading.current_thread() is not threading.main_thread():
+        return  # (signal masks are per thread; megatron-core starts it on first use)
+    # Ignored while it starts (spawn's exec keeps an ignored signal ignored; a blocked one it does
+    # not keep blocked), and blocked meanwhile here, so that a SIGTERM for the trainer waits for
+    # its handler instead of being lost (Linux keeps a blocked signal pending even while ignored).
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
-        queue.qsize()
-    except (OSError, EOFError):  # broken pipe, connection refused or reset
-        filesystem_async._results_queue = None
+        held = signal.SIGTERM in signal.sigpending()  # setting SIG_IGN would discard it: re-raised below
+        handler = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            filesystem_async._get_write_results_queue()
+        finally:
+            signal.signal(signal.SIGTERM, handler)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    if held:
+        signal.raise_signal(signal.SIGTERM)
+
 
 class RunCheckpoints:
     def _start_point(self):
@@ -47,7 +69,7 @@ class RunCheckpoints:
         the checkpoint's padded vocabulary."""
         cfg = check_cfg = self.cfg  # check_cfg: the flags the checks see
         c = cfg.ckpt
-        found = None
+        found, flag = None, "--load"  # flag: the one that named the checkpoint, for the messages
         if c.load and (os.path.isdir(c.load) or c.pretrained_checkpoint is None):
             found = self._find(c.load, "--load")
             if found is None:
@@ -64,7 +86,7 @@ class RunCheckpoints:
                     fail(f"--load {c.load}: the directory holds no checkpoint (no {ckpt.TRACKER} and no iter_* "
                          "directories)")
         if found is None and c.pretrained_checkpoint:
-            found = self._find(c.pretrained_checkpoint, "--pretrained-checkpoint")
+            found, flag = self._find(c.pretrained_checkpoint, "--pretrained-checkpoint"), "--pretrained-checkpoint"
             if found is None:
                 hint = (f"; this is one checkpoint's iteration directory: give the directory that holds it "
                         f"({os.path.dirname(os.path.abspath(c.pretrained_checkpoint))})"
@@ -84,9 +106,10 @@ class RunCheckpoints:
             # an evaluation of the weights: only what they are (shape, tokenizer) must match, as for
             # --finetune; the schedule and TST flags of a run that trains nothing do not matter
             check_cfg = dataclasses.replace(cfg, ckpt=dataclasses.replace(c, finetune=True))
-        preflight.check_resume_compatible(check_cfg, found[2], found[1])
+        preflight.check_resume_compatible(check_cfg, found[2], found[1], flag)
         # a fine-tuning run starts its own data stream: only the tokenizer must be the same
-        preflight.check_resume_data(check_cfg, found[2], found[1], self.rank == 0 and not check_cfg.ckpt.finetune)
+        preflight.check_resume_data(check_cfg, found[2], found[1], self.rank == 0 and not check_cfg.ckpt.finetune,
+                                    flag)
         self.vocab_size = preflight.resume_vocab_size(check_cfg, found[2], found[1], self.vocab_size,
                                                       self.tokenizer.vocab_size, self.rank == 0)
         return (None, found[1]) if finetune else (found, None)
@@ -156,7 +179,7 @@ class RunCheckpoints:
             return
         t0 = time.time()
         try:
-            _drop_dead_checkpoint_results_queue()
+            _checkpoint_results_queue()
             with self._parameters_gathered():
                 path = ckpt.save_checkpoint(c.save, self.iteration, self.model, self.optimizer, self.scheduler,
                                             self._common_state(), self.cfg.parallel.use_distributed_optimizer,

@@ -489,18 +489,21 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
                 self.save()
             reason = self._should_exit()
             if reason and self.iteration < o.train_iters:
-                if interval.steps:  # the steps since the last log line, before the run stops
-                    self._log_train(phase, interval, start_iteration)
+                # the checkpoint first: a failure in what follows (logging) must not lose the steps
                 if not (cfg.ckpt.save_interval and self.iteration % cfg.ckpt.save_interval == 0):
                     self.save()
+                if interval.steps:  # the steps since the last log line, before the run stops
+                    self._log_train(phase, interval, start_iteration)
                 saved = (self.last_checkpoint or "none") if cfg.ckpt.save else (
                     "none saved (no --save); the steps since " + (self.last_checkpoint or "the start") + " are lost")
                 self.log.print(f"> exiting at iteration {self.iteration} ({reason}); checkpoint: {saved}")
                 self.log.close()
                 return 0
-        self.evaluate_now(final=True)
+        # saved before the final evaluation, as Megatron-LM does: a preemption, a time limit or a
+        # crash during the evaluation must not lose the steps since the last periodic checkpoint
         if cfg.ckpt.save and not (cfg.ckpt.save_interval and self.iteration % cfg.ckpt.save_interval == 0):
             self.save()
+        self.evaluate_now(final=True)
         self.log.print(f"> training done: {self.iteration} iterations, {self.data_tokens} data tokens, "
                        f"elapsed {format_duration(self.timer.elapsed())}")
         self.log.close()

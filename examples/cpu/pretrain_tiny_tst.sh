@@ -35,7 +35,11 @@ build_tiny_corpus() {
     dir=$(dirname "$prefix")
     mkdir -p "$dir"
     (
-        flock -w 600 9 || { echo "error: could not lock $dir/.build.lock" >&2; exit 1; }
+        # one builder at a time (two "nodes" of one machine); flock is Linux's (util-linux): without it
+        # (macOS) the build is unlocked, fine for one process per machine
+        if command -v flock >/dev/null 2>&1; then
+            flock -w 600 9 || { echo "error: could not lock $dir/.build.lock" >&2; exit 1; }
+        fi
         if [[ -f $prefix.bin && -f $prefix.idx ]]; then exit 0; fi
         echo "[pretrain_tiny_tst] building the tiny corpus $prefix (once)" >&2
         local jsonl=$dir/email.$$.jsonl

@@ -4,9 +4,9 @@
 #     tst_launch ARG...      # torchrun pretrain_tst.py ARG... (plus the env-driven args below)
 #
 # Environment (all optional):
-#   topology     NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500),
+#   topology     NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1; required when NNODES > 1), MASTER_PORT (29500),
 #                NPROC_PER_NODE or GPUS_PER_NODE (default: the GPUs of CUDA_VISIBLE_DEVICES when
-#                set, else those nvidia-smi lists, else 1),
+#                set, else those nvidia-smi (or torch.cuda) lists, else 1),
 #                RDZV_BACKEND: static (default; NODE_RANK picks the rank) or c10d (rendezvous at
 #                MASTER_ADDR:MASTER_PORT, node ranks assigned by torchrun; RDZV_ID names the job),
 #                TORCHRUN_ARGS: extra torchrun flags (word-split).
@@ -40,8 +40,14 @@ DATA_ROOT=${DATA_ROOT:-$REPO_ROOT/data}
 # (CUDA_VISIBLE_DEVICES when set: a shared node or `srun --gpus=2` without device cgroups lists
 # every GPU in nvidia-smi), else 1.
 tst_nproc_per_node() {
-    if [[ -n ${NPROC_PER_NODE:-} ]]; then echo "$NPROC_PER_NODE"; return; fi
-    if [[ -n ${GPUS_PER_NODE:-} ]]; then echo "$GPUS_PER_NODE"; return; fi
+    local given=${NPROC_PER_NODE:-${GPUS_PER_NODE:-}}
+    if [[ -n $given ]]; then
+        if ! [[ $given =~ ^[0-9]+$ && $given -ge 1 ]]; then
+            echo "error: NPROC_PER_NODE / GPUS_PER_NODE must be a whole number >= 1 (got '$given')" >&2
+            return 2
+        fi
+        echo "$given"; return
+    fi
     local n=0 ids id
     if [[ -n ${CUDA_VISIBLE_DEVICES+set} ]]; then
         IFS=, read -r -a ids <<< "$CUDA_VISIBLE_DEVICES"
@@ -51,6 +57,8 @@ tst_nproc_per_node() {
         done
     elif command -v nvidia-smi >/dev/null 2>&1; then
         n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    else  # no nvidia-smi on PATH (some containers): ask PyTorch
+        n=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
     fi
     if [[ ${n:-0} -gt 0 ]]; then echo "$n"; else echo 1; fi
 }
@@ -90,7 +98,7 @@ tst_print_cmd() {
 tst_launch() {
     local train_args=("$@")
     local nproc nnodes
-    nproc=$(tst_nproc_per_node)
+    nproc=$(tst_nproc_per_node) || return
     nnodes=${NNODES:-1}
     tst_torchrun_args || return
 
@@ -163,8 +171,12 @@ tst_launch() {
 # torchrun's own flags, from the topology variables, into TSTRUN_TORCHRUN_ARGS.
 tst_torchrun_args() {
     local nproc nnodes
-    nproc=$(tst_nproc_per_node)
+    nproc=$(tst_nproc_per_node) || return
     nnodes=${NNODES:-1}
+    if [[ $nnodes -gt 1 && -z ${MASTER_ADDR:-} ]]; then  # 127.0.0.1 would leave every other node waiting alone
+        echo "error: NNODES=$nnodes needs MASTER_ADDR (the first node's address, the same on every node)" >&2
+        return 2
+    fi
     TSTRUN_TORCHRUN_ARGS=(--nproc-per-node "$nproc" --nnodes "$nnodes")
     case ${RDZV_BACKEND:-static} in
         static)
@@ -198,7 +210,17 @@ tst_paper_launch() {
     local model_args=()
     while [[ $# -gt 0 && $1 != -- ]]; do model_args+=("$1"); shift; done
     if [[ ${1:-} == -- ]]; then shift; fi
+    local a
+    for a in "$@"; do
+        if [[ $a == --train-iters || $a == --train-iters=* ]]; then
+            echo "error: give the run length as TRAIN_ITERS=N (the warmup, WSD decay and superposition lengths" \
+                 "follow it), not $a" >&2
+            return 2
+        fi
+    done
     local parallel_args=(--tensor-model-parallel-size "${TP:-1}" --pipeline-model-parallel-size "${PP:-1}")
+    # tensor parallel with sequence parallel, as Megatron-LM's recipes run it (MoE needs it)
+    if [[ ${TP:-1} -gt 1 ]]; then parallel_args+=(--sequence-parallel); fi
     if [[ -n ${EXPERT_PARALLEL:-} ]]; then parallel_args+=(--expert-model-parallel-size "$EXPERT_PARALLEL"); fi
     parallel_args+=(--use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather)
     # shellcheck disable=SC2207

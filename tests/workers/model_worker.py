@@ -524,6 +524,26 @@ def scenario_rank0_agreement(outdir):
         flag("rank0_agreement/failure_raises_everywhere",
              want in str(exc) and (rank == 0) == (not str(exc).startswith("rank 0 failed")), str(exc))
 
+    # --save on one filesystem for all: rank 0's new directory is seen everywhere (its probe removed)
+    shared = Path(outdir) / "shared" / "iter_0000001.tmp"
+    if rank == 0:
+        shared.mkdir(parents=True)
+    dist.barrier()
+    ckpt._check_shared(str(shared.parent), str(shared))
+    dist.barrier()
+    flag("rank0_agreement/shared_save_directory_accepted", shared.is_dir() and not any(shared.iterdir()))
+    # ...on node-local disks (simulated: a directory per rank, each made by its own rank, as torch's
+    # writer does): refused on every rank, naming the rank that cannot see rank 0's directory
+    local = Path(outdir) / f"node{rank}" / "iter_0000001.tmp"
+    local.mkdir(parents=True)
+    try:
+        ckpt._check_shared(str(local.parent), str(local))
+        flag("rank0_agreement/node_local_save_refused_everywhere", False, f"rank {rank}: no error")
+    except ckpt.CheckpointError as exc:
+        flag("rank0_agreement/node_local_save_refused_everywhere",
+             "rank 1 (" in str(exc) and "rank 0 (" not in str(exc) and "filesystem shared by every node" in str(exc),
+             str(exc))
+
 
 def scenario_router_losses_pp2(outdir):
     """tst_megatron.moe_logging at PP = 2 with the only MoE layer on the second stage: the first

@@ -170,7 +170,8 @@ def _apply_hf_model(m, mc: Mapping[str, Any], given: Set[str]) -> None:
                                  ("moe_router_enable_expert_bias", "no expert bias", False),
                                  ("moe_router_topk_scaling_factor", "no top-k scaling", None),
                                  ("moe_router_num_groups", "no group-limited routing", None),
-                                 ("moe_router_group_topk", "no group-limited routing", None)):
+                                 ("moe_router_group_topk", "no group-limited routing", None),
+                                 ("moe_expert_capacity_factor", "no token dropping", None)):
         need((name,), hf_name, value, lambda n=name: getattr(m, n), setter(name, value))
     if "moe_aux_loss_coeff" not in given:
         m.moe_aux_loss_coeff = float(mc.get("moe_aux_loss_coeff") or 0.0)
@@ -255,7 +256,10 @@ def trainer_flags(cfg) -> List[str]:
                "mode": "tst_mode"}
     for name, dest in tst_map.items():
         value, default = getattr(cfg.tst, name), getattr(TSTConfig(), name)
-        if value != default and value is not None:
+        # a ratio goes with every bag size > 1 that has no explicit iteration count, 0 included: the
+        # trainer refuses a bag size without one
+        needed = name == "superposition_ratio" and cfg.tst.bag_size > 1 and cfg.tst.superposition_iters is None
+        if (value != default or needed) and value is not None:
             flags += [_flag(dest), _format_value(value)]
     return flags
 
@@ -294,6 +298,9 @@ def import_checkpoint(hf_dir: str, save: str, run_argv: Sequence[str] = (), *, i
                 mc = hc.megatron_config_from_hf(hf_cfg)
             except ValueError as exc:
                 raise ConversionError(f"--hf {hf_dir}: {exc}") from None
+            except KeyError as exc:  # a field the architecture needs
+                raise ConversionError(f"--hf {hf_dir}: config.json has no {exc} (needed for "
+                                      f"{hf_cfg.get('architectures', ['?'])[0]}); nothing was written") from None
             arch = hc.arch_of(hf_cfg)
 
             cfg, given = _parse_run_flags(run_argv)
@@ -337,8 +344,12 @@ def import_checkpoint(hf_dir: str, save: str, run_argv: Sequence[str] = (), *, i
                 # the key names of the model just built (TE's fused layernorm-linear or local layers),
                 # not of what is installed: --transformer-impl local on a TE machine builds local layers
                 te = any(k.endswith("linear_qkv.layer_norm_weight") for k in chunks[0].state_dict())
-                msd = hc.hf_to_megatron(hf_sd, hf_cfg, key_style="te" if te else "local",
-                                        zero_centered_gamma=cfg.model.apply_layernorm_1p)
+                try:
+                    msd = hc.hf_to_megatron(hf_sd, hf_cfg, key_style="te" if te else "local",
+                                            zero_centered_gamma=cfg.model.apply_layernorm_1p)
+                except (KeyError, ValueError) as exc:  # a tensor missing, left over or of another shape
+                    raise ConversionError(f"--hf {hf_dir}: the weights do not match config.json ({exc}); "
+                                          "nothing was written") from None
                 del hf_sd
                 with torch.no_grad():
                     result = chunks[0].load_state_dict(msd, strict=not te)
@@ -359,7 +370,8 @@ def import_checkpoint(hf_dir: str, save: str, run_argv: Sequence[str] = (), *, i
                           "consumed_samples": int(consumed_samples), "data_tokens": int(data_tokens),
                           "superposition_samples": int(sup_samples),
                           "positions": int(consumed_samples) * L, "phase": phase,
-                          "superposition_checkpoint": iteration < num_sup,
+                          # the Hugging Face weights: a next-token model, whatever phase the run continues in
+                          "superposition_checkpoint": False,
                           "superposition_iters": num_sup, "vocab_size": hf_vocab,
                           "tokenizer_vocab_size": tokenizer_vocab, "args": cfg.to_dict(),
                           "imported_from": os.path.abspath(hf_dir), "optimizer_state": False}

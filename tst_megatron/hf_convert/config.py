@@ -241,6 +241,8 @@ def check_representable(arch: str, tc: Any, *, position_embedding_type: str = "r
         _fail(arch, "moe_router_enable_expert_bias", "needs False")
     if f["moe_expert_capacity_factor"] is not None:
         _fail(arch, "moe_expert_capacity_factor", "token dropping; needs None")
+    if f["moe_router_load_balancing_type"] == "sinkhorn":  # sinkhorn's routing is not softmax top-k
+        _fail(arch, "moe_router_load_balancing_type", "'sinkhorn'; needs 'aux_loss', 'seq_aux_loss' or 'none'")
     if f["moe_apply_probs_on_input"]:
         _fail(arch, "moe_apply_probs_on_input", "needs False")
     if f["moe_latent_size"]:
@@ -399,14 +401,19 @@ def megatron_config_from_hf(hf_config: Any) -> Dict[str, Any]:
     act = c.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ValueError(f"hidden_act: {act!r}; megatron export supports SwiGLU (silu) only")
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, Mapping) else "default"
-    if rope_type != "default":
-        raise ValueError(f"rope_parameters: rope_type {rope_type!r} is not supported (default only)")
-    if isinstance(rope, Mapping) and rope.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError("rope_parameters: partial_rotary_factor != 1.0 is not supported")
-    theta = rope.get("rope_theta") if isinstance(rope, Mapping) else None
-    theta = theta if theta is not None else c.get("rope_theta", 10000.0)
+    # transformers reads rope_scaling before rope_parameters (v5: `rope_scaling or rope_parameters`)
+    # and a top-level partial_rotary_factor as well: every one of them must be plain RoPE
+    ropes = [(key, c[key]) for key in ("rope_scaling", "rope_parameters") if isinstance(c.get(key), Mapping)]
+    for key, rope in ropes:
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"{key}: rope_type {rope_type!r} is not supported (default only)")
+    for key, factor in [(f"{k}.partial_rotary_factor", r.get("partial_rotary_factor")) for k, r in ropes] + \
+            [("partial_rotary_factor", c.get("partial_rotary_factor"))]:
+        if factor is not None and float(factor) != 1.0:
+            raise ValueError(f"{key}: {factor}; partial RoPE is not supported (1.0 only)")
+    thetas = [r["rope_theta"] for _, r in ropes if r.get("rope_theta") is not None]
+    theta = thetas[0] if thetas else c.get("rope_theta", 10000.0)
     if c.get("use_sliding_window"):
         raise ValueError("use_sliding_window: sliding-window attention is not supported")
     out: Dict[str, Any] = {
