@@ -559,13 +559,15 @@ def test_import_refusals(exports, tmp_path):
             shutil.copy(os.path.join(hf, name), tmp_path / d / name)
     conf = json.loads((tmp_path / "nofield" / "config.json").read_text())
     del conf["intermediate_size"]
+    conf["architectures"] = None  # the architecture from model_type then (as transformers reads it)
     (tmp_path / "nofield" / "config.json").write_text(json.dumps(conf))
     from safetensors.torch import load_file, save_file
     (shard,) = [n for n in os.listdir(tmp_path / "leftover") if n.endswith(".safetensors")]
     tensors = load_file(str(tmp_path / "leftover" / shard))
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # old Llama files hold it
     save_file(tensors, str(tmp_path / "leftover" / shard), metadata={"format": "pt"})
-    cases += [(str(tmp_path / "nofield"), base, r"config.json has no 'intermediate_size' .*nothing was written"),
+    cases += [(str(tmp_path / "nofield"), base,
+               r"config.json has no 'intermediate_size' \(needed for LlamaForCausalLM\); nothing was written"),
               (str(tmp_path / "leftover"), base, r"the weights do not match config.json .*nothing was written")]
     for i, case in enumerate(cases):
         src, argv, message = case if len(case) == 3 else (hf, *case)

@@ -132,6 +132,17 @@ def test_config_launch_line(name):
     assert one("--eval-interval") == "77"  # "$@" passes through, last
 
 
+@pytest.mark.parametrize("tp,sp", [(2, True), (3, False)])
+def test_tensor_parallel_adds_sequence_parallel_where_it_divides(tp, sp):
+    """TP > 1 runs with sequence parallel, as Megatron-LM's recipes do, unless the sequence does not
+    divide among the TP ranks (the 270M's TP = 3 with 4096 tokens): then without."""
+    p = subprocess.run(["bash", str(EXAMPLES / "pretrain_tst_270m.sh")], cwd=REPO,
+                       env=_env(DRY_RUN=1, TP=tp, NPROC_PER_NODE="gpu"), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    argv = shlex.split(p.stdout.strip().splitlines()[-1])
+    assert ("--sequence-parallel" in argv) == sp and argv[argv.index("--nproc-per-node") + 1] == "gpu"
+
+
 def test_baseline_switch():
     """TST_BAG_SIZE=1 gives the plain next-token run of the same config."""
     p = subprocess.run(["bash", str(EXAMPLES / "pretrain_tst_270m.sh")], cwd=REPO,
@@ -146,7 +157,8 @@ def test_baseline_switch():
     ("needs NODE_RANK", dict(MASTER_ADDR="node0"), ()),
     ("needs MASTER_ADDR", dict(NODE_RANK=1), ()),  # 127.0.0.1 would leave node 1 waiting for itself
     ("needs MASTER_ADDR", dict(RDZV_BACKEND="c10d"), ()),
-    ("GPUS_PER_NODE must be a whole number >= 1", dict(MASTER_ADDR="node0", NODE_RANK=0, GPUS_PER_NODE=0), ()),
+    ("GPUS_PER_NODE must be a whole number >= 1, or gpu / cpu / auto",
+     dict(MASTER_ADDR="node0", NODE_RANK=0, GPUS_PER_NODE=0), ()),
     ("run length as TRAIN_ITERS=N", dict(MASTER_ADDR="node0", NODE_RANK=0), ("--train-iters", "100000")),
 ])
 def test_multinode_launch_refuses_incomplete_settings(dry_run, expect, env, extra):

@@ -70,6 +70,19 @@ def test_interpreted_kernel_matches_loop_and_torch(s, weighting, dtype, inplace,
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter test")
+def test_strided_weight_tensor_reads_as_its_values(small_blocks):
+    """A weight tensor that is a strided view (every other entry of a longer one): the kernels
+    index weights as base + j, so they must get a contiguous copy, not the view."""
+    logits, labels = dist_utils.make_bag_case((2, 3), V=130, s=4, seed=11, dtype=torch.float32)
+    longer = torch.tensor([0.4, 9.0, 0.3, 9.0, 0.2, 9.0, 0.1, 9.0])
+    up = torch.ones(labels.shape[:-1])
+    loss_t, grad_t = fwd_bwd(logits, labels, longer[::2], "triton", up)
+    loss_c, grad_c = fwd_bwd(logits, labels, longer[::2].clone(), "torch", up)
+    torch.testing.assert_close(loss_t, loss_c, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(grad_t, grad_c, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter test")
 def test_forward_kernel_row_stats_are_an_online_logsumexp(small_blocks):
     """The per-shard outputs TP combines: row max, sum-exp (rescaled as the max moves), the
     weighted target term t = sum_j w_j v_j z[y_j] / W of the slots in this shard, and W."""

@@ -203,6 +203,29 @@ def test_rerun_over_an_existing_prefix_removes_megatrons_index_cache(tmp_path, c
     assert not cache.parent.exists()
     assert f"removed megatron's index cache {cache.parent}" in capsys.readouterr().err
     assert len(IndexedDataset(str(cache.parent.parent))) == 3
+    # also when the old .bin/.idx were deleted by hand before the new run
+    cache.mkdir(parents=True)
+    for end in (".bin", ".idx"):
+        os.remove(str(cache.parent.parent) + end)
+    write_jsonl(path, ["four", "five"])
+    run(path, prefix, BYTE)
+    assert not cache.parent.exists() and len(IndexedDataset(str(cache.parent.parent))) == 2
+
+
+def test_output_prefix_inside_the_input_directory(tmp_path, capsys):
+    """The tool's own output (partial while it writes, complete on a rerun) and megatron's index
+    cache beside it are not read as documents of an --input directory that holds them."""
+    docs = [d for d in make_docs(8) if d]
+    write_dir(tmp_path / "in", docs)
+    for attempt in range(2):
+        summary = run(tmp_path / "in", tmp_path / "in" / "out", BYTE)
+        assert summary["documents"]["text"] == len(docs), (attempt, summary)
+        if attempt == 0:
+            (tmp_path / "in" / "out_text_document" / "cache").mkdir(parents=True)
+            (tmp_path / "in" / "out_text_document" / "cache" / "idx.npy").write_bytes(b"x")
+    assert "skipping 3 file(s) of this --output-prefix's own output" in capsys.readouterr().err
+    ds = IndexedDataset(str(tmp_path / "in" / "out_text_document"))
+    assert [ds[i].tolist() for i in range(len(docs))] == [list(d.encode()) for d in docs]
 
 
 def test_byte_order_mark_is_not_text(tmp_path):

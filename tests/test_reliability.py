@@ -393,8 +393,9 @@ def test_repeated_sigterm_is_one_clean_stop(tmp_path):
 def test_sigterm_to_the_process_group_spares_the_checkpoint_writers_manager(tmp_path):
     """megatron-core's saves report through a manager process; `scancel --signal=TERM` (or torchrun
     passing a signal on to the process group) reaches it too. The trainer starts it with SIGTERM
-    blocked, so it survives (a save running then still completes) while the trainer's own handler
-    still gets the signal. In a process of its own, in a session of its own (killpg)."""
+    ignored inside it, so it survives (a save running then still completes) while the trainer's
+    own handler gets the signal, also from a thread that is not the main one. In a process of
+    its own, in a session of its own (killpg)."""
     script = tmp_path / "manager.py"
     script.write_text(  # the main guard: the manager is spawned, and spawn imports the main module
         "import os, signal, time\n"
@@ -405,6 +406,7 @@ def test_sigterm_to_the_process_group_spares_the_checkpoint_writers_manager(tmp_
         "if __name__ == '__main__':\n"
         "    t = Trainer(parse_args(['--data-path', 'unused']))\n"
         "    t._install_signal_handlers()\n"
+        "    import threading; threading.Thread(target=time.sleep, args=(5,), daemon=True).start()\n"
         "    _checkpoint_results_queue()\n"
         "    q = fa._results_queue\n"
         "    manager = q._manager._process\n"

@@ -152,6 +152,24 @@ def test_huggingface_round_trip(hf_json):
             assert tok.detokenize(ids) == text
 
 
+def test_huggingface_tokenizer_ignores_saved_truncation_and_padding(hf_json, tmp_path):
+    """A tokenizer.json saved after a truncating / padding call carries those settings; the
+    `tokenizers` library would apply them to every document (cut to max_length, or padded).
+    Megatron-LM (through transformers) never does: the same ids as the file without them."""
+    from tokenizers import Tokenizer
+
+    plain = HuggingFaceTokenizer(hf_json)
+    tok = Tokenizer.from_file(hf_json)
+    tok.enable_truncation(max_length=4)
+    tok.enable_padding(length=64, pad_id=plain.pad, pad_token="<pad>")
+    saved = tmp_path / "tokenizer.json"
+    tok.save(str(saved))
+    assert len(Tokenizer.from_file(str(saved)).encode(TEXTS[0]).ids) == 64  # as saved: cut, then padded
+    text = " ".join(TEXTS)
+    ids = HuggingFaceTokenizer(str(saved)).tokenize(text)
+    assert ids == plain.tokenize(text) and len(ids) > 4
+
+
 def test_huggingface_eod_from_config_and_errors(tmp_path):
     path = make_hf_tokenizer(str(tmp_path / "cfg"), specials=("<|endoftext|>", "<my_eos>"))
     with open(tmp_path / "cfg" / "tokenizer_config.json", "w") as f:

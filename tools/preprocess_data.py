@@ -167,8 +167,13 @@ class _Writers:
         self.documents = {key: 0 for key in prefixes}
         self.tokens = {key: 0 for key in prefixes}
         self.empty = {key: 0 for key in prefixes}
-        for key, prefix in prefixes.items():
-            self.builders[key] = IndexedDatasetBuilder(get_bin_path(prefix) + PARTIAL, dtype=dtype)
+        try:
+            for key, prefix in prefixes.items():
+                self.builders[key] = IndexedDatasetBuilder(get_bin_path(prefix) + PARTIAL, dtype=dtype)
+        except OSError as exc:
+            self.abort()  # the keys opened before this one leave no .partial behind
+            raise _fail(f"cannot write the output {exc.filename!r}: {exc.strerror or exc}; choose another "
+                        "--output-prefix (or --json-keys)") from None
 
     def add(self, doc: Dict[str, np.ndarray]) -> int:
         added = 0
@@ -191,7 +196,7 @@ class _Writers:
                 # megatron's GPTDataset caches its sample indices under <prefix>/cache, named by a
                 # hash of the path and settings, not of the data: replaced data must not meet them
                 stale = os.path.join(prefix, "cache")
-                if os.path.isfile(get_idx_path(prefix)) and os.path.isdir(stale):
+                if os.path.isdir(stale):  # also when the old .bin/.idx were deleted by hand first
                     shutil.rmtree(stale)
                     print(f"> {prefix}: replaced; removed megatron's index cache {stale} (a --data-cache-path "
                           "elsewhere needs clearing by hand)", file=sys.stderr, flush=True)
@@ -212,7 +217,7 @@ class _Writers:
         for key, prefix in self.prefixes.items():
             try:
                 self.builders[key].data_file.close()
-            except Exception:
+            except Exception:  # (a key whose builder was never opened among them)
                 pass
             for path in (get_bin_path(prefix), get_idx_path(prefix)):
                 if os.path.exists(path + PARTIAL):
@@ -265,12 +270,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         files = list_input_files(args.input)
     except CorpusError as exc:
         raise _fail(str(exc)) from None
-    if not files:
-        raise _fail(f"--input {args.input!r} is an empty directory: no documents to process")
     _check_output_dir(args.output_prefix)
-
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     prefixes = output_prefixes(args.output_prefix, args.json_keys)
+    # an --output-prefix inside an --input directory: its own (earlier or partial) output and
+    # megatron's index cache beside it are not input
+    own = {os.path.realpath(get_bin_path(p) + end) for p in prefixes.values() for end in ("", PARTIAL)}
+    own |= {os.path.realpath(get_idx_path(p) + end) for p in prefixes.values() for end in ("", PARTIAL)}
+    caches = [os.path.realpath(os.path.join(p, "cache")) + os.sep for p in prefixes.values()]
+    skipped = [f for f in files if os.path.realpath(f) in own or os.path.realpath(f).startswith(tuple(caches))]
+    if skipped:
+        files = [f for f in files if f not in skipped]
+        print(f"> --input: skipping {len(skipped)} file(s) of this --output-prefix's own output "
+              f"({', '.join(map(os.path.basename, skipped[:4]))}{' ...' if len(skipped) > 4 else ''})",
+              file=sys.stderr, flush=True)
+    if not files:
+        raise _fail(f"--input {args.input!r} is an empty directory: no documents to process")
     for prefix in prefixes.values():
         for path in (get_bin_path(prefix), get_idx_path(prefix)):
             if os.path.isdir(path):
@@ -279,7 +294,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     # Whole-file documents are countable up front; JSONL line counts are not worth a pass.
     total = None if any(is_jsonl_file(f, args.input_format) for f in files) else len(files)
     writers = _Writers(prefixes, dtype)
-    stream = _encoded_stream(args, tokenizer, iter_records(args.input, args.input_format))
+    stream = _encoded_stream(args, tokenizer, iter_records(args.input, args.input_format, files))
     start = time.time()
     n_records = n_bytes = n_tokens = 0
     try:

@@ -242,14 +242,13 @@ def _check_shared(root: str, tmp: str) -> None:
     from .distributed import from_rank0
 
     probe = os.path.join(tmp, ".shared_by_all_ranks")
+    token = from_rank0(lambda: uuid.uuid4().hex)
 
-    def write() -> str:
-        token = uuid.uuid4().hex
+    def write() -> None:
         with open(probe, "w") as f:
             f.write(token)
-        return token
 
-    token = from_rank0(write)
+    _on_rank0(write)  # a failure there (a full disk) raises on every rank
     try:
         with open(probe) as f:
             seen = f.read() == token
@@ -262,8 +261,7 @@ def _check_shared(root: str, tmp: str) -> None:
         raise CheckpointError(f"--save {root}: {', '.join(blind[:4])}{' ...' if len(blind) > 4 else ''} cannot see "
                               f"the directory rank 0 created there ({tmp}); a checkpoint needs a filesystem "
                               "shared by every node. Point --save (and --load) at a shared path")
-    if _rank() == 0:
-        os.remove(probe)
+    _on_rank0(lambda: os.remove(probe))
 
 
 # ---------------------------------------------------------------------------------- load

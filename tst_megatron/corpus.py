@@ -70,12 +70,14 @@ def list_input_files(input_path: str) -> List[str]:
     return files
 
 
-def iter_records(input_path: str, input_format: str = "auto") -> Iterator[Record]:
-    """Yield raw records from `--input` in a fixed order (file order, then line order)."""
+def iter_records(input_path: str, input_format: str = "auto",
+                 files: Optional[Sequence[str]] = None) -> Iterator[Record]:
+    """Yield raw records from `--input` in a fixed order (file order, then line order); `files`:
+    the list `list_input_files` gave, taken once (a lazy listing would see files written since)."""
     if input_format not in INPUT_FORMATS:
         raise CorpusError(f"--input-format must be one of {', '.join(INPUT_FORMATS)} "
                           f"(got {input_format!r})")
-    for path in list_input_files(input_path):
+    for path in list_input_files(input_path) if files is None else files:
         if is_jsonl_file(path, input_format):
             with open(path, "rb") as f:
                 for line_no, line in enumerate(f, start=1):

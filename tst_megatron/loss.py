@@ -99,7 +99,8 @@ def _as_weights(weights, s: int, device, check_on_device: bool = True) -> torch.
         if not all(math.isfinite(x) and x >= 0 for x in values) or not sum(values) > 0:
             raise ValueError("multi_hot_cross_entropy: weights must be finite and >= 0, not all 0")
         return _device_weights(values, torch.device(device))
-    w = weights.to(dtype=torch.float32, device=device).reshape(-1)
+    # contiguous: the Triton kernels read weight j at base + j (a strided view would be misread)
+    w = weights.to(dtype=torch.float32, device=device).reshape(-1).contiguous()
     _check_weight_count(w.numel(), s)
     if w.device.type != "cpu":  # no host sync per step on an accelerator
         if check_on_device:

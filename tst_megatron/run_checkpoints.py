@@ -28,10 +28,13 @@ def _checkpoint_results_queue() -> None:
     (spawned, so without the trainer's signal handler). A SIGTERM sent to every process of the job
     (`scancel --signal=TERM`, torchrun passing a signal on to the process group) would kill it --
     during a save, that save fails -- and every later save (first of all the one the trainer makes
-    to stop cleanly) with a broken pipe. So the trainer starts it itself with SIGTERM ignored, and
-    drops a dead one (killed otherwise) before each save."""
+    to stop cleanly) with a broken pipe. So the trainer starts it itself, the way megatron-core
+    does but with SIGTERM ignored inside it (the trainer's own handling is untouched), and drops a
+    dead one (killed otherwise) before each save. It still ends with the trainer (multiprocessing
+    shuts it down at exit) or with SIGKILL."""
+    import multiprocessing
     import signal
-    import threading
+    from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
@@ -42,23 +45,9 @@ def _checkpoint_results_queue() -> None:
             return
         except (OSError, EOFError):  # broken pipe, connection refused or reset
             filesystem_async._results_queue = None
-    if threading.current_thread() is not threading.main_thread():
-        return  # (signal masks are per thread; megatron-core starts it on first use)
-    # Ignored while it starts (spawn's exec keeps an ignored signal ignored; a blocked one it does
-    # not keep blocked), and blocked meanwhile here, so that a SIGTERM for the trainer waits for
-    # its handler instead of being lost (Linux keeps a blocked signal pending even while ignored).
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    try:
-        held = signal.SIGTERM in signal.sigpending()  # setting SIG_IGN would discard it: re-raised below
-        handler = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        try:
-            filesystem_async._get_write_results_queue()
-        finally:
-            signal.signal(signal.SIGTERM, handler)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    if held:
-        signal.raise_signal(signal.SIGTERM)
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=signal.signal, initargs=(signal.SIGTERM, signal.SIG_IGN))
+    filesystem_async._results_queue = manager.Queue()  # the proxy keeps its manager alive
 
 
 class RunCheckpoints:

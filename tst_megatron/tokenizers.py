@@ -332,6 +332,11 @@ class HuggingFaceTokenizer(TSTTokenizer):
         except Exception as exc:
             raise ValueError(f"HuggingFaceTokenizer: {json_path!r} is not a `tokenizers` "
                              f"tokenizer.json (--tokenizer-model): {exc}") from exc
+        # a tokenizer.json may carry the truncation / padding of the call it was saved after
+        # (max_length 512, ...): every document would be cut or padded. transformers turns them off
+        # per call, as Megatron-LM's tokenizer does through it; here once
+        self._tok.no_truncation()
+        self._tok.no_padding()
         config = self._read_config(os.path.dirname(os.path.abspath(json_path)))
         self._eod = self._find_special(_special_token_from_config(config, "eos_token"), EOD_CANDIDATES)
         if self._eod is None:

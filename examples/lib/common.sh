@@ -42,8 +42,9 @@ DATA_ROOT=${DATA_ROOT:-$REPO_ROOT/data}
 tst_nproc_per_node() {
     local given=${NPROC_PER_NODE:-${GPUS_PER_NODE:-}}
     if [[ -n $given ]]; then
-        if ! [[ $given =~ ^[0-9]+$ && $given -ge 1 ]]; then
-            echo "error: NPROC_PER_NODE / GPUS_PER_NODE must be a whole number >= 1 (got '$given')" >&2
+        if ! [[ $given =~ ^([1-9][0-9]*|gpu|cpu|auto)$ ]]; then  # torchrun's --nproc-per-node values
+            echo "error: NPROC_PER_NODE / GPUS_PER_NODE must be a whole number >= 1, or gpu / cpu / auto" \
+                 "(got '$given')" >&2
             return 2
         fi
         echo "$given"; return
@@ -219,8 +220,11 @@ tst_paper_launch() {
         fi
     done
     local parallel_args=(--tensor-model-parallel-size "${TP:-1}" --pipeline-model-parallel-size "${PP:-1}")
-    # tensor parallel with sequence parallel, as Megatron-LM's recipes run it (MoE needs it)
-    if [[ ${TP:-1} -gt 1 ]]; then parallel_args+=(--sequence-parallel); fi
+    # tensor parallel with sequence parallel, as Megatron-LM's recipes run it (an MoE needs it),
+    # where the sequence divides among the TP ranks (the dense scripts' odd TP sizes keep it off)
+    if [[ ${TP:-1} -gt 1 && $(( ${SEQ_LENGTH:-0} % ${TP:-1} )) -eq 0 ]]; then
+        parallel_args+=(--sequence-parallel)
+    fi
     if [[ -n ${EXPERT_PARALLEL:-} ]]; then parallel_args+=(--expert-model-parallel-size "$EXPERT_PARALLEL"); fi
     parallel_args+=(--use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather)
     # shellcheck disable=SC2207

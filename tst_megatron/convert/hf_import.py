@@ -300,7 +300,7 @@ def import_checkpoint(hf_dir: str, save: str, run_argv: Sequence[str] = (), *, i
                 raise ConversionError(f"--hf {hf_dir}: {exc}") from None
             except KeyError as exc:  # a field the architecture needs
                 raise ConversionError(f"--hf {hf_dir}: config.json has no {exc} (needed for "
-                                      f"{hf_cfg.get('architectures', ['?'])[0]}); nothing was written") from None
+                                      f"{hc.arch_of(hf_cfg)}); nothing was written") from None
             arch = hc.arch_of(hf_cfg)
 
             cfg, given = _parse_run_flags(run_argv)
