@@ -678,6 +678,25 @@ def test_resume_in_superposition_with_another_bag_weighting_warns(corpus, tmp_pa
     assert ckpt.find_checkpoint(str(run), fallback=False)[0] == 4
 
 
+def test_resume_on_another_kind_of_device_keeps_its_own_rng(corpus, tmp_path, monkeypatch, capsys):
+    """The RNG tracker holds CPU generator states on a CPU and CUDA ones on a GPU: a checkpoint
+    saved on the other kind (marked so here) resumes without restoring them, and says so."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    with isolated():
+        assert main(base(corpus, run, **{"--exit-interval": 2})) == 0
+    marker = run / "iter_0000002" / ckpt.MARKER
+    meta = json.loads(marker.read_text())
+    assert meta["rng_device"] == "cpu"
+    marker.write_text(json.dumps(dict(meta, rng_device="cuda")))
+    capsys.readouterr()
+    with isolated():
+        assert main(base(corpus, run, **{"--load": run})) == 0
+    assert (f"> resumed from {run}/iter_0000002 at iteration 2 (recovery phase, 8 samples consumed); RNG state "
+            "not restored (saved on cuda, resumed on cpu)") in capsys.readouterr().out
+    assert ckpt.find_checkpoint(str(run), fallback=False)[0] == 4
+
+
 def test_moe_runs_one_after_another_in_one_process(corpus, tmp_path, monkeypatch, capsys):
     """megatron-core's MoE loss tracker is process-wide: a second in-process run (a notebook, a
     test) with another layer count logs its own router losses, not the first run's leftovers."""

@@ -134,10 +134,13 @@ def test_router_losses_reduced_over_a_pipeline_with_a_dense_first_stage(tmp_path
     """The MoE router losses of the log line at PP = 2, the only MoE layer on the second stage
     (worker `router_losses_pp2`, 2 Gloo ranks): no rank waits in a collective the other skips, and
     both end with the mean of the recorded values (their own loss e2e: test_trainer_e2e's EP=2 vs
-    EP=1 comparison)."""
+    EP=1 comparison). Then, at EP = 2, the CPU initialisation gives each rank experts of its own
+    and the same replicated dense weights (tst_megatron.cpu's expert-RNG piece)."""
     import dist_utils
 
     results = dist_utils.launch("router_losses_pp2", tmp_path, nproc=2, timeout=120)
     names = dist_utils.check_records(results, expected_prefixes=["router_losses_pp2/values",
-                                                                "router_losses_pp2/tracker_cleared"])
-    assert len(names) == 2, names
+                                                                "router_losses_pp2/tracker_cleared",
+                                                                "router_losses_pp2/ep2_experts_differ_across_ranks",
+                                                                "router_losses_pp2/ep2_dense_weights_equal_across_ranks"])
+    assert len(names) == 4, names

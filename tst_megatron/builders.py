@@ -86,6 +86,8 @@ def transformer_config(m: ModelArgs, par: ParallelArgs, o: OptimArgs, use_cpu_in
         fp16=o.fp16,
         calculate_per_token_loss=o.calculate_per_token_loss,  # the schedule, DDP and MoE aux losses read it
         use_cpu_initialization=use_cpu_init,
+        # as Megatron-LM: a pipeline stage's output is freed once sent (its activation memory)
+        deallocate_pipeline_outputs=True,
         recompute_granularity=m.recompute_granularity,
         recompute_method=m.recompute_method,
         recompute_num_layers=m.recompute_num_layers,

@@ -161,6 +161,31 @@ def model_parallel_manual_seed(seed: int) -> None:
     tp_random.model_parallel_cuda_manual_seed(seed)
 
 
+def _experts_from_the_expert_rng() -> None:
+    """megatron-core's CPU initialisation (`use_cpu_initialization`, which CPU runs use) draws every
+    expert's weights from the default generator, which is seeded alike on every expert-parallel
+    rank: at EP = 2 the second rank's experts would start as copies of the first rank's. Its GPU
+    initialisation draws them under the expert-parallel RNG state (seeded per EP rank). Here the
+    local experts are built under that state too; every other parameter still draws from the
+    default generator, so replicated (dense) parameters stay identical across ranks."""
+    from megatron.core.tensor_parallel import random as tp_random
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    if getattr(SequentialMLP.__init__, "_tst_expert_rng", False):
+        return
+    original = SequentialMLP.__init__
+
+    def __init__(self, *args, **kwargs):
+        tracker, name = tp_random.get_cuda_rng_tracker(), tp_random.get_expert_parallel_rng_tracker_name()
+        if not (tracker.is_initialized() and name in tracker.get_states()):
+            return original(self, *args, **kwargs)
+        with tracker.fork(name):
+            return original(self, *args, **kwargs)
+
+    __init__._tst_expert_rng = True
+    SequentialMLP.__init__ = __init__
+
+
 def define_missing_te_names() -> None:
     """Bind megatron-core's `moe_utils.te_general_gemm` to None when Transformer Engine did not
     import (the router then uses torch.mm, as its code intends); no-op with TE."""
@@ -212,6 +237,9 @@ def enable_cpu_support() -> bool:
 
     token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _NoStream()
     token_dispatcher.MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = _cpu_dtoh_and_synchronize
+
+    # E: experts drawn from the expert-parallel RNG, as on a GPU.
+    _experts_from_the_expert_rng()
 
     # B: CUDA placements inside megatron-core -> CPU, for the whole process.
     mode = CudaToCpuMode()

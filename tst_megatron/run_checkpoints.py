@@ -151,6 +151,7 @@ class RunCheckpoints:
                 "tokenizer_vocab_size": self.tokenizer.vocab_size, "args": self.cfg.to_dict(),
                 "finetuned_from": self.finetuned_from, "run_id": self.run_id,
                 "skipped_nonfinite": self.skipped_nonfinite,
+                "rng_device": self.device.type,  # the kind of generator states the RNG tracker holds
                 # where the LR schedule stands (skipped steps did not advance it), for a resume that
                 # starts a fresh optimizer and scheduler (--no-load-optim, --no-save-optim)
                 "scheduler_steps": int(self.scheduler.num_steps)}
@@ -196,7 +197,10 @@ class RunCheckpoints:
         saved_par = meta.get("args", {}).get("parallel", {})
         same_layout = (saved_par.get("tensor_model_parallel_size") == self.cfg.parallel.tensor_model_parallel_size
                        and saved_par.get("pipeline_model_parallel_size") == self.cfg.parallel.pipeline_model_parallel_size)
-        load_rng = not c.no_load_rng and same_layout and meta.get("rng_state") is not False
+        # the model-parallel RNG tracker holds CPU generator states on a CPU and CUDA ones on a GPU:
+        # a checkpoint moved between the two cannot restore them (older ones do not say: as before)
+        same_device = meta.get("rng_device", self.device.type) == self.device.type
+        load_rng = not c.no_load_rng and same_layout and same_device and meta.get("rng_state") is not False
         if c.override_checkpoint_args:  # the LR schedule of the new flags, from the saved step on
             self.scheduler.override_opt_param_scheduler = True
         load_optim = not c.no_load_optim and not self.cfg.logging.skip_train  # --skip-train: weights only
@@ -242,7 +246,9 @@ class RunCheckpoints:
             print(f"> resumed from {path} at iteration {self.iteration} "
                   f"({common['phase']} phase, {self.consumed_samples} samples consumed)"
                   + ("" if load_rng or c.no_load_rng else "; RNG state not restored ("
-                     + ("saved with --no-save-rng" if meta.get("rng_state") is False else "parallel layout changed")
+                     + ("saved with --no-save-rng" if meta.get("rng_state") is False else
+                        "parallel layout changed" if not same_layout else
+                        f"saved on {meta.get('rng_device')}, resumed on {self.device.type}")
                      + ")"),
                   flush=True)
 

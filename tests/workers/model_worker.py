@@ -570,6 +570,28 @@ def scenario_router_losses_pp2(outdir):
     flag("router_losses_pp2/tracker_cleared", all(float(e["values"].abs().sum()) == 0 for e in tracker.values()))
     ps.destroy_model_parallel()
 
+    # CPU initialisation at EP = 2: each rank's experts are its own (drawn under the expert RNG, as
+    # on a GPU), not copies of the other rank's; the replicated dense weights are the same on both
+    import torch.distributed as dist
+
+    ps.initialize_model_parallel(expert_model_parallel_size=2)
+    model = build_model(model_config("moe", ep=2), seed=5)
+    params = dict(model.named_parameters())
+
+    def both(name):
+        mine = params[name].detach().reshape(-1).contiguous()
+        out = [torch.empty_like(mine) for _ in range(2)]
+        dist.all_gather(out, mine)
+        return out
+
+    experts = [n for n in params if ".experts." in n]
+    dense = [n for n in params if ".experts." not in n]
+    assert experts and dense, list(params)
+    flag("router_losses_pp2/ep2_experts_differ_across_ranks",
+         all(not torch.equal(*both(n)) for n in experts), experts)
+    flag("router_losses_pp2/ep2_dense_weights_equal_across_ranks", all(torch.equal(*both(n)) for n in dense))
+    ps.destroy_model_parallel()
+
 
 # ----------------------------------------------------------------------------- main
 def main():
