@@ -139,8 +139,8 @@ def test_router_losses_reduced_over_a_pipeline_with_a_dense_first_stage(tmp_path
     import dist_utils
 
     results = dist_utils.launch("router_losses_pp2", tmp_path, nproc=2, timeout=120)
-    names = dist_utils.check_records(results, expected_prefixes=["router_losses_pp2/values",
-                                                                "router_losses_pp2/tracker_cleared",
-                                                                "router_losses_pp2/ep2_experts_differ_across_ranks",
-                                                                "router_losses_pp2/ep2_dense_weights_equal_across_ranks"])
+    prefix = "router_losses_pp2/"
+    names = dist_utils.check_records(results, expected_prefixes=[
+        prefix + "values", prefix + "tracker_cleared", prefix + "ep2_experts_differ_across_ranks",
+        prefix + "ep2_dense_weights_equal_across_ranks"])
     assert len(names) == 4, names
