@@ -576,7 +576,9 @@ def test_import_refusals(exports, tmp_path):
     # the imported weights are the HF next-token model even where the run continues in superposition
     tst = base + ["--tst-bag-size", "4", "--tst-superposition-iters", "50", "--train-iters", "100"]
     res = cv.import_checkpoint(hf, str(tmp_path / "tst"), tst, progress=False, log=None)
-    assert json.loads(Path(res["path"], "tst_meta.json").read_text())["superposition_checkpoint"] is False
+    meta = json.loads(Path(res["path"], "tst_meta.json").read_text())
+    assert meta["superposition_checkpoint"] is False
+    assert meta["rng_device"] == "cpu"  # its RNG states: a resume on a GPU does not restore them
     # an existing checkpoint directory is never written into
     res = cv.import_checkpoint(hf, str(tmp_path / "ok"), base, progress=False, log=None)
     assert res["iteration"] == 0 and res["tensor_parallel_sizes"] == [1, 2, 4, 8, 16]

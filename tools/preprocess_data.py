@@ -220,7 +220,7 @@ class _Writers:
             except Exception:  # (a key whose builder was never opened among them)
                 pass
             for path in (get_bin_path(prefix), get_idx_path(prefix)):
-                if os.path.exists(path + PARTIAL):
+                if os.path.isfile(path + PARTIAL):  # (a directory of that name was never ours)
                     os.remove(path + PARTIAL)
 
 

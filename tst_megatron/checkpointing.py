@@ -185,6 +185,11 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, com
         common = dict(common, optimizer_state=False)
     if not save_rng:
         common = dict(common, rng_state=False)
+    else:  # the kind of generator states the model-parallel RNG tracker holds (a resume on the other
+        # kind cannot restore them); here, so that every writer (the trainer, the HF import) says it
+        from .cpu import default_device
+
+        common = dict(common, rng_device=default_device().type)
     common = dict(common, optimizer_parts=optimizer_parts(optimizer) if optimizer is not None else None)
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"

@@ -45,8 +45,14 @@ def _checkpoint_results_queue() -> None:
             return
         except (OSError, EOFError):  # broken pipe, connection refused or reset
             filesystem_async._results_queue = None
-    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=signal.signal, initargs=(signal.SIGTERM, signal.SIG_IGN))
+    for attempt in (1, 2):
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        try:
+            manager.start(initializer=signal.signal, initargs=(signal.SIGTERM, signal.SIG_IGN))
+            break
+        except (EOFError, OSError):  # a SIGTERM before the initializer ran (the child imports
+            if attempt == 2:         # __main__ first, seconds): the trainer has it too; once more
+                raise
     filesystem_async._results_queue = manager.Queue()  # the proxy keeps its manager alive
 
 
@@ -151,7 +157,6 @@ class RunCheckpoints:
                 "tokenizer_vocab_size": self.tokenizer.vocab_size, "args": self.cfg.to_dict(),
                 "finetuned_from": self.finetuned_from, "run_id": self.run_id,
                 "skipped_nonfinite": self.skipped_nonfinite,
-                "rng_device": self.device.type,  # the kind of generator states the RNG tracker holds
                 # where the LR schedule stands (skipped steps did not advance it), for a resume that
                 # starts a fresh optimizer and scheduler (--no-load-optim, --no-save-optim)
                 "scheduler_steps": int(self.scheduler.num_steps)}
