@@ -37,6 +37,9 @@ def test_demo_end_to_end_small(tmp_path):
     assert tst and base, text[-3000:]
     png = out / "tst_vs_baseline.png"
     assert f"[demo] plot: {png}" in text
+    # the echoed training lines keep what is worth watching (the loss, not cut off before it)
+    echoed = [x for x in text.splitlines() if x.lstrip().startswith("iteration ")]
+    assert echoed and all(" loss: " in x and "tokens/s: " in x and "ETA: " in x for x in echoed), echoed
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 

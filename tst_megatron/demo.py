@@ -23,6 +23,19 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# The fields of the trainer's log line the demo echoes (the whole line is in the run's train.log).
+_ECHOED = ("phase", "learning rate", "mce loss", "lm loss", "grad norm", "tokens/s", "ETA")
+
+
+def _compact(line: str) -> str:
+    """A training log line cut to the fields worth watching, in the trainer's own words; other
+    lines (evaluation, the phase switch, errors) whole."""
+    parts = [p.strip() for p in line.split("|")]
+    if not parts[0].split("]")[-1].strip().startswith("iteration"):
+        return line
+    return " | ".join([parts[0].split("]")[-1].strip()] + [p for p in parts[1:] if p.startswith(_ECHOED)])
+
+
 def _run(cmd, log_path=None):
     print("$ " + " ".join(cmd), flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
@@ -30,13 +43,14 @@ def _run(cmd, log_path=None):
         if subprocess.run(cmd, cwd=REPO, env=env).returncode != 0:
             raise SystemExit(f"demo: {' '.join(cmd[:2])} failed; its message is above")
         return
+    print(f"  (the whole log: {log_path})", flush=True)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             log.write(line)
             if "iteration" in line and ("/" in line) or "validation" in line or "phase switch" in line \
                     or line.startswith("error") or "Traceback" in line:
-                print("   " + line.rstrip()[:200], flush=True)
+                print("   " + _compact(line.rstrip()), flush=True)
         if proc.wait() != 0:
             raise SystemExit(f"demo: {' '.join(cmd[:3])} failed; see {log_path}")
 
