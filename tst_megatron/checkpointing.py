@@ -238,11 +238,15 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, com
     return final
 
 
+_SHARED_ROOTS = set()  # --save directories every rank was seen to share (checked once per process)
+
+
 def _check_shared(root: str, tmp: str) -> None:
     """Every rank sees the directory rank 0 just made (collective). A --save on a node-local disk
     of a multi-node job would otherwise "succeed": each node writes its shards into its own copy,
-    rank 0 publishes an index naming shards it does not have, and the loss shows only at resume."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    rank 0 publishes an index naming shards it does not have, and the loss shows only at resume.
+    Once per --save directory: where it lies does not change during a run."""
+    if not dist.is_initialized() or dist.get_world_size() == 1 or root in _SHARED_ROOTS:
         return
     from .distributed import from_rank0
 
@@ -267,6 +271,7 @@ def _check_shared(root: str, tmp: str) -> None:
                               f"the directory rank 0 created there ({tmp}); a checkpoint needs a filesystem "
                               "shared by every node. Point --save (and --load) at a shared path")
     _on_rank0(lambda: os.remove(probe))
+    _SHARED_ROOTS.add(root)
 
 
 # ---------------------------------------------------------------------------------- load
