@@ -182,10 +182,12 @@ def _checkpoint_dtypes(ckpt_dir):
             if isinstance(v, TensorStorageMetadata) and "optimizer" not in k}
 
 
+# micro-batch 2: four micro-batches per step, more than the pipeline stages, so the schedules reach
+# their steady state (where the interleaved schedule at PP=2 once swapped activations and gradients)
 LAYOUTS = {
-    "pp2": (dict(pipeline_model_parallel_size=2), "TP=1 PP=2 EP=1 DP=1"),
-    "pp2_interleaved": (dict(pipeline_model_parallel_size=2, num_layers=4, num_layers_per_virtual_pipeline_stage=1),
-                        "TP=1 PP=2 EP=1 DP=1"),
+    "pp2": (dict(pipeline_model_parallel_size=2, micro_batch_size=2), "TP=1 PP=2 EP=1 DP=1"),
+    "pp2_interleaved": (dict(pipeline_model_parallel_size=2, num_layers=4, num_layers_per_virtual_pipeline_stage=1,
+                             micro_batch_size=2), "TP=1 PP=2 EP=1 DP=1"),
 }
 
 

@@ -88,6 +88,11 @@ def transformer_config(m: ModelArgs, par: ParallelArgs, o: OptimArgs, use_cpu_in
         use_cpu_initialization=use_cpu_init,
         # as Megatron-LM: a pipeline stage's output is freed once sent (its activation memory)
         deallocate_pipeline_outputs=True,
+        # The interleaved schedule at PP=2 sends an activation and a gradient of the same shape to the
+        # one other stage in one batched p2p call, which matches them in posting order and swaps them
+        # (Megatron-LM refuses this layout without --overlap-p2p-comm); megatron-core's unbatched path
+        # orders both directions consistently, so use it there.
+        batch_p2p_comm=not (vpp is not None and par.pipeline_model_parallel_size == 2),
         recompute_granularity=m.recompute_granularity,
         recompute_method=m.recompute_method,
         recompute_num_layers=m.recompute_num_layers,
