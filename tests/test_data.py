@@ -174,22 +174,30 @@ def test_recovery_continues_base_stream_without_rereading(tmp_path, corpus):
 def test_recovery_batches_are_not_s_pieces_of_the_same_text(tmp_path, corpus, monkeypatch):
     """Every (window, chunk) of the recovery windows is used exactly once, a block of windows at a
     time (the last block shorter), and the s pieces of one window are dealt apart, not side by
-    side: consecutive samples almost never share a window (in order, s - 1 of every s would)."""
+    side: consecutive samples almost never share a window (in order, s - 1 of every s would).
+    The blocks end where the run's plan ends (megatron's stream runs on to a whole epoch): the
+    run's recovery samples read every planned window and none past the plan."""
     import tst_megatron.data as data_mod
 
     monkeypatch.setattr(data_mod, "RECOVERY_SPREAD_WINDOWS", 7)
     prefix, _ = corpus["plain"]
-    ds = build(tmp_path, tst_cfg("full"), [prefix]).train
+    ds = build(tmp_path, tst_cfg("full"), [prefix], train_iters=45).train
     n_sup, windows = ds.num_superposition_samples, len(ds.base) - ds.num_superposition_samples
-    assert windows > 2 * 7 and windows % 7, "test needs several blocks and a partial last one"
+    planned = ds.planned_windows - n_sup
+    assert 2 * 7 < planned < windows and planned % 7, "test needs several blocks, a partial last one, a stream past the plan"
     pairs = [ds.base_index_of(i) for i in range(n_sup, len(ds))]
     assert sorted(pairs) == [(n_sup + w, c) for w in range(windows) for c in range(S)]
-    for j, (b, _) in enumerate(pairs):  # block j // (7 S) draws only from its own 7 windows
-        assert (b - n_sup) // 7 == j // (7 * S)
+    for j, (b, _) in enumerate(pairs):  # block j // (7 S) of a region draws only from its own 7 windows
+        if j < planned * S:
+            assert (b - n_sup) // 7 == j // (7 * S)
+        else:
+            assert n_sup + planned <= b and (b - n_sup - planned) // 7 == (j - planned * S) // (7 * S)
+    need = 45 * GBS - n_sup
+    assert {b for b, _ in pairs[:need]} == set(range(n_sup, n_sup + planned))
     same = sum(a[0] == b[0] for a, b in zip(pairs, pairs[1:]))
     assert same < 0.4 * len(pairs) * (S - 1) / S, same
     # a pure function of the index: a fresh dataset (a resumed run, another rank) agrees
-    again = build(tmp_path, tst_cfg("full"), [prefix]).train
+    again = build(tmp_path, tst_cfg("full"), [prefix], train_iters=45).train
     assert [again.base_index_of(i) for i in range(len(ds) - 1, n_sup - 1, -1)] == pairs[::-1]
 
 
@@ -431,7 +439,9 @@ def test_resume_with_another_global_batch_keeps_the_data_position(tmp_path, corp
     n_sup, n_train = plan
     assert n_sup == sup_consumed + max(0, sup_iters - iteration) * new_gbs
     assert n_train == consumed + (TRAIN_ITERS - iteration) * new_gbs
-    resumed = build(tmp_path, tst, [prefix], cache="resumed", sample_plan=plan).train
+    # as the trainer does: the stream (and its recovery blocks) the checkpoint was built with
+    resumed = build(tmp_path, tst, [prefix], cache="resumed", sample_plan=plan,
+                    base_train_samples=original.planned_windows).train
     assert len(resumed.base) == len(original.base), "test needs the same single-epoch base stream"
     for i in range(consumed):  # what was consumed before the stop is what the original served
         assert torch.equal(resumed[i]["tokens"], original[i]["tokens"]), i
@@ -520,11 +530,13 @@ def test_token_ids_beyond_the_vocabulary_are_named_per_sample(tmp_path, corpus):
     assert train.vocab_size == NullTokenizer(V).vocab_size  # the tokenizer's (V + EOD), from the builder
     for i in (0, train.num_superposition_samples):  # one sample of each phase
         top = max(int(train[i]["tokens"].max()), int(train[i]["labels"].max()))
-        small = TSTDataset(train.base, tst_cfg("full"), L, train.num_superposition_samples, vocab_size=top)
+        small = TSTDataset(train.base, tst_cfg("full"), L, train.num_superposition_samples, vocab_size=top,
+                           planned_windows=train.planned_windows)
         with pytest.raises(ValueError, match=rf"token id {top} in sample {i} of the data is >= the tokenizer's "
                                              rf"vocabulary \({top}\)"):
             small[i]
-        ok = TSTDataset(train.base, tst_cfg("full"), L, train.num_superposition_samples, vocab_size=top + 1)
+        ok = TSTDataset(train.base, tst_cfg("full"), L, train.num_superposition_samples, vocab_size=top + 1,
+                           planned_windows=train.planned_windows)
         assert torch.equal(ok[i]["tokens"], train[i]["tokens"])
 
 

@@ -24,7 +24,9 @@ a pure function of (seed, consumed samples), resumes exactly, and never trains t
 window within an epoch of the base dataset. (A run that needs two or more epochs of its split --
 TST eats s times more text -- gets megatron's multi-epoch order: when the last epoch is mostly
 used, megatron shuffles all epochs together, so text of the superposition phase can come back in
-recovery before the first epoch is done, exactly as it would for a plain GPTDataset.)
+recovery before the first epoch is done, exactly as it would for a plain GPTDataset. Every window
+the run plans to read is read; only the one block of recovery windows that holds an epoch boundary
+mixes its two epochs' windows.)
 
 Samples are dicts of tensors only (default collate works):
   superposition, full  : tokens [L, s], labels [L, s]   (invalid target -> -100)
@@ -208,7 +210,8 @@ class TSTDataset(Dataset):
 
     def __init__(self, base: Dataset, tst: TSTConfig, seq_length: int,
                  num_superposition_samples: int, reset_position_ids: bool = False,
-                 eod_token: Optional[int] = None, vocab_size: Optional[int] = None):
+                 eod_token: Optional[int] = None, vocab_size: Optional[int] = None,
+                 planned_windows: Optional[int] = None):
         if num_superposition_samples < 0:
             raise ValueError(f"num_superposition_samples must be >= 0 (got {num_superposition_samples})")
         if not tst.enabled and num_superposition_samples:
@@ -225,6 +228,9 @@ class TSTDataset(Dataset):
         self.reset_position_ids = reset_position_ids
         self.eod_token = eod_token
         self.vocab_size = vocab_size
+        # the base windows the run plans to read (megatron rounds its stream up to whole epochs)
+        planned = len(base) if planned_windows is None else planned_windows
+        self.planned_windows = min(max(planned, num_superposition_samples), len(base))
         self._order_cache = None
 
     def __len__(self) -> int:
@@ -246,6 +252,11 @@ class TSTDataset(Dataset):
         RECOVERY_SPREAD_WINDOWS windows are dealt in a fixed pseudo-random order (a pure
         function of the index: resumes and data-parallel ranks agree); every pair is still used
         exactly once and no recovery sample reaches back into the superposition windows.
+
+        The blocks end at `planned_windows`, the windows the run plans to read, and start again
+        after it: megatron's stream runs on to a whole number of epochs, and a block dealt across
+        the plan's end would leave windows of the plan unread while training on windows past it
+        (in a run of a little more than one epoch: repeated text instead of unread first-epoch text).
         """
         self._check_index(index)
         n_sup = self.num_superposition_samples
@@ -254,16 +265,21 @@ class TSTDataset(Dataset):
         if self.chunks == 1:
             return index, 0
         m = index - n_sup
+        region, start, windows = 0, n_sup, self.planned_windows - n_sup
+        if m >= self.chunks * windows:  # past the plan (a run extended beyond it)
+            m -= self.chunks * windows
+            region, start, windows = 1, self.planned_windows, len(self.base) - self.planned_windows
         k = RECOVERY_SPREAD_WINDOWS
         block, offset = divmod(m, self.chunks * k)
-        windows = min(k, len(self.base) - n_sup - block * k)  # the last block may be shorter
-        q = int(self._recovery_order(block, windows)[offset])
-        return n_sup + block * k + q // self.chunks, q % self.chunks
+        size = min(k, windows - block * k)  # the last block of a region may be shorter
+        q = int(self._recovery_order(region, block, size)[offset])
+        return start + block * k + q // self.chunks, q % self.chunks
 
-    def _recovery_order(self, block: int, windows: int):
-        if self._order_cache is None or self._order_cache[0] != (block, windows):
-            rng = np.random.Generator(np.random.PCG64([RECOVERY_SPREAD_SEED, block]))
-            self._order_cache = ((block, windows), rng.permutation(windows * self.chunks))
+    def _recovery_order(self, region: int, block: int, windows: int):
+        key = (region, block, windows)
+        if self._order_cache is None or self._order_cache[0] != key:
+            rng = np.random.Generator(np.random.PCG64([RECOVERY_SPREAD_SEED, region, block]))
+            self._order_cache = (key, rng.permutation(windows * self.chunks))
         return self._order_cache[1]
 
     def _check_index(self, index: int) -> None:
@@ -461,12 +477,12 @@ def build_tst_datasets(
                            data_cache_path, reset_position_ids, reset_attention_mask,
                            eod_mask_loss, mid_level_dataset_surplus, num_dataset_builder_threads, mmap_bin_files)
 
-    def wrap(ds, cfg: TSTConfig, n_superposition: int) -> Optional[TSTDataset]:
+    def wrap(ds, cfg: TSTConfig, n_superposition: int, planned: Optional[int] = None) -> Optional[TSTDataset]:
         if ds is None:
             return None
         return TSTDataset(ds, cfg, seq_length, n_superposition,
                           reset_position_ids=reset_position_ids, eod_token=tokenizer.eod,
-                          vocab_size=tokenizer.vocab_size)
+                          vocab_size=tokenizer.vocab_size, planned_windows=planned)
 
     n_request = n_base_train if base_train_samples is None else base_train_samples
     train, valid, test = _build_splits(config_for(base_sequence_length(seq_length, tst)),
@@ -484,7 +500,9 @@ def build_tst_datasets(
     else:
         valid_mce, valid_plain, test_plain = None, valid, test
     return TSTDatasets(
-        train=wrap(train, tst, n_sup),
+        # the requested count, not this plan's need: a resumed run with another plan deals the
+        # recovery blocks of the stream its checkpoint was built with
+        train=wrap(train, tst, n_sup, planned=n_request),
         valid_lm=wrap(valid_plain, plain, 0),
         valid_mce=valid_mce,
         test_lm=wrap(test_plain, plain, 0),
