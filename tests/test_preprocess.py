@@ -243,6 +243,27 @@ def test_byte_order_mark_is_not_text(tmp_path):
                for d in (plain, marked)]
         assert len(got[0]) == len(got[1]) >= 1
         assert [x.tolist() for x in got[1]] == [x.tolist() for x in got[0]], name
+    # a mark alone on the first line is a blank line, skipped like one
+    (tmp_path / "c.jsonl").write_bytes(b"\xef\xbb\xbf\n" + json.dumps({"text": docs[1]}).encode() + b"\n")
+    only = IndexedDataset(run(tmp_path / "c.jsonl", tmp_path / "c", flags)["prefixes"]["text"])
+    assert [x.tolist() for x in only] == [list(docs[1].encode())]
+
+
+def test_a_list_of_sentences_is_one_document(sp_model, tmp_path):
+    """Megatron-LM's JSONL form of pre-split text: a key holding a list of strings is one document,
+    each sentence tokenized on its own and the ids concatenated (then EOD)."""
+    flags = ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", sp_model]
+    tok = tokenizer_of(flags)
+    sentences = ["The first sentence. ", "And the second one.", ""]
+    path = tmp_path / "list.jsonl"
+    path.write_text(json.dumps({"text": sentences}) + "\n" + json.dumps({"text": "a plain one"}) + "\n")
+    got = IndexedDataset(run(path, tmp_path / "out", flags, "--append-eod")["prefixes"]["text"])
+    first = [i for sentence in sentences for i in tok.tokenize(sentence)] + [tok.eod]
+    assert [x.tolist() for x in got] == [first, tok.tokenize("a plain one") + [tok.eod]]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": ["fine", 3]}) + "\n")
+    with pytest.raises(SystemExit, match=r"bad.jsonl:1: key 'text' item 1 holds int, expected a string"):
+        run(bad, tmp_path / "bad_out", BYTE)
 
 
 @pytest.mark.parametrize("kind", ["byte", "sp", "hf"])

@@ -38,7 +38,7 @@ with warnings.catch_warnings():  # megatron-core warns at import about missing T
                                                         get_idx_path)
 
 from tst_megatron.corpus import (INPUT_FORMATS, CorpusError, Record, is_jsonl_file, iter_records,
-                                 list_input_files, parse_record)
+                                 list_input_files, parse_record_parts)
 from tst_megatron.tokenizers import TOKENIZER_TYPES, build_tokenizer
 
 CHUNK_SIZE = 32  # records per worker task; imap keeps chunk order, so output order is fixed
@@ -106,11 +106,12 @@ class Encoder:
 
     def encode(self, record: Record) -> Tuple[int, Dict[str, np.ndarray]]:
         """Return (input bytes, {key: ids in the output dtype}); empty arrays mark empty docs."""
-        texts = parse_record(record, self.json_keys)
+        texts = parse_record_parts(record, self.json_keys)
         out = {}
-        for key, text in texts.items():
-            try:
-                ids = self.tokenizer.tokenize(text)
+        for key, parts in texts.items():
+            try:  # a list of sentences: each tokenized on its own, then concatenated (as Megatron-LM)
+                ids = np.concatenate([np.asarray(self.tokenizer.tokenize(part), dtype=np.int64).reshape(-1)
+                                      for part in parts] or [np.zeros(0, dtype=np.int64)])
             except Exception as exc:
                 raise CorpusError(f"{record.where}: {type(self.tokenizer).__name__} failed on key "
                                   f"{key!r}: {exc}") from None

@@ -27,6 +27,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 INPUT_FORMATS = ("auto", "jsonl", "text")
+_BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark
 
 
 class CorpusError(ValueError):
@@ -81,7 +82,9 @@ def iter_records(input_path: str, input_format: str = "auto",
         if is_jsonl_file(path, input_format):
             with open(path, "rb") as f:
                 for line_no, line in enumerate(f, start=1):
-                    if line.strip():
+                    # a byte-order mark alone on the first line is a blank line too
+                    body = line[len(_BOM):] if line_no == 1 and line.startswith(_BOM) else line
+                    if body.strip():
                         yield Record(path, line_no, line, True)
         else:
             with open(path, "rb") as f:
@@ -89,7 +92,15 @@ def iter_records(input_path: str, input_format: str = "auto",
 
 
 def parse_record(record: Record, json_keys: Sequence[str]) -> Dict[str, str]:
-    """Decode one record into {key: text}. Plain text files fill every key with their content."""
+    """Decode one record into {key: text}. Plain text files fill every key with their content; a
+    key holding a list of strings is one document, its parts joined."""
+    return {key: "".join(parts) for key, parts in parse_record_parts(record, json_keys).items()}
+
+
+def parse_record_parts(record: Record, json_keys: Sequence[str]) -> Dict[str, List[str]]:
+    """Decode one record into {key: [text, ...]}: one part per key, or the strings of a JSON list
+    (Megatron-LM's pre-split sentences, which its preprocessing tokenizes one by one and
+    concatenates into one document)."""
     try:
         text = record.data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -98,11 +109,11 @@ def parse_record(record: Record, json_keys: Sequence[str]) -> Dict[str, str]:
     if record.line in (None, 1) and text.startswith("\ufeff"):
         text = text[1:]  # a byte-order mark (Windows editors write one): not part of the text
     if not record.is_json:
-        return {key: text for key in json_keys}
+        return {key: [text] for key in json_keys}
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise CorpusError(f"{record.where}: malformed JSON ({exc.msg} at column {exc.colno}); "
+        raise CorpusError(f"{record.where}: malformed JSON ({exc.msg}, column {exc.colno}); "
                           "each line of a JSONL file must be one JSON object") from None
     if not isinstance(obj, dict):
         raise CorpusError(f"{record.where}: expected a JSON object per line, got "
@@ -114,10 +125,13 @@ def parse_record(record: Record, json_keys: Sequence[str]) -> Dict[str, str]:
             raise CorpusError(f"{record.where}: missing key {key!r} (keys present: {keys}); "
                               "pick the text field with --json-keys")
         value = obj[key]
-        if not isinstance(value, str):
-            raise CorpusError(f"{record.where}: key {key!r} holds {type(value).__name__}, "
-                              "expected a string")
-        out[key] = value
+        parts = value if isinstance(value, list) else [value]
+        for i, part in enumerate(parts):
+            if not isinstance(part, str):
+                where = f"key {key!r}" + (f" item {i}" if isinstance(value, list) else "")
+                raise CorpusError(f"{record.where}: {where} holds {type(part).__name__}, "
+                                  "expected a string (or a list of strings)")
+        out[key] = parts
     return out
 
 
