@@ -107,6 +107,10 @@ def test_plot_runs_baseline_flag_and_errors(tmp_path, capsys):
                    '{"type": "eval", "iteration": 2, "val_lm_loss": 2}\n')
     with pytest.raises(SystemExit, match="bad.jsonl:2: malformed metrics record"):
         plot_runs.main([a, str(bad), "--output", str(tmp_path / "o.png")])
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match=r"plot_runs.py: error: --output .*a_file/o.png: cannot write it"):
+        plot_runs.main([a, b, "--output", str(blocker / "o.png")])
 
 
 def test_read_metrics_tolerates_truncated_last_line(tmp_path):

@@ -64,12 +64,11 @@ def equal_loss_speedup(baseline_iters: Sequence[float], baseline_losses: Sequenc
 
 
 def get_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("metrics", nargs="+", help="metrics JSONL files, one per run")
     parser.add_argument("--labels", nargs="+", default=None,
                         help="one label per file (default: the run record's name, else file name)")
-    parser.add_argument("--output", default="runs_comparison.png", help="PNG to write")
+    parser.add_argument("--output", default="runs_comparison.png", help="PNG to write (default: %(default)s)")
     parser.add_argument("--baseline", type=int, default=None,
                         help="index of the baseline run (default: the first run without "
                              "superposition, else the first)")
@@ -218,7 +217,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     labels = [f"{label} #{i}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
     base = pick_baseline(runs, args.baseline)
 
-    plot(runs, labels, args.output, args.title)
+    try:
+        plot(runs, labels, args.output, args.title)
+    except OSError as exc:
+        raise _fail(f"--output {args.output}: cannot write it ({exc.strerror or exc}); give a writable path") from None
     print(f"wrote {args.output}")
     for run, label in zip(runs, labels):
         final = run.final_eval()

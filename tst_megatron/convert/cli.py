@@ -32,7 +32,9 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-superposition-checkpoint", action="store_true",
                    help="export a superposition-phase checkpoint anyway (not a next-token model)")
     p.add_argument("--tokenizer-model", default=None,
-                   help="the run's Hugging Face tokenizer.json (or its directory), if it moved")
+                   help="the run's tokenizer file, if it moved: a Hugging Face tokenizer.json (or its "
+                        "directory), a SentencePiece .model, or a GPT-2 vocab.json (its merges.txt is "
+                        "still read from the checkpoint's --merge-file)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file; above it, shards")
     p.add_argument("--dtype", default="auto",
                    help="auto (the training dtype), float32, bfloat16, float16; the weights are the model's own "
