@@ -170,6 +170,17 @@ def test_multinode_launch_refuses_incomplete_settings(dry_run, expect, env, extr
     assert p.returncode == 2 and expect in p.stderr, (p.returncode, p.stderr)
 
 
+@pytest.mark.parametrize("flag", [("--train-iters", "50"), ("--train-iters=50",)])
+def test_tiny_cpu_script_refuses_train_iters_before_building_data(tmp_path, flag):
+    """The tiny CPU script sizes its warmup, WSD decay and switch from TRAIN_ITERS too: an extra
+    --train-iters is refused, before the corpus is built."""
+    p = subprocess.run(["bash", str(EXAMPLES / "cpu" / "pretrain_tiny_tst.sh"), *flag], cwd=REPO,
+                       env=_env(DATA_ROOT=str(tmp_path / "data"), SAVE=str(tmp_path / "run")),
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "run length as TRAIN_ITERS=N" in p.stderr, (p.returncode, p.stderr)
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+
+
 def test_launcher_counts_the_visible_gpus_and_keeps_paths_whole(tmp_path):
     """Processes per node: the GPUs CUDA_VISIBLE_DEVICES leaves visible, not every GPU nvidia-smi lists
     (here a stand-in listing 8); DATA_PATH: one prefix even with a space in it, or a blend of pairs."""

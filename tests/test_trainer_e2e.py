@@ -334,6 +334,10 @@ def test_input_and_output_modes_through_switch(ws):
             assert r["data_tokens"] - previous == GBS * per_sample, (name, it)
             previous = r["data_tokens"]
             assert math.isfinite(r["loss"]) and r["loss"] > 0
+        # the superposition-layout validation loss up to the switch, named by its target
+        key = "val_bag_input_lm_loss" if name == "mode_input" else "val_mce_loss"
+        for it, e in ev.items():
+            assert (key in e) == (it <= SUP_ITERS) and ("val_mce_loss" in e) == (key in e and name == "mode_output")
         check_learned(ev)
 
 

@@ -513,7 +513,8 @@ def test_log_params_norm_is_the_norm_of_the_saved_weights(ws, tmp_path, layout):
 def test_log_interval_records_never_mix_the_phases(ws):
     """--log-interval 3 with the switch at 4 and --exit-interval 10: a record closes at the switch
     (the bag loss is never averaged with the next-token loss) and at the exit (the steps since the
-    last record are not lost); each record's loss is the mean of the per-step losses it covers."""
+    last record are not lost); each record's loss is the mean of the per-step losses it covers, its
+    grad norm the last step's (as Megatron-LM logs it)."""
     ref = train_records(reference_runs(ws)[0].records)  # --log-interval 1, same seed and data
     res = assert_ok(ws.run("log3", chain_args(ws, log_interval=3, exit_interval=10,
                                                metrics_path=ws.path("log3.jsonl"))))
@@ -523,6 +524,7 @@ def test_log_interval_records_never_mix_the_phases(ws):
     for it, (a, b) in spans.items():
         want = [ref[i]["loss"] for i in range(a, b + 1)]
         assert tr[it]["loss"] == pytest.approx(sum(want) / len(want), rel=1e-9), it
+        assert tr[it]["grad_norm"] == pytest.approx(ref[b]["grad_norm"], rel=1e-9), it
         assert {ref[i]["phase"] for i in range(a, b + 1)} == {tr[it]["phase"]}, it
     assert [tr[i]["phase"] for i in sorted(tr)] == ["superposition"] * 2 + ["recovery"] * 3
 

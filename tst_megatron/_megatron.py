@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import warnings
 from typing import Callable, Iterator
 
 import torch
@@ -81,4 +82,14 @@ def import_megatron_core() -> None:
         import megatron.core.jit  # noqa: F401
 
 
+def quiet_missing_kernel_warnings() -> None:
+    """Without CUDA, megatron-core's import-time warnings that Transformer Engine and Apex are missing
+    (four per process and rank) describe the only path there is: silence exactly those. On a CUDA
+    machine they stay -- there they point at kernels the user may want to install."""
+    if not torch.cuda.is_available():
+        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed",
+                                category=UserWarning)
+
+
+quiet_missing_kernel_warnings()
 import_megatron_core()

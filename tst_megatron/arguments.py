@@ -27,10 +27,13 @@ __all__ = ["build_parser", "parse_args", "validate", "fail", "same_dir", "RunCon
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default only when it has one (no "(default: None)" / "(default: False)")."""
+    """Shows a flag's default only when it has one (no "(default: None)" / "(default: False)"), and
+    none for a --no-* switch (its "default: True" is the setting it turns off, and reads as if the
+    switch were on)."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default == []:
+        if (action.default is None or action.default is False or action.default == []
+                or isinstance(action, argparse._StoreFalseAction) or "(the default" in (action.help or "")):
             return action.help
         return super()._get_help_string(action)
 

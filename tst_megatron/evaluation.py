@@ -75,7 +75,11 @@ class Evaluation:
         # Megatron-LM's wording, so that log parsers written for it read this line too
         text = (f" validation loss at iteration {self.iteration} | lm loss value: {lm:.6E} | "
                 f"lm loss PPL: {record['val_lm_ppl']:.6E} |")
-        if mce is not None:
+        if mce is not None and cfg.tst.mode == "input":
+            # --tst-mode input: bag inputs, next-token targets -- a next-token loss, not a bag loss
+            record["val_bag_input_lm_loss"] = mce
+            text += f" bag-input lm loss value: {mce:.6E} |"
+        elif mce is not None:
             record["val_mce_loss"] = mce
             text += f" mce loss value: {mce:.6E} |"
         self.log.record(record)

@@ -107,9 +107,10 @@ class IntervalStats:
     """
 
     loss: float = 0.0
-    grad_norm: float = 0.0
+    # the grad norm of the interval's last step that has one (as Megatron-LM logs it: an average
+    # would hide the spike a user watches for); an fp16 overflow or non-finite step has none
+    grad_norm: float = float("nan")
     finite_steps: int = 0  # steps whose loss entered the sums (a skipped non-finite step does not)
-    grad_steps: int = 0  # steps whose grad norm entered its sum (an fp16 overflow step has none)
     steps: int = 0
     tokens: int = 0  # raw data tokens consumed
     positions: int = 0  # model positions processed
@@ -122,8 +123,7 @@ class IntervalStats:
             self.loss += loss
             self.finite_steps += 1
             if math.isfinite(grad_norm):
-                self.grad_norm += grad_norm
-                self.grad_steps += 1
+                self.grad_norm = grad_norm
         self.steps += 1
         self.tokens += tokens
         self.positions += positions
@@ -132,5 +132,5 @@ class IntervalStats:
     def mean_loss(self) -> float:
         return self.loss / self.finite_steps if self.finite_steps else float("nan")
 
-    def mean_grad_norm(self) -> float:
-        return self.grad_norm / self.grad_steps if self.grad_steps else float("nan")
+    def last_grad_norm(self) -> float:
+        return self.grad_norm

@@ -6,7 +6,9 @@ Records, told apart by "type":
 - "train": `iteration`, `phase` ("superposition" | "recovery"), `loss`, `lr`, `grad_norm`,
   `data_tokens`, `tokens_per_s`, `elapsed_s`, `consumed_samples`, `global_batch_size` (the
   step's: it grows under --rampup-batch-size);
-- "eval": `iteration`, `val_lm_loss`, `val_mce_loss` (evaluations up to and at the switch), `data_tokens`, `elapsed_s`;
+- "eval": `iteration`, `val_lm_loss`, `val_mce_loss` (evaluations up to and at the switch;
+  `val_bag_input_lm_loss` instead under --tst-mode input, whose superposition targets are next
+  tokens), `data_tokens`, `elapsed_s`;
 - "test" (once, at the end of training, when the --split gives the test split documents):
   `iteration`, `test_lm_loss`, `test_lm_ppl`, `data_tokens`, `elapsed_s`.
 

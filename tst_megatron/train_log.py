@@ -103,7 +103,7 @@ class TrainLog:
         o = self.cfg.optim
         dt = max(interval.time, 1e-9)
         self._train_time += dt
-        loss, grad_norm = interval.mean_loss(), interval.mean_grad_norm()
+        loss, grad_norm = interval.mean_loss(), interval.last_grad_norm()
         lr, decoupled_lr = self._learning_rates()
         lg = self.cfg.logging
         extra = {}  # the optional fields, in the log line and the record alike

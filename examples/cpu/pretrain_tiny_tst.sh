@@ -19,6 +19,7 @@
 # the run is the same on any machine. Checkpoints: $SAVE (default <repo>/runs/tiny-tst), resumed
 # from automatically; SIGTERM saves and exits.
 source "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
+tst_refuse_train_iters "$@" || exit 2
 
 export CUDA_VISIBLE_DEVICES=""
 if [[ -z ${NPROC_PER_NODE:-} && -z ${GPUS_PER_NODE:-} ]]; then NPROC_PER_NODE=2; fi

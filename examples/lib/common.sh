@@ -202,6 +202,19 @@ TSTRUN_TORCHRUN_ARGS=()
 
 # The paper's recipe around a model shape, shared by the pretrain_tst_<size>.sh scripts:
 #     tst_paper_launch MODEL_ARG... -- "$@"
+# The scripts derive the warmup, WSD decay and superposition lengths from TRAIN_ITERS: an extra
+# --train-iters among the user's flags would leave them sized for another run. Returns 2 on one.
+tst_refuse_train_iters() {
+    local a
+    for a in "$@"; do
+        if [[ $a == --train-iters || $a == --train-iters=* ]]; then
+            echo "error: give the run length as TRAIN_ITERS=N (the warmup, WSD decay and superposition lengths" \
+                 "follow it), not $a" >&2
+            return 2
+        fi
+    done
+}
+
 # Reads (set by the calling script, each overridable from the environment): RUN_NAME, SEQ_LENGTH,
 # MICRO_BATCH_SIZE, GLOBAL_BATCH_SIZE, TP, PP, EXPERT_PARALLEL (MoE scripts only), TRAIN_ITERS,
 # WARMUP_ITERS, LR, MIN_LR, TST_BAG_SIZE, TST_RATIO, TST_WEIGHTING, TST_ITERS (optional), SEED,
@@ -211,14 +224,7 @@ tst_paper_launch() {
     local model_args=()
     while [[ $# -gt 0 && $1 != -- ]]; do model_args+=("$1"); shift; done
     if [[ ${1:-} == -- ]]; then shift; fi
-    local a
-    for a in "$@"; do
-        if [[ $a == --train-iters || $a == --train-iters=* ]]; then
-            echo "error: give the run length as TRAIN_ITERS=N (the warmup, WSD decay and superposition lengths" \
-                 "follow it), not $a" >&2
-            return 2
-        fi
-    done
+    tst_refuse_train_iters "$@" || return 2
     local parallel_args=(--tensor-model-parallel-size "${TP:-1}" --pipeline-model-parallel-size "${PP:-1}")
     # tensor parallel with sequence parallel, as Megatron-LM's recipes run it (an MoE needs it),
     # where the sequence divides among the TP ranks (the dense scripts' odd TP sizes keep it off)
