@@ -353,6 +353,26 @@ def test_kill9_after_the_rename_before_the_tracker_update_then_resume(corpus, re
     assert not list(save.glob("*.tmp")) and not list(save.glob("*.old")), "leftover directories"
 
 
+def test_kill9_in_the_first_save_before_its_tracker_then_requeue(corpus, reference, tmp_path):
+    """The same kill point in a run's first save: `iter_0000002` complete, no tracker at all. The
+    requeued job (same command, no --ckpt-fallback) resumes from it -- the one checkpoint there is,
+    the one the tracker would name -- says so, and logs the uninterrupted run's losses."""
+    _, ref = reference
+    save = tmp_path / "run"
+    run = Run(corpus, save, env={ckpt.KILL_IN_SAVE_ENV: "2:renamed"})
+    rc = run.wait()
+    assert rc == -signal.SIGKILL, f"rc={rc}\n{run.output()}"
+    assert (save / "iter_0000002").is_dir() and not (save / ckpt.TRACKER).exists()
+    assert ckpt.find_checkpoint(str(save), fallback=False)[:2] == (2, str(save / "iter_0000002"))
+
+    resumed = Run(corpus, save).wait_ok()
+    out = resumed.output()
+    assert f"no {ckpt.TRACKER}, and iter_0000002 is its only checkpoint, complete" in out, out
+    assert f"resumed from {save}/iter_0000002 at iteration 2" in out, out
+    assert_same_losses(train_losses(save), ref, 2)
+    assert assert_checkpoints_sound(save, tmp_path) == [2, 4, 6, 8] and tracker(save) == 8
+
+
 @pytest.mark.parametrize("sig, extra", [(signal.SIGTERM, ["--num-workers", "2"]),
                                         (signal.SIGINT, ["--exit-signal-handler"])],
                          ids=["SIGTERM_to_every_process_with_2_data_workers", "SIGINT_with_exit_signal_handler"])
@@ -415,11 +435,81 @@ def test_sigterm_to_the_process_group_spares_the_checkpoint_writers_manager(tmp_
         "    q.put('written'); print(q.get(), manager.is_alive(), t.stop_signal, flush=True)\n"
         "    _checkpoint_results_queue(); print('kept', fa._results_queue is q, flush=True)\n"
         "    os.kill(manager.pid, signal.SIGKILL); manager.join(10)\n"
-        "    _checkpoint_results_queue(); print('replaced', fa._results_queue is not q, flush=True)\n")
+        "    _checkpoint_results_queue(); print('replaced', fa._results_queue is not q, flush=True)\n"
+        "    print(fa._results_queue._manager._process.pid, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")  # the trainer killed outright
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
                          env=_env(None), start_new_session=True)
-    assert res.returncode == 0, (res.returncode, res.stdout, res.stderr)
-    assert res.stdout == "written True True\nkept True\nreplaced True\n", (res.stdout, res.stderr)
+    assert res.returncode == -signal.SIGKILL, (res.returncode, res.stdout, res.stderr)
+    lines = res.stdout.splitlines()
+    assert lines[:3] == ["written True True", "kept True", "replaced True"], (res.stdout, res.stderr)
+    # the manager notices and ends (it would hold the trainer's stdout: subprocess.run returned, so
+    # the pipe closed) rather than living on as an orphan that ignores SIGTERM
+    manager = int(lines[3])
+    deadline = time.time() + 10
+    while _alive(manager) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive(manager), f"checkpoint manager {manager} outlived the trainer"
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper has ended)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return False
+
+
+def test_a_run_in_process_puts_the_signal_handlers_back(corpus, tmp_path):
+    """main() in a process that goes on (a notebook, a sweep driver): after a run, finished or
+    refused, SIGTERM and SIGINT are what they were before it -- not a flag on a trainer that is gone."""
+    script = tmp_path / "in_process.py"
+    script.write_text(  # the main guard: the checkpoint manager is spawned, and spawn imports the main module
+        "import signal, sys\n"
+        "from tst_megatron.trainer import main\n"
+        "if __name__ == '__main__':\n"
+        "    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}\n"
+        f"    args = ['--data-path', {str(corpus)!r}, *{BASE_ARGS!r}, '--exit-signal-handler']\n"
+        "    try:\n"
+        "        main(args + ['--exit-interval', '-1'])\n"
+        "    except SystemExit as exc:\n"
+        "        print('refused', 'exit-interval' in str(exc.code), flush=True)\n"
+        "    print('restored', all(signal.getsignal(s) is h for s, h in before.items()), flush=True)\n"
+        f"    print('trained', main(args + ['--train-iters', '4', '--save', {str(tmp_path / 'run')!r}]), flush=True)\n"
+        "    print('restored', all(signal.getsignal(s) is h for s, h in before.items()), flush=True)\n")
+    res = subprocess.run([sys.executable, str(script)], cwd=str(tmp_path), env=_env(None), capture_output=True,
+                         text=True, timeout=RUN_TIMEOUT)
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    got = [line for line in res.stdout.splitlines() if line.split(" ")[0] in ("refused", "restored", "trained")]
+    assert got == ["refused True", "restored True", "trained 0", "restored True"], res.stdout
+
+
+def test_sigterm_without_save_exits_non_zero(corpus, tmp_path):
+    """SIGTERM to a run without --save: it stops after the iteration, says nothing was saved, and
+    exits 143 (128 + SIGTERM) -- a job cut short with its work lost, not one a scheduler should
+    record as done."""
+    i = BASE_ARGS.index("--save-interval")
+    args = BASE_ARGS[:i] + BASE_ARGS[i + 2:]
+    metrics = tmp_path / "m" / "metrics.jsonl"
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.Popen([sys.executable, SCRIPT, "--data-path", str(corpus), *args, "--train-iters", "100000",
+                                 "--metrics-path", str(metrics)], cwd=str(tmp_path), env=_env(None), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + RUN_TIMEOUT
+            while max(train_losses(metrics.parent, strict=False), default=0) < 2 and time.time() < deadline:
+                assert proc.poll() is None, (tmp_path / "log").read_text()
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=RUN_TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    out = (tmp_path / "log").read_text()
+    assert rc == 128 + signal.SIGTERM, (rc, out)
+    assert re.search(r"> exiting at iteration \d+ \(signal\); checkpoint: none saved \(no --save\); the steps "
+                     r"since the start are lost", out), out
 
 
 def test_sigterm_to_one_rank_of_two_stops_every_rank_at_the_same_iteration(corpus, reference_tp2, tmp_path):
@@ -479,6 +569,24 @@ def test_a_failed_save_is_explained_and_puts_nothing_in_place(corpus, tmp_path):
     errors = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()
               if '"error"' in line]
     assert [e["iteration"] for e in errors] == [SAVE_INTERVAL] and errors[0]["message"] == msg
+
+
+def test_a_failed_tracker_update_names_the_complete_checkpoint(corpus, tmp_path):
+    """Only the last step of a save fails -- the tracker update (here: a directory stands where the
+    tracker goes): the message says the iteration directory is complete and the tracker was not
+    updated, not that nothing was put in place."""
+    save = tmp_path / "run"
+    (save / ckpt.TRACKER).mkdir(parents=True)
+    res = subprocess.run([sys.executable, SCRIPT, "--data-path", str(corpus), *BASE_ARGS, "--save", str(save),
+                          "--train-iters", "4"], cwd=str(tmp_path), env=_env(None), capture_output=True, text=True,
+                         timeout=RUN_TIMEOUT)
+    out = res.stdout + res.stderr
+    assert res.returncode == 1, out
+    msg = next((line for line in res.stdout.splitlines() if line.startswith("error: saving")), None)
+    assert msg is not None and "Traceback" not in out, out
+    assert (f"{save}/iter_{SAVE_INTERVAL:07d} is complete, but {ckpt.TRACKER} could not be updated to name it. "
+            "Last good checkpoint: none.") in msg, msg
+    ckpt.verify_checkpoint_dir(str(save / f"iter_{SAVE_INTERVAL:07d}"))
 
 
 def test_exit_duration_in_mins_saves_and_exits_zero_then_resume(corpus, reference, tmp_path):
@@ -717,6 +825,9 @@ def test_nonfinite_step_stops_without_saving(corpus, reference, tmp_path):
     assert rc != 0, out
     assert (f"error: non-finite value (loss nan) at iteration 3 in the superposition phase; stopping "
             f"without saving. Last good checkpoint: {save}/iter_0000002.") in out, out
+    # the first step after the load: a checkpoint damaged in place (same sizes) would show here first
+    assert (f"; this is the first step after loading {save}/iter_0000002: if the run was finite before, suspect "
+            "that checkpoint's files") in out, out
     assert snapshot(save) == before, "no checkpoint may be written or touched after a non-finite step"
     assert tracker(save) == 2 and assert_checkpoints_sound(save, tmp_path) == [2]
     errors = [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines()
@@ -785,6 +896,7 @@ def test_running_out_of_skip_nonfinite_steps_stops_without_saving(corpus, refere
     assert (f"error: non-finite value (loss nan) at iteration 5 in the recovery phase; stopping without saving. "
             f"Last good checkpoint: {save}/iter_0000004. Lower --lr, check the data, or allow skips with "
             "--skip-nonfinite-steps N") in out, out
+    assert "first step after loading" not in out, out
     losses = train_losses(save)
     assert sorted(losses) == [1, 2, 3, 4] and math.isnan(losses[3]) and math.isfinite(losses[4])
     # the files of iteration 2 untouched; the only new ones: iteration 4's checkpoint and the tracker

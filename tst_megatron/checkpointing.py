@@ -71,6 +71,11 @@ def _on_rank0(action: Callable[[], None]) -> None:
 
 
 def _fsync_dir(path: str) -> None:
+    _fsync_path(path)
+
+
+def _fsync_path(path: str) -> None:
+    """fsync a file or directory; best effort (some filesystems refuse it on directories)."""
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -219,6 +224,10 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, com
 
     def publish() -> None:
         _verify_shards(tmp)  # every shard the index names is there, whole: never publish less
+        # megatron fsyncs the shards and their index, not the files rank 0 writes beside them: on
+        # disk before the marker, or a power loss could publish an empty common.pt
+        for name in ("common.pt", "metadata.json"):
+            _fsync_path(os.path.join(tmp, name))
         meta = dict(common, iteration=iteration, format_version=FORMAT_VERSION, complete=True)
         _write_atomic(os.path.join(tmp, MARKER), json.dumps(meta, indent=1, default=str))
         if os.path.exists(final):  # re-saving the same iteration (e.g. after a resume)
@@ -369,7 +378,10 @@ def find_checkpoint(root: str, fallback: bool) -> Optional[Tuple[int, str, dict]
     """The checkpoint `--load root` should resume from, or None if root holds none at all.
 
     The tracker file names the latest one; if it is missing, damaged or incomplete, raise a clear
-    error, or (fallback) take the newest complete iteration directory.
+    error, or (fallback) take the newest complete iteration directory. One exception: no tracker
+    and a single iteration directory, complete -- a run's first save, stopped between publishing
+    its directory and writing the tracker (`first_save_without_tracker`): that directory is what
+    the tracker would name, and a requeued job resumes from it without asking for a fallback.
     """
     tracker = os.path.join(root, TRACKER)
     candidates = list_checkpoints(root)
@@ -395,6 +407,12 @@ def find_checkpoint(root: str, fallback: bool) -> Optional[Tuple[int, str, dict]
                 if found is not None:
                     return (int(text),) + found
     else:
+        if len(candidates) == 1:
+            iteration, path = candidates[0]
+            try:
+                return iteration, path, verify_checkpoint_dir(path)
+            except CheckpointError as exc:
+                problems.append(str(exc))
         problems.append(f"{tracker} is missing")
     if not fallback:
         raise CheckpointError("; ".join(problems) + ". Pass --ckpt-fallback to resume from the newest "
@@ -405,6 +423,13 @@ def find_checkpoint(root: str, fallback: bool) -> Optional[Tuple[int, str, dict]
         except CheckpointError as exc:
             problems.append(str(exc))
     raise CheckpointError("no complete checkpoint under " + root + ": " + "; ".join(problems))
+
+
+def first_save_without_tracker(root: str, path: str) -> bool:
+    """Whether `find_checkpoint` took `path` as the one checkpoint of a root without a tracker."""
+    only = list_checkpoints(root)
+    return (not os.path.isfile(os.path.join(root, TRACKER)) and len(only) == 1
+            and os.path.abspath(only[0][1]) == os.path.abspath(path))
 
 
 def _interrupted_resave(final: str) -> Optional[Tuple[str, dict]]:

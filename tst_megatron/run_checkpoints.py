@@ -23,6 +23,22 @@ from .distributed import from_rank0
 
 
 
+def _checkpoint_manager_init(trainer_pid: int) -> None:
+    """Runs first in the checkpoint results' manager process: SIGTERM ignored (the trainer decides
+    when to stop), and the process ends once the trainer that started it is gone."""
+    import signal
+    import threading
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def exit_with_the_trainer():
+        while os.getppid() == trainer_pid:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=exit_with_the_trainer, name="trainer-watch", daemon=True).start()
+
+
 def _checkpoint_results_queue() -> None:
     """megatron-core's saves report through a manager process it starts at the first save and keeps
     (spawned, so without the trainer's signal handler). A SIGTERM sent to every process of the job
@@ -30,10 +46,11 @@ def _checkpoint_results_queue() -> None:
     during a save, that save fails -- and every later save (first of all the one the trainer makes
     to stop cleanly) with a broken pipe. So the trainer starts it itself, the way megatron-core
     does but with SIGTERM ignored inside it (the trainer's own handling is untouched), and drops a
-    dead one (killed otherwise) before each save. It still ends with the trainer (multiprocessing
-    shuts it down at exit) or with SIGKILL."""
+    dead one (killed otherwise) before each save. It ends with the trainer: multiprocessing shuts it
+    down at exit, and a trainer killed outright (SIGKILL, OOM) is noticed by the manager itself
+    (`_checkpoint_manager_init`), which would otherwise live on holding the trainer's stdout (a
+    `| tee` never ending) and a few hundred MB, one more per torchrun restart."""
     import multiprocessing
-    import signal
     from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
@@ -48,7 +65,7 @@ def _checkpoint_results_queue() -> None:
     for attempt in (1, 2):
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
         try:
-            manager.start(initializer=signal.signal, initargs=(signal.SIGTERM, signal.SIG_IGN))
+            manager.start(initializer=_checkpoint_manager_init, initargs=(os.getpid(),))
             break
         except (EOFError, OSError):  # a SIGTERM before the initializer ran (the child imports
             if attempt == 2:         # __main__ first, seconds): the trainer has it too; once more
@@ -124,6 +141,10 @@ class RunCheckpoints:
         found, error = from_rank0(pick)
         if error is not None:
             fail(error)
+        if found is not None and self.rank == 0 and ckpt.first_save_without_tracker(directory, found[1]):
+            print(f"> {flag} {directory}: no {ckpt.TRACKER}, and {os.path.basename(found[1])} is its only "
+                  "checkpoint, complete (a first save stopped before its tracker was written): resuming from it",
+                  flush=True)
         return found
 
     def _checkpoint_group(self, fully_parallel: bool):
@@ -182,8 +203,14 @@ class RunCheckpoints:
                                             parallel_group=self._checkpoint_group(c.ckpt_fully_parallel_save))
         except (Exception, CheckpointException) as exc:  # a full disk, a quota, a vanished mount: said
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]  # torch's: a traceback
+            marker = os.path.join(ckpt.iteration_dir(c.save, self.iteration), ckpt.MARKER)
+            if os.path.isfile(marker) and os.path.getmtime(marker) >= t0:  # the last step, the tracker, failed
+                placed = (f"{os.path.dirname(marker)} is complete, but {ckpt.TRACKER} could not be updated to "
+                          "name it")
+            else:
+                placed = "nothing of it was put in place"
             msg = (f"error: saving the checkpoint of iteration {self.iteration} to {c.save} failed "
-                   f"({type(exc).__name__}: {lines[-1] if lines else ''}); nothing of it was put in place. "
+                   f"({type(exc).__name__}: {lines[-1] if lines else ''}); {placed}. "
                    f"Last good checkpoint: {self.last_checkpoint or 'none'}. Free space or fix --save, then "
                    "resume with --load")
             print(msg if self.world == 1 else f"[rank {self.rank}] {msg}", flush=True)

@@ -91,9 +91,16 @@ class TrainLog:
         self.log.print(f"> metrics: {self.metrics_path}")
 
     def _stop_nonfinite(self, what: str, phase: str) -> None:
+        resume = getattr(self, "resume", None)
+        first_after_resume = resume is not None and self.iteration == resume[0]
         msg = (f"error: non-finite value ({what}) at iteration {self.iteration + 1} in the {phase} phase; "
                f"stopping without saving. Last good checkpoint: {self.last_checkpoint or 'none'}. "
-               "Lower --lr, check the data, or allow skips with --skip-nonfinite-steps N")
+               "Lower --lr, check the data, or allow skips with --skip-nonfinite-steps N"
+               # the load checks compare shard sizes with the index, not contents: bytes damaged in
+               # place load silently, and their first sign is this step
+               + (f"; this is the first step after loading {resume[1]}: if the run was finite before, "
+                  "suspect that checkpoint's files (damaged in place) and resume from an older one"
+                  if first_after_resume else ""))
         if self.rank == 0:
             print(msg, flush=True)
         self.log.record({"type": "error", "iteration": self.iteration + 1, "phase": phase, "message": msg})

@@ -391,9 +391,11 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
         def handler(signum, frame):
             self.stop_signal = True
 
-        signal.signal(signal.SIGTERM, handler)
+        # the handlers they replace, put back by close(): the process (a test, a notebook, a sweep
+        # driver) may go on after this run, and a SIGTERM must then end it again
+        self._previous_handlers = {signal.SIGTERM: signal.signal(signal.SIGTERM, handler)}
         if self.cfg.ckpt.exit_signal_handler:
-            signal.signal(signal.SIGINT, handler)
+            self._previous_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, handler)
 
     def _should_exit(self) -> Optional[str]:
         c = self.cfg.ckpt
@@ -498,7 +500,10 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
                     "none saved (no --save); the steps since " + (self.last_checkpoint or "the start") + " are lost")
                 self.log.print(f"> exiting at iteration {self.iteration} ({reason}); checkpoint: {saved}")
                 self.log.close()
-                return 0
+                # a signal with nothing saved is a run cut short (128 + SIGTERM, what dying of it reports):
+                # exit 0 would tell the scheduler the job is done; an exit flag the user set (warned
+                # about without --save) is a stop they asked for
+                return 0 if cfg.ckpt.save or reason != "signal" else 128 + signal.SIGTERM
         # saved before the final evaluation, as Megatron-LM does: a preemption, a time limit or a
         # crash during the evaluation must not lose the steps since the last periodic checkpoint
         if cfg.ckpt.save and not (cfg.ckpt.save_interval and self.iteration % cfg.ckpt.save_interval == 0):
@@ -510,18 +515,25 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
         return 0
 
     def close(self) -> None:
-        if self.cfg.logging.manual_gc:
-            gc.enable()  # the process (a test, a notebook) may go on
-        for iterator in getattr(self, "train_iters_data", ()):  # workers ignore SIGTERM: stopped here
-            iterator.close()
-        from megatron.core import parallel_state as ps
-        from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+        try:
+            if self.cfg.logging.manual_gc:
+                gc.enable()  # the process (a test, a notebook) may go on
+            for iterator in getattr(self, "train_iters_data", ()):  # workers ignore SIGTERM: stopped here
+                iterator.close()
+            from megatron.core import parallel_state as ps
+            from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
 
-        ps.destroy_model_parallel()
-        destroy_num_microbatches_calculator()
-        reset_router_losses()  # its entries hold this run's layer count and process groups
-        if dist.is_initialized():
-            dist.destroy_process_group()
+            ps.destroy_model_parallel()
+            destroy_num_microbatches_calculator()
+            reset_router_losses()  # its entries hold this run's layer count and process groups
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        finally:
+            # last: a signal during the teardown above (torchrun forwards a SIGTERM a worker may
+            # also get from SLURM) still only asks for the stop the run has already made
+            for signum, previous in getattr(self, "_previous_handlers", {}).items():
+                signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+            self._previous_handlers = {}
 
 
 def print_model_size(cfg: RunConfig) -> None:
