@@ -215,6 +215,18 @@ def test_hf_to_megatron_from_transformers_model(megatron_env, case):
         want = hf(ids).logits
     torch.testing.assert_close(_megatron_logits(model, ids), want, rtol=0, atol=1e-4)
 
+    # older Llama files also hold each layer's RoPE frequencies: transformers' own are dropped (the
+    # same weights come out); frequencies of another base are refused by name
+    inv = hf.model.rotary_emb.inv_freq
+    with_buffers = dict(hf.state_dict(), **{f"model.layers.{i}.self_attn.rotary_emb.inv_freq": inv.clone()
+                                            for i in range(ref_cfg["num_hidden_layers"])})
+    again = hc.hf_to_megatron(with_buffers, ref_cfg)
+    assert list(again) == list(msd) and all(torch.equal(again[k], msd[k]) for k in msd if msd[k] is not None)
+    with_buffers["model.layers.0.self_attn.rotary_emb.inv_freq"] = inv * 2
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.rotary_emb.inv_freq: the RoPE frequencies "
+                                         rf"are not those of rope_theta {ROPE_BASE}"):
+        hc.hf_to_megatron(with_buffers, ref_cfg)
+
 
 def test_sharded_save_load_roundtrip(megatron_env, tmp_path):
     fields, tied, _ = CASES["qwen3_moe_mixed"]

@@ -452,6 +452,43 @@ def test_resume_of_a_sample_based_run():
     preflight.check_resume_compatible(cfg("--global-batch-size", "8", "--train-iters", "100"), saved, "ck")
 
 
+def test_resume_refuses_another_rope_base_or_norm_epsilon_finetune_allows_them(tmp_path):
+    """Not the weights' shape but their function: a resume from a checkpoint trained (or imported
+    from Hugging Face) with rope_theta 1e6 and eps 1e-6 that leaves the flags at their defaults
+    would train another model -- refused, naming both; --finetune may change them (a new RoPE base
+    is how a context gets extended); a learned-position run has no RoPE base to compare."""
+    from tst_megatron import preflight
+
+    def cfg(*argv):
+        c = parse_args(BASE + ["--train-iters", "100"] + list(argv))
+        validate(c, 1)
+        return c
+
+    saved = {"args": cfg("--rotary-base", "1000000", "--norm-epsilon", "1e-6").to_dict()}
+    with pytest.raises(SystemExit) as exc:
+        preflight.check_resume_compatible(cfg(), saved, "ck")
+    assert "--rotary-base 10000 (checkpoint: 1000000); --norm-epsilon 1e-05 (checkpoint: 1e-06)" in str(exc.value.code)
+    assert "or pass --override-checkpoint-args" in str(exc.value.code)  # not a weight shape
+    preflight.check_resume_compatible(cfg("--rotary-base", "1000000", "--norm-epsilon", "1e-6"), saved, "ck")
+    preflight.check_resume_compatible(cfg("--finetune", "--load", str(tmp_path), "--save", str(tmp_path / "new")),
+                                      saved, "ck")
+    learned = {"args": cfg("--position-embedding-type", "learned_absolute", "--rotary-base", "5").to_dict()}
+    preflight.check_resume_compatible(cfg("--position-embedding-type", "learned_absolute"), learned, "ck")
+
+
+def test_resume_from_an_import_checks_the_tokenizer_it_was_imported_for():
+    """An imported checkpoint records the tokenizer the import checked the vocabulary against: a
+    run that continues it with another --tokenizer-type is refused as for a trained checkpoint."""
+    from tst_megatron import preflight
+
+    imported = {"imported_from": "/hf/model", "args": parse_args(BASE + ["--tokenizer-type", "NullTokenizer"]).to_dict()}
+    with pytest.raises(SystemExit) as exc:
+        preflight.check_resume_data(parse_args(BASE + ["--tokenizer-type", "ByteTokenizer"]), imported, "ck", True)
+    assert "the checkpoint was imported for --tokenizer-type NullTokenizer, this run gives --tokenizer-type " \
+           "ByteTokenizer" in str(exc.value.code)
+    preflight.check_resume_data(parse_args(BASE + ["--tokenizer-type", "NullTokenizer"]), imported, "ck", True)
+
+
 def test_resume_ignores_wsd_flags_outside_wsd():
     """--lr-wsd-decay-iters/-style do nothing under another decay style, so dropping or changing
     them there does not block a resume; under WSD they are the schedule and must match."""

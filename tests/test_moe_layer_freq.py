@@ -113,3 +113,16 @@ def test_a_dense_first_layer_trains_and_is_saved_without_experts(tmp_path):
     total, _ = count_parameters(parse_args(argv).model, vocab)
     assert total == sum(numel(s) for s in tensors.values())
 
+
+
+def test_moe_layers_keep_transformer_engines_checkpoint_names():
+    """The names megatron-core's TE spec gives (get_gpt_layer_with_transformer_engine_spec): the
+    input norm and a dense layer's pre-MLP norm fused into the next linear (`...layer_norm_weight`),
+    an MoE layer's pre-MLP norm a module of its own (`pre_mlp_layernorm.weight`). The local spec
+    this CPU build uses files the MoE norm under the dense name too; ours keeps TE's, so an MoE
+    checkpoint moves between machines with and without Transformer Engine."""
+    norms = sorted(k for k in _sharded_keys("[0,1,1,1]") if "norm" in k)
+    assert norms == ["decoder.final_layernorm.weight", "decoder.layers.0.mlp.linear_fc1.layer_norm_weight"] + [
+        f"decoder.layers.{i}.{name}" for i in range(4) for name in
+        ((["pre_mlp_layernorm.weight"] if i else []) + ["self_attention.linear_qkv.layer_norm_weight"])]
+    assert "decoder.layers.pre_mlp_layernorm.weight" in _sharded_keys("1")

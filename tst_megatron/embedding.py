@@ -5,8 +5,9 @@ summed in fp32, divided by s and cast back to the model dtype. No new parameters
 
 The mean is taken *before* the tensor-parallel reduction of the vocab-parallel embedding, so:
   * the reduction (all-reduce, or reduce-scatter under sequence parallelism) moves L positions, not
-    L*s tokens (in fp32, so that TP > 1 rounds the mean once, exactly as TP = 1 does: twice the
-    bytes of a bf16 baseline step for this one of the step's 2 * layers + 1 TP reductions);
+    L*s tokens (the fp32 bag sums, divided by s after the reduction, so that TP > 1 rounds the mean
+    once as TP = 1 does: twice the bytes of a bf16 baseline step for this one of the step's
+    2 * layers + 1 TP reductions);
   * the sequence-parallel scatter happens after averaging, so a bag is never split across ranks.
 Everything after the word embedding (learned position embeddings, the [s, b, h] layout, fp32
 residual, dropout under the TP RNG tracker) is megatron's `LanguageModelEmbedding`, unchanged.
@@ -54,16 +55,17 @@ class BagVocabParallelEmbedding(VocabParallelEmbedding):
         # in place, as megatron zeroes its lookup: a second [b, L, s, h] tensor would be s times
         # megatron's embedding output (the lookup's backward needs only the ids)
         tokens.masked_fill_(outside.unsqueeze(-1), 0.0)
-        # This rank's share of the bag mean, kept in fp32 through the reduction and rounded once
-        # afterwards: the result is the TP = 1 mean (one rounding of an fp32 sum), not a sum of
-        # per-rank bf16-rounded parts. Costs one fp32 instead of bf16 [L, b, h] reduction per step.
-        output_parallel = torch.sum(tokens, dim=-2, dtype=torch.float32) / tokens.shape[-2]  # [b, L, h] fp32
+        # This rank's share of the bag *sum*, kept in fp32 through the reduction, divided by s and
+        # rounded once afterwards, as TP = 1 does: not a sum of per-rank bf16-rounded parts, nor of
+        # per-rank quotients (each divided before adding: another fp32 value, a bf16 ulp off in
+        # about 0.3% of elements). Costs one fp32 instead of bf16 [L, b, h] reduction per step.
+        output_parallel = torch.sum(tokens, dim=-2, dtype=torch.float32)  # [b, L, h] fp32
         if self.reduce_scatter_embeddings:
             output_parallel = output_parallel.transpose(0, 1).contiguous()  # [L, b, h]
             output = reduce_scatter_to_sequence_parallel_region(output_parallel, group=self.tp_group)
         else:
             output = reduce_from_tensor_model_parallel_region(output_parallel, group=self.tp_group)
-        return output.to(self.weight.dtype)
+        return (output / tokens.shape[-2]).to(self.weight.dtype)
 
 
 def enable_bag_inputs(embedding) -> None:

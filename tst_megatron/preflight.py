@@ -21,6 +21,9 @@ _MAX_SCANNED_TOKENS = 64 * 1024 * 1024  # large corpora are checked on a prefix 
 # What must match between a checkpoint and the run resuming it (flags of the model shape, TST
 # and the LR schedule: megatron's scheduler refuses other values with a bare assertion, and the
 # superposition length maps consumed samples to data positions).
+_FUNCTION_KEYS = ("rotary_base", "norm_epsilon", "moe_router_pre_softmax", "moe_router_topk_scaling_factor",
+                  "moe_router_num_groups", "moe_router_group_topk")
+_NOT_SHAPE = ("seq_length", "moe_router_topk", "moe_router_score_function") + _FUNCTION_KEYS
 _RESUME_KEYS = (
     [("model", k) for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                             "num_query_groups", "kv_channels", "normalization",
@@ -29,6 +32,10 @@ _RESUME_KEYS = (
                             "disable_bias_linear", "position_embedding_type", "moe_ffn_hidden_size",
                             "moe_router_topk", "moe_router_score_function", "moe_router_enable_expert_bias",
                             "moe_layer_freq")]
+    # not the weights' shape but the function they compute: a resume with another value trains
+    # another model (a Hugging Face import's rope_theta / rms_norm_eps are rarely the defaults);
+    # a --finetune may change them (a new RoPE base is how a context is extended)
+    + [("model", k) for k in _FUNCTION_KEYS]
     + [("model", "seq_length"), ("tst", "bag_size"), ("tst", "mode")]
     + [("optim", k) for k in ("train_iters", "train_samples", "lr", "min_lr", "decoupled_lr", "decoupled_min_lr",
                               "lr_decay_style", "lr_warmup_iters", "lr_warmup_fraction", "lr_decay_iters", "lr_wsd_decay_iters",
@@ -239,8 +246,9 @@ def check_resume_compatible(cfg: RunConfig, meta: dict, path: str, source: str =
     for group, key in _RESUME_KEYS:
         if key == "seq_length" and meta.get("imported_from"):
             continue  # weights from Hugging Face: no data stream cut at that length to continue
-        if cfg.ckpt.finetune and (group != "model" or key in ("seq_length", "moe_router_topk",
-                                                              "moe_router_score_function")):
+        if cfg.ckpt.finetune and (group != "model" or key in _NOT_SHAPE):
+            continue
+        if key == "rotary_base" and cfg.model.position_embedding_type != "rope":
             continue
         if key in ("lr_wsd_decay_iters", "lr_wsd_decay_style") and "WSD" not in (
                 raw_saved.get("optim", {}).get("lr_decay_style"), cfg.optim.lr_decay_style):
@@ -259,7 +267,7 @@ def check_resume_compatible(cfg: RunConfig, meta: dict, path: str, source: str =
         if group in saved and a != b and typed:
             flag = "--tst-" + key.replace("_", "-") if group == "tst" else "--" + key.replace("_", "-")
             diffs.append(f"{flag} {b} (checkpoint: {a})")
-            shape |= group == "model" and key not in ("seq_length", "moe_router_topk", "moe_router_score_function")
+            shape |= group == "model" and key not in _NOT_SHAPE
     if "model" in raw_saved:
         was, will = raw_saved["model"].get("moe_layer_freq", 1), raw_now["model"]["moe_layer_freq"]
         if stacks_layers(was) != stacks_layers(will):  # no override helps: the keys do not match
@@ -336,16 +344,19 @@ def check_resume_data(cfg: RunConfig, meta: dict, path: str, verbose: bool, sour
     checkpoint consumed from, which a resume otherwise guarantees: said once, as a warning."""
     from .tokenizers import canonical_tokenizer_type
 
-    if meta.get("imported_from"):
-        return  # weights from Hugging Face: the import's flags named no data
     saved, now = meta.get("args", {}), cfg.to_dict()
     was = saved.get("data", {}).get("tokenizer_type")
+    # an import records the tokenizer it checked the model's vocabulary against (its flags, else
+    # the Hugging Face directory's own): the same question as for a trained checkpoint
     if (was is not None and canonical_tokenizer_type(was) != canonical_tokenizer_type(cfg.data.tokenizer_type)
             and not cfg.ckpt.override_checkpoint_args):
-        fail(f"{source} {path}: the checkpoint was trained with --tokenizer-type {was}, this run gives "
+        how = "imported for" if meta.get("imported_from") else "trained with"
+        fail(f"{source} {path}: the checkpoint was {how} --tokenizer-type {was}, this run gives "
              f"--tokenizer-type {cfg.data.tokenizer_type}; its embedding rows stand for that tokenizer's "
              "tokens. Use the checkpoint's tokenizer, or pass --override-checkpoint-args to train the "
              "weights on another one")
+    if meta.get("imported_from"):
+        return  # weights from Hugging Face: the import's flags named no data stream
     if not verbose or not meta.get("consumed_samples"):
         return
     changed = [f"--{key.replace('_', '-')} {_flag_value(now[group].get(key))} "

@@ -131,6 +131,13 @@ class SDPAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * dim)
 
 
+def _is_moe(mlp_spec) -> bool:
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    module = getattr(mlp_spec, "module", None)
+    return isinstance(module, type) and issubclass(module, MoELayer)
+
+
 def _swap(submodules, name, old, new):
     if getattr(submodules, name, None) is old:
         setattr(submodules, name, new)
@@ -139,6 +146,13 @@ def _swap(submodules, name, old, new):
 def _make_cpu_capable(layer_spec, use_sdpa: bool):
     layer_spec = copy.deepcopy(layer_spec)
     sub = layer_spec.submodules
+    if _is_moe(sub.mlp) and sub.sharded_state_dict_keys_map:
+        # megatron's local spec files every layer's pre-MLP norm under TE's fused name
+        # (mlp.linear_fc1.layer_norm_*), MoE layers too; TE's MoE layers keep a norm of their own
+        # (pre_mlp_layernorm.*). Keep TE's name, so that a checkpoint of either loads in the other
+        # (an MoE trained on GPUs with TE, exported or resumed on a machine without it, and back).
+        sub.sharded_state_dict_keys_map = {k: v for k, v in sub.sharded_state_dict_keys_map.items()
+                                           if k != "pre_mlp_layernorm."}
     for name in ("input_layernorm", "pre_mlp_layernorm"):
         _swap(sub, name, WrappedTorchNorm, TorchNorm)
     attn = sub.self_attention.submodules

@@ -160,7 +160,8 @@ def _single_rank(cfg):
         sequence_parallel=False, use_distributed_optimizer=False)
     if cfg.model.transformer_impl == "transformer_engine" and not _use_te():
         # a run trained with Transformer Engine, converted on a machine without it: the local layers
-        # map their sharded keys onto TE's (megatron-core's sharded_state_dict_keys_map), so they load it
+        # map their sharded keys onto TE's (megatron-core's sharded_state_dict_keys_map; for MoE
+        # layers tst_megatron.specs keeps TE's own pre-MLP norm name), so they load it
         cfg.model = dataclasses.replace(cfg.model, transformer_impl=None)
     return cfg
 

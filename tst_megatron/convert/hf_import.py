@@ -278,8 +278,7 @@ def import_checkpoint(hf_dir: str, save: str, run_argv: Sequence[str] = (), *, i
 
     from .. import checkpointing as ckpt
     from .. import hf_convert as hc
-    from ..builders import (build_model_chunks, build_optimizer, build_scheduler, transformer_config,
-                           tst_data_tokens_per_sample, wrap_ddp)
+    from ..builders import build_model_chunks, transformer_config, tst_data_tokens_per_sample
     from ..cpu import default_device
 
     if iteration < 0:
@@ -338,8 +337,9 @@ def import_checkpoint(hf_dir: str, save: str, run_argv: Sequence[str] = (), *, i
             with stages.step("building the model (TP=PP=EP=1)"):
                 tconfig = transformer_config(cfg.model, cfg.parallel, cfg.optim,
                                              use_cpu_init=default_device().type == "cpu")
+                # the model alone: no DDP gradient buffer and no optimizer (an import writes no Adam
+                # state; the continued run builds its own, as a fresh run would)
                 chunks = build_model_chunks(cfg, tconfig, hf_vocab)
-                model = wrap_ddp(chunks, tconfig, cfg.parallel)
             with stages.step("loading the weights"):
                 # the key names of the model just built (TE's fused layernorm-linear or local layers),
                 # not of what is installed: --transformer-impl local on a TE machine builds local layers
@@ -357,12 +357,6 @@ def import_checkpoint(hf_dir: str, save: str, run_argv: Sequence[str] = (), *, i
                 if missing:
                     raise ConversionError(f"weights missing from the conversion: {missing[:8]}")
                 del msd
-            with stages.step("building a fresh optimizer and LR schedule"):
-                # after the weights: a bf16 run's fp32 main params are copied from the model here
-                optimizer = build_optimizer(model, cfg.optim, cfg.parallel)
-                scheduler = build_scheduler(optimizer, cfg.optim)
-                if iteration:
-                    scheduler.step(iteration)
             with stages.step("writing the torch_dist checkpoint"):
                 tokenizer_vocab = tok.vocab_size
                 sup_samples = consumed_samples if iteration <= num_sup else per_iter * num_sup
@@ -375,7 +369,11 @@ def import_checkpoint(hf_dir: str, save: str, run_argv: Sequence[str] = (), *, i
                           "superposition_iters": num_sup, "vocab_size": hf_vocab,
                           "tokenizer_vocab_size": tokenizer_vocab, "args": cfg.to_dict(),
                           "imported_from": os.path.abspath(hf_dir), "optimizer_state": False}
-                path = ckpt.save_checkpoint(save, iteration, model, optimizer, scheduler, common, False)
+                # weights and progress only (the marker says there is no optimizer state): the
+                # continued run starts its optimizer as a fresh one would, and its LR schedule at
+                # the imported iteration
+                path = ckpt.save_checkpoint(save, iteration, chunks, None, None, common, False,
+                                            save_optim=False)
 
     flags = trainer_flags(cfg)
     tps = [t for t in (1, 2, 4, 8, 16) if hf_vocab % t == 0]

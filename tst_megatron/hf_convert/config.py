@@ -387,6 +387,16 @@ class _Shape:
                         for i in range(self.layers)]
 
 
+def rope_theta(hf_config: Any) -> float:
+    """The RoPE base as transformers reads it: rope_scaling / rope_parameters first, then rope_theta."""
+    c = _as_dict(hf_config)
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = c.get(key)
+        if isinstance(rope, Mapping) and rope.get("rope_theta") is not None:
+            return rope["rope_theta"]
+    return c.get("rope_theta", 10000.0)
+
+
 def megatron_config_from_hf(hf_config: Any) -> Dict[str, Any]:
     """TransformerConfig fields plus GPTModel / Megatron-LM settings rebuilding the HF model.
 
@@ -412,8 +422,7 @@ def megatron_config_from_hf(hf_config: Any) -> Dict[str, Any]:
             [("partial_rotary_factor", c.get("partial_rotary_factor"))]:
         if factor is not None and float(factor) != 1.0:
             raise ValueError(f"{key}: {factor}; partial RoPE is not supported (1.0 only)")
-    thetas = [r["rope_theta"] for _, r in ropes if r.get("rope_theta") is not None]
-    theta = thetas[0] if thetas else c.get("rope_theta", 10000.0)
+    theta = rope_theta(c)
     if c.get("use_sliding_window"):
         raise ValueError("use_sliding_window: sliding-window attention is not supported")
     out: Dict[str, Any] = {

@@ -11,7 +11,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from .config import _Shape
+from .config import _Shape, rope_theta
 
 # ----------------------------------------------------------------------------------------------
 # State dicts
@@ -149,6 +149,21 @@ def megatron_to_hf(state_dict: Mapping[str, Any], cfg: Any, *, zero_centered_gam
     return out
 
 
+def _drop_rope_buffers(t: "_Taker", s: _Shape, theta: float) -> None:
+    """Older Llama files carry each layer's RoPE frequencies (`rotary_emb.inv_freq`), a buffer that
+    transformers recomputes from rope_theta: dropped when it is that, refused when it is not (a file
+    whose frequencies disagree with its config was not trained with the RoPE this import builds)."""
+    d = s.head_dim
+    want = 1.0 / (float(theta) ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    for i in range(s.layers):
+        key = f"model.layers.{i}.self_attn.rotary_emb.inv_freq"
+        if key in t.sd:
+            got = t.take(key, (d // 2,)).double()
+            if not torch.allclose(got, want, rtol=1e-3, atol=0.0):
+                raise ValueError(f"{key}: the RoPE frequencies are not those of rope_theta {theta} and "
+                                 f"head_dim {d}")
+
+
 def _normalise_hf_keys(hf_state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Split transformers-v5 fused MoE experts into the per-expert checkpoint form."""
     out: Dict[str, torch.Tensor] = {}
@@ -188,6 +203,7 @@ def hf_to_megatron(hf_state_dict: Mapping[str, torch.Tensor], cfg: Any, *, key_s
     s = _Shape(cfg)
     one = -1.0 if zero_centered_gamma else 0.0  # HF gamma -> megatron's gamma - 1 (--apply-layernorm-1p)
     t = _Taker(_normalise_hf_keys(hf_state_dict), "HF state dict")
+    _drop_rope_buffers(t, s, rope_theta(cfg))
     te = key_style == "te"
     xs = extra_state and not te
     h, d, nq, ng, per = s.hidden, s.head_dim, s.heads, s.groups, s.heads // s.groups
