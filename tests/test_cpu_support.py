@@ -164,3 +164,19 @@ def test_importing_tst_megatron_defers_megatrons_compiles_and_restores_torch_com
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
                           env=dict(__import__("os").environ, PYTHONWARNINGS="ignore"))
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("field, value", [("softmax_type", "off-by-one"), ("window_size", (2, 0))])
+def test_sdpa_attention_refuses_what_it_does_not_implement(field, value):
+    """megatron's DotProductAttention honours an off-by-one softmax and a sliding window; SDPA (the
+    CPU core attention) implements neither, so a config asking for one is refused, not ignored."""
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from tst_megatron.specs import SDPAttention
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2)
+    SDPAttention(cfg, 1, AttnMaskType.causal, "self")
+    setattr(cfg, field, value)
+    with pytest.raises(ValueError, match=f"SDPAttention: .*{'softmax_type' if field == 'softmax_type' else 'window'}"):
+        SDPAttention(cfg, 1, AttnMaskType.causal, "self")

@@ -100,6 +100,12 @@ class SDPAttention(MegatronModule):
         if config.context_parallel_size > 1:
             raise ValueError("SDPAttention does not implement context parallelism "
                              "(--context-parallel-size > 1 needs Transformer Engine)")
+        # what megatron's DotProductAttention would do and SDPA does not: refused, not ignored
+        if getattr(config, "softmax_type", "vanilla") != "vanilla":
+            raise ValueError(f"SDPAttention: softmax_type {config.softmax_type!r} is not implemented (vanilla only)")
+        if getattr(config, "window_size", None) is not None:
+            raise ValueError(f"SDPAttention: sliding-window attention (window_size {config.window_size}) is not "
+                             "implemented")
         self.attn_mask_type = attn_mask_type
         self.softmax_scale = softmax_scale
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
