@@ -249,6 +249,10 @@ def test_superposition_iters_not_below_train_iters(corpus, workdir, save, capsys
     ({"--split": "90,-10,20"}, "error: --split 90,-10,20: give up to three non-negative numbers train,valid,test"),
     ({"--split": "1e2,10,0"}, "error: --split 1e2,10,0: give up to three non-negative numbers train,valid,test"),
     ({"--split": "0,0,0"}, "error: --split 0,0,0: the weights sum to 0; give the train split a weight > 0"),
+    # 20 documents: 1% of them is none (megatron rounds document counts); the hint spells the split without it
+    ({"--split": "99,1,0"}, "error: --split 99,1,0: the validation split of {c} gets no documents (20 documents in "
+                            "all; megatron splits by documents); use more documents or give that split more weight, "
+                            "or none at all (--split 99,0,0)"),
     ({"--data-path": "-1 {c} 2 {c}"}, "error: --data-path -1 {c} 2 {c}: blend weight -1 is not a number > 0"),
     ({"--data-path": "nan {c} 1 {c}"}, "error: --data-path nan {c} 1 {c}: blend weight nan is not a number > 0"),
     ({"--exit-interval": "-1"}, "error: --exit-interval must be >= 1 (got -1)"),

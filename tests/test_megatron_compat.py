@@ -489,6 +489,57 @@ def test_resume_from_an_import_checks_the_tokenizer_it_was_imported_for():
     preflight.check_resume_data(parse_args(BASE + ["--tokenizer-type", "NullTokenizer"]), imported, "ck", True)
 
 
+def test_a_fresh_import_takes_any_schedule_but_keeps_its_model():
+    """A Hugging Face import at iteration 0 recorded the trainer's default schedule and TST flags
+    (unless given to the import); the run that starts from it may choose its own -- nothing was
+    trained under them -- but not another RoPE base, norm epsilon or shape. An import that continues
+    a schedule (consumed samples > 0) is a resume like any other."""
+    from tst_megatron import preflight
+
+    def cfg(*argv):
+        c = parse_args(BASE + list(argv))
+        validate(c, 1)
+        return c
+
+    args = cfg("--train-iters", "100", "--rotary-base", "1000000").to_dict()
+    fresh = {"imported_from": "/hf/model", "consumed_samples": 0, "args": args}
+    mine = ("--train-iters", "20", "--lr", "3e-3", "--lr-decay-style", "WSD", "--tst-bag-size", "4",
+            "--tst-superposition-ratio", "0.3", "--rotary-base", "1000000")
+    preflight.check_resume_compatible(cfg(*mine), fresh, "ck")
+    with pytest.raises(SystemExit, match=r"--rotary-base 10000 \(checkpoint: 1000000\)"):
+        preflight.check_resume_compatible(cfg(*mine[:-2]), fresh, "ck")
+    with pytest.raises(SystemExit, match=r"--num-layers 3 \(checkpoint: 2\)"):
+        preflight.check_resume_compatible(cfg(*mine, "--num-layers", "3"), fresh, "ck")
+    continuing = dict(fresh, consumed_samples=800)
+    with pytest.raises(SystemExit, match=r"--train-iters 20 \(checkpoint: 100\)"):
+        preflight.check_resume_compatible(cfg(*mine), continuing, "ck")
+
+
+def test_checkpoints_record_data_and_tokenizer_paths_absolute(tmp_path, monkeypatch, capsys):
+    """A run started with relative paths records them absolute (an export or resume from another
+    directory finds the same files), and a resume that types the same files relative (or absolute)
+    is the same data: no "data may have moved" warning, the same train stream."""
+    from tst_megatron import preflight
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    for name in ("d/c_text_document.bin", "d/c_text_document.idx", "spm.model"):
+        (tmp_path / name).write_text("")
+    argv = ["--num-layers", "2", "--train-iters", "10", "--tokenizer-type", "SentencePieceTokenizer"]
+    rel = parse_args(argv + ["--data-path", "0.5", "d/c_text_document", "0.5", "d/c_text_document",
+                             "--tokenizer-model", "spm.model"])
+    recorded = rel.recorded_dict()
+    assert recorded["data"]["data_path"] == ["0.5", str(tmp_path / "d/c_text_document")] * 2
+    assert recorded["data"]["tokenizer_model"] == str(tmp_path / "spm.model")
+    assert rel.to_dict()["data"]["tokenizer_model"] == "spm.model"  # the run itself keeps what was typed
+    meta = {"args": recorded, "consumed_samples": 80}
+    for again in (rel, parse_args(argv + ["--data-path", "0.5", str(tmp_path / "d/c_text_document"), "0.5",
+                                          "d/c_text_document", "--tokenizer-model", str(tmp_path / "spm.model")])):
+        assert preflight.same_train_data(again, meta)
+        preflight.check_resume_data(again, meta, "ck", True)
+        assert "warning" not in capsys.readouterr().out
+
+
 def test_resume_ignores_wsd_flags_outside_wsd():
     """--lr-wsd-decay-iters/-style do nothing under another decay style, so dropping or changing
     them there does not block a resume; under WSD they are the schedule and must match."""

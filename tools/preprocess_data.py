@@ -39,7 +39,7 @@ with warnings.catch_warnings():  # megatron-core warns at import about missing T
 
 from tst_megatron.corpus import (INPUT_FORMATS, CorpusError, Record, is_jsonl_file, iter_records,
                                  list_input_files, parse_record_parts)
-from tst_megatron.tokenizers import TOKENIZER_TYPES, build_tokenizer
+from tst_megatron.tokenizers import _TYPE_ALIASES, TOKENIZER_TYPES, build_tokenizer
 
 CHUNK_SIZE = 32  # records per worker task; imap keeps chunk order, so output order is fixed
 PARTIAL = ".partial"
@@ -50,14 +50,16 @@ def get_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     group = parser.add_argument_group("input data")
     group.add_argument("--input", required=True,
-                       help="JSONL file, plain text file, or directory of text/JSONL files")
+                       help="JSONL file (one document per line), plain text file (one document per file), "
+                            "or directory of text/JSONL files")
     group.add_argument("--json-keys", nargs="+", default=["text"],
                        help="JSON keys to extract; one output dataset per key")
     group.add_argument("--input-format", choices=INPUT_FORMATS, default="auto",
                        help="auto: .jsonl/.json/.ndjson files are JSONL, others plain text")
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", required=True,
-                       help=f"one of {', '.join(TOKENIZER_TYPES)}")
+                       help=f"one of {', '.join(TOKENIZER_TYPES)} (Megatron-LM's names are accepted "
+                            f"too: {', '.join(_TYPE_ALIASES)})")
     group.add_argument("--tokenizer-model", default=None,
                        help="SentencePiece .model, or HuggingFace tokenizer.json / its directory")
     group.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer only")

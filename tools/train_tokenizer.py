@@ -46,9 +46,10 @@ def get_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--input", required=True,
                         help="JSONL file, plain text file, or directory (as tools/preprocess_data.py)")
     parser.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys holding text")
-    parser.add_argument("--input-format", choices=INPUT_FORMATS, default="auto")
+    parser.add_argument("--input-format", choices=INPUT_FORMATS, default="auto",
+                        help="auto: .jsonl/.json/.ndjson files are JSONL (one document per line), others plain text")
     parser.add_argument("--output-prefix", required=True, help="writes {prefix}.model, {prefix}.vocab")
-    parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="SentencePiece model kind")
     parser.add_argument("--vocab-size", type=int, default=4096,
                         help=f"total pieces, including {len(SPECIAL_PIECES)} special and "
                              f"{BYTE_PIECES} byte-fallback pieces")

@@ -83,12 +83,12 @@ def import_megatron_core() -> None:
 
 
 def quiet_missing_kernel_warnings() -> None:
-    """Without CUDA, megatron-core's import-time warnings that Transformer Engine and Apex are missing
-    (four per process and rank) describe the only path there is: silence exactly those. On a CUDA
+    """Without CUDA, megatron-core's warnings that Transformer Engine and Apex are missing (at import,
+    four per process and rank, and at each layer spec) describe the only path there is: silence exactly those. On a CUDA
     machine they stay -- there they point at kernels the user may want to install."""
     if not torch.cuda.is_available():
-        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed",
-                                category=UserWarning)
+        for text in ("Transformer Engine and Apex are not installed", "Apex is not installed. Falling back to Torch"):
+            warnings.filterwarnings("ignore", message=".*" + text, category=UserWarning)
 
 
 quiet_missing_kernel_warnings()

@@ -88,6 +88,9 @@ def transformer_config(m: ModelArgs, par: ParallelArgs, o: OptimArgs, use_cpu_in
         use_cpu_initialization=use_cpu_init,
         # as Megatron-LM: a pipeline stage's output is freed once sent (its activation memory)
         deallocate_pipeline_outputs=True,
+        # megatron-core 0.16.1's default "full" warns at every config that it is deprecated; an
+        # empty list is the same whole-layer scope (only read when CUDA graphs are on)
+        cuda_graph_scope=[],
         # The interleaved schedule at PP=2 sends an activation and a gradient of the same shape to the
         # one other stage in one batched p2p call, which matches them in posting order and swaps them
         # (Megatron-LM refuses this layout without --overlap-p2p-comm); megatron-core's unbatched path

@@ -14,7 +14,7 @@ import re
 from typing import Optional
 
 from .arguments import ModelArgs, OptimArgs, RunConfig, fail
-from .run_config import moe_layer_pattern, stacks_layers
+from .run_config import absolute_paths, moe_layer_pattern, stacks_layers
 
 _MAX_SCANNED_TOKENS = 64 * 1024 * 1024  # large corpora are checked on a prefix (memory-mapped)
 
@@ -163,9 +163,14 @@ def _check_split(cfg: RunConfig, flag: str, prefix: str, split, num_documents: i
             continue
         if flag != "--data-path":
             fail(f"{flag} {prefix}: the data holds no documents")
+        weights = [w.strip() for w in re.split(r"[,/]", cfg.data.split)] + ["0", "0"]
+        weights[_SPLIT_NAMES.index(name)] = "0"
+        few = (" (preprocess_data.py makes one document of each plain text file: give it JSONL, one "
+               "document per line, or a directory of text files)" if num_documents < 10 else "")
+        none = "" if name == "train" else f", or none at all (--split {','.join(weights[:3])})"
         fail(f"--split {cfg.data.split}: the {name} split of {prefix} gets no documents "
-             f"({num_documents} documents in all); give that split more weight, set it to 0 "
-             "(e.g. --split 98,2,0), or use more data")
+             f"({num_documents} documents in all; megatron splits by documents); use more documents{few} "
+             f"or give that split more weight{none}")
 
 
 def _check_samples_fit(cfg: RunConfig, flag: str, prefix: str, split, ds) -> None:
@@ -242,12 +247,16 @@ def check_resume_compatible(cfg: RunConfig, meta: dict, path: str, source: str =
     flag that named the checkpoint (--load, or --pretrained-checkpoint), for the messages."""
     raw_saved, raw_now = meta.get("args", {}), cfg.to_dict()
     saved, now = _resolved(raw_saved), _resolved(raw_now)
+    # a Hugging Face import at iteration 0 starts a run as --finetune does: no step was taken under
+    # the schedule and TST flags it recorded (the trainer's defaults unless given to the import)
+    new_run = cfg.ckpt.finetune or (bool(meta.get("imported_from")) and not meta.get("consumed_samples"))
     diffs, shape = [], False
     for group, key in _RESUME_KEYS:
         if key == "seq_length" and meta.get("imported_from"):
             continue  # weights from Hugging Face: no data stream cut at that length to continue
-        if cfg.ckpt.finetune and (group != "model" or key in _NOT_SHAPE):
-            continue
+        relaxed = group != "model" or key in _NOT_SHAPE
+        if relaxed and (cfg.ckpt.finetune or (new_run and key not in _FUNCTION_KEYS)):
+            continue  # (an import's RoPE base and norm epsilon are its model's: still compared)
         if key == "rotary_base" and cfg.model.position_embedding_type != "rope":
             continue
         if key in ("lr_wsd_decay_iters", "lr_wsd_decay_style") and "WSD" not in (
@@ -283,7 +292,7 @@ def check_resume_compatible(cfg: RunConfig, meta: dict, path: str, source: str =
             diffs.append(f"a learned position table of {rows[1]} rows (--max-position-embeddings, else "
                          f"--seq-length; checkpoint: {rows[0]})")
             shape = True
-    if not cfg.ckpt.finetune and "optim" in saved:
+    if not new_run and "optim" in saved:
         # the schedule in steps, however it was given (iterations, samples, a warmup fraction)
         from .builders import schedule_steps
 
@@ -302,13 +311,13 @@ def check_resume_compatible(cfg: RunConfig, meta: dict, path: str, source: str =
                 return ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in x.items() if v is not None)
             diffs.append(f"an LR schedule of {steps(will)} steps from --train-iters/--train-samples and the "
                          f"--lr-*-iters/-samples/--lr-warmup-fraction flags (checkpoint: {steps(was)})")
-    sup_saved = None if cfg.ckpt.finetune else meta.get("superposition_iters")
+    sup_saved = None if new_run else meta.get("superposition_iters")
     sup_now = cfg.tst.num_superposition_iters(cfg.optim.train_iters)
     if sup_saved is not None and sup_saved != sup_now:
         diffs.append(f"{sup_now} superposition iterations from --tst-superposition-iters/-ratio "
                      f"(checkpoint: {sup_saved})")
     saved_ramp = saved.get("optim", {}).get("rampup_batch_size")
-    if not cfg.ckpt.finetune and "optim" in saved and bool(saved_ramp) != bool(cfg.optim.rampup_batch_size):
+    if not new_run and "optim" in saved and bool(saved_ramp) != bool(cfg.optim.rampup_batch_size):
         # the saved scheduler counts samples under a ramp and steps otherwise: no override can mix them
         fail(f"{source} {path}: the checkpoint was trained "
              + (f"with --rampup-batch-size {' '.join(map(str, saved_ramp))}, this run without"
@@ -331,7 +340,8 @@ _TRAIN_STREAM_KEYS = (("optim", "seed"), ("data", "data_path"), ("data", "split"
 def same_train_data(cfg: RunConfig, meta: dict) -> bool:
     """Whether this run's train stream is cut from the same data in the same order as the checkpoint's
     (a flag the checkpoint did not record counts as unchanged)."""
-    saved, now = meta.get("args", {}), cfg.to_dict()
+    # paths compared as absolute (a checkpoint records them so; one typed relative is the same file)
+    saved, now = absolute_paths(meta.get("args", {})), cfg.recorded_dict()
     return all(saved.get(group, {}).get(key, now[group].get(key)) == now[group].get(key)
                for group, key in _TRAIN_STREAM_KEYS)
 
@@ -344,7 +354,7 @@ def check_resume_data(cfg: RunConfig, meta: dict, path: str, verbose: bool, sour
     checkpoint consumed from, which a resume otherwise guarantees: said once, as a warning."""
     from .tokenizers import canonical_tokenizer_type
 
-    saved, now = meta.get("args", {}), cfg.to_dict()
+    saved, now = absolute_paths(meta.get("args", {})), cfg.recorded_dict()
     was = saved.get("data", {}).get("tokenizer_type")
     # an import records the tokenizer it checked the model's vocabulary against (its flags, else
     # the Hugging Face directory's own): the same question as for a trained checkpoint

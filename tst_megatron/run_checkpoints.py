@@ -175,7 +175,7 @@ class RunCheckpoints:
                 # at the switch itself the model has had no next-token step yet
                 "superposition_checkpoint": 0 < self.num_sup_iters and self.iteration <= self.num_sup_iters,
                 "superposition_iters": self.num_sup_iters, "vocab_size": self.vocab_size,
-                "tokenizer_vocab_size": self.tokenizer.vocab_size, "args": self.cfg.to_dict(),
+                "tokenizer_vocab_size": self.tokenizer.vocab_size, "args": self.cfg.recorded_dict(),
                 "finetuned_from": self.finetuned_from, "run_id": self.run_id,
                 "skipped_nonfinite": self.skipped_nonfinite,
                 # where the LR schedule stands (skipped steps did not advance it), for a resume that

@@ -270,6 +270,40 @@ class RunConfig:
         return {name: dataclasses.asdict(getattr(self, name)) for name in
                 ("model", "parallel", "optim", "data", "ckpt", "logging", "tst")}
 
+    def recorded_dict(self) -> dict:
+        """`to_dict()` as a checkpoint records it: data and tokenizer paths made absolute, so that
+        a conversion or resume started from another directory finds the same files."""
+        return absolute_paths(self.to_dict())
+
+
+_PATH_FIELDS = ("data_path", "train_data_path", "valid_data_path", "test_data_path", "tokenizer_model",
+                "vocab_file", "merge_file", "data_cache_path")
+
+
+def absolute_paths(args: dict) -> dict:
+    """A copy of a `to_dict()` dict whose data and tokenizer paths that exist here are absolute
+    (blend weights, and names that are not paths here, stay as given)."""
+    def fix(value):
+        if isinstance(value, (list, tuple)):
+            return [fix(v) for v in value]
+        if isinstance(value, str) and not _is_number(value) and not os.path.isabs(value) and (
+                os.path.exists(value) or os.path.exists(value + ".bin") or os.path.exists(value + ".idx")):
+            return os.path.abspath(value)
+        return value
+
+    out = dict(args)
+    if isinstance(args.get("data"), dict):
+        out["data"] = {k: fix(v) if k in _PATH_FIELDS else v for k, v in args["data"].items()}
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
 
 def same_dir(a: Optional[str], b: Optional[str]) -> bool:
     """Whether two directory flags name one directory (through symlinks too: a requeued job's

@@ -519,8 +519,10 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None,
         return GPT2BPETokenizer(tokenizer_model, merge_file)
     if canonical == "NullTokenizer":
         if vocab_size is None:
+            given = (f"; --tokenizer-model {tokenizer_model} is given: name its kind with --tokenizer-type "
+                     "(NullTokenizer is the default)" if tokenizer_model else "")
             raise ValueError("--tokenizer-type NullTokenizer needs --vocab-size (the number of data "
-                             "token ids; EOD gets id vocab_size)")
+                             f"token ids; EOD gets id vocab_size){given}")
         return NullTokenizer(vocab_size)
     allowed = ", ".join(TOKENIZER_TYPES + tuple(_TYPE_ALIASES))
     raise ValueError(f"unknown --tokenizer-type {tokenizer_type!r}; allowed: {allowed}")

@@ -509,8 +509,10 @@ class Trainer(RunCheckpoints, Evaluation, TrainLog):
         if cfg.ckpt.save and not (cfg.ckpt.save_interval and self.iteration % cfg.ckpt.save_interval == 0):
             self.save()
         self.evaluate_now(final=True)
+        # the run's training time, as the log lines count it (earlier sessions of a resumed run too)
+        session = (f" ({format_duration(self.timer.elapsed())} in this process)" if self.elapsed_before else "")
         self.log.print(f"> training done: {self.iteration} iterations, {self.data_tokens} data tokens, "
-                       f"elapsed {format_duration(self.timer.elapsed())}")
+                       f"elapsed {format_duration(self.elapsed_before + self.timer.elapsed())}{session}")
         self.log.close()
         return 0
 
@@ -544,7 +546,10 @@ def print_model_size(cfg: RunConfig) -> None:
         fail(f"--print-model-size needs the vocabulary of --tokenizer-type {cfg.data.tokenizer_type} ({exc})")
     vocab = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_model_parallel_size)
     total, active = count_parameters(cfg.model, vocab)
-    print(f"parameters: total {total:,} ({total / 1e9:.3f}B), active per token {active:,} ({active / 1e9:.3f}B); "
+    def short(n: int) -> str:
+        return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"  # 0.254B as the paper scripts say
+
+    print(f"parameters: total {total:,} ({short(total)}), active per token {active:,} ({short(active)}); "
           f"vocab {vocab}; training FLOPs per position {flops_per_position(cfg.model, vocab):.4e}")
 
 

@@ -367,7 +367,7 @@ def import_checkpoint(hf_dir: str, save: str, run_argv: Sequence[str] = (), *, i
                           # the Hugging Face weights: a next-token model, whatever phase the run continues in
                           "superposition_checkpoint": False,
                           "superposition_iters": num_sup, "vocab_size": hf_vocab,
-                          "tokenizer_vocab_size": tokenizer_vocab, "args": cfg.to_dict(),
+                          "tokenizer_vocab_size": tokenizer_vocab, "args": cfg.recorded_dict(),
                           "imported_from": os.path.abspath(hf_dir), "optimizer_state": False}
                 # weights and progress only (the marker says there is no optimizer state): the
                 # continued run starts its optimizer as a fresh one would, and its LR schedule at
@@ -396,7 +396,10 @@ def import_checkpoint(hf_dir: str, save: str, run_argv: Sequence[str] = (), *, i
         else:
             _say(log, f"  note: the tokenizer appends {names} to every text (preprocessing's --append-eod adds "
                       "the end-of-document token; --tokenizer-hf-include-special-tokens would add a second one)")
-    _say(log, "> continue with (plus your data / batch / optimizer flags):")
+    _say(log, "> continue with (plus your data / batch / optimizer flags"
+              + ("; the LR schedule and TST flags are free: nothing was trained from this checkpoint yet):"
+                 if not consumed_samples else
+                 "; the LR schedule and TST flags as given to the import, which the continued run keeps):"))
     _say(log, "  pretrain_tst.py --load " + shlex.quote(save) + " --no-load-optim " + shlex.join(flags))
     _say(log, f"  (the optimizer is fresh: --no-load-optim; the {hf_vocab}-row vocabulary is kept at "
               f"--tensor-model-parallel-size {'/'.join(map(str, tps))})")
