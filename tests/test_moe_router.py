@@ -144,3 +144,21 @@ def test_router_losses_reduced_over_a_pipeline_with_a_dense_first_stage(tmp_path
         prefix + "values", prefix + "tracker_cleared", prefix + "ep2_experts_differ_across_ranks",
         prefix + "ep2_dense_weights_equal_across_ranks"])
     assert len(names) == 4, names
+
+
+def test_router_losses_at_tp2_with_sequence_parallel_equal_tp1(ws, tmp_path):
+    """An MoE checkpoint of a 1-rank run, resumed at TP = 2 with sequence parallelism (its weights
+    re-sharded, the optimizer fresh): the first step's forward runs the same weights on the same
+    batch, so its loss and both router losses equal the 1-rank run's at that iteration. The z loss
+    megatron records per rank is averaged over the TP ranks too (each routes half the sequence)."""
+    from trainer_utils import MOE_LOSS_FLAGS, assert_ok, base_args, copy_checkpoint, run_trainer, train_records
+
+    flags = dict(num_experts=4, moe_router_topk=2, disable_bias_linear=True, train_iters=4, eval_iters=0,
+                 eval_interval=None, tst_superposition_iters=2, **MOE_LOSS_FLAGS)
+    one = assert_ok(run_trainer(base_args(ws.data, save=tmp_path / "tp1", save_interval=3, **flags), nproc=1))
+    load = copy_checkpoint(str(tmp_path / "tp1"), 3, str(tmp_path / "tp2"))
+    two = assert_ok(run_trainer(base_args(ws.data, load=load, save=load, no_load_optim=True, sequence_parallel=True,
+                                          tensor_model_parallel_size=2, **flags), nproc=2), "TP=2 resume")
+    a, b = train_records(one.records)[4], train_records(two.records)[4]
+    for key in ("loss", "load_balancing_loss", "z_loss"):
+        assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a[key], b[key])

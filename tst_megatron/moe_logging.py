@@ -9,7 +9,8 @@ entry for. Here: the same reductions as sums divided by the group size, the stag
 (the entry's tensor/data-parallel groups, present on every rank of a stage or on none) before the
 pipeline-wide sum, so that every rank calls the same collectives and ends with every layer. One
 difference: the z loss, which megatron records with no group (Megatron-LM prints the logging rank's
-own value), is averaged over the data-parallel ranks like the load-balancing loss.
+own value), is averaged over the data-parallel ranks like the load-balancing loss, and over the
+tensor-parallel ranks (each routes its own slice of the sequence under sequence parallelism).
 """
 from __future__ import annotations
 
@@ -71,6 +72,12 @@ def reduce_router_losses(m: ModelArgs, microbatches: int, device) -> Dict[str, f
                 dp = ps.get_data_parallel_group(with_context_parallel=False, partial_data_parallel=False)
                 dist.all_reduce(values, group=dp)
                 values /= dist.get_world_size(dp)
+            if group is None and ps.get_tensor_model_parallel_world_size() > 1:
+                # ... and over the tensor-parallel ranks: under sequence parallelism each routes its
+                # own slice of the sequence (without it they hold the same value, which this keeps)
+                tp = ps.get_tensor_model_parallel_group()
+                dist.all_reduce(values, group=tp)
+                values /= dist.get_world_size(tp)
             if entry.get("avg_group") is not None:
                 dist.all_reduce(values, group=entry["avg_group"])
                 values /= dist.get_world_size(entry["avg_group"])
