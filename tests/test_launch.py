@@ -46,7 +46,10 @@ def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC_PER_NODE", "GPUS_PER_NODE",
                         "RDZV_BACKEND", "DATA_PATH", "SAVE", "TRAIN_ITERS", "PRINT_MODEL_SIZE", "DRY_RUN",
-                        "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+                        "RANK", "WORLD_SIZE", "LOCAL_RANK", "RDZV_ID", "TORCHRUN_ARGS", "TP", "PP",
+                        "EXPERT_PARALLEL", "LR", "MIN_LR", "TST_BAG_SIZE", "TST_RATIO", "TST_ITERS", "TST_WEIGHTING",
+                        "SEQ_LENGTH", "MICRO_BATCH_SIZE", "GLOBAL_BATCH_SIZE", "WARMUP_ITERS", "SEED", "RUN_NAME",
+                        "DATA_ROOT", "TST_MASTER_ADDR", "TST_MASTER_PORT", "LAUNCH_SCRIPT")}
     env["PYTHON"] = sys.executable
     env.update({k: str(v) for k, v in extra.items()})
     return env
@@ -374,11 +377,11 @@ def test_slurm_requeue_resume(tmp_path, request):
     job = sub.stdout.strip().split(";")[0]
     log = tmp_path / f"slurm-{job}.out"
     try:
-        # 1. Training runs; then the time-limit notice: SIGTERM to the batch shell, exactly what
-        #    `#SBATCH --signal=B:TERM@120` delivers 120 s before the limit.
+        # 1. Training runs; then the time-limit notice: SIGUSR1 to the batch shell, exactly what
+        #    `#SBATCH --signal=B:USR1@120` delivers 120 s before the limit.
         _wait_for(lambda: log.exists() and re.search(r"iteration +20/", log.read_text()), 420,
                   "iteration 20 in the job log", log, 0.5)
-        subprocess.run(["scancel", "--signal=TERM", "--batch", job], check=True, timeout=30)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
         # 2. The trainer saves and exits, the script requeues the job, the job restarts, resumes, ends.
         _wait_for(lambda: _job_field(job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
                                                             "NODE_FAIL", "OUT_OF_MEMORY")
@@ -407,6 +410,43 @@ def test_slurm_requeue_resume(tmp_path, request):
     iters = [json.loads(line)["iteration"] for line in (save / "metrics.jsonl").read_text().splitlines()
              if json.loads(line).get("type") == "train"]
     assert iters == sorted(set(range(10, train_iters + 1, 10)) | {stop_iter}), iters
+
+
+@pytest.mark.slurm
+def test_slurm_sigterm_stops_without_requeue(tmp_path, request):
+    """SIGTERM to the batch shell (what a plain `scancel JOB` sends it, besides the step): the
+    trainer is asked to save and stops, and the script does not requeue -- a cancelled job stays
+    cancelled (the time-limit notice is SIGUSR1, above)."""
+    action, message = _slurm_gate(_slurm_selected(request.config))
+    if action == "skip":
+        pytest.skip(message)
+    if action == "fail":
+        pytest.fail(message, pytrace=False)
+    save = tmp_path / "ckpt"
+    env = _env(LAUNCH_SCRIPT="examples/cpu/pretrain_tiny_tst.sh", NPROC_PER_NODE=1, SAVE=save,
+               DATA_ROOT=tmp_path / "data", TRAIN_ITERS=2000, LOG_INTERVAL=5, OMP_NUM_THREADS=1)
+    sub = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--time=10", "--job-name=tst-slurm-cancel",
+                          f"--output={tmp_path}/slurm-%j.out", str(SBATCH)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert sub.returncode == 0, sub.stderr
+    job = sub.stdout.strip().split(";")[0]
+    log = tmp_path / f"slurm-{job}.out"
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+    try:
+        _wait_for(lambda: log.exists() and re.search(r"iteration +10/", log.read_text()), 420,
+                  "iteration 10 in the job log", log, 0.5)
+        subprocess.run(["scancel", "--signal=TERM", "--batch", job], check=True, timeout=30)
+        _wait_for(lambda: _job_field(job, "JobState") in ended, 300, "the job to end", log, 1.0)
+        time.sleep(5)  # a requeue would show as a pending job with Restarts=1 by now
+    finally:
+        if _job_field(job, "JobState") in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING"):
+            subprocess.run(["scancel", job], timeout=30)
+    text = log.read_text()
+    assert _job_field(job, "Restarts") == "0" and _job_field(job, "JobState") in ended, text[-3000:]
+    assert "not requeueing" in text and "requeueing job" not in text, text[-3000:]
+    stopped = re.search(r"> exiting at iteration (\d+) \(signal\)", text)
+    assert stopped, text[-3000:]
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == stopped.group(1)
 
 
 def test_plain_python_needs_no_port(tmp_path):

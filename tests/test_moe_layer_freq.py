@@ -126,3 +126,18 @@ def test_moe_layers_keep_transformer_engines_checkpoint_names():
         f"decoder.layers.{i}.{name}" for i in range(4) for name in
         ((["pre_mlp_layernorm.weight"] if i else []) + ["self_attention.linear_qkv.layer_norm_weight"])]
     assert "decoder.layers.pre_mlp_layernorm.weight" in _sharded_keys("1")
+
+
+def test_parameter_count_is_the_built_models_with_biases():
+    """count_parameters (--print-model-size, TFLOP/s) against the model megatron-core builds, biases
+    on: the router's bias per expert included."""
+    from tst_megatron.builders import build_model_chunks
+
+    init_single_process()
+    cfg = parse_args(["--data-path", "x", "--vocab-size", "256", "--num-layers", "2", "--hidden-size", "64",
+                      "--num-attention-heads", "4", "--num-experts", "4", "--moe-layer-freq", "[0,1]"])
+    validate(cfg, 1)
+    tc = transformer_config(cfg.model, cfg.parallel, cfg.optim, use_cpu_init=True)
+    (model,) = build_model_chunks(cfg, tc, 256)
+    assert any(name.endswith("router.bias") for name, _ in model.named_parameters())
+    assert count_parameters(cfg.model, 256)[0] == sum(p.numel() for p in model.parameters())

@@ -69,6 +69,9 @@ def test_router_flags_reach_megatron_cores_config():
      "--moe-token-drop-policy chooses what --moe-expert-capacity-factor drops: give a capacity factor"),
     (["--moe-router-num-groups", "2", "--moe-router-group-topk", "2", "--moe-router-topk", "1"],
      "--moe-router-topk (1) must be at least --moe-router-group-topk (2)"),
+    (["--moe-aux-loss-coeff", "-0.01"], "--moe-aux-loss-coeff must be a finite number >= 0 (got -0.01)"),
+    (["--moe-router-pre-softmax", "--moe-router-score-function", "sigmoid"],
+     "--moe-router-pre-softmax with --moe-router-score-function sigmoid"),
 ])
 def test_router_refusals(argv, message):
     with pytest.raises(SystemExit) as exc:
@@ -76,12 +79,25 @@ def test_router_refusals(argv, message):
     assert str(exc.value.code).startswith(f"error: {message}"), exc.value.code
 
 
-def test_router_flags_without_experts_are_refused():
+@pytest.mark.parametrize("flags", [["--moe-router-score-function", "sigmoid", "--moe-expert-capacity-factor", "1.5"],
+                                   ["--moe-router-topk", "1"], ["--moe-aux-loss-coeff", "0.01"],
+                                   ["--moe-ffn-hidden-size", "32"], ["--moe-layer-freq", "2"],
+                                   ["--moe-token-dispatcher-type=alltoall"], ["--moe-router-pre-softmax"]])
+def test_moe_flags_without_experts_are_refused(flags):
+    """A copied MoE command without --num-experts would train a dense model with every MoE flag
+    dropped: any flag of the group typed without it is refused, named (a default is not typed)."""
+    dense = ["--data-path", "x", "--vocab-size", "256"]
     with pytest.raises(SystemExit) as exc:
-        validate(parse_args(["--data-path", "x", "--vocab-size", "256", "--moe-router-score-function", "sigmoid",
-                             "--moe-expert-capacity-factor", "1.5"]), 1)
-    assert str(exc.value.code).startswith("error: --moe-router-score-function and --moe-expert-capacity-factor "
-                                          "configure the MoE router: they need --num-experts"), exc.value.code
+        parse_args(dense + flags)
+    named = [f.split("=")[0] for f in flags if f.startswith("--")]
+    assert str(exc.value.code).startswith(f"error: {', '.join(named)} without --num-experts: the model would be "
+                                          "dense"), exc.value.code
+    validate(parse_args(dense), 1)  # the defaults of the same flags are no reason to refuse
+    # a config built without the parser (e.g. from a checkpoint's record) is still checked by validate
+    cfg = parse_args(dense)
+    cfg.model.moe_router_score_function = "sigmoid"
+    with pytest.raises(SystemExit, match="--moe-router-score-function configure the MoE router: they need"):
+        validate(cfg, 1)
 
 
 @pytest.fixture(scope="session")

@@ -554,6 +554,16 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
 
         apply_checkpoint_args(ns, parser, list(sys.argv[1:] if argv is None else argv))
     check_compat_flags(ns)
+    if ns.num_experts is None:  # MoE flags on a dense model would be dropped without a word
+        from .checkpoint_args import typed_dests
+
+        typed = typed_dests(parser, list(sys.argv[1:] if argv is None else argv))
+        moe = [a.option_strings[0] for g in parser._action_groups if g.title == "mixture of experts"
+               for a in g._group_actions if a.dest in typed and a.dest != "num_experts"]
+        if moe:
+            raise SystemExit(f"error: {', '.join(moe)} without --num-experts: the model would be dense and "
+                             f"{'these flags' if len(moe) > 1 else 'the flag'} ignored; give --num-experts E for "
+                             "an MoE, or drop them")
     if ns.train_samples is not None and ns.train_iters is not None:
         raise SystemExit("error: give one of --train-iters and --train-samples (as in Megatron-LM)")
     if ns.train_samples is None:

@@ -323,7 +323,7 @@ def count_parameters(m: ModelArgs, vocab_size: int) -> Tuple[int, int]:
         if is_moe:
             expert = mlp(m.moe_ffn_hidden_size or m.resolved_ffn_hidden_size())
             shared = mlp(m.moe_shared_expert_intermediate_size) if m.moe_shared_expert_intermediate_size else 0
-            router = h * m.num_experts
+            router = (h + (0 if m.disable_bias_linear else 1)) * m.num_experts  # megatron's router has a bias too
             total += m.num_experts * expert + shared + router
             active += m.moe_router_topk * expert + shared + router
         else:

@@ -30,8 +30,8 @@ TYPED_WINS = ("seq_length", "moe_router_topk", "moe_router_score_function", "tok
               "merge_file", "tokenizer_hf_include_special_tokens")  # the last: how the (new) data was encoded
 
 
-def _typed(parser: argparse.ArgumentParser, argv: List[str]) -> set:
-    """The destinations of the flags present in argv."""
+def typed_dests(parser: argparse.ArgumentParser, argv: List[str]) -> set:
+    """The destinations of the flags present in argv (typed, not defaulted)."""
     return {action.dest for action in parser._actions for option in action.option_strings
             if any(arg == option or arg.startswith(option + "=") for arg in argv)}
 
@@ -64,7 +64,7 @@ def apply_checkpoint_args(ns: argparse.Namespace, parser: argparse.ArgumentParse
     _, path, meta = found
     saved = meta.get("args", {})
     resolved = _resolved(saved)  # derived defaults (ffn, kv channels, query groups) as values
-    typed = _typed(parser, argv)
+    typed = typed_dests(parser, argv)
     for group, names in (("model", ARCHITECTURE), ("data", TOKENIZER)):
         values, derived = saved.get(group, {}), resolved.get(group, {})
         for name in names:

@@ -216,6 +216,12 @@ def validate(cfg: RunConfig, world_size: int) -> None:
             fail(f"--moe-router-topk ({m.moe_router_topk}) must be in [1, --num-experts]")
         if m.moe_z_loss_coeff is not None and not (math.isfinite(m.moe_z_loss_coeff) and m.moe_z_loss_coeff >= 0):
             fail(f"--moe-z-loss-coeff must be a finite number >= 0 (got {m.moe_z_loss_coeff})")
+        if not (math.isfinite(m.moe_aux_loss_coeff) and m.moe_aux_loss_coeff >= 0):
+            # megatron-core turns the loss off for a coefficient <= 0 without a word
+            fail(f"--moe-aux-loss-coeff must be a finite number >= 0 (got {m.moe_aux_loss_coeff})")
+        if m.moe_router_pre_softmax and m.moe_router_score_function == "sigmoid":
+            fail("--moe-router-pre-softmax with --moe-router-score-function sigmoid: megatron-core's sigmoid "
+                 "routing has no pre-softmax form and would ignore it; drop one of them")
         _check_router(m)
         # megatron-core's own refusals, moved before any compute (it would raise deep in model build)
         if (m.moe_router_topk == 1 and not m.moe_router_pre_softmax and m.num_experts > 1

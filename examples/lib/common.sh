@@ -181,7 +181,10 @@ tst_torchrun_args() {
     TSTRUN_TORCHRUN_ARGS=(--nproc-per-node "$nproc" --nnodes "$nnodes")
     case ${RDZV_BACKEND:-static} in
         static)
-            TSTRUN_TORCHRUN_ARGS+=(--node-rank "${NODE_RANK:-0}" --master-addr "${MASTER_ADDR:-127.0.0.1}"
+            # one node: its own loopback (a MASTER_ADDR left in the shell may name another machine)
+            local addr=${MASTER_ADDR:-127.0.0.1}
+            if [[ $nnodes -eq 1 ]]; then addr=127.0.0.1; fi
+            TSTRUN_TORCHRUN_ARGS+=(--node-rank "${NODE_RANK:-0}" --master-addr "$addr"
                                    --master-port "${MASTER_PORT:-29500}")
             ;;
         c10d)
