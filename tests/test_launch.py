@@ -350,6 +350,15 @@ def _slurm_logs() -> str:
     return "\n".join(parts)
 
 
+def _submit(tmp_path: Path, env: dict, *options: str):
+    """sbatch the script as shipped, on a CPU node: (job id, its log file)."""
+    sub = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", *options, f"--output={tmp_path}/slurm-%j.out",
+                          str(SBATCH)], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert sub.returncode == 0, sub.stderr
+    job = sub.stdout.strip().split(";")[0]
+    return job, tmp_path / f"slurm-{job}.out"
+
+
 @pytest.mark.slurm
 def test_slurm_requeue_resume(tmp_path, request):
     action, message = _slurm_gate(_slurm_selected(request.config))
@@ -370,12 +379,7 @@ def test_slurm_requeue_resume(tmp_path, request):
     train_iters = 200
     env = _env(LAUNCH_SCRIPT="examples/cpu/pretrain_tiny_tst.sh", NPROC_PER_NODE=2, SAVE=save, DATA_ROOT=data_root,
                TRAIN_ITERS=train_iters, LOG_INTERVAL=10, OMP_NUM_THREADS=1)
-    sub = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--time=20", "--job-name=tst-slurm-test",
-                          f"--output={tmp_path}/slurm-%j.out", str(SBATCH)],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-    assert sub.returncode == 0, sub.stderr
-    job = sub.stdout.strip().split(";")[0]
-    log = tmp_path / f"slurm-{job}.out"
+    job, log = _submit(tmp_path, env, "--time=20", "--job-name=tst-slurm-test")
     try:
         # 1. Training runs; then the time-limit notice: SIGUSR1 to the batch shell, exactly what
         #    `#SBATCH --signal=B:USR1@120` delivers 120 s before the limit.
@@ -425,12 +429,7 @@ def test_slurm_sigterm_stops_without_requeue(tmp_path, request):
     save = tmp_path / "ckpt"
     env = _env(LAUNCH_SCRIPT="examples/cpu/pretrain_tiny_tst.sh", NPROC_PER_NODE=1, SAVE=save,
                DATA_ROOT=tmp_path / "data", TRAIN_ITERS=2000, LOG_INTERVAL=5, OMP_NUM_THREADS=1)
-    sub = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--time=10", "--job-name=tst-slurm-cancel",
-                          f"--output={tmp_path}/slurm-%j.out", str(SBATCH)],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-    assert sub.returncode == 0, sub.stderr
-    job = sub.stdout.strip().split(";")[0]
-    log = tmp_path / f"slurm-{job}.out"
+    job, log = _submit(tmp_path, env, "--time=10", "--job-name=tst-slurm-cancel")
     ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
     try:
         _wait_for(lambda: log.exists() and re.search(r"iteration +10/", log.read_text()), 420,
