@@ -204,7 +204,7 @@ def fused_failures(time_ratio: float, time_noise: float, saved_ratio: float, pea
                    clock: str = "cpu") -> List[str]:
     """The targets missed by one configuration (empty: it passes).
 
-    time_ratio: median fused/ce time ratio; time_noise: relative half IQR of the ce repetitions.
+    time_ratio: median fused/ce time ratio; time_noise: relative half IQR of the per-round ratios.
     The time target is missed only beyond the noise (ratio > TIME_TARGET * (1 + noise)); the
     memory ratios are deterministic, so they have no noise allowance (ratio > MEM_TARGET fails).
     """
@@ -225,10 +225,14 @@ def exit_status(results: List[dict], no_fail: bool = False) -> int:
 
 # ------------------------------------------------------------------------------ one configuration
 def _ratio_stats(times: Dict[str, List[float]], names: List[str]) -> dict:
+    fused_ratios = [a / b for a, b in zip(times["fused"], times["ce"])]
     return {"median_s": {n: statistics.median(times[n]) for n in names},
             # per-repetition ratio against ce of the same round, then the median
             "ratio": {n: statistics.median([a / b for a, b in zip(times[n], times["ce"])]) for n in names},
-            "ce_noise_rel": rel_half_iqr(times["ce"])}
+            "ce_noise_rel": rel_half_iqr(times["ce"]),
+            # the spread of the very ratio the target is checked on (session 18 on; before, the spread
+            # of the ce timings alone, which one slow ce call could widen to 70% at 3 repetitions)
+            "ratio_noise_rel": rel_half_iqr(fused_ratios)}
 
 
 def run_config(N: int, V: int, s: int, dtype: torch.dtype, device: torch.device, reps: int,
@@ -272,7 +276,7 @@ def run_config(N: int, V: int, s: int, dtype: torch.dtype, device: torch.device,
     ratio_peak = {n: (peak[n] / peak["ce"]) if peak["ce"] else float("nan") for n in names}
 
     decide = clocks[clock]
-    failures = fused_failures(decide["ratio"]["fused"], decide["ce_noise_rel"], ratio_saved["fused"],
+    failures = fused_failures(decide["ratio"]["fused"], decide["ratio_noise_rel"], ratio_saved["fused"],
                               ratio_peak["fused"], clock)
     return {"N": N, "V": V, "s": s, "dtype": str(dtype).replace("torch.", ""), "reps": reps,
             "clock": clock, "wall_s": wall, "cpu_s": cpu, "wall": clocks["wall"], "cpu": clocks["cpu"],
@@ -310,7 +314,7 @@ def format_tables(results: List[dict]) -> str:
         ratios.append([r["dtype"], str(r["N"]), str(r["V"]), str(r["s"]),
                        _r(d["ratio"]["fused"]), _r(d["ratio"].get("fused_torch")),
                        _r(d["ratio"].get("loop")) if loop else "skipped",
-                       f"{d['ce_noise_rel']:.1%}", _r(o["ratio"]["fused"]), _r(o["ratio"].get("loop")),
+                       f"{d['ratio_noise_rel']:.1%}", _r(o["ratio"]["fused"]), _r(o["ratio"].get("loop")),
                        _r(r["saved_ratio"]["fused"], ".3f"), _r(r["saved_ratio"].get("loop")),
                        _r(r["peak_ratio"]["fused"]), _r(r["peak_ratio"].get("loop")),
                        "yes" if not r["failures"] else "**NO**"])
@@ -322,7 +326,7 @@ def format_tables(results: List[dict]) -> str:
                          _r(r["max_abs_diff_fused_vs_loop"], ".1e")
                          + (f" (vs torch loops {r['max_abs_diff_fused_vs_torch_loops']:.1e})"
                             if r.get("max_abs_diff_fused_vs_torch_loops") is not None else "")])
-    t1 = _table(["dtype", "N", "V", "s", f"fused/ce {clock}", f"fused_torch/ce {clock}", f"loop/ce {clock}", f"ce noise {clock}",
+    t1 = _table(["dtype", "N", "V", "s", f"fused/ce {clock}", f"fused_torch/ce {clock}", f"loop/ce {clock}", f"ratio noise {clock}",
                  f"fused/ce {other}", f"loop/ce {other}", "saved fused/ce", "saved loop/ce",
                  "peak fused/ce", "peak loop/ce", "pass"], ratios)
     t2 = _table(["dtype", "N", "V", "s", f"median ms {clock} fused / loop / ce / fused_torch",
@@ -409,7 +413,7 @@ def _main(a) -> int:
                 results.append(r)
                 d = r[clock]
                 print(f"  {dt} V={V} s={s}: fused/ce {clock} time {d['ratio']['fused']:.2f} "
-                      f"(ce noise {d['ce_noise_rel']:.1%}; wall {r['wall']['ratio']['fused']:.2f}), "
+                      f"(ratio noise {d['ratio_noise_rel']:.1%}; wall {r['wall']['ratio']['fused']:.2f}), "
                       f"loop/ce {_r(d['ratio'].get('loop'))}, saved fused/ce {r['saved_ratio']['fused']:.3f}, "
                       f"peak fused/ce {r['peak_ratio']['fused']:.2f}, "
                       f"max|fused-loop| {_r(r['max_abs_diff_fused_vs_loop'], '.1e')}"
@@ -420,7 +424,7 @@ def _main(a) -> int:
     print(format_tables(results))
     failed = [r for r in results if r["failures"]]
     print(f"\n{len(results) - len(failed)}/{len(results)} configurations meet the fused targets "
-          f"(time <= {TIME_TARGET} x ce beyond the ce noise on the {clock} clock, saved/peak bytes "
+          f"(time <= {TIME_TARGET} x ce beyond the ratio noise on the {clock} clock, saved/peak bytes "
           f"<= {MEM_TARGET} x ce); {time.time() - t_start:.0f} s")
     if a.json:
         with open(a.json, "w") as f:

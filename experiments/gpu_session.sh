@@ -120,7 +120,10 @@ if has smoke && [ "${SMOKE_MODE:-bg}" != fg ]; then
   SMOKE_PID=$!
 fi
 
-if has pair; then
+if has pair && [ $(( $(left) - 15 )) -lt 60 ]; then
+  # `timeout 0` would mean no limit and a negative one refuses to start: say why the pair is skipped
+  stamp "4/4 equal-FLOPs runs skipped: $(left)s left (the corpus or the stages before took the time)"
+elif has pair; then
   PAIR_LIMIT=$(( $(left) - 15 ))
   stamp "4/4 equal-FLOPs runs (experiments/gpu_equal_flops.sh): ITERS=${ITERS:=3000} TST_RUNS='${TST_RUNS:=2:0.3}' SEED=${SEED:=4321}, ${PAIR_LIMIT}s left"
   CORPUS=${CORPUS:-site} OUT_DIR="$E" ITERS=$ITERS TST_RUNS="$TST_RUNS" SEED=$SEED PARALLEL=${PARALLEL:-1} \

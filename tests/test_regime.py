@@ -110,3 +110,9 @@ def test_only_halves_then_summary_without_retraining(tmp_path):
     assert "final val LM loss" not in outs[None]  # nothing retrained
     (row,) = json.load(open(tmp_path / "summary.json"))["rows"]
     assert row["val_lm_tst"] == _evals(tmp_path / row["tst_metrics"])[-1][1]["val_lm_loss"]
+    # the same --out with a setting the run names do not hold: refused, not reported under it
+    layers = cmd.index("--layers") + 1
+    proc = subprocess.run(cmd[:layers] + ["2"] + cmd[layers + 1:], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode != 0 and "was trained with other settings: --num-layers 2 (was 1)" in proc.stderr, \
+        proc.stdout[-2000:] + proc.stderr[-2000:]

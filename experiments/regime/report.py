@@ -33,8 +33,9 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 import run as regime  # noqa: E402
 
 
-def _key(row: dict) -> Tuple:
-    return (row["width"], row["gbs"], row["iters"], row["lr"], row["seed"], row["s"], row["r"])
+def _key(row: dict, data_path) -> Tuple:
+    """A pair: its settings and its corpus (two sweeps of one shape on two corpora are two rows)."""
+    return (row["width"], row["gbs"], row["iters"], row["lr"], row["seed"], row["s"], row["r"], str(data_path))
 
 
 def load_rows(dirs: List[str]) -> Tuple[List[dict], dict]:
@@ -47,16 +48,19 @@ def load_rows(dirs: List[str]) -> Tuple[List[dict], dict]:
                 summary = json.load(f)
             if len(summary["references"]["count_model_mce"]) > len(refs.get("count_model_mce", {})):
                 refs = summary["references"]
-            # metrics paths are relative to the run.py --out that wrote them; grid.sh keeps copies
-            # of some summaries elsewhere, so look in every given directory
-            roots = [os.path.dirname(path), *dirs]
+            # metrics paths are relative to the run.py --out that wrote them (the summary records it);
+            # grid.sh keeps copies of some summaries elsewhere, so look there and beside the copy --
+            # never in another sweep's directory, whose runs of the same name may be of another corpus
+            out = summary.get("args", {}).get("out")
+            roots = [os.path.dirname(path)] + ([out, os.path.join(REPO, out)] if out else [])
+            data_path = summary.get("data", {}).get("data_path")
             for row in summary["rows"]:
                 row = dict(row)
                 for k in ("tst_metrics", "base_metrics"):
                     row[k] = next((os.path.join(d, row[k]) for d in roots if os.path.isfile(os.path.join(d, row[k]))),
                                   os.path.join(roots[0], row[k]))
                 if os.path.isfile(row["tst_metrics"]) and os.path.isfile(row["base_metrics"]):
-                    rows[_key(row)] = row
+                    rows[_key(row, data_path)] = row
     out = sorted(rows.values(), key=lambda r: (r["iters"], r["gbs"], r["width"], r["seed"], r["s"], r["r"]))
     for row in out:  # derived columns from the metrics themselves (older summaries lack some)
         sup = int(math.floor(row["r"] * row["iters"] + 1e-9))

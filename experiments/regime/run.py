@@ -60,14 +60,24 @@ def build_default_data(out: str, corpus_bytes: int, vocab: int) -> Dict[str, str
     return {"data_path": data, "tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": spm + ".model"}
 
 
+def _flag_values(argv) -> Dict[str, List[str]]:
+    """{--flag: [its values]} of a command line."""
+    out: Dict[str, List[str]] = {}
+    key = ""
+    for token in argv:
+        if token.startswith("--"):
+            key = token
+            out[key] = []
+        else:
+            out.setdefault(key, []).append(token)
+    return out
+
+
 def run_one(name: str, out: str, data: dict, a, width: int, lr: float, seed: int, s: int, r: float,
             iters: int, gbs: int) -> str:
     """Train one run (skipped when its metrics already hold the final evaluation)."""
     run_dir = os.path.join(out, name)
     metrics = os.path.join(run_dir, "metrics.jsonl")
-    if _final_eval(metrics) is not None:
-        return metrics
-    os.makedirs(run_dir, exist_ok=True)
     heads = max(2, width // 64)
     cmd = [sys.executable, "pretrain_tst.py", "--data-path", data["data_path"], "--split", "98,2,0",
            "--tokenizer-type", data["tokenizer_type"], "--num-layers", str(a.layers), "--hidden-size", str(width),
@@ -90,6 +100,24 @@ def run_one(name: str, out: str, data: dict, a, width: int, lr: float, seed: int
     if s > 1:
         cmd += ["--tst-bag-size", str(s), "--tst-superposition-ratio", str(r),
                 "--tst-bag-weighting", "power" if s >= 8 else "uniform"]
+    # the name holds width/batch/iterations/LR/seed/s/r only: a finished run is reused only when it
+    # was trained with this very command (other --layers, --seq-length, data, ... in the same --out
+    # would otherwise be reported under the new settings)
+    recorded = os.path.join(run_dir, "command.json")
+    if _final_eval(metrics) is not None:
+        if os.path.isfile(recorded):
+            with open(recorded) as f:
+                before = json.load(f)
+            then, now = _flag_values(before), _flag_values(cmd[1:])
+            changed = [f"{k} {' '.join(now.get(k, ['(unset)']))} (was {' '.join(then.get(k, ['(unset)']))})"
+                       for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+            if changed:
+                raise SystemExit(f"regime: {run_dir} was trained with other settings: {'; '.join(changed)}. Give "
+                                 "another --out for this grid, or remove that run to retrain it")
+        return metrics
+    os.makedirs(run_dir, exist_ok=True)
+    with open(recorded, "w") as f:
+        json.dump(cmd[1:], f)
     t0 = time.time()
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(a.threads))
     with open(os.path.join(run_dir, "train.log"), "w") as log:
