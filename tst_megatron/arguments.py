@@ -541,7 +541,9 @@ def read_data_args_files(ns: argparse.Namespace) -> None:
             setattr(ns, f"{split}_data_path", [str(v) for v in value])
 
 
-def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
+def parse_args(argv: Optional[List[str]] = None, *, model_from_flags: bool = True) -> RunConfig:
+    """`model_from_flags=False`: the model's shape comes from elsewhere (a Hugging Face config in
+    `convert_checkpoint.py import`), so MoE flags without --num-experts are not a dense model's."""
     parser = build_parser()
     ns, unknown = parser.parse_known_args(argv)
     if unknown:
@@ -554,7 +556,7 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
 
         apply_checkpoint_args(ns, parser, list(sys.argv[1:] if argv is None else argv))
     check_compat_flags(ns)
-    if ns.num_experts is None:  # MoE flags on a dense model would be dropped without a word
+    if ns.num_experts is None and model_from_flags:  # MoE flags on a dense model would be dropped without a word
         from .checkpoint_args import typed_dests
 
         typed = typed_dests(parser, list(sys.argv[1:] if argv is None else argv))

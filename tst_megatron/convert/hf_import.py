@@ -49,7 +49,7 @@ def _parse_run_flags(argv: Sequence[str]):
     if unknown:
         raise ConversionError(f"unrecognized arguments: {' '.join(unknown)} (import takes --hf, --save, "
                               "--iteration, --consumed-samples, --no-progress and pretrain_tst.py's flags)")
-    return parse_args(list(argv)), _given_dests(parser, argv)
+    return parse_args(list(argv), model_from_flags=False), _given_dests(parser, argv)
 
 
 def _moe_freq(pattern: Any, num_layers: int):
