@@ -14,7 +14,7 @@ import re
 from typing import Optional
 
 from .arguments import ModelArgs, OptimArgs, RunConfig, fail
-from .run_config import absolute_paths, moe_layer_pattern, stacks_layers
+from .run_config import absolute_paths, is_number, moe_layer_pattern, stacks_layers
 
 _MAX_SCANNED_TOKENS = 64 * 1024 * 1024  # large corpora are checked on a prefix (memory-mapped)
 
@@ -94,7 +94,7 @@ def check_data(cfg: RunConfig, tokenizer_vocab_size: int) -> None:
         if bad:
             fail(f"{flag} {' '.join(paths)}: blend weight {bad[0]:g} is not a number > 0; every WEIGHT of "
                  "W1 PREFIX1 W2 PREFIX2 ... must be (drop a prefix rather than weigh it 0)")
-        if len(paths) % 2 == 1 and len(paths) > 1 and _is_number(paths[0]):
+        if len(paths) % 2 == 1 and len(paths) > 1 and is_number(paths[0]):
             fail(f"{flag} {' '.join(paths)}: a weighted blend is pairs WEIGHT PREFIX; this list has "
                  f"{len(paths)} items (a weight or a prefix is missing)")
         for prefix in prefixes:
@@ -102,14 +102,6 @@ def check_data(cfg: RunConfig, tokenizer_vocab_size: int) -> None:
                 if not os.path.isfile(prefix + ext):
                     fail(f"{flag}: {prefix + ext} not found{_prefix_hint(prefix, flag)}")
             _check_prefix(cfg, flag, prefix, split, tokenizer_vocab_size)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _prefix_hint(prefix: str, flag: str = "--data-path") -> str:

@@ -286,7 +286,7 @@ def absolute_paths(args: dict) -> dict:
     def fix(value):
         if isinstance(value, (list, tuple)):
             return [fix(v) for v in value]
-        if isinstance(value, str) and not _is_number(value) and not os.path.isabs(value) and (
+        if isinstance(value, str) and not is_number(value) and not os.path.isabs(value) and (
                 os.path.exists(value) or os.path.exists(value + ".bin") or os.path.exists(value + ".idx")):
             return os.path.abspath(value)
         return value
@@ -297,7 +297,8 @@ def absolute_paths(args: dict) -> dict:
     return out
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
+    """A blend weight rather than a path (a --data-path entry float() reads)."""
     try:
         float(text)
         return True
